@@ -1,0 +1,203 @@
+"""The math of one MicroAdam step for one tensor, over chunks of whole blocks.
+
+``microadam_step`` is what ``MicroAdam.step`` calls for each parameter; every
+hyperparameter is keyword-only and the state tensors are updated in place.
+``impl="torch"`` is the vectorized PyTorch path (CPU and CUDA).
+
+Transient memory. The tensor is processed in chunks of ``chunk_size``
+elements rounded to whole Top-K and quantization blocks, so a step never holds
+a full-size float32 copy of a large tensor: it allocates about
+``36 * chunk`` bytes of temporaries (float32 sum and magnitudes, padded copies,
+codes, the two moment accumulators) plus ``O(window * k * blocks_per_chunk)``
+for the window, whatever the tensor's size. With the default chunk of 2**20
+elements that is about 40 MB; float64 (the testing dtype) doubles it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from microadam.layout import Layout
+from microadam.ops.quant import dequantize_blocks, pack_nibbles, quantize_blocks, unpack_nibbles
+from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, hash_bits, stream_key
+from microadam.ops.rounding import round_to_dtype
+from microadam.ops.topk import block_topk
+
+__all__ = ["microadam_step", "compute_dtype", "chunk_elements", "IMPLEMENTATIONS"]
+
+IMPLEMENTATIONS = ("torch",)
+
+DEFAULT_CHUNK = 2**20
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 parameters compute in float64 (the oracle's precision); all others in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_elements(layout: Layout, chunk_size: int) -> int:
+    """Elements per chunk: a multiple of the Top-K block, the quantization block and 2.
+
+    The multiple of 2 keeps packed code bytes from straddling two chunks.
+    """
+    align = math.lcm(layout.block, layout.quant_block, 2)
+    if layout.numel <= max(chunk_size, align):
+        return max(layout.numel, 1)
+    return max(align, chunk_size // align * align)
+
+
+def _pad_rows(x: torch.Tensor, rows: int, cols: int, fill: float | None) -> torch.Tensor:
+    """View flat ``x`` as ``[rows, cols]``, padding the tail with ``fill`` (or its last value)."""
+    pad = rows * cols - x.numel()
+    if pad:
+        tail = x[-1:].expand(pad) if fill is None else x.new_full((pad,), fill)
+        x = torch.cat([x, tail])
+    return x.view(rows, cols)
+
+
+def _slot_ages(step: int, window: int) -> list[tuple[int, int]]:
+    """(slot, age) of every valid ring slot at ``step`` (1-based); age 0 was written now."""
+    return [((step - 1 - age) % window, age) for age in range(min(step, window))]
+
+
+def microadam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    window_indices: torch.Tensor,
+    window_values: torch.Tensor,
+    error_codes: torch.Tensor,
+    error_bounds: torch.Tensor,
+    layout: Layout,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    error_rounding: str,
+    stochastic_param_rounding: bool,
+    seed: int,
+    param_index: int,
+    chunk_size: int = DEFAULT_CHUNK,
+    impl: str = "torch",
+) -> None:
+    """One MicroAdam step on ``param`` (any shape) with gradient ``grad``, in place.
+
+    Args:
+        param, grad: the parameter and its dense gradient (same number of elements).
+        window_indices: ``int16 [window, blocks, k]`` block-relative indices.
+        window_values: ``bfloat16 [window, blocks, k]`` signed values.
+        error_codes: ``uint8 [ceil(numel / 2)]`` packed 4-bit error codes.
+        error_bounds: ``bfloat16 [quant_blocks, 2]`` (lo, hi) per quantization block.
+        layout: the tensor's :class:`~microadam.layout.Layout`.
+        step: this step's number t, starting at 1 (already incremented).
+        error_rounding: ``"nearest"`` or ``"stochastic"`` for the error codes.
+        stochastic_param_rounding: round a bf16 parameter stochastically.
+        seed, param_index: identify the random stream of this tensor.
+        chunk_size: target elements per chunk (bounds transient memory).
+        impl: ``"torch"``.
+    """
+    if impl != "torch":
+        raise ValueError(f"impl={impl!r} is not available in microadam_step; choose one of {IMPLEMENTATIONS}")
+    n = layout.numel
+    if n == 0:
+        return
+    cd = compute_dtype(param.dtype)
+    device = param.device
+    contiguous = param.is_contiguous()
+    p_flat = param.view(-1) if contiguous else param.contiguous().view(-1)
+    g_flat = grad.reshape(-1)
+
+    B, k, q, m = layout.block, layout.k, layout.quant_block, layout.window
+    chunk = chunk_elements(layout, chunk_size)
+    slots = _slot_ages(step, m)
+    slot_idx = torch.tensor([s for s, _ in slots], device=device)
+    w1 = torch.tensor([beta1**age for _, age in slots], dtype=cd, device=device)
+    w2 = torch.tensor([beta2**age for _, age in slots], dtype=cd, device=device)
+    write_slot = (step - 1) % m
+    c1 = (1 - beta1) / (1 - beta1**step)
+    c2 = (1 - beta2) / (1 - beta2**step)
+    decay = 1 - lr * weight_decay
+    err_key = stream_key(seed, param_index, step, STREAM_ERROR)
+    par_key = stream_key(seed, param_index, step, STREAM_PARAM)
+    stochastic_param = stochastic_param_rounding and param.dtype == torch.bfloat16
+
+    # Moment accumulators, zeroed once and restored to zero after each chunk by
+    # writing zeros at the touched positions only (m*k per block, not B).
+    scratch_m = torch.zeros(chunk, dtype=cd, device=device)
+    scratch_s = torch.zeros(chunk, dtype=cd, device=device)
+
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        length = end - start
+        b0, b1 = start // B, -(-end // B)
+        q0, q1 = start // q, -(-end // q)
+        nbc, nqc = b1 - b0, q1 - q0
+
+        # 1. a = g + dequant(e)
+        codes = unpack_nibbles(error_codes[start // 2 : (end + 1) // 2], length)
+        bounds = error_bounds[q0:q1]
+        err = dequantize_blocks(_pad_rows(codes, nqc, q, 0), bounds[:, 0], bounds[:, 1], cd)
+        a = g_flat[start:end].to(cd) + err.view(-1)[:length]
+
+        # 2. exact block Top-K of |a|; padding (-1) is taken only after every real entry.
+        a_blocks = _pad_rows(a, nbc, B, 0.0)
+        mag = a_blocks.abs()
+        if nbc * B != length:
+            mag.view(-1)[length:] = -1.0
+        idx = block_topk(mag, k)
+        vals = a_blocks.gather(1, idx)
+        # 3. zero the selected entries; what remains is the new error.
+        a_blocks.scatter_(1, idx, 0.0)
+        # Selections that fell on padding (a last block shorter than k) are
+        # stored as index 0, value 0: they add nothing to the moments.
+        if nbc * B != length:
+            padded = (idx + (torch.arange(nbc, device=device) * B)[:, None]) >= length
+            idx = idx.masked_fill(padded, 0)
+            vals = vals.masked_fill(padded, 0.0)
+        window_indices[write_slot, b0:b1] = idx.to(torch.int16)
+        window_values[write_slot, b0:b1] = vals.to(torch.bfloat16)
+
+        # 4. re-quantize the error per quantization block.
+        rest = a_blocks.view(-1)[:length]
+        uniform = None
+        if error_rounding == "stochastic":
+            pos = torch.arange(start, start + nqc * q, device=device)
+            uniform = (hash_bits(pos, err_key) >> 8).to(cd).view(nqc, q) * 2.0**-24
+        new_codes, lo, hi = quantize_blocks(_pad_rows(rest, nqc, q, None), uniform)
+        error_codes[start // 2 : (end + 1) // 2] = pack_nibbles(new_codes.view(-1)[:length])
+        error_bounds[q0:q1, 0] = lo
+        error_bounds[q0:q1, 1] = hi
+
+        # 5. moments from the window at the touched positions.
+        win_idx = window_indices[slot_idx, b0:b1].to(torch.int64)
+        win_val = window_values[slot_idx, b0:b1].to(cd)
+        pos = (win_idx + (torch.arange(nbc, device=device) * B)[None, :, None]).view(-1)
+        sm, ss = scratch_m[: nbc * B], scratch_s[: nbc * B]
+        sm.scatter_add_(0, pos, (win_val * w1[:, None, None]).view(-1))
+        ss.scatter_add_(0, pos, (win_val * win_val * w2[:, None, None]).view(-1))
+        u = c1 * sm[pos] / ((c2 * ss[pos]).sqrt() + eps)
+        sm[pos] = 0
+        ss[pos] = 0
+
+        # 6. p = p * (1 - lr * wd) - lr * u, u nonzero only at the window's positions.
+        p_chunk = p_flat[start:end]
+        if weight_decay != 0 and param.dtype != cd:
+            full = p_chunk.to(cd) * decay
+            full[pos] = full[pos] - lr * u
+            bits = hash_bits(torch.arange(start, end, device=device), par_key) if stochastic_param else None
+            p_chunk.copy_(round_to_dtype(full, param.dtype, bits))
+        else:
+            if weight_decay != 0:
+                p_chunk.mul_(decay)
+            # fp32/fp64 decayed in place above; a low-precision parameter here has wd == 0.
+            new = p_chunk[pos].to(cd) - lr * u
+            bits = hash_bits(pos + start, par_key) if stochastic_param else None
+            # Duplicated positions carry equal values (same u, same random bits).
+            p_chunk[pos] = round_to_dtype(new, param.dtype, bits)
+
+    if not contiguous:
+        param.copy_(p_flat.view(param.shape))

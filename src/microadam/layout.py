@@ -1,0 +1,79 @@
+"""How one parameter tensor is cut into Top-K blocks and quantization blocks.
+
+This is part of the state format: the optimizer, the reference, the memory
+accounting and checkpoint validation all derive shapes from here, and the
+numbers depend only on the user's arguments and the tensor's size (never on
+the device, unlike the authors' CUDA code, whose block size follows the GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Layout", "layout_for", "k_per_block", "MAX_BLOCK_SIZE"]
+
+# Block-relative indices are stored as int16: a block may hold at most 2**15
+# elements so that every index in [0, block) is representable.
+MAX_BLOCK_SIZE = 2**15
+
+
+def k_per_block(block: int, density: float) -> int:
+    """Entries kept per Top-K block: ``ceil(block * density)``, at least 1.
+
+    ``block * density`` is rounded to 9 decimals first so that binary
+    floating-point noise (``100 * 0.07 == 7.000000000000001``) does not add an
+    entry.
+    """
+    if block <= 0:
+        return 1
+    return max(1, min(block, math.ceil(round(block * density, 9))))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shapes of the MicroAdam state of one tensor with ``numel`` elements.
+
+    Attributes:
+        numel: elements of the parameter (d).
+        block: Top-K block size actually used, ``min(block_size, numel)``
+            (``1`` for an empty tensor), so a small tensor is one block.
+        k: entries kept per Top-K block.
+        num_blocks: ``ceil(numel / block)``; the last block may be partial.
+        quant_block: quantization block size q.
+        num_quant_blocks: ``ceil(numel / q)``.
+        window: ring slots m.
+    """
+
+    numel: int
+    block: int
+    k: int
+    num_blocks: int
+    quant_block: int
+    num_quant_blocks: int
+    window: int
+
+    @property
+    def state_bytes(self) -> int:
+        """Exact bytes of MicroAdam state for this tensor (see ``docs/algorithm.md``).
+
+        int16 indices and bf16 values for ``window * num_blocks * k`` entries,
+        4-bit codes packed two per byte, bf16 (lo, hi) per quantization block.
+        The step counter is a Python int and not counted.
+        """
+        window_entries = self.window * self.num_blocks * self.k
+        return window_entries * (2 + 2) + (self.numel + 1) // 2 + self.num_quant_blocks * 2 * 2
+
+
+def layout_for(numel: int, *, block_size: int, density: float, quant_block_size: int, window: int) -> Layout:
+    """Derive the :class:`Layout` of a tensor of ``numel`` elements."""
+    block = min(block_size, numel) if numel > 0 else 1
+    return Layout(
+        numel=numel,
+        block=block,
+        k=k_per_block(block, density),
+        num_blocks=-(-numel // block),
+        quant_block=quant_block_size,
+        num_quant_blocks=-(-numel // quant_block_size),
+        window=window,
+    )

@@ -1,0 +1,417 @@
+"""The MicroAdam optimizer: argument checks, lazy state, checkpoints, ``step()``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from copy import deepcopy
+from itertools import chain
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
+from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
+
+__all__ = ["MicroAdam", "NonFiniteGradientError"]
+
+# Hyperparameters that fix the shapes and meaning of the saved state: a
+# checkpoint is only valid under the same values.
+LAYOUT_KEYS = ("window", "density", "block_size", "quant_block_size")
+STATE_KEYS = ("step", "numel", "window_indices", "window_values", "error_codes", "error_bounds")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient held NaN or Inf and ``nonfinite="raise"`` was chosen."""
+
+
+def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool = True, fix: str = "") -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if math.isnan(value) or value < low or (value == low and not low_inclusive):
+        bound = f">= {low}" if low_inclusive else f"> {low}"
+        raise ValueError(f"Invalid {name}: {value!r}; it must be {bound}{fix}")
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """Validate one param group's hyperparameters; raise naming the argument and the value."""
+    _check_number("lr", group["lr"], low=0.0)
+    _check_number("eps", group["eps"], low=0.0)
+    _check_number("weight_decay", group["weight_decay"], low=0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; pass two numbers, e.g. betas=(0.9, 0.999)")
+    for i, b in enumerate(betas):
+        if isinstance(b, torch.Tensor):
+            b = b.item()
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b!r}; it must be in [0, 1)")
+    density = group["density"]
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ValueError(f"Invalid density: {density!r}; it must be in (0, 1], e.g. 0.01 keeps 1% per block")
+    for name in ("window", "block_size", "quant_block_size", "chunk_size"):
+        v = group[name]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        if v < 1:
+            raise ValueError(f"Invalid {name}: {v}; it must be >= 1")
+    if group["block_size"] > MAX_BLOCK_SIZE:
+        raise ValueError(
+            f"Invalid block_size: {group['block_size']}; it must be <= {MAX_BLOCK_SIZE} "
+            "so block-relative indices fit in int16"
+        )
+    b, q = group["block_size"], group["quant_block_size"]
+    if b % q and q % b:
+        raise ValueError(
+            f"block_size={b} and quant_block_size={q}: one must divide the other "
+            "so that chunks hold whole blocks of both (e.g. block_size=4096, quant_block_size=128)"
+        )
+    if group["error_rounding"] not in ("nearest", "stochastic"):
+        raise ValueError(f"Invalid error_rounding: {group['error_rounding']!r}; use 'nearest' or 'stochastic'")
+    if group["stochastic_rounding"] not in (True, False):
+        raise TypeError(f"stochastic_rounding must be True or False, got {group['stochastic_rounding']!r}")
+    if group["nonfinite"] not in ("skip", "raise"):
+        raise ValueError(f"Invalid nonfinite: {group['nonfinite']!r}; use 'skip' or 'raise'")
+    if group["impl"] not in (None, *IMPLEMENTATIONS):
+        raise ValueError(f"Invalid impl: {group['impl']!r}; use None (automatic) or one of {IMPLEMENTATIONS}")
+
+
+class MicroAdam(Optimizer):
+    r"""MicroAdam: Adam over a window of Top-K-compressed gradients with 4-bit error feedback.
+
+    Modoranu et al., "MicroAdam: Accurate Adaptive Optimization with Low Space
+    Overhead and Provable Convergence", NeurIPS 2024. For each parameter
+    (flattened, d elements, cut into blocks of ``block_size``) at step t:
+
+    .. math::
+        a &= g_t + \mathrm{dequant}(e_{t-1}) \\
+        I_t, V_t &= \text{Top-}k \text{ of } |a| \text{ in each block}, \quad
+            k = \lceil \mathrm{block\_size} \cdot \mathrm{density} \rceil \\
+        e_t &= \mathrm{quant}_4(a \text{ with } I_t \text{ zeroed}) \\
+        M &= \textstyle\sum_{s} \beta_1^{t-s} V_s, \quad S = \sum_s \beta_2^{t-s} V_s^2
+            \quad (s \text{ over the last } \min(t, m) \text{ steps}) \\
+        u &= \frac{(1-\beta_1)/(1-\beta_1^t)\, M}{\sqrt{(1-\beta_2)/(1-\beta_2^t)\, S} + \epsilon} \\
+        p &\leftarrow p\,(1 - \mathrm{lr}\cdot\lambda) - \mathrm{lr}\cdot u
+
+    State per parameter: the window (int16 block-relative indices and bf16
+    values, ``window`` slots of ``k`` per block), 4-bit error codes packed two
+    per byte with bf16 (lo, hi) per ``quant_block_size`` elements, and a step
+    count: about ``4 * window * density + 0.5 + 4 / quant_block_size`` bytes per
+    parameter, 0.93 at the defaults (AdamW: 8). Only the last ``window * k``
+    coordinates per block move in a step, each by about ``3.2 * lr``: learning
+    rates tuned for AdamW are a starting point (on the MiniLM fine-tune in
+    ``docs/algorithm.md`` MicroAdam's best lr was about 3x AdamW's).
+
+    Args:
+        params: parameters or param groups; every hyperparameter below may differ per group.
+        lr: learning rate (required).
+        betas: coefficients of the window's first and second moments (default ``(0.9, 0.999)``).
+        eps: added to the denominator (default ``1e-8``).
+        weight_decay: decoupled weight decay, AdamW-style (default ``0``).
+        window: m, gradients kept in the ring (default ``10``).
+        density: fraction kept per Top-K block (default ``0.01``).
+        block_size: Top-K block size, at most 32768 (default ``4096``); a tensor
+            smaller than a block is one block.
+        quant_block_size: elements sharing one (lo, hi) in the error
+            quantization (default ``128``); one of the two block sizes must divide the other.
+        error_rounding: ``"nearest"`` (default, as the authors' code) or
+            ``"stochastic"`` (unbiased, as the convergence proof assumes).
+        stochastic_rounding: round bf16 parameters stochastically after the
+            update (default ``True``; see ``docs/algorithm.md`` for the
+            measurement behind it). Has no effect on other dtypes.
+        seed: seeds the counter-based random bits of stochastic rounding (default ``0``).
+        nonfinite: what a NaN/Inf in any gradient does: ``"skip"`` (default)
+            skips the whole step with no state change, counts it in
+            ``skipped_steps`` and warns once; ``"raise"`` raises
+            :class:`NonFiniteGradientError` with state untouched.
+        impl: ``None`` (automatic: the vectorized torch path, the only one in
+            this version) or ``"torch"``.
+        chunk_size: elements processed at once, bounding transient memory to
+            about ``36 * chunk_size`` bytes (default ``2**20``).
+
+    Example:
+        >>> import torch
+        >>> from microadam import MicroAdam
+        >>> model = torch.nn.Linear(64, 8)
+        >>> opt = MicroAdam(model.parameters(), lr=1e-3)
+        >>> loss = model(torch.randn(4, 64)).square().mean()
+        >>> loss.backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        window: int = 10,
+        density: float = 0.01,
+        block_size: int = 4096,
+        quant_block_size: int = 128,
+        *,
+        error_rounding: str = "nearest",
+        stochastic_rounding: bool = True,
+        seed: int = 0,
+        nonfinite: str = "skip",
+        impl: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            window=window,
+            density=density,
+            block_size=block_size,
+            quant_block_size=quant_block_size,
+            error_rounding=error_rounding,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+            nonfinite=nonfinite,
+            impl=impl,
+            chunk_size=chunk_size,
+        )
+        _check_group(defaults)
+        super().__init__(params, defaults)
+        self.skipped_steps = 0
+        self._warned_nonfinite = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_group(group)
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError(
+                    f"MicroAdam does not support complex parameters (got {p.dtype}, shape {tuple(p.shape)}); "
+                    "pass torch.view_as_real(p) as a real parameter instead"
+                )
+            if not p.is_floating_point():
+                raise TypeError(f"MicroAdam needs floating-point parameters, got {p.dtype}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_warned_nonfinite", False)
+
+    @staticmethod
+    def layout(p: torch.Tensor, group: dict[str, Any]) -> Layout:
+        """The state layout of parameter ``p`` under ``group``'s hyperparameters."""
+        return layout_for(
+            p.numel(),
+            block_size=group["block_size"],
+            density=group["density"],
+            quant_block_size=group["quant_block_size"],
+            window=group["window"],
+        )
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        lay = self.layout(p, group)
+        state = self.state[p]
+        state["step"] = 0
+        state["numel"] = lay.numel
+        state["window_indices"] = torch.zeros(
+            (lay.window, lay.num_blocks, lay.k), dtype=torch.int16, device=p.device
+        )
+        state["window_values"] = torch.zeros(
+            (lay.window, lay.num_blocks, lay.k), dtype=torch.bfloat16, device=p.device
+        )
+        state["error_codes"] = torch.zeros((lay.numel + 1) // 2, dtype=torch.uint8, device=p.device)
+        state["error_bounds"] = torch.zeros((lay.num_quant_blocks, 2), dtype=torch.bfloat16, device=p.device)
+        return state
+
+    def _gradients(self) -> list[tuple[int, dict[str, Any], torch.Tensor, torch.Tensor]]:
+        """(global index, group, param, grad) for every parameter with a gradient."""
+        out = []
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    if g.is_sparse or g.layout != torch.strided:
+                        raise TypeError(
+                            f"MicroAdam does not support sparse gradients (parameter {index}, layout {g.layout}); "
+                            "use a dense embedding (sparse=False) or torch.optim.SparseAdam for it"
+                        )
+                    if g.numel() != p.numel():
+                        raise ValueError(
+                            f"gradient of parameter {index} has {g.numel()} elements but the parameter has "
+                            f"{p.numel()}; assign a gradient of the parameter's shape {tuple(p.shape)}"
+                        )
+                    out.append((index, group, p, g))
+                index += 1
+        return out
+
+    def _all_finite(self, grads: list[torch.Tensor]) -> bool:
+        if not grads:
+            return True
+        # One reduction per gradient and a single host sync. A sum is finite iff
+        # every element is (barring an overflow of finite values, which would
+        # need |sum| > 3e38 in float32: fp16/bf16 grads are summed in float32).
+        sums = [g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32) for g in grads]
+        return bool(torch.isfinite(torch.stack([s.to(sums[0].device, torch.float64) for s in sums])).all())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = self._gradients()
+        if not self._all_finite([g for _, _, _, g in work]):
+            policy = {group["nonfinite"] for _, group, _, _ in work}
+            if "raise" in policy:
+                raise NonFiniteGradientError(
+                    "a gradient holds NaN or Inf; the optimizer state is unchanged. Find the source "
+                    "(e.g. torch.autograd.set_detect_anomaly) or pass nonfinite='skip' to skip such steps"
+                )
+            self.skipped_steps += 1
+            if not self._warned_nonfinite:
+                warnings.warn(
+                    "MicroAdam skipped a step because a gradient holds NaN or Inf; the state is unchanged. "
+                    "Further skips are counted in optimizer.skipped_steps without warning "
+                    "(pass nonfinite='raise' to raise instead)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned_nonfinite = True
+            return loss
+
+        for index, group, p, g in work:
+            state = self.state[p]
+            if "step" not in state:
+                state = self._init_state(p, group)
+            state["step"] += 1
+            beta1, beta2 = group["betas"]
+            microadam_step(
+                p,
+                g,
+                window_indices=state["window_indices"],
+                window_values=state["window_values"],
+                error_codes=state["error_codes"],
+                error_bounds=state["error_bounds"],
+                layout=self.layout(p, group),
+                step=state["step"],
+                lr=float(group["lr"]),
+                beta1=float(beta1),
+                beta2=float(beta2),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                error_rounding=group["error_rounding"],
+                stochastic_param_rounding=group["stochastic_rounding"],
+                seed=group["seed"],
+                param_index=index,
+                chunk_size=group["chunk_size"],
+                impl=group["impl"] or "torch",
+            )
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, keeping integer state exact.
+
+        torch's default casts every floating state tensor to the parameter's
+        dtype and would turn bf16 window values into fp16 or fp32; it is not
+        used. Everything is checked before anything changes: a state saved with
+        another window, density, block size, quantization block size or
+        parameter size raises ``ValueError`` naming both values, and the
+        optimizer is left as it was.
+        """
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"not an optimizer state dict: the key {key!r} is missing")
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"the loaded state has {len(saved_groups)} parameter groups but this optimizer has {len(groups)}"
+            )
+        for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"parameter group {gi}: the loaded state has {len(sg['params'])} parameters "
+                    f"but this optimizer has {len(g['params'])}"
+                )
+            for key in LAYOUT_KEYS:
+                if key in sg and sg[key] != g[key]:
+                    raise ValueError(
+                        f"parameter group {gi}: the checkpoint was saved with {key}={sg[key]!r} but this "
+                        f"optimizer has {key}={g[key]!r}; its state only has meaning under the same value. "
+                        f"Build the optimizer with {key}={sg[key]!r}, or start from a fresh optimizer state"
+                    )
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups),
+                chain.from_iterable(g["params"] for g in groups),
+            )
+        )
+        group_of = {id(p): g for g in groups for p in g["params"]}
+        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for pid, saved in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"the loaded state has an entry for parameter {pid!r}, which no group lists")
+            p = id_map[pid]
+            new_state[p] = self._checked_param_state(pid, p, saved, group_of[id(p)])
+        param_groups = []
+        for g, sg in zip(groups, saved_groups):
+            merged = {**self.defaults, **sg, "params": g["params"]}
+            if "param_names" in g and "param_names" not in sg:
+                merged["param_names"] = g["param_names"]
+            _check_group(merged)
+            param_groups.append(merged)
+        self.__setstate__({"state": new_state, "param_groups": param_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _checked_param_state(self, pid: Any, p: torch.Tensor, saved: dict[str, Any], group: dict) -> dict[str, Any]:
+        missing = [k for k in STATE_KEYS if k not in saved]
+        if missing:
+            raise ValueError(
+                f"the loaded state of parameter {pid!r} lacks {missing}; it was not saved by MicroAdam "
+                "(or by an incompatible version)"
+            )
+        if saved["numel"] != p.numel():
+            raise ValueError(
+                f"the loaded state of parameter {pid!r} was saved for a tensor of {saved['numel']} elements, "
+                f"but this parameter has {p.numel()} (shape {tuple(p.shape)}); load it into the same model"
+            )
+        lay = self.layout(p, group)
+        expected = {
+            "window_indices": ((lay.window, lay.num_blocks, lay.k), torch.int16),
+            "window_values": ((lay.window, lay.num_blocks, lay.k), torch.bfloat16),
+            "error_codes": (((lay.numel + 1) // 2,), torch.uint8),
+            "error_bounds": ((lay.num_quant_blocks, 2), torch.bfloat16),
+        }
+        out: dict[str, Any] = {"step": int(saved["step"]), "numel": int(saved["numel"])}
+        for key, (shape, dtype) in expected.items():
+            t = saved[key]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"the loaded {key!r} of parameter {pid!r} is {got}, expected {dtype} {shape}; "
+                    "the checkpoint is corrupt or from another configuration"
+                )
+            # Copy, keeping the dtype; move to the parameter's device.
+            out[key] = t.to(device=p.device, copy=True)
+        if out["step"] < 0:
+            raise ValueError(f"the loaded step of parameter {pid!r} is {out['step']}; it must be >= 0")
+        return out
