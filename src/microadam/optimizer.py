@@ -321,6 +321,17 @@ class MicroAdam(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def state_dict(self) -> dict[str, Any]:
+        """The state as plain tensors and Python scalars (loads with ``torch.load(weights_only=True)``).
+
+        Each parameter's entry is a new dict (torch hands out the live one), so
+        editing the returned dict cannot change this optimizer. Tensors are
+        shared, not copied, as in torch.
+        """
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, keeping integer state exact.
 

@@ -1,0 +1,333 @@
+"""Step time and optimizer-state memory of MicroAdam against AdamW and quantized peers.
+
+For each size (about 1M, 16M, 64M parameters by default) the parameters are
+the weights and biases of one transformer block of hidden size ``h``: fused
+QKV ``[3h, h]``, attention output ``[h, h]``, MLP up ``[4h, h]`` and down
+``[h, 4h]`` (12 h^2 weights) plus the QKV and MLP-up biases. Gradients are
+fixed random tensors set once; only ``opt.step()`` is timed, after a warm-up
+(at least ``window`` steps for MicroAdam so that its ring is full, and at
+least 3 for the torch.compile-based torchao optimizers, whose first step
+compiles). Every optimizer gets its parameters freshly built and freed
+before the next one, so at most one optimizer's tensors are alive at once.
+
+Usage::
+
+    python benchmarks/step_time.py                       # all sizes, all optimizers
+    python benchmarks/step_time.py --sizes 1M --steps 10 --optimizers microadam,adamw_fused
+    python benchmarks/step_time.py --profile-microadam   # where MicroAdam's step time goes at 16M
+
+Prints a Markdown table and appends one JSON line per (optimizer, size) to
+``--out`` (default ``benchmarks/results/step_time.jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from microadam import MicroAdam, state_bytes
+
+LR = 1e-4
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "step_time.jsonl"
+PEER_PACKAGES = ("microadam", "bitsandbytes", "torchao")
+FUSED_NAME = "adamw_fused"
+
+
+class NotInstalledError(RuntimeError):
+    """An optional peer optimizer's package is missing."""
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    build: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    min_warmup: int
+    note: str = ""
+
+
+def _bnb_adamw8bit(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise NotInstalledError("not installed: pip install bitsandbytes") from e
+    return bnb.optim.AdamW8bit(params, lr=LR)
+
+
+def _torchao_optim(kind: str) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+    def build(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        try:
+            import torchao.optim
+        except ImportError as e:
+            raise NotInstalledError("not installed: pip install torchao") from e
+        return getattr(torchao.optim, kind)(params, lr=LR)
+
+    return build
+
+
+OPTIMIZERS: tuple[OptimizerSpec, ...] = (
+    OptimizerSpec("microadam", lambda ps: MicroAdam(ps, lr=LR), min_warmup=10, note="defaults"),
+    OptimizerSpec("adamw_foreach", lambda ps: torch.optim.AdamW(ps, lr=LR, foreach=True), min_warmup=1),
+    OptimizerSpec(FUSED_NAME, lambda ps: torch.optim.AdamW(ps, lr=LR, fused=True), min_warmup=1),
+    OptimizerSpec("bnb_adamw8bit", _bnb_adamw8bit, min_warmup=1),
+    OptimizerSpec("torchao_adamw8bit", _torchao_optim("AdamW8bit"), min_warmup=3, note="torch.compile"),
+    OptimizerSpec("torchao_adamw4bit", _torchao_optim("AdamW4bit"), min_warmup=3, note="torch.compile"),
+)
+
+
+def parse_size(text: str) -> int:
+    """``"16M"`` -> 16_000_000; accepts K, M, G suffixes (decimal) or a plain integer."""
+    text = text.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    return int(float(number) * scale)
+
+
+def format_count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n / 1e3:.0f}K"
+
+
+def block_shapes(target: int) -> list[tuple[int, ...]]:
+    """Shapes of one transformer block's linear layers (12 h^2 weights) with h a multiple of 32."""
+    h = max(32, round(math.sqrt(target / 12) / 32) * 32)
+    return [(3 * h, h), (3 * h,), (h, h), (4 * h, h), (4 * h,), (h, 4 * h)]
+
+
+def make_params(shapes: Iterable[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:
+    """Fresh fp32 parameters with fixed random gradients (same values for every optimizer)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
+        p.grad = torch.randn(shape, generator=gen) * 1e-3
+        params.append(p)
+    return params
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile ``q`` in [0, 100] of already sorted values."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = (len(sorted_values) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def free_memory() -> None:
+    gc.collect()
+    dynamo = getattr(torch, "_dynamo", None)
+    if dynamo is not None:
+        # Drop compiled graphs so torchao recompiles per size instead of hitting the recompile limit.
+        dynamo.reset()
+
+
+def measure(spec: OptimizerSpec, shapes: list[tuple[int, ...]], steps: int, warmup: int) -> dict[str, Any]:
+    """Time ``steps`` calls of ``opt.step()`` after the warm-up; return the numbers or the error."""
+    params = make_params(shapes)
+    numel = sum(p.numel() for p in params)
+    row: dict[str, Any] = {"optimizer": spec.name, "numel": numel, "shapes": [list(s) for s in shapes]}
+    # Other processes on the machine distort CPU timings; record the load seen just before measuring.
+    row["loadavg_1m_before"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    warmup = max(warmup, spec.min_warmup)
+    opt = None
+    try:
+        opt = spec.build(params)
+        t0 = time.perf_counter()
+        opt.step()
+        first_ms = (time.perf_counter() - t0) * 1e3
+        for _ in range(warmup - 1):
+            opt.step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            opt.step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        sbytes = state_bytes(opt)
+        finite = all(bool(torch.isfinite(p).all()) for p in params)
+        row.update(
+            median_ms=statistics.median(times),
+            p10_ms=percentile(times, 10),
+            p90_ms=percentile(times, 90),
+            first_step_ms=first_ms,
+            warmup_steps=warmup,
+            timed_steps=steps,
+            state_bytes=sbytes,
+            bytes_per_param=sbytes / numel,
+            params_finite=finite,
+            error=None,
+        )
+    except NotInstalledError as e:
+        row["error"] = str(e)
+    except Exception as e:  # a peer failing on CPU is recorded, not fatal
+        row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    del opt, params
+    free_memory()
+    return row
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PEER_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def environment(argv: list[str]) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "num_threads": torch.get_num_threads(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *argv]),
+    }
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| optimizer | params | median ms | p10 ms | p90 ms | x fused AdamW | bytes/param | first step ms |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [header]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['optimizer']} | {format_count(r['numel'])} | {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['optimizer']} | {format_count(r['numel'])} | {_fmt(r['median_ms'])} | {_fmt(r['p10_ms'])} "
+            f"| {_fmt(r['p90_ms'])} | {_fmt(r['ratio_vs_fused_adamw'])} | {_fmt(r['bytes_per_param'], 3)} "
+            f"| {_fmt(r['first_step_ms'], 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def run_benchmark(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
+    wanted = {s.strip() for s in args.optimizers.split(",")} if args.optimizers else None
+    specs = [s for s in OPTIMIZERS if wanted is None or s.name in wanted]
+    if wanted is not None and (unknown := wanted - {s.name for s in OPTIMIZERS}):
+        raise SystemExit(f"unknown optimizers {sorted(unknown)}; choose from {[s.name for s in OPTIMIZERS]}")
+    env = environment(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    all_rows: list[dict[str, Any]] = []
+    for size_text in args.sizes.split(","):
+        shapes = block_shapes(parse_size(size_text))
+        rows = []
+        for spec in specs:
+            row = measure(spec, shapes, args.steps, args.warmup)
+            status = row["error"] or f"median {row['median_ms']:.2f} ms"
+            print(f"[{size_text}] {spec.name}: {status}", file=sys.stderr, flush=True)
+            rows.append(row)
+        fused = next((r for r in rows if r["optimizer"] == FUSED_NAME and not r.get("error")), None)
+        with args.out.open("a") as f:
+            for r in rows:
+                ok = fused is not None and r.get("median_ms") is not None
+                r["ratio_vs_fused_adamw"] = r["median_ms"] / fused["median_ms"] if ok else None
+                r["size_arg"] = size_text
+                r.update(env)
+                f.write(json.dumps(r) + "\n")
+        all_rows.extend(rows)
+    return all_rows
+
+
+def profile_microadam(size_text: str, steps: int, row_limit: int = 15) -> None:
+    """Print the top ops by self CPU time over ``steps`` MicroAdam steps with a full window."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = make_params(block_shapes(parse_size(size_text)))
+    numel = sum(p.numel() for p in params)
+    opt = MicroAdam(params, lr=LR)
+    for _ in range(opt.defaults["window"] + 1):
+        opt.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        wall = time.perf_counter() - t0
+    averages = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in averages)
+    print(
+        f"MicroAdam profile: {format_count(numel)} params, {steps} steps, "
+        f"{wall / steps * 1e3:.1f} ms/step wall (profiled), {torch.get_num_threads()} threads\n"
+    )
+    print("| op | self CPU ms/step | share of self CPU | calls/step |")
+    print("|---|---:|---:|---:|")
+    for e in sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:row_limit]:
+        share = e.self_cpu_time_total / total_self if total_self else 0.0
+        print(f"| {e.key} | {e.self_cpu_time_total / 1e3 / steps:.2f} | {share:.1%} | {e.count / steps:.0f} |")
+    print()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=row_limit))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1M,16M,64M", help="comma list of parameter counts (K/M/G suffixes)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per (optimizer, size)")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (at least MicroAdam's window, torchao's 3)"
+    )
+    parser.add_argument("--optimizers", default="", help="comma list filter: " + ",".join(s.name for s in OPTIMIZERS))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL file to append results to")
+    parser.add_argument(
+        "--profile-microadam", action="store_true", help="profile MicroAdam's step (top ops) instead of benchmarking"
+    )
+    parser.add_argument("--profile-size", default="16M", help="parameter count for --profile-microadam")
+    args = parser.parse_args(argv[1:])
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1")
+
+    dynamo_config = getattr(getattr(torch, "_dynamo", None), "config", None)
+    if dynamo_config is not None and hasattr(dynamo_config, "recompile_limit"):
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+
+    if args.profile_microadam:
+        profile_microadam(args.profile_size, min(args.steps, 10))
+        return
+    rows = run_benchmark(args, argv)
+    env = environment(argv)
+    print(
+        f"torch {env['torch']}, {env['packages']}, python {env['python']}, {env['cpu']}, "
+        f"{env['cpu_count']} CPUs, torch threads {env['num_threads']}\n"
+    )
+    print(markdown_table(rows))
+    print(f"\nwrote {len(rows)} rows to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

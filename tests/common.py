@@ -1,0 +1,128 @@
+"""One table of optimizer configurations and one tolerance policy for the tests.
+
+Each row of ``CONFIGS`` is a set of MicroAdam keyword arguments chosen to hit a
+different corner of the algorithm with small blocks, so that 50 steps of the
+slow reference stay fast. ``SHAPES`` are the edge cases every config is crossed
+with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+
+from microadam import MicroAdam
+from microadam.ops import unpack_nibbles
+from microadam.reference import ReferenceMicroAdam
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    id: str
+    kwargs: dict[str, Any]
+
+
+BASE = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, window=4, density=0.05, block_size=64, quant_block_size=16)
+
+CONFIGS = [
+    Config("small-blocks", dict(BASE)),
+    Config("weight-decay", dict(BASE, weight_decay=0.1)),
+    Config("stochastic-error", dict(BASE, error_rounding="stochastic")),
+    Config("dense-density-1", dict(BASE, density=1.0, window=2)),
+    Config("window-1", dict(BASE, window=1)),
+    Config("quant-block-larger", dict(BASE, block_size=32, quant_block_size=64, weight_decay=0.01)),
+    Config("odd-blocks", dict(BASE, block_size=15, quant_block_size=5, density=0.2)),
+    Config("many-chunks", dict(BASE, chunk_size=128, weight_decay=0.05)),
+    Config("paper-defaults", dict(lr=1e-3, window=10, density=0.01, block_size=4096, quant_block_size=128)),
+]
+
+# Shapes: empty, one element, tiny, just over a 64-block, not a multiple of
+# either block size, 2-D; "T" marks a transposed (non-contiguous) parameter.
+SHAPES: list[tuple[tuple[int, ...], bool]] = [
+    ((0,), False),
+    ((1,), False),
+    ((7,), False),
+    ((65,), False),
+    ((203,), False),
+    ((37, 29), False),
+    ((29, 37), True),
+]
+# The paper-defaults row needs tensors over a 4096-block to say anything.
+BIG_SHAPES: list[tuple[tuple[int, ...], bool]] = [((1,), False), ((8197,), False), ((97, 130), True)]
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def shapes_for(config: Config) -> list[tuple[tuple[int, ...], bool]]:
+    return BIG_SHAPES if config.kwargs.get("block_size", 4096) >= 4096 else SHAPES
+
+
+def make_param(shape: tuple[int, ...], transposed: bool, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    if transposed:
+        base = torch.randn(shape[::-1], generator=gen, dtype=torch.float64).to(dtype)
+        t = base.t()
+        assert not t.is_contiguous() or t.numel() <= 1
+        return t
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+# ---------------------------------------------------------------- tolerance policy
+# Why these numbers: the fast path and the reference do the same operations in
+# the same order on the state (which therefore matches bit for bit), but the
+# moment sums can be grouped differently (scatter_add vs a Python loop), so
+# a parameter can differ by an ulp of the compute dtype per step. float64 leaves
+# that far below 1e-12 after 50 steps; float32 a few ulps; bf16/fp16 parameters
+# round the result, so an ulp of float32 shows up, rarely, as one ulp of the
+# parameter's own dtype.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-5),
+    torch.float16: dict(rtol=2**-10, atol=1e-5),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Compare under the project's tolerance for ``dtype`` (default: ``expected``'s)."""
+    tol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), **tol)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def reference_for(params: list[torch.Tensor], kwargs: dict[str, Any], dtype: torch.dtype, **extra: Any):
+    ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("chunk_size", "nonfinite", "impl")}
+    sr = ref_kwargs.pop("stochastic_rounding", True)
+    return ReferenceMicroAdam(
+        params,
+        **ref_kwargs,
+        stochastic_param_rounding=sr,
+        compute_dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        **extra,
+    )
+
+
+def assert_state_matches_reference(opt: MicroAdam, p: torch.Tensor, ref: ReferenceMicroAdam, i: int) -> None:
+    """Every stored quantity of ``p`` equals the reference's, bit for bit."""
+    st, rst = opt.state[p], ref.states[i]
+    assert st["step"] == rst.step
+    if p.numel() == 0:
+        return
+    codes = unpack_nibbles(st["error_codes"], p.numel()).long()
+    assert torch.equal(codes, rst.codes), "error codes differ"
+    cd = rst.lo.dtype
+    assert torch.equal(st["error_bounds"][:, 0].to(cd), rst.lo), "lo differs"
+    assert torch.equal(st["error_bounds"][:, 1].to(cd), rst.hi), "hi differs"
+    m = opt.param_groups[0]["window"]
+    for slot in range(min(rst.step, m)):
+        idx, val = rst.window[slot]
+        assert torch.equal(st["window_indices"][slot].long(), idx), f"window indices differ in slot {slot}"
+        assert torch.equal(st["window_values"][slot].to(cd), val), f"window values differ in slot {slot}"
+
+
+def ids(configs: list[Config]) -> list[Any]:
+    return [pytest.param(c, id=c.id) for c in configs]

@@ -1,0 +1,167 @@
+"""The building blocks, checked against brute-force definitions, and the paper's assumptions as properties."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from microadam.layout import k_per_block, layout_for
+from microadam.ops import (
+    bf16_ceil,
+    bf16_floor,
+    block_topk,
+    dequantize_blocks,
+    hash_bits,
+    pack_nibbles,
+    quantize_blocks,
+    round_to_dtype,
+    stream_key,
+    unpack_nibbles,
+)
+
+
+def _brute_topk(row: torch.Tensor, k: int) -> list[int]:
+    order = sorted(range(row.numel()), key=lambda i: (-float(row[i]), i))
+    return sorted(order[:k])
+
+
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 80),
+    k_frac=st.floats(0.01, 1.0),
+    levels=st.sampled_from([3, 50, 10**6]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_block_topk_matches_brute_force_with_ties(rows, cols, k_frac, levels, dtype, seed):
+    """Few distinct levels force ties at the k-th place; the lower index must win."""
+    gen = torch.Generator().manual_seed(seed)
+    mag = torch.randint(0, levels, (rows, cols), generator=gen).to(dtype)
+    k = max(1, min(cols, math.ceil(cols * k_frac)))
+    got = block_topk(mag, k)
+    assert got.shape == (rows, k)
+    for r in range(rows):
+        assert got[r].tolist() == _brute_topk(mag[r], k)
+
+
+def test_block_topk_takes_padding_last():
+    mag = torch.tensor([[0.0, 0.0, -1.0, -1.0], [3.0, -1.0, -1.0, -1.0]])
+    assert block_topk(mag, 3).tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+@given(
+    d=st.integers(1, 3000),
+    block=st.sampled_from([1, 7, 64, 100, 4096]),
+    density=st.floats(0.001, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_block_topk_is_contractive(d, block, density, seed):
+    """||C(x) - x||^2 <= (1 - k/B) ||x||^2: the sparsifier the convergence proof needs."""
+    x = torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    lay = layout_for(d, block_size=block, density=density, quant_block_size=1, window=1)
+    padded = torch.cat([x, x.new_zeros(lay.num_blocks * lay.block - d)]).view(lay.num_blocks, lay.block)
+    mag = padded.abs()
+    mag.view(-1)[d:] = -1
+    idx = block_topk(mag, lay.k)
+    kept = torch.zeros_like(padded).scatter_(1, idx, padded.gather(1, idx)).view(-1)[:d]
+    assert (kept - x).square().sum() <= (1 - lay.k / lay.block) * x.square().sum() * (1 + 1e-12) + 1e-300
+
+
+@given(
+    blocks=st.integers(1, 5),
+    q=st.integers(1, 70),
+    scale=st.floats(1e-30, 1e30),
+    seed=st.integers(0, 2**16),
+)
+def test_nearest_rounding_error_is_within_a_thirtieth_of_the_range(blocks, q, scale, seed):
+    x = torch.randn(blocks, q, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    codes, lo, hi = quantize_blocks(x, None)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    lo64, hi64 = lo.double(), hi.double()
+    assert (lo64 <= x.amin(1)).all() and (hi64 >= x.amax(1)).all(), "stored range must cover the block"
+    err = (dequantize_blocks(codes, lo, hi, torch.float64) - x).abs()
+    bound = (hi64 - lo64) / 30
+    assert (err <= bound[:, None] * (1 + 1e-9) + 1e-300).all()
+
+
+def test_constant_block_has_zero_scale_and_exact_value():
+    x = torch.full((2, 8), 0.75, dtype=torch.float32)
+    x[1] = 0.0
+    codes, lo, hi = quantize_blocks(x, None)
+    assert (codes == 0).all()
+    assert torch.equal(dequantize_blocks(codes, lo, hi, torch.float32), x)
+
+
+def test_stochastic_rounding_of_codes_is_unbiased():
+    """Mean of many independent stochastic quantizations converges to x (fixed seed)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, generator=gen, dtype=torch.float64)
+    pos = torch.arange(x.numel())
+    trials = 4000
+    total = torch.zeros_like(x)
+    for t in range(trials):
+        u = (hash_bits(pos, stream_key(0, 0, t, 1)) >> 8).double().view_as(x) * 2.0**-24
+        codes, lo, hi = quantize_blocks(x, u)
+        total += dequantize_blocks(codes, lo, hi, torch.float64)
+    mean = total / trials
+    _, lo, hi = quantize_blocks(x, None)
+    step = ((hi.double() - lo.double()) / 15)[:, None]
+    # Each draw errs by at most one level with variance <= step^2 / 4: 5 sigma of the mean.
+    assert ((mean - x).abs() <= 5 * step / 2 / math.sqrt(trials)).all()
+    # Nearest rounding is biased on the same data: the test can tell the two apart.
+    codes_n, lo_n, hi_n = quantize_blocks(x, None)
+    bias_nearest = (dequantize_blocks(codes_n, lo_n, hi_n, torch.float64) - x).abs().mean()
+    assert (mean - x).abs().mean() < bias_nearest / 5
+
+
+@given(values=st.lists(st.floats(-1e30, 1e30, allow_nan=False), min_size=1, max_size=50))
+def test_bf16_floor_and_ceil_are_directed(values):
+    x = torch.tensor(values, dtype=torch.float64)
+    lo, hi = bf16_floor(x), bf16_ceil(x)
+    assert lo.dtype == hi.dtype == torch.bfloat16
+    assert (lo.double() <= x).all() and (hi.double() >= x).all()
+    # Tight: the next bf16 value beyond each bound crosses x.
+    up = torch.nextafter(lo, torch.full_like(lo, float("inf"))).double()
+    down = torch.nextafter(hi, torch.full_like(hi, -float("inf"))).double()
+    assert (up > x).all() and (down < x).all()
+
+
+@given(codes=st.lists(st.integers(0, 15), min_size=0, max_size=99))
+def test_pack_unpack_roundtrip(codes):
+    c = torch.tensor(codes, dtype=torch.uint8)
+    packed = pack_nibbles(c)
+    assert packed.numel() == (len(codes) + 1) // 2
+    assert torch.equal(unpack_nibbles(packed, len(codes)), c)
+
+
+def test_stochastic_bf16_rounding_is_unbiased_and_brackets():
+    x = torch.tensor([1.0 + 2**-9, -3.0 - 2**-8, 1e-3 / 3], dtype=torch.float32).repeat(20000)
+    bits = hash_bits(torch.arange(x.numel()), stream_key(1, 2, 3, 2))
+    y = round_to_dtype(x, torch.bfloat16, bits).float().view(20000, 3)
+    lo, hi = bf16_floor(x[:3]).float(), bf16_ceil(x[:3]).float()
+    assert ((y >= lo) & (y <= hi)).all()
+    expected = x[:3]
+    sigma = (hi - lo) / 2 / math.sqrt(20000)
+    assert ((y.mean(0) - expected).abs() <= 5 * sigma).all()
+    # Without random bits: nearest.
+    assert torch.equal(round_to_dtype(x[:3], torch.bfloat16, None), x[:3].to(torch.bfloat16))
+
+
+def test_hash_bits_are_deterministic_and_spread():
+    pos = torch.arange(100000)
+    a, b = hash_bits(pos, 12345), hash_bits(pos, 12345)
+    assert torch.equal(a, b)
+    assert a.min() >= 0 and a.max() < 2**32
+    u = a.double() / 2**32
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    assert stream_key(0, 0, 1, 1) != stream_key(0, 0, 2, 1) != stream_key(0, 1, 1, 1)
+
+
+def test_k_per_block_avoids_float_noise():
+    assert k_per_block(100, 0.07) == 7  # 100 * 0.07 == 7.000000000000001
+    assert k_per_block(4096, 0.01) == 41
+    assert k_per_block(5, 0.01) == 1
+    assert k_per_block(64, 1.0) == 64
