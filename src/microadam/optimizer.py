@@ -221,12 +221,8 @@ class MicroAdam(Optimizer):
         state = self.state[p]
         state["step"] = 0
         state["numel"] = lay.numel
-        state["window_indices"] = torch.zeros(
-            (lay.window, lay.num_blocks, lay.k), dtype=torch.int16, device=p.device
-        )
-        state["window_values"] = torch.zeros(
-            (lay.window, lay.num_blocks, lay.k), dtype=torch.bfloat16, device=p.device
-        )
+        state["window_indices"] = torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.int16, device=p.device)
+        state["window_values"] = torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.bfloat16, device=p.device)
         state["error_codes"] = torch.zeros((lay.numel + 1) // 2, dtype=torch.uint8, device=p.device)
         state["error_bounds"] = torch.zeros((lay.num_quant_blocks, 2), dtype=torch.bfloat16, device=p.device)
         return state

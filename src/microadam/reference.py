@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from microadam.layout import layout_for
+from microadam.layout import Layout, layout_for
 from microadam.ops.quant import bf16_ceil, bf16_floor
 from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, hash_bits, stream_key
 from microadam.ops.rounding import round_to_dtype
@@ -74,7 +74,7 @@ class ReferenceMicroAdam:
                 ReferenceState(0, torch.zeros(p.numel(), dtype=torch.int64), zeros, zeros.clone(), [None] * window)
             )
 
-    def _layout(self, p: torch.Tensor):
+    def _layout(self, p: torch.Tensor) -> Layout:
         return layout_for(p.numel(), block_size=self.B, density=self.density, quant_block_size=self.q, window=self.m)
 
     def dequantized_error(self, i: int) -> torch.Tensor:

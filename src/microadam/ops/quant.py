@@ -43,9 +43,7 @@ def _scale(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return (hi.to(dtype) - lo.to(dtype)) / LEVELS
 
 
-def quantize_blocks(
-    a: torch.Tensor, uniform: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_blocks(a: torch.Tensor, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize each row of ``a`` (``[blocks, q]``) to 4-bit codes.
 
     Args:

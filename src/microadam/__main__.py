@@ -1,0 +1,5 @@
+import sys
+
+from microadam.cli import main
+
+sys.exit(main())

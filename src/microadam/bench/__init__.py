@@ -1,0 +1,1 @@
+"""Measuring optimizers on real tasks (imported lazily; needs the task's extras)."""

@@ -1,0 +1,25 @@
+"""README.md's two commands are the ones CI and users run."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_opens_with_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert text.index("```bash") < 40, "the commands must be at the top"
+    main_job, tests = _readme_commands()
+    assert "microadam demo" in main_job or "microadam compare" in main_job
+    assert "pytest" in tests
+
+
+def test_ci_runs_the_readme_test_command():
+    _, tests = _readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests.replace("python -m venv", "python3 -m venv") in ci
