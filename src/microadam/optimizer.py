@@ -20,6 +20,9 @@ __all__ = ["MicroAdam", "NonFiniteGradientError"]
 
 # Hyperparameters that fix the shapes and meaning of the saved state: a
 # checkpoint is only valid under the same values.
+# fp16 gradients are summed in float32 this many elements at a time (4 MB of float32).
+_FINITE_CHUNK = 2**20
+
 LAYOUT_KEYS = ("window", "density", "block_size", "quant_block_size")
 STATE_KEYS = ("step", "numel", "window_indices", "window_values", "error_codes", "error_bounds")
 
@@ -253,9 +256,18 @@ class MicroAdam(Optimizer):
         if not grads:
             return True
         # One reduction per gradient and a single host sync. A sum is finite iff
-        # every element is (barring an overflow of finite values, which would
-        # need |sum| > 3e38 in float32: fp16/bf16 grads are summed in float32).
-        sums = [g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32) for g in grads]
+        # every element is, barring an overflow of finite values: float32 and
+        # float64 cannot reach it (|sum| > 3e38), nor bf16 (same range, summed
+        # in float32 inside the kernel). fp16 sums overflow at 65504, so they
+        # are taken in float32, chunk by chunk: `sum(dtype=float32)` over the
+        # whole tensor would first make a full float32 copy of it.
+        sums = []
+        for g in grads:
+            if g.dtype == torch.float16:
+                flat = g.reshape(-1)
+                sums += [c.sum(dtype=torch.float32) for c in flat.split(_FINITE_CHUNK)]
+            else:
+                sums.append(g.sum())
         return bool(torch.isfinite(torch.stack([s.to(sums[0].device, torch.float64) for s in sums])).all())
 
     @torch.no_grad()
