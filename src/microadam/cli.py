@@ -42,6 +42,47 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from microadam.bench.optimizers import OPTIMIZERS
+    from microadam.bench.report import render_markdown, write_reports
+    from microadam.bench.runner import run_plan
+    from microadam.bench.spec import QUICK_PLAN, PlanError, load_plan, parse_plan
+    from microadam.bench.tasks import MissingDependency
+    from microadam.bench.verdict import final_verdict
+
+    if args.list_optimizers:
+        for name, spec in OPTIMIZERS.items():
+            state = "installed" if spec.installed() else f"not installed: {spec.install}"
+            print(f"{name:20s} {spec.label:28s} {state}")
+        return 0
+    try:
+        plan = load_plan(args.plan) if args.plan else parse_plan(QUICK_PLAN)
+    except PlanError as e:
+        print(f"microadam compare: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("runs") / plan.name)
+    print(f"plan {plan.name!r} ({'built-in' if not args.plan else args.plan}) -> {out}")
+
+    def stage_done(stage: object, rows: list) -> None:
+        from microadam.bench.runner import read_records
+
+        write_reports(plan, read_records(out / "records.jsonl"), out)
+
+    try:
+        records = run_plan(plan, out, on_stage_done=stage_done)
+    except (PlanError, MissingDependency) as e:
+        print(f"microadam compare: {e}", file=sys.stderr)
+        return 2
+    md, page = write_reports(plan, records, out)
+    print()
+    print(render_markdown(plan, records))
+    print(f"records: {out / 'records.jsonl'}\nreport: {md}\nhtml report: {page}")
+    verdict = final_verdict(plan, records)
+    return 1 if args.strict and any(not v.startswith("PASS") for v in verdict.values()) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``microadam`` command."""
     parser = argparse.ArgumentParser(prog="microadam", description=__doc__)
@@ -51,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="comma-separated learning rates to try for each")
     demo.set_defaults(func=_demo)
+    cmp_ = sub.add_parser(
+        "compare",
+        help="staged comparison of MicroAdam against baselines on a real task, with a verdict and a report",
+        description="Run a comparison plan (TOML; see docs/compare.md). Without PLAN, the built-in quick plan: "
+        "MiniLM fine-tuned on tweet sentiment, MicroAdam and 8-bit AdamW against AdamW, 2 seeds, 2 stages.",
+    )
+    cmp_.add_argument("plan", nargs="?", help="a plan TOML file (default: the built-in quick plan)")
+    cmp_.add_argument("--out", help="output directory (default runs/<plan name>); rerun to resume")
+    cmp_.add_argument("--strict", action="store_true", help="exit 1 if any candidate fails the bar")
+    cmp_.add_argument("--list-optimizers", action="store_true", help="list optimizers and whether installed")
+    cmp_.set_defaults(func=_compare)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,99 @@
+"""Measurements taken during a run: memory, time, environment."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from importlib import metadata
+from typing import Any
+
+import torch
+
+__all__ = ["current_rss", "environment", "median", "ProgressBar"]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (Linux /proc; else the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:  # pragma: no cover - non-Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and machine, recorded with every run."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "microadam": _version("microadam"),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    for pkg in ("transformers", "bitsandbytes", "torchao", "galore-torch", "adam-mini", "came-pytorch", "lion-pytorch"):
+        v = _version(pkg)
+        if v:
+            env[pkg] = v
+    return env
+
+
+class ProgressBar:
+    """A one-line progress bar with ETA on a terminal; sparse lines when the output is a file."""
+
+    def __init__(self, total: int, label: str, stream: Any = None) -> None:
+        self.total, self.label = total, label
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.last_pct = -1
+
+    def update(self, done: int, extra: str = "") -> None:
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / done * (self.total - done) if done else float("nan")
+        frac = done / self.total if self.total else 1.0
+        eta_s = "--:--" if eta != eta else f"{int(eta) // 60:d}:{int(eta) % 60:02d}"
+        if self.tty:
+            bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+            self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} ETA {eta_s} {extra}   ")
+            if done >= self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        else:
+            pct = int(100 * frac) // 25 * 25
+            if pct != self.last_pct:
+                self.last_pct = pct
+                self.stream.write(f"{self.label}: {done}/{self.total} ({pct}%) ETA {eta_s} {extra}\n")
+                self.stream.flush()

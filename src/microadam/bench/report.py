@@ -1,0 +1,275 @@
+"""Markdown and self-contained HTML reports, rendered from the records alone."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from microadam.bench.spec import Plan
+from microadam.bench.verdict import final_verdict, judge_stage, summarize
+
+__all__ = ["render_markdown", "render_html", "write_reports"]
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def _fmt_bytes(n: float) -> str:
+    if n != n:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _metric_cell(s: dict[str, Any]) -> str:
+    scale = 100 if s["metric"] == "accuracy" else 1
+    digits = 2 if scale == 100 else 4
+    return f"{scale * s['metric_mean']:.{digits}f} ± {scale * s['metric_std']:.{digits}f}"
+
+
+def _stage_tables(plan: Plan, records: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for stage in plan.stages:
+        rows = [r for r in records if r.get("kind") == "run" and r.get("stage") == stage.name]
+        if not rows:
+            lines += [f"### Stage '{stage.name}': not run", ""]
+            continue
+        summary = summarize(rows)
+        first = next((s for s in summary.values() if s["status"] == "ok"), None)
+        metric = first["metric"] if first else "metric"
+        unit = " (%)" if metric == "accuracy" else ""
+        lines += [
+            f"### Stage '{stage.name}': {stage.steps} steps x batch {stage.batch_size}, "
+            f"train examples {stage.train_examples or 'all'}, seeds {list(stage.seeds)}",
+            "",
+            f"| optimizer | lr | {metric}{unit} mean ± std | final train loss | state | bytes/param | "
+            "peak memory | step time (median) | optimizer step | total |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for _name, s in summary.items():
+            if s["status"] != "ok":
+                lines.append(f"| {s['label']} | | {s['status']}: {s.get('message', '')} | | | | | | | |")
+                continue
+            div = f" (diverged: seeds {s['diverged']})" if s["diverged"] else ""
+            lines.append(
+                f"| {s['label']} | {s['lr']:g} | {_metric_cell(s)}{div} | {s['final_train_loss']:.4f} | "
+                f"{_fmt_bytes(s['state_bytes'])} | {s['bytes_per_param']:.3f} | {_fmt_bytes(s['peak_memory_bytes'])} | "
+                f"{1000 * s['step_time_median_s']:.1f} ms | {1000 * s['optimizer_step_median_s']:.2f} ms | "
+                f"{s['total_time_s']:.1f} s |"
+            )
+        lines.append("")
+        judgement = judge_stage(plan, stage, rows)
+        if judgement:
+            lines += [f"Verdict against the baseline ({plan.baseline}):", ""]
+            lines += ["| candidate | result | criteria |", "|---|---|---|"]
+            for cand, j in judgement.items():
+                details = "; ".join(
+                    ch["detail"] + (f" (seed noise ±{ch['noise']:.2g})" if "noise" in ch else "")
+                    for ch in j["criteria"]
+                    if ch["limit"] is not None
+                ) or j.get("reason", "")
+                lines.append(f"| {cand} | {'PASS' if j['passed'] else 'FAIL'} | {details} |")
+            lines.append("")
+    return lines
+
+
+def render_markdown(plan: Plan, records: list[dict[str, Any]]) -> str:
+    """The report as Markdown."""
+    c = plan.criteria
+    env = next((r["env"] for r in records if r.get("kind") == "run" and "env" in r), {})
+    header = next((r for r in records if r.get("kind") == "plan"), {})
+    lines = [
+        f"# microadam compare: {plan.name}",
+        "",
+        f"Task **{plan.task}**, baseline **{plan.baseline}**, candidates {', '.join(plan.candidates)}. "
+        f"Plan fingerprint `{plan.fingerprint()}`, fixed {header.get('date', 'before the run')}.",
+        "",
+        "## Acceptance bar (fixed before the run)",
+        "",
+        f"- metric drop against the baseline <= {c.max_metric_drop} "
+        "(accuracy points, or percent of the baseline's loss for a loss metric)",
+        f"- optimizer state <= {c.max_state_ratio} x the baseline's",
+        f"- median training-step time <= {c.max_step_time_ratio} x the baseline's",
+    ]
+    if c.max_peak_memory_ratio is not None:
+        lines.append(f"- peak memory <= {c.max_peak_memory_ratio} x the baseline's")
+    lines += ["", "## Verdict", ""]
+    for cand, v in final_verdict(plan, records).items():
+        lines.append(f"- **{cand}**: {v}")
+    lines += ["", "## Stages", ""]
+    lines += _stage_tables(plan, records)
+    if env:
+        lines += [
+            "## Machine",
+            "",
+            ", ".join(f"{k} {v}" for k, v in env.items()),
+            "",
+            "Peak memory is the process's resident set size sampled after each backward pass and optimizer "
+            "step (CPU), or CUDA's max allocated bytes (GPU). Step time is the median over steps after the "
+            "first two of forward + backward + optimizer step.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- SVG plots
+
+
+def _svg_lines(series: list[tuple[str, str, list[tuple[float, float]]]], title: str, xlabel: str, ylabel: str) -> str:
+    w, h, pad = 640, 320, 50
+    pts = [p for _, _, s in series for p in s if all(math.isfinite(v) for v in p)]
+    if not pts:
+        return ""
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+
+    def sx(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (w - 2 * pad)
+
+    def sy(y: float) -> float:
+        return h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">',
+        f'<text x="{w / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
+        f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle" font-size="12">{html.escape(xlabel)}</text>',
+        f'<text x="14" y="{h / 2}" font-size="12" transform="rotate(-90 14 {h / 2})" '
+        f'text-anchor="middle">{html.escape(ylabel)}</text>',
+        f'<text x="{pad - 4}" y="{h - pad}" text-anchor="end" font-size="10">{y0:.3g}</text>',
+        f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end" font-size="10">{y1:.3g}</text>',
+        f'<text x="{pad}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{x0:.3g}</text>',
+        f'<text x="{w - pad}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{x1:.3g}</text>',
+    ]
+    for i, (label, color, s) in enumerate(series):
+        s = [p for p in s if all(math.isfinite(v) for v in p)]
+        if len(s) > 1:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
+        else:
+            for x, y in s:
+                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="{color}"/>')
+        out.append(
+            f'<text x="{w - pad + 4}" y="{pad + 14 * i}" font-size="11" fill="{color}">{html.escape(label)}</text>'
+        )
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _svg_bars(items: list[tuple[str, str, float]], title: str, unit: str) -> str:
+    if not items:
+        return ""
+    w, bar_h, pad = 640, 22, 170
+    h = 40 + bar_h * len(items)
+    top = max(v for _, _, v in items if math.isfinite(v)) or 1.0
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">',
+        f'<text x="{w / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
+    ]
+    for i, (label, color, v) in enumerate(items):
+        y = 30 + i * bar_h
+        length = 0 if not math.isfinite(v) else (w - pad - 80) * v / top
+        out.append(f'<text x="{pad - 6}" y="{y + 14}" text-anchor="end" font-size="11">{html.escape(label)}</text>')
+        out.append(f'<rect x="{pad}" y="{y}" width="{length:.1f}" height="{bar_h - 6}" fill="{color}"/>')
+        out.append(f'<text x="{pad + length + 4}" y="{y + 14}" font-size="11">{v:.3g} {unit}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _markdown_to_html(md: str) -> str:
+    """Enough Markdown for our own reports: headings, bullet lists, tables, paragraphs."""
+    out, in_table, in_list = [], False, False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= {"-"}:
+                continue
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+                out.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("- "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            text = html.escape(line[2:]).replace("**", "")
+            out.append(f"<li>{text}</li>")
+            continue
+        if in_list:
+            out.append("</ul>")
+            in_list = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line).replace('**', '')}</p>")
+    if in_table:
+        out.append("</table>")
+    if in_list:
+        out.append("</ul>")
+    return "\n".join(out)
+
+
+def render_html(plan: Plan, records: list[dict[str, Any]]) -> str:
+    """A self-contained HTML page: the Markdown report plus inline SVG plots, no external assets."""
+    body = [_markdown_to_html(render_markdown(plan, records)), "<h2>Plots</h2>"]
+    runs = [r for r in records if r.get("kind") == "run" and r.get("status") == "ok"]
+    names = list(dict.fromkeys(r["optimizer"] for r in runs))
+    color = {n: COLORS[i % len(COLORS)] for i, n in enumerate(names)}
+    for stage in plan.stages:
+        rows = [r for r in runs if r["stage"] == stage.name]
+        if not rows:
+            continue
+        series = [
+            (f"{r['optimizer']} s{r['seed']}", color[r["optimizer"]], [tuple(p) for p in r["loss_curve"]]) for r in rows
+        ]
+        body.append(_svg_lines(series, f"Training loss, stage '{stage.name}'", "step", "loss"))
+        summary = summarize(rows)
+        ok = {n: s for n, s in summary.items() if s["status"] == "ok"}
+        metric = next(iter(ok.values()))["metric"] if ok else "metric"
+        scatter = [(n, color[n], [(s["bytes_per_param"], s["metric_mean"])]) for n, s in ok.items()]
+        body.append(
+            _svg_lines(
+                scatter,
+                f"{metric} against optimizer state, stage '{stage.name}'",
+                "optimizer state (bytes per parameter)",
+                metric,
+            )
+        )
+        bars = [(n, color[n], 1000 * s["step_time_median_s"]) for n, s in ok.items()]
+        body.append(_svg_bars(bars, f"Median training-step time, stage '{stage.name}'", "ms"))
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "font-size:13px}th{background:#f3f3f3}svg{display:block;margin:1em 0}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>microadam compare: "
+        f"{html.escape(plan.name)}</title><style>{style}</style></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def write_reports(plan: Plan, records: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
+    """Write report.md and report.html into ``out_dir`` (atomically) and return their paths."""
+    paths = []
+    for name, text in (("report.md", render_markdown(plan, records)), ("report.html", render_html(plan, records))):
+        path = out_dir / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        paths.append(path)
+    return paths[0], paths[1]

@@ -1,0 +1,267 @@
+"""Run a plan: each (stage, optimizer, seed) once, recorded as one JSONL row; resumable.
+
+Stages escalate: a candidate that fails a stage's acceptance bar is not run in
+later stages, and the baseline runs only while some candidate is still in. An
+interrupted ``compare`` re-reads its records and runs only what is missing.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from microadam.bench.measure import ProgressBar, current_rss, environment, median
+from microadam.bench.optimizers import NotInstalled, build_optimizer, get_spec
+from microadam.bench.spec import Plan, PlanError, Stage
+from microadam.bench.tasks import MissingDependency, TaskSize, get_task
+from microadam.memory import state_bytes
+
+__all__ = ["run_plan", "run_one", "read_records", "resolve_device"]
+
+MAX_CURVE_POINTS = 200
+WARMUP_STEPS = 2  # excluded from step-time medians (first-step allocation, torchao compilation)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PlanError(f"plan key 'device': {name!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """All rows of a records file; a torn last line (a killed writer) is ignored."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _thin(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    if len(points) <= MAX_CURVE_POINTS:
+        return points
+    stride = math.ceil(len(points) / MAX_CURVE_POINTS)
+    return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+
+
+def run_one(
+    plan: Plan, stage: Stage, optimizer: str, seed: int, device: torch.device, progress: ProgressBar | None = None
+) -> dict[str, Any]:
+    """Train one (optimizer, seed) at one stage and return its record."""
+    task = get_task(plan.task, **plan.task_options)
+    overrides = dict(plan.optimizers.get(optimizer, {}))
+    lr = float(overrides.pop("lr", task.lr_for(optimizer)))
+    row: dict[str, Any] = {
+        "kind": "run",
+        "plan": plan.name,
+        "plan_fingerprint": plan.fingerprint(),
+        "run_key": plan.run_key(stage, optimizer, seed),
+        "task": plan.task,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "stage": stage.name,
+        "optimizer": optimizer,
+        "label": get_spec(optimizer).label,
+        "seed": seed,
+        "lr": lr,
+        "overrides": overrides,
+        "steps": stage.steps,
+        "batch_size": stage.batch_size,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "env": environment(device),
+    }
+    gc.collect()
+    rss_before = current_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    size = TaskSize(stage.steps, stage.batch_size, stage.train_examples, stage.eval_examples, stage.eval_every)
+    work = task.build(seed=seed, size=size, device=device)
+    model = work.model
+    opt = build_optimizer(optimizer, model, lr, **overrides)
+    peak = current_rss()
+    losses: list[tuple[int, float]] = []
+    evals: list[tuple[int, float]] = []
+    step_times: list[float] = []
+    opt_times: list[float] = []
+    start = time.perf_counter()
+    for step in range(1, stage.steps + 1):
+        batch = next(work.batches)
+        _sync(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = work.loss(model, batch)
+        loss.backward()
+        peak = max(peak, current_rss())
+        _sync(device)
+        t1 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t2 = time.perf_counter()
+        peak = max(peak, current_rss())
+        value = loss.item()
+        losses.append((step, value))
+        if step > WARMUP_STEPS or stage.steps <= WARMUP_STEPS:
+            step_times.append(t2 - t0)
+            opt_times.append(t2 - t1)
+        if not math.isfinite(value):
+            row["diverged_at"] = step
+            break
+        if stage.eval_every and step % stage.eval_every == 0 and step < stage.steps:
+            evals.append((step, work.evaluate(model)[task.metric]))
+        if progress:
+            progress.update(step, f"loss {value:.4f}")
+    total = time.perf_counter() - start
+    metrics = work.evaluate(model)
+    evals.append((stage.steps, metrics[task.metric]))
+    n_params = sum(p.numel() for p in model.parameters())
+    sb = state_bytes(opt)
+    row.update(
+        status="ok",
+        metrics=metrics,
+        loss_curve=_thin(losses),
+        eval_curve=evals,
+        final_train_loss=losses[-1][1] if losses else None,
+        num_params=n_params,
+        state_bytes=sb,
+        bytes_per_param=sb / n_params if n_params else None,
+        rss_before_bytes=rss_before,
+        peak_rss_bytes=peak,
+        peak_memory_bytes=(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak),
+        step_time_median_s=median(step_times),
+        optimizer_step_median_s=median(opt_times),
+        total_time_s=total,
+        info=work.info,
+    )
+    skipped = getattr(opt, "skipped_steps", None)
+    if skipped is not None:
+        row["skipped_steps"] = skipped
+    del work, model, opt
+    gc.collect()
+    return row
+
+
+def run_plan(
+    plan: Plan,
+    out_dir: Path,
+    *,
+    on_stage_done: Callable[[Stage, list[dict[str, Any]]], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every stage of ``plan`` (resuming from ``out_dir/records.jsonl``); return all records."""
+    from microadam.bench.verdict import judge_stage
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records_path = out_dir / "records.jsonl"
+    records = read_records(records_path)
+    header = next((r for r in records if r.get("kind") == "plan"), None)
+    if header is None:
+        # The plan, with its acceptance bar, is written before any run starts.
+        header = {"kind": "plan", "plan": plan.to_dict(), "fingerprint": plan.fingerprint(), "date": time.ctime()}
+        _append(records_path, header)
+        records.append(header)
+    elif header["plan"]["criteria"] != plan.to_dict()["criteria"] or header["plan"]["baseline"] != plan.baseline:
+        raise PlanError(
+            f"{records_path} was started with another acceptance bar or baseline ({header['plan']['criteria']}, "
+            f"baseline {header['plan']['baseline']!r}); the bar is fixed before the run. Use a new --out directory"
+        )
+    task = get_task(plan.task, **plan.task_options)
+    try:
+        task.check()
+    except MissingDependency as e:
+        raise MissingDependency(f"task {plan.task!r} cannot run here: {e}") from e
+    device = resolve_device(plan.device)
+    done = {r["run_key"]: r for r in records if r.get("kind") == "run" and r.get("status") in ("ok", "not_installed")}
+    alive = list(plan.candidates)
+    for si, stage in enumerate(plan.stages):
+        if not alive:
+            log(f"stage {stage.name}: not run, no candidate passed the previous stage")
+            break
+        todo = [(o, s) for o in [plan.baseline, *alive] for s in stage.seeds]
+        log(
+            f"stage {si + 1}/{len(plan.stages)} '{stage.name}': {stage.steps} steps x batch {stage.batch_size}, "
+            f"seeds {list(stage.seeds)}, optimizers {[plan.baseline, *alive]}"
+        )
+        stage_rows = []
+        for i, (opt_name, seed) in enumerate(todo):
+            key = plan.run_key(stage, opt_name, seed)
+            if key in done:
+                stage_rows.append(done[key])
+                log(f"  [{i + 1}/{len(todo)}] {opt_name} seed {seed}: recorded earlier, not rerun")
+                continue
+            label = f"  [{i + 1}/{len(todo)}] {stage.name} {opt_name} seed {seed}"
+            spec = get_spec(opt_name)
+            if not spec.installed():
+                row = {
+                    "kind": "run",
+                    "run_key": key,
+                    "stage": stage.name,
+                    "optimizer": opt_name,
+                    "seed": seed,
+                    "label": spec.label,
+                    "status": "not_installed",
+                    "message": f"not installed: {spec.install}",
+                }
+                log(f"{label}: {spec.label} is not installed ({spec.install})")
+            else:
+                try:
+                    row = run_one(plan, stage, opt_name, seed, device, ProgressBar(stage.steps, label))
+                except (NotInstalled, MissingDependency) as e:
+                    row = {
+                        "kind": "run",
+                        "run_key": key,
+                        "stage": stage.name,
+                        "optimizer": opt_name,
+                        "seed": seed,
+                        "label": spec.label,
+                        "status": "not_installed",
+                        "message": str(e),
+                    }
+                except Exception as e:  # one failing optimizer must not lose the others' results
+                    row = {
+                        "kind": "run",
+                        "run_key": key,
+                        "stage": stage.name,
+                        "optimizer": opt_name,
+                        "seed": seed,
+                        "label": spec.label,
+                        "status": "error",
+                        "message": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(limit=5),
+                    }
+                    log(f"{label}: failed: {type(e).__name__}: {e}")
+            _append(records_path, row)
+            records.append(row)
+            stage_rows.append(row)
+        judgement = judge_stage(plan, stage, stage_rows)
+        for cand, result in judgement.items():
+            if not result["passed"] and cand in alive:
+                alive.remove(cand)
+        if on_stage_done:
+            on_stage_done(stage, stage_rows)
+    return records

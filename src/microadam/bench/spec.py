@@ -1,0 +1,251 @@
+"""A comparison plan: baseline, candidates, metrics, acceptance bar and stages, fixed before the run.
+
+Plans are TOML files (see ``docs/compare.md``) or the built-in ``QUICK_PLAN``. Every
+key is checked; a mistake gets a ``PlanError`` naming the key, what was found and
+what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Criteria", "Plan", "PlanError", "Stage", "QUICK_PLAN", "load_plan", "parse_plan"]
+
+
+class PlanError(ValueError):
+    """The plan is malformed; the message names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    steps: int
+    batch_size: int
+    seeds: tuple[int, ...]
+    train_examples: int | None = None
+    eval_examples: int | None = None
+    eval_every: int = 0
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """The acceptance bar. ``None`` means the criterion is not checked.
+
+    Attributes:
+        max_metric_drop: for an accuracy metric, accuracy points (x100) the
+            candidate's mean may fall below the baseline's; for a loss metric,
+            percent the candidate's mean loss may exceed the baseline's.
+        max_state_ratio: candidate optimizer-state bytes / baseline's.
+        max_step_time_ratio: candidate median training-step time / baseline's.
+        max_peak_memory_ratio: candidate peak memory / baseline's.
+    """
+
+    max_metric_drop: float | None = 0.5
+    max_state_ratio: float | None = 0.2
+    max_step_time_ratio: float | None = 2.0
+    max_peak_memory_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    task: str
+    baseline: str
+    candidates: tuple[str, ...]
+    stages: tuple[Stage, ...]
+    criteria: Criteria = field(default_factory=Criteria)
+    task_options: dict[str, Any] = field(default_factory=dict)
+    optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash of the whole plan (criteria included)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def run_key(self, stage: Stage, optimizer: str, seed: int) -> str:
+        """Identity of one run: changes whenever anything that shapes that run changes."""
+        what = dict(
+            task=self.task,
+            task_options=self.task_options,
+            stage={k: v for k, v in asdict(stage).items() if k != "seeds"},
+            optimizer=optimizer,
+            overrides=self.optimizers.get(optimizer, {}),
+            seed=seed,
+            device=self.device,
+        )
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# The built-in plan: `microadam compare` with no argument. Sized for <= 5 minutes on
+# 2 CPU cores (MiniLM is about 0.6 s per step at batch 16 there): 3 optimizers x 2 seeds x 2 stages.
+QUICK_PLAN: dict[str, Any] = {
+    "name": "quick-tweets",
+    "task": "tweets",
+    "baseline": "adamw",
+    "candidates": ["microadam", "adamw8bit"],
+    "criteria": {"max_metric_drop": 0.5, "max_state_ratio": 0.2, "max_step_time_ratio": 2.0},
+    "stages": [
+        {"name": "small", "steps": 12, "batch_size": 16, "train_examples": 192, "eval_examples": 300, "seeds": [0, 1]},
+        {
+            "name": "medium",
+            "steps": 40,
+            "batch_size": 16,
+            "train_examples": 640,
+            "eval_examples": 300,
+            "seeds": [0, 1],
+        },
+    ],
+}
+
+_TOP = {"name", "task", "baseline", "candidates", "stages", "criteria", "task_options", "optimizers", "device"}
+_STAGE = {"name", "steps", "batch_size", "seeds", "train_examples", "eval_examples", "eval_every"}
+
+
+def _where(path: str) -> str:
+    return f"plan key '{path}'"
+
+
+def _expect(value: Any, types: type | tuple[type, ...], path: str, what: str) -> Any:
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise PlanError(f"{_where(path)}: expected {what}, got {value!r}")
+    if not isinstance(value, types):
+        raise PlanError(f"{_where(path)}: expected {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _positive_int(value: Any, path: str, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    _expect(value, int, path, "a positive integer")
+    if value < 1:
+        raise PlanError(f"{_where(path)}: expected a positive integer, got {value}")
+    return value
+
+
+def _unknown(table: dict[str, Any], allowed: set[str], path: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise PlanError(f"{_where(path + extra[0])}: unknown key; expected one of {', '.join(sorted(allowed))}")
+
+
+def parse_plan(data: dict[str, Any]) -> Plan:
+    """Validate a plan given as a dict (as read from TOML) and build a :class:`Plan`."""
+    from microadam.bench.optimizers import OPTIMIZERS
+    from microadam.bench.tasks import TASKS
+
+    _expect(data, dict, "<root>", "a table")
+    _unknown(data, _TOP, "")
+    for key in ("task", "baseline", "candidates", "stages"):
+        if key not in data:
+            raise PlanError(f"{_where(key)}: missing; a plan needs task, baseline, candidates and stages")
+    task = _expect(data["task"], str, "task", "a task name")
+    if task not in TASKS:
+        raise PlanError(f"{_where('task')}: unknown task {task!r}; expected one of {', '.join(sorted(TASKS))}")
+    baseline = _expect(data["baseline"], str, "baseline", "an optimizer name")
+    candidates = _expect(data["candidates"], list, "candidates", "a list of optimizer names")
+    if not candidates:
+        raise PlanError(f"{_where('candidates')}: expected at least one optimizer name")
+    for i, name in enumerate([baseline, *candidates]):
+        path = "baseline" if i == 0 else f"candidates[{i - 1}]"
+        _expect(name, str, path, "an optimizer name")
+        if name not in OPTIMIZERS:
+            raise PlanError(f"{_where(path)}: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if baseline in candidates:
+        raise PlanError(f"{_where('candidates')}: the baseline {baseline!r} cannot also be a candidate")
+
+    stages_raw = _expect(data["stages"], list, "stages", "a list of [[stages]] tables")
+    if not stages_raw:
+        raise PlanError(f"{_where('stages')}: expected at least one [[stages]] table")
+    stages = []
+    for i, s in enumerate(stages_raw):
+        p = f"stages[{i}]."
+        _expect(s, dict, f"stages[{i}]", "a table")
+        _unknown(s, _STAGE, p)
+        for key in ("steps", "batch_size", "seeds"):
+            if key not in s:
+                raise PlanError(f"{_where(p + key)}: missing; every stage needs steps, batch_size and seeds")
+        seeds = _expect(s["seeds"], list, p + "seeds", "a list of integer seeds")
+        if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise PlanError(f"{_where(p + 'seeds')}: expected a non-empty list of integers, got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise PlanError(f"{_where(p + 'seeds')}: seeds repeat: {seeds!r}")
+        eval_every = s.get("eval_every", 0)
+        _expect(eval_every, int, p + "eval_every", "an integer >= 0")
+        stages.append(
+            Stage(
+                name=_expect(s.get("name", f"stage{i + 1}"), str, p + "name", "a string"),
+                steps=_positive_int(s["steps"], p + "steps"),
+                batch_size=_positive_int(s["batch_size"], p + "batch_size"),
+                seeds=tuple(seeds),
+                train_examples=_positive_int(s.get("train_examples"), p + "train_examples", allow_none=True),
+                eval_examples=_positive_int(s.get("eval_examples"), p + "eval_examples", allow_none=True),
+                eval_every=eval_every,
+            )
+        )
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise PlanError(f"{_where('stages')}: stage names repeat: {names}")
+
+    crit_raw = _expect(data.get("criteria", {}), dict, "criteria", "a table")
+    allowed = {f for f in Criteria.__dataclass_fields__}
+    _unknown(crit_raw, allowed, "criteria.")
+    crit = {}
+    for key, value in crit_raw.items():
+        _expect(value, (int, float), f"criteria.{key}", "a number")
+        if value < 0:
+            raise PlanError(f"{_where('criteria.' + key)}: expected a number >= 0, got {value}")
+        crit[key] = float(value)
+    defaults = asdict(Criteria())
+    criteria = Criteria(**{**defaults, **crit}) if crit_raw else Criteria()
+
+    task_options = _expect(data.get("task_options", {}), dict, "task_options", "a table")
+    optimizers = _expect(data.get("optimizers", {}), dict, "optimizers", "a table of per-optimizer tables")
+    for name, table in optimizers.items():
+        if name not in OPTIMIZERS:
+            raise PlanError(
+                f"{_where('optimizers.' + name)}: unknown optimizer; expected one of {', '.join(OPTIMIZERS)}"
+            )
+        _expect(table, dict, f"optimizers.{name}", "a table of keyword arguments (lr = ..., ...)")
+        if "lr" in table:
+            _expect(table["lr"], (int, float), f"optimizers.{name}.lr", "a number")
+            if table["lr"] <= 0:
+                raise PlanError(f"{_where('optimizers.' + name + '.lr')}: expected a number > 0, got {table['lr']}")
+    device = _expect(data.get("device", "auto"), str, "device", "'auto', 'cpu' or 'cuda'")
+    return Plan(
+        name=_expect(data.get("name", "plan"), str, "name", "a string"),
+        task=task,
+        baseline=baseline,
+        candidates=tuple(candidates),
+        stages=tuple(stages),
+        criteria=criteria,
+        task_options=dict(task_options),
+        optimizers={k: dict(v) for k, v in optimizers.items()},
+        device=device,
+    )
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a TOML plan file."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError as e:
+            raise PlanError("reading a TOML plan on Python 3.10 needs tomli: pip install tomli") from e
+    path = Path(path)
+    if not path.exists():
+        raise PlanError(f"plan file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise PlanError(f"plan file {str(path)!r} is not valid TOML: {e}") from e
+    return parse_plan(data)

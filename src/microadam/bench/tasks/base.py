@@ -1,0 +1,90 @@
+"""What a task gives the runner: a model, batches, a loss, an evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["MissingDependency", "Task", "TaskSize", "Workload"]
+
+
+class MissingDependency(RuntimeError):
+    """A task's data or library is not installed; the message says how to install it."""
+
+
+@dataclass(frozen=True)
+class TaskSize:
+    """How big a stage runs a task.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: examples per step.
+        train_examples: size of the training subset (``None``: the task's whole training split).
+        eval_examples: size of the held-out subset evaluated at the end (``None``: the task's default).
+        eval_every: also evaluate every this many steps (0: only at the end).
+    """
+
+    steps: int
+    batch_size: int
+    train_examples: int | None = None
+    eval_examples: int | None = None
+    eval_every: int = 0
+
+
+@dataclass
+class Workload:
+    """One seeded instance of a task, ready to train.
+
+    Attributes:
+        model: the module to train (on ``device``).
+        batches: an endless iterator of training batches (seeded, in the task's format).
+        loss: ``loss(model, batch)`` returns the scalar training loss.
+        evaluate: ``evaluate(model)`` returns held-out metrics, e.g. ``{"accuracy": .., "val_loss": ..}``.
+        params: the parameters (or param groups) handed to the optimizer; default all of ``model``'s.
+        info: facts for the report (model name, parameter count, data sizes).
+    """
+
+    model: torch.nn.Module
+    batches: Iterator[Any]
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]
+    params: list[Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """Base class of a built-in task.
+
+    Subclasses set ``name``, ``metric`` (the headline metric, a key of what
+    ``evaluate`` returns), ``higher_is_better`` and ``default_lr`` (per
+    optimizer name, with ``"*"`` as the fallback), and implement
+    :meth:`check` and :meth:`build`.
+    """
+
+    name: str = ""
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+    default_lr: dict[str, float] = {}
+    description: str = ""
+
+    def check(self) -> None:
+        """Raise :class:`MissingDependency` (with the install command) if the task cannot run here."""
+
+    def build(self, *, seed: int, size: TaskSize, device: torch.device) -> Workload:
+        """A fresh, seeded workload: the same seed gives the same model and data order."""
+        raise NotImplementedError
+
+    def lr_for(self, optimizer: str) -> float:
+        """The documented default learning rate of ``optimizer`` on this task."""
+        return self.default_lr.get(optimizer, self.default_lr["*"])
+
+
+def endless(make_epoch: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
+    """Repeat epochs forever; ``make_epoch(epoch)`` yields one shuffled epoch."""
+    epoch = 0
+    while True:
+        yield from make_epoch(epoch)
+        epoch += 1

@@ -1,0 +1,143 @@
+"""The acceptance bar applied to a stage's records: criterion by criterion, with margins."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from microadam.bench.spec import Plan, Stage
+
+__all__ = ["judge_stage", "summarize", "final_verdict"]
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per optimizer: mean and spread over seeds of every measured quantity."""
+    out: dict[str, dict[str, Any]] = {}
+    by_opt: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_opt.setdefault(r["optimizer"], []).append(r)
+    for name, rs in by_opt.items():
+        ok = [r for r in rs if r.get("status") == "ok"]
+        entry: dict[str, Any] = {"label": rs[0].get("label", name), "runs": len(ok), "seeds": [r["seed"] for r in ok]}
+        if not ok:
+            entry["status"] = rs[0].get("status", "error")
+            entry["message"] = rs[0].get("message", "")
+            out[name] = entry
+            continue
+        entry["status"] = "ok"
+        metric = ok[0]["metric"]
+        entry["metric"] = metric
+        entry["higher_is_better"] = ok[0]["higher_is_better"]
+        entry["metric_mean"], entry["metric_std"] = _stats([r["metrics"][metric] for r in ok])
+        entry["metric_values"] = [r["metrics"][metric] for r in ok]
+        for key in (
+            "state_bytes",
+            "bytes_per_param",
+            "peak_memory_bytes",
+            "step_time_median_s",
+            "optimizer_step_median_s",
+            "total_time_s",
+            "final_train_loss",
+        ):
+            entry[key], entry[key + "_std"] = _stats([r.get(key) for r in ok])
+        entry["lr"] = ok[0]["lr"]
+        entry["diverged"] = [r["seed"] for r in ok if "diverged_at" in r]
+        out[name] = entry
+    return out
+
+
+def _check(name: str, value: float, limit: float | None, unit: str, what: str) -> dict[str, Any]:
+    if limit is None:
+        return {"name": name, "value": value, "limit": None, "passed": True, "detail": f"{what}: not checked"}
+    passed = math.isfinite(value) and value <= limit
+    if passed:
+        detail = f"{what} {value:.3g}{unit} <= {limit:g}{unit}"
+    elif math.isfinite(value):
+        detail = f"{what} {value:.3g}{unit} > {limit:g}{unit}: failed by {value - limit:.3g}{unit}"
+    else:
+        detail = f"{what} could not be measured (diverged or failed)"
+    return {"name": name, "value": value, "limit": limit, "passed": passed, "detail": detail}
+
+
+def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each candidate run in this stage: passed or not, and each criterion with its margin."""
+    summary = summarize([r for r in rows if r.get("stage") == stage.name])
+    base = summary.get(plan.baseline)
+    result: dict[str, dict[str, Any]] = {}
+    for cand in plan.candidates:
+        c = summary.get(cand)
+        if c is None:
+            continue
+        if c["status"] != "ok":
+            result[cand] = {"passed": False, "reason": f"{c['status']}: {c.get('message', '')}", "criteria": []}
+            continue
+        if base is None or base["status"] != "ok":
+            msg = base.get("message", "") if base else "not run"
+            result[cand] = {"passed": False, "reason": f"the baseline has no result ({msg})", "criteria": []}
+            continue
+        crit = plan.criteria
+        if c["higher_is_better"]:
+            drop = 100 * (base["metric_mean"] - c["metric_mean"])
+            metric_check = _check("metric_drop", drop, crit.max_metric_drop, " pts", f"{c['metric']} drop")
+        else:
+            drop = 100 * (c["metric_mean"] - base["metric_mean"]) / abs(base["metric_mean"])
+            metric_check = _check("metric_drop", drop, crit.max_metric_drop, "%", f"{c['metric']} increase")
+        # Noise next to the difference: the larger of the two seed spreads, in the same unit.
+        scale = 100 if c["higher_is_better"] else 100 / abs(base["metric_mean"])
+        metric_check["noise"] = scale * max(c["metric_std"], base["metric_std"])
+        checks = [
+            metric_check,
+            _check(
+                "state_ratio",
+                c["state_bytes"] / base["state_bytes"] if base["state_bytes"] else float("inf"),
+                crit.max_state_ratio,
+                "x",
+                "optimizer state ratio",
+            ),
+            _check(
+                "step_time_ratio",
+                c["step_time_median_s"] / base["step_time_median_s"],
+                crit.max_step_time_ratio,
+                "x",
+                "step time ratio",
+            ),
+            _check(
+                "peak_memory_ratio",
+                c["peak_memory_bytes"] / base["peak_memory_bytes"],
+                crit.max_peak_memory_ratio,
+                "x",
+                "peak memory ratio",
+            ),
+        ]
+        result[cand] = {"passed": all(ch["passed"] for ch in checks), "criteria": checks}
+    return result
+
+
+def final_verdict(plan: Plan, records: list[dict[str, Any]]) -> dict[str, str]:
+    """One sentence per candidate: adopted after all stages, or the stage and criterion where it failed."""
+    verdict = {}
+    for cand in plan.candidates:
+        verdict[cand] = "not run"
+        for stage in plan.stages:
+            rows = [r for r in records if r.get("kind") == "run" and r.get("stage") == stage.name]
+            if not any(r["optimizer"] == cand for r in rows):
+                break
+            j = judge_stage(plan, stage, rows).get(cand)
+            if j is None:
+                break
+            if not j["passed"]:
+                failed = [ch["detail"] for ch in j["criteria"] if not ch["passed"]] or [j.get("reason", "")]
+                verdict[cand] = f"FAIL at stage '{stage.name}': " + "; ".join(failed)
+                break
+            verdict[cand] = f"PASS through stage '{stage.name}'"
+        else:
+            verdict[cand] = f"PASS: met the bar at every stage ({', '.join(s.name for s in plan.stages)})"
+    return verdict
