@@ -25,6 +25,7 @@ _FINITE_CHUNK = 2**20
 
 LAYOUT_KEYS = ("window", "density", "block_size", "quant_block_size")
 STATE_KEYS = ("step", "numel", "window_indices", "window_values", "error_codes", "error_bounds")
+DENSE_STATE_KEYS = ("step", "numel", "exp_avg", "exp_avg_sq")
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -80,6 +81,8 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid error_rounding: {group['error_rounding']!r}; use 'nearest' or 'stochastic'")
     if group["stochastic_rounding"] not in (True, False):
         raise TypeError(f"stochastic_rounding must be True or False, got {group['stochastic_rounding']!r}")
+    if group.get("dense", False) not in (True, False):
+        raise TypeError(f"dense must be True or False, got {group['dense']!r}")
     if group["nonfinite"] not in ("skip", "raise"):
         raise ValueError(f"Invalid nonfinite: {group['nonfinite']!r}; use 'skip' or 'raise'")
     if group["impl"] not in (None, *IMPLEMENTATIONS):
@@ -127,7 +130,7 @@ class MicroAdam(Optimizer):
         error_rounding: ``"nearest"`` (default, as the authors' code) or
             ``"stochastic"`` (unbiased, as the convergence proof assumes).
         stochastic_rounding: round bf16 parameters stochastically after the
-            update (default ``True``; see ``docs/algorithm.md`` for the
+            update (default ``True``; see ``docs/bf16_rounding.md`` for the
             measurement behind it). Has no effect on other dtypes.
         seed: seeds the counter-based random bits of stochastic rounding (default ``0``).
         nonfinite: what a NaN/Inf in any gradient does: ``"skip"`` (default)
@@ -184,6 +187,8 @@ class MicroAdam(Optimizer):
             nonfinite=nonfinite,
             impl=impl,
             chunk_size=chunk_size,
+            # Set by fallback_to_adamw(): the group then runs dense AdamW on fp32 moments.
+            dense=False,
         )
         _check_group(defaults)
         super().__init__(params, defaults)
@@ -299,6 +304,9 @@ class MicroAdam(Optimizer):
             return loss
 
         for index, group, p, g in work:
+            if group.get("dense", False):
+                self._dense_step(p, g, group, index)
+                continue
             state = self.state[p]
             if "step" not in state:
                 state = self._init_state(p, group)
@@ -326,6 +334,173 @@ class MicroAdam(Optimizer):
                 impl=group["impl"] or "torch",
             )
         return loss
+
+    # ------------------------------------------------------------------ changing compression
+
+    def _groups(self, groups: Iterable[int] | None) -> list[dict[str, Any]]:
+        if groups is None:
+            return list(self.param_groups)
+        out = []
+        for i in groups:
+            if not 0 <= i < len(self.param_groups):
+                raise ValueError(f"groups: no param group {i}; this optimizer has {len(self.param_groups)}")
+            out.append(self.param_groups[i])
+        return out
+
+    @torch.no_grad()
+    def reconfigure(
+        self, *, density: float | None = None, window: int | None = None, groups: Iterable[int] | None = None
+    ) -> None:
+        """Change density and/or window of live param groups, converting their state.
+
+        Raising either loses nothing: the error feedback is unchanged (its
+        layout does not depend on them), every window entry keeps its age, and
+        new room is filled with zero entries, which add nothing to the moments.
+        Lowering the window drops the oldest slots (they would age out anyway);
+        lowering the density keeps the largest-magnitude entries of each slot
+        and drops the rest from the moment estimates (their past updates stay
+        applied). State bytes follow the new layout (see :meth:`layout`).
+        """
+        for group in self._groups(groups):
+            if group.get("dense", False):
+                raise ValueError("reconfigure: this param group runs dense AdamW after fallback_to_adamw()")
+            new = dict(group)
+            if density is not None:
+                new["density"] = density
+            if window is not None:
+                new["window"] = window
+            _check_group(new)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st or "window_indices" not in st:
+                    continue
+                old, lay = self.layout(p, group), self.layout(p, new)
+                t = st["step"]
+                idx = torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.int16, device=p.device)
+                val = torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.bfloat16, device=p.device)
+                for age in range(min(t, old.window, lay.window)):
+                    src_i = st["window_indices"][(t - 1 - age) % old.window]
+                    src_v = st["window_values"][(t - 1 - age) % old.window]
+                    if lay.k < old.k:
+                        keep = src_v.float().abs().topk(lay.k, dim=1).indices.sort(dim=1).values
+                        src_i, src_v = src_i.gather(1, keep), src_v.gather(1, keep)
+                    dst = (t - 1 - age) % lay.window
+                    idx[dst, :, : src_i.shape[1]] = src_i
+                    val[dst, :, : src_v.shape[1]] = src_v
+                st["window_indices"], st["window_values"] = idx, val
+            group.update(new)
+
+    @torch.no_grad()
+    def error_feedback_norm(self) -> tuple[float, int]:
+        """(L2 norm of the dequantized error feedback over all parameters, elements counted).
+
+        A diagnostic for the guard: divided by the gradient norm it says how
+        much gradient mass waits in the error feedback.
+        """
+        from microadam.ops.quant import dequantize_blocks, unpack_nibbles
+
+        total, count = 0.0, 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st or "error_codes" not in st or p.numel() == 0:
+                    continue
+                q = group["quant_block_size"]
+                # Chunks of whole quantization blocks bound the transient float32 memory.
+                rows = max(1, 2**20 // q)
+                bounds = st["error_bounds"]
+                for r0 in range(0, bounds.shape[0], rows):
+                    r1 = min(r0 + rows, bounds.shape[0])
+                    n = min(r1 * q, p.numel()) - r0 * q
+                    codes = unpack_nibbles(st["error_codes"][r0 * q // 2 : (r0 * q + n + 1) // 2], n)
+                    pad = (r1 - r0) * q - n
+                    if pad:
+                        codes = torch.cat([codes, codes.new_zeros(pad)])
+                    e = dequantize_blocks(codes.view(r1 - r0, q), bounds[r0:r1, 0], bounds[r0:r1, 1], torch.float32)
+                    total += float(e.view(-1)[:n].double().square().sum())
+                count += p.numel()
+        return total**0.5, count
+
+    @torch.no_grad()
+    def fallback_to_adamw(self, groups: Iterable[int] | None = None) -> None:
+        """Switch param groups to dense AdamW in place, initialised from MicroAdam's state.
+
+        The window gives AdamW's moments: ``exp_avg = (1 - b1) * (M + e)`` and
+        ``exp_avg_sq = (1 - b2) * (S + e^2)``, where ``M``, ``S`` are the window
+        sums of step 5 and ``e`` is the dequantized error feedback (gradient
+        mass MicroAdam had not applied yet, so it is not lost); the step count
+        continues. The optimizer object stays the same, so LR schedulers,
+        Trainer and checkpoints keep working; state grows to 8 bytes per parameter.
+        """
+        from microadam.ops.quant import dequantize_blocks, unpack_nibbles
+
+        for group in self._groups(groups):
+            if group.get("dense", False):
+                continue
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                st = self.state.get(p)
+                dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+                if not st or "window_indices" not in st:
+                    if st is not None:
+                        self.state.pop(p)
+                    continue
+                lay, t, n = self.layout(p, group), st["step"], p.numel()
+                m = torch.zeros(lay.num_blocks * lay.block, dtype=dt, device=p.device)
+                v = torch.zeros_like(m)
+                base = (torch.arange(lay.num_blocks, device=p.device) * lay.block)[:, None]
+                for age in range(min(t, lay.window)):
+                    slot = (t - 1 - age) % lay.window
+                    pos = (st["window_indices"][slot].long() + base).view(-1)
+                    val = st["window_values"][slot].to(dt).view(-1)
+                    m.index_add_(0, pos, val * b1**age)
+                    v.index_add_(0, pos, val * val * b2**age)
+                q = lay.quant_block
+                codes = unpack_nibbles(st["error_codes"], n)
+                codes = torch.cat([codes, codes.new_zeros(lay.num_quant_blocks * q - n)])
+                b = st["error_bounds"]
+                e = dequantize_blocks(codes.view(-1, q), b[:, 0], b[:, 1], dt).view(-1)[:n]
+                m, v = m[:n] + e, v[:n] + e * e
+                self.state[p] = {
+                    "step": t,
+                    "numel": n,
+                    "exp_avg": ((1 - b1) * m).view(p.shape),
+                    "exp_avg_sq": ((1 - b2) * v).view(p.shape),
+                }
+            group["dense"] = True
+
+    def _dense_step(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        """AdamW (decoupled weight decay, bias correction as torch.optim.AdamW) on fp32 moments."""
+        st = self.state[p]
+        dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if "exp_avg" not in st:
+            st.update(
+                step=0,
+                numel=p.numel(),
+                exp_avg=torch.zeros(p.shape, dtype=dt, device=p.device),
+                exp_avg_sq=torch.zeros(p.shape, dtype=dt, device=p.device),
+            )
+        st["step"] += 1
+        t, lr = st["step"], float(group["lr"])
+        b1, b2 = group["betas"]
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        g32 = g.to(dt)
+        m.lerp_(g32, 1 - b1)
+        v.mul_(b2).addcmul_(g32, g32, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
+        new = p.to(dt) * (1 - lr * group["weight_decay"])
+        new.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+        if p.dtype == dt:
+            p.copy_(new)
+        else:
+            from microadam.ops.random import STREAM_PARAM, hash_bits, stream_key
+            from microadam.ops.rounding import round_to_dtype
+
+            bits = None
+            if group["stochastic_rounding"] and p.dtype == torch.bfloat16:
+                key = stream_key(group["seed"], index, t, STREAM_PARAM)
+                bits = hash_bits(torch.arange(p.numel(), device=p.device), key).view(p.shape)
+            p.copy_(round_to_dtype(new, p.dtype, bits))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -383,13 +558,6 @@ class MicroAdam(Optimizer):
                 chain.from_iterable(g["params"] for g in groups),
             )
         )
-        group_of = {id(p): g for g in groups for p in g["params"]}
-        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        for pid, saved in state_dict["state"].items():
-            if pid not in id_map:
-                raise ValueError(f"the loaded state has an entry for parameter {pid!r}, which no group lists")
-            p = id_map[pid]
-            new_state[p] = self._checked_param_state(pid, p, saved, group_of[id(p)])
         param_groups = []
         for g, sg in zip(groups, saved_groups):
             merged = {**self.defaults, **sg, "params": g["params"]}
@@ -397,12 +565,21 @@ class MicroAdam(Optimizer):
                 merged["param_names"] = g["param_names"]
             _check_group(merged)
             param_groups.append(merged)
+        # State is checked against the hyperparameters it will run under (the saved ones).
+        group_of = {id(p): g for g in param_groups for p in g["params"]}
+        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for pid, saved in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"the loaded state has an entry for parameter {pid!r}, which no group lists")
+            p = id_map[pid]
+            new_state[p] = self._checked_param_state(pid, p, saved, group_of[id(p)])
         self.__setstate__({"state": new_state, "param_groups": param_groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def _checked_param_state(self, pid: Any, p: torch.Tensor, saved: dict[str, Any], group: dict) -> dict[str, Any]:
-        missing = [k for k in STATE_KEYS if k not in saved]
+        keys = DENSE_STATE_KEYS if group.get("dense", False) else STATE_KEYS
+        missing = [k for k in keys if k not in saved]
         if missing:
             raise ValueError(
                 f"the loaded state of parameter {pid!r} lacks {missing}; it was not saved by MicroAdam "
@@ -414,12 +591,20 @@ class MicroAdam(Optimizer):
                 f"but this parameter has {p.numel()} (shape {tuple(p.shape)}); load it into the same model"
             )
         lay = self.layout(p, group)
-        expected = {
-            "window_indices": ((lay.window, lay.num_blocks, lay.k), torch.int16),
-            "window_values": ((lay.window, lay.num_blocks, lay.k), torch.bfloat16),
-            "error_codes": (((lay.numel + 1) // 2,), torch.uint8),
-            "error_bounds": ((lay.num_quant_blocks, 2), torch.bfloat16),
-        }
+        float_dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+        expected = (
+            {
+                "exp_avg": (tuple(p.shape), float_dt),
+                "exp_avg_sq": (tuple(p.shape), float_dt),
+            }
+            if group.get("dense", False)
+            else {
+                "window_indices": ((lay.window, lay.num_blocks, lay.k), torch.int16),
+                "window_values": ((lay.window, lay.num_blocks, lay.k), torch.bfloat16),
+                "error_codes": (((lay.numel + 1) // 2,), torch.uint8),
+                "error_bounds": ((lay.num_quant_blocks, 2), torch.bfloat16),
+            }
+        )
         out: dict[str, Any] = {"step": int(saved["step"]), "numel": int(saved["numel"])}
         for key, (shape, dtype) in expected.items():
             t = saved[key]
