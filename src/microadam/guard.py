@@ -1,0 +1,390 @@
+"""Watching a run, rolling back to the last good state, adjusting compression.
+
+The guard sits between ``loss.backward()`` and ``optimizer.step()``::
+
+    guard = Guard(model, optimizer, GuardPolicy(snapshot_every=100, log_path="guard.jsonl"))
+    for batch in loader:
+        loss = model(batch)
+        loss.backward()
+        guard.step(loss)          # checks; steps the optimizer, or skips / rolls back / adjusts
+        optimizer.zero_grad()
+
+What it sees, and what it does by default (every action is a declared policy):
+
+================================  ==========================================================
+seen                              default actions
+================================  ==========================================================
+non-finite loss or gradient       ``skip`` the step; after ``patience`` in a row, ``rollback``
+loss spike (> ``spike_factor`` x  ``rollback`` to the last good snapshot, ``lower_lr``
+the running median)
+error-feedback drift (``||e|| /   ``raise_density`` (state converted, nothing lost); at the
+||g||`` above ``max_error_ratio``)  density ceiling, ``fallback_adamw``
+behind a reference loss curve by  ``rollback``, then ``fallback_adamw`` (dense AdamW
+more than ``reference_margin``    initialised from the window's moments)
+================================  ==========================================================
+
+Snapshots (model, optimizer, RNG states, the guard's own counters) are kept in
+CPU memory every ``snapshot_every`` healthy steps (cheap: MicroAdam's state is
+about a tenth of the model) and, with ``checkpoint_dir``, written to disk
+atomically (write to a temporary file, fsync, rename): a crash mid-write leaves
+the previous checkpoint intact. Every event is one JSONL line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import statistics
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Guard", "GuardPolicy", "GuardEvent", "save_atomic", "load_checkpoint"]
+
+ACTIONS = {"skip", "rollback", "lower_lr", "raise_density", "raise_window", "fallback_adamw", "raise", "none"}
+
+
+@dataclass
+class GuardPolicy:
+    """What the guard watches and what it does.
+
+    Attributes:
+        snapshot_every: healthy steps between snapshots of the last good state.
+        checkpoint_dir: also write each snapshot there atomically (``guard-last.pt``).
+        patience: consecutive non-finite steps (or reference-curve misses) before escalating.
+        spike_factor, spike_window, warmup: a loss above ``spike_factor`` times the median of
+            the last ``spike_window`` losses is a spike; not checked in the first ``warmup`` steps.
+        max_error_ratio: error-feedback norm over gradient norm that counts as drift (None: off).
+        error_check_every: steps between error-feedback checks (each costs one pass over the codes).
+        auto_density: ``(min, max)`` to adapt density from the measured error ratio: raised by
+            ``density_factor`` above ``max_error_ratio``, lowered below ``min_error_ratio``.
+        reference_curve: ``[(step, loss), ...]`` of a baseline run (e.g. a ``microadam compare``
+            record's ``loss_curve``); the mean of the last ``spike_window`` losses may exceed the
+            reference's by at most ``reference_margin`` (relative).
+        on_nonfinite, on_spike, on_error_drift, on_behind_reference: the actions, in order.
+        lr_factor: ``lower_lr`` multiplies every group's lr (and a scheduler's base lrs) by it.
+        density_factor, max_density, window_step, max_window: how far compression may be relaxed.
+        max_rollbacks: more rollbacks than this raises ``RuntimeError`` (a run that keeps failing
+            needs a person).
+        log_path: the JSONL event log.
+    """
+
+    snapshot_every: int = 100
+    checkpoint_dir: str | None = None
+    patience: int = 3
+    spike_factor: float = 3.0
+    spike_window: int = 20
+    warmup: int = 10
+    max_error_ratio: float | None = None
+    min_error_ratio: float | None = None
+    error_check_every: int = 50
+    auto_density: tuple[float, float] | None = None
+    reference_curve: list[tuple[int, float]] | None = None
+    reference_margin: float = 0.1
+    on_nonfinite: tuple[str, ...] = ("skip",)
+    on_spike: tuple[str, ...] = ("rollback", "lower_lr")
+    on_error_drift: tuple[str, ...] = ("raise_density",)
+    on_behind_reference: tuple[str, ...] = ("rollback", "fallback_adamw")
+    lr_factor: float = 0.5
+    density_factor: float = 2.0
+    max_density: float = 0.1
+    window_step: int = 10
+    max_window: int = 40
+    max_rollbacks: int = 5
+    log_path: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("on_nonfinite", "on_spike", "on_error_drift", "on_behind_reference"):
+            actions = tuple(getattr(self, name))
+            bad = [a for a in actions if a not in ACTIONS]
+            if bad:
+                raise ValueError(f"{name}: unknown action {bad[0]!r}; choose from {sorted(ACTIONS)}")
+            setattr(self, name, actions)
+        for name in ("snapshot_every", "patience", "spike_window", "error_check_every", "max_rollbacks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.lr_factor < 1:
+            raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
+        if self.spike_factor <= 1:
+            raise ValueError(f"spike_factor must be > 1, got {self.spike_factor}")
+        if self.auto_density is not None:
+            lo, hi = self.auto_density
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"auto_density must be (min, max) with 0 < min <= max <= 1, got {self.auto_density}")
+            if self.max_error_ratio is None:
+                raise ValueError("auto_density needs max_error_ratio (and optionally min_error_ratio) to steer by")
+
+
+@dataclass
+class GuardEvent:
+    step: int
+    event: str
+    seen: dict[str, Any]
+    actions: list[str]
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a half-written file at ``path``: temp file, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+        pass
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a guard checkpoint with ``weights_only=True``."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class Guard:
+    """Watch a training run through its loss and its optimizer; act on degradation.
+
+    Args:
+        model: the module being trained.
+        optimizer: any torch optimizer; compression actions need :class:`~microadam.MicroAdam`.
+        policy: a :class:`GuardPolicy` (default: skip non-finite steps, roll back on spikes).
+        scheduler: an LR scheduler whose base lrs ``lower_lr`` should scale too.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        policy: GuardPolicy | None = None,
+        scheduler: Any = None,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.policy = policy or GuardPolicy()
+        self.step_count = 0
+        self.losses: deque[float] = deque(maxlen=self.policy.spike_window)
+        self.nonfinite_run = 0
+        self.behind_run = 0
+        self.rollbacks = 0
+        self.events: list[GuardEvent] = []
+        self._snapshot: dict[str, Any] | None = None
+        self._healthy_since_snapshot = 0
+        self.take_snapshot()
+
+    # ------------------------------------------------------------ snapshots
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": _to_cpu(self.model.state_dict()),
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": list(random.getstate()[1]),
+            },
+            "guard": {"step": self.step_count, "losses": list(self.losses), "rollbacks": self.rollbacks},
+        }
+
+    def take_snapshot(self) -> None:
+        """Remember the current state as the last good one (and write it to disk if configured)."""
+        self._snapshot = self._state()
+        self._healthy_since_snapshot = 0
+        if self.policy.checkpoint_dir:
+            save_atomic(self._snapshot, Path(self.policy.checkpoint_dir) / "guard-last.pt")
+
+    def rollback(self) -> int:
+        """Restore the last good snapshot in place; return the step it was taken at."""
+        snap = self._snapshot
+        assert snap is not None, "a snapshot is taken at construction"
+        self.model.load_state_dict(snap["model"])
+        # The snapshot may predate a change of density, window or a fallback: restore the
+        # configuration it was taken under before its state (load_state_dict checks they agree).
+        for group, saved in zip(self.optimizer.param_groups, snap["optimizer"]["param_groups"]):
+            for key in ("density", "window", "dense"):
+                if key in saved:
+                    group[key] = saved[key]
+        self.optimizer.load_state_dict(_to_cpu(snap["optimizer"]))
+        torch.set_rng_state(snap["rng"]["torch"])
+        if snap["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(snap["rng"]["cuda"])
+        state = random.getstate()
+        random.setstate((state[0], tuple(snap["rng"]["python"]), state[2]))
+        self.losses = deque(snap["guard"]["losses"], maxlen=self.policy.spike_window)
+        self.rollbacks += 1
+        if self.rollbacks > self.policy.max_rollbacks:
+            raise RuntimeError(
+                f"the guard rolled back {self.rollbacks} times (max_rollbacks={self.policy.max_rollbacks}); "
+                "the run keeps degrading: inspect the event log"
+                + (f" at {self.policy.log_path}" if self.policy.log_path else "")
+            )
+        return snap["guard"]["step"]
+
+    # ------------------------------------------------------------ actions
+
+    def _log(self, event: GuardEvent) -> None:
+        self.events.append(event)
+        if self.policy.log_path:
+            row = asdict(event) | {"time": time.time()}
+            with open(self.policy.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _act(self, event: str, seen: dict[str, Any], actions: tuple[str, ...]) -> GuardEvent:
+        result: dict[str, Any] = {}
+        for action in actions:
+            if action == "rollback":
+                result["rolled_back_to_step"] = self.rollback()
+            elif action == "lower_lr":
+                for g in self.optimizer.param_groups:
+                    g["lr"] = g["lr"] * self.policy.lr_factor
+                if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+                    self.scheduler.base_lrs = [lr * self.policy.lr_factor for lr in self.scheduler.base_lrs]
+                result["lr"] = [g["lr"] for g in self.optimizer.param_groups]
+            elif action in ("raise_density", "raise_window"):
+                result.update(self._relax(action))
+            elif action == "fallback_adamw":
+                result.update(self._fallback())
+            elif action == "raise":
+                raise RuntimeError(f"guard: {event} at step {self.step_count}: {seen}")
+        ev = GuardEvent(self.step_count, event, seen, list(actions), result)
+        self._log(ev)
+        return ev
+
+    def _microadam(self) -> Any:
+        from microadam.optimizer import MicroAdam
+
+        return self.optimizer if isinstance(self.optimizer, MicroAdam) else None
+
+    def _relax(self, action: str) -> dict[str, Any]:
+        from microadam.memory import state_bytes
+
+        opt = self._microadam()
+        if opt is None:
+            return {"skipped": "not a MicroAdam optimizer"}
+        g = opt.param_groups[0]
+        if action == "raise_density":
+            cap = self.policy.auto_density[1] if self.policy.auto_density else self.policy.max_density
+            new = min(cap, g["density"] * self.policy.density_factor)
+            if new <= g["density"]:
+                return self._fallback() if "fallback_adamw" not in self.policy.on_error_drift else {}
+            opt.reconfigure(density=new)
+            return {"density": new, "state_bytes": state_bytes(opt)}
+        new_w = min(self.policy.max_window, g["window"] + self.policy.window_step)
+        if new_w <= g["window"]:
+            return {"window": g["window"], "note": "at max_window"}
+        opt.reconfigure(window=new_w)
+        return {"window": new_w, "state_bytes": state_bytes(opt)}
+
+    def _fallback(self) -> dict[str, Any]:
+        from microadam.memory import state_bytes
+
+        opt = self._microadam()
+        if opt is None:
+            return {"skipped": "not a MicroAdam optimizer"}
+        opt.fallback_to_adamw()
+        return {"fallback": "dense AdamW", "state_bytes": state_bytes(opt)}
+
+    # ------------------------------------------------------------ the step
+
+    def _grads_finite(self) -> bool:
+        sums = [p.grad.sum() for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return bool(torch.isfinite(torch.stack([s.float() for s in sums])).all()) if sums else True
+
+    def _reference_at(self, step: int) -> float | None:
+        curve = self.policy.reference_curve
+        if not curve:
+            return None
+        pts = sorted(curve)
+        if step <= pts[0][0]:
+            return pts[0][1]
+        for (s0, l0), (s1, l1) in zip(pts, pts[1:]):
+            if s0 <= step <= s1:
+                return l0 + (l1 - l0) * (step - s0) / max(1, s1 - s0)
+        return None  # past the reference's end: nothing to compare with
+
+    def step(self, loss: torch.Tensor | float) -> GuardEvent | None:
+        """Check this step's loss and gradients, then step the optimizer or act. Returns the event, if any."""
+        self.step_count += 1
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        p = self.policy
+
+        if not math.isfinite(value) or not self._grads_finite():
+            self.nonfinite_run += 1
+            seen = {"loss": value if math.isfinite(value) else str(value), "consecutive": self.nonfinite_run}
+            actions = p.on_nonfinite if self.nonfinite_run < p.patience else ("rollback",)
+            if self.nonfinite_run >= p.patience:
+                self.nonfinite_run = 0
+            return self._act("nonfinite", seen, actions)
+        self.nonfinite_run = 0
+
+        if len(self.losses) >= min(p.warmup, p.spike_window) and self.step_count > p.warmup:
+            med = statistics.median(self.losses)
+            if value > p.spike_factor * med:
+                return self._act("loss_spike", {"loss": value, "running_median": med}, p.on_spike)
+
+        ref = self._reference_at(self.step_count)
+        if ref is not None and len(self.losses) >= p.spike_window:
+            mean = statistics.fmean(self.losses)
+            if mean > ref * (1 + p.reference_margin):
+                self.behind_run += 1
+                if self.behind_run >= p.patience:
+                    self.behind_run = 0
+                    seen = {"mean_loss": mean, "reference_loss": ref, "margin": p.reference_margin}
+                    return self._act("behind_reference", seen, p.on_behind_reference)
+            else:
+                self.behind_run = 0
+
+        drift_event = None
+        opt = self._microadam()
+        if opt is not None and p.max_error_ratio is not None and self.step_count % p.error_check_every == 0:
+            gnorm = math.sqrt(
+                sum(float(q.grad.double().square().sum()) for g in opt.param_groups for q in g["params"]
+                    if q.grad is not None)
+            )  # fmt: skip
+            enorm, _ = opt.error_feedback_norm()
+            ratio = enorm / gnorm if gnorm > 0 else 0.0
+            if ratio > p.max_error_ratio:
+                drift_event = ("error_drift", {"error_ratio": ratio, "max_error_ratio": p.max_error_ratio})
+            elif p.auto_density and p.min_error_ratio is not None and ratio < p.min_error_ratio:
+                g0 = opt.param_groups[0]
+                new = max(p.auto_density[0], g0["density"] / p.density_factor)
+                if new < g0["density"]:
+                    from microadam.memory import state_bytes
+
+                    opt.reconfigure(density=new)
+                    result = {"density": new, "state_bytes": state_bytes(opt)}
+                    self._log(
+                        GuardEvent(self.step_count, "low_error", {"error_ratio": ratio}, ["lower_density"], result)
+                    )
+
+        self.optimizer.step()
+        self.losses.append(value)
+        self._healthy_since_snapshot += 1
+        if drift_event is not None:
+            return self._act(drift_event[0], drift_event[1], p.on_error_drift)
+        if self._healthy_since_snapshot >= p.snapshot_every:
+            self.take_snapshot()
+        return None
