@@ -193,6 +193,8 @@ class Guard:
         self.events: list[GuardEvent] = []
         self._snapshot: dict[str, Any] | None = None
         self._healthy_since_snapshot = 0
+        self._pending_loss: float | None = None
+        self._pending_drift: dict[str, Any] | None = None
         self.take_snapshot()
 
     # ------------------------------------------------------------ snapshots
@@ -327,23 +329,39 @@ class Guard:
 
     def step(self, loss: torch.Tensor | float) -> GuardEvent | None:
         """Check this step's loss and gradients, then step the optimizer or act. Returns the event, if any."""
-        self.step_count += 1
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        p = self.policy
+        go, event = self.before_step(loss)
+        if go:
+            self.optimizer.step()
+            event = self.after_step() or event
+        return event
 
-        if not math.isfinite(value) or not self._grads_finite():
+    def before_step(self, loss: torch.Tensor | float | None) -> tuple[bool, GuardEvent | None]:
+        """Checks before ``optimizer.step()``: ``(True, None)`` to go ahead, ``(False, event)`` if the guard acted.
+
+        For loops that call ``optimizer.step()`` themselves (Trainer, Lightning): call this first,
+        step only if it says so, then call :meth:`after_step`. ``loss`` may be ``None`` when the
+        loop does not expose it; then only gradients are checked.
+        """
+        self.step_count += 1
+        p = self.policy
+        value = float("nan") if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        finite_loss = loss is None or math.isfinite(value)
+        self._pending_loss = value if loss is not None else None
+        self._pending_drift = None
+
+        if not finite_loss or not self._grads_finite():
             self.nonfinite_run += 1
-            seen = {"loss": value if math.isfinite(value) else str(value), "consecutive": self.nonfinite_run}
+            seen = {"loss": value if finite_loss else str(value), "consecutive": self.nonfinite_run}
             actions = p.on_nonfinite if self.nonfinite_run < p.patience else ("rollback",)
             if self.nonfinite_run >= p.patience:
                 self.nonfinite_run = 0
-            return self._act("nonfinite", seen, actions)
+            return False, self._act("nonfinite", seen, actions)
         self.nonfinite_run = 0
 
-        if len(self.losses) >= min(p.warmup, p.spike_window) and self.step_count > p.warmup:
+        if loss is not None and len(self.losses) >= min(p.warmup, p.spike_window) and self.step_count > p.warmup:
             med = statistics.median(self.losses)
             if value > p.spike_factor * med:
-                return self._act("loss_spike", {"loss": value, "running_median": med}, p.on_spike)
+                return False, self._act("loss_spike", {"loss": value, "running_median": med}, p.on_spike)
 
         ref = self._reference_at(self.step_count)
         if ref is not None and len(self.losses) >= p.spike_window:
@@ -353,21 +371,18 @@ class Guard:
                 if self.behind_run >= p.patience:
                     self.behind_run = 0
                     seen = {"mean_loss": mean, "reference_loss": ref, "margin": p.reference_margin}
-                    return self._act("behind_reference", seen, p.on_behind_reference)
+                    return False, self._act("behind_reference", seen, p.on_behind_reference)
             else:
                 self.behind_run = 0
 
-        drift_event = None
         opt = self._microadam()
         if opt is not None and p.max_error_ratio is not None and self.step_count % p.error_check_every == 0:
-            gnorm = math.sqrt(
-                sum(float(q.grad.double().square().sum()) for g in opt.param_groups for q in g["params"]
-                    if q.grad is not None)
-            )  # fmt: skip
+            grads = [q.grad for g in opt.param_groups for q in g["params"] if q.grad is not None]
+            gnorm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
             enorm, _ = opt.error_feedback_norm()
             ratio = enorm / gnorm if gnorm > 0 else 0.0
             if ratio > p.max_error_ratio:
-                drift_event = ("error_drift", {"error_ratio": ratio, "max_error_ratio": p.max_error_ratio})
+                self._pending_drift = {"error_ratio": ratio, "max_error_ratio": p.max_error_ratio}
             elif p.auto_density and p.min_error_ratio is not None and ratio < p.min_error_ratio:
                 g0 = opt.param_groups[0]
                 new = max(p.auto_density[0], g0["density"] / p.density_factor)
@@ -379,12 +394,16 @@ class Guard:
                     self._log(
                         GuardEvent(self.step_count, "low_error", {"error_ratio": ratio}, ["lower_density"], result)
                     )
+        return True, None
 
-        self.optimizer.step()
-        self.losses.append(value)
+    def after_step(self) -> GuardEvent | None:
+        """Bookkeeping after a healthy ``optimizer.step()``: history, drift actions, snapshots."""
+        if self._pending_loss is not None:
+            self.losses.append(self._pending_loss)
         self._healthy_since_snapshot += 1
-        if drift_event is not None:
-            return self._act(drift_event[0], drift_event[1], p.on_error_drift)
-        if self._healthy_since_snapshot >= p.snapshot_every:
+        event = None
+        if self._pending_drift is not None:
+            event = self._act("error_drift", self._pending_drift, self.policy.on_error_drift)
+        elif self._healthy_since_snapshot >= self.policy.snapshot_every:
             self.take_snapshot()
-        return None
+        return event
