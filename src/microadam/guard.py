@@ -358,22 +358,10 @@ class Guard:
             return False, self._act("nonfinite", seen, actions)
         self.nonfinite_run = 0
 
-        if loss is not None and len(self.losses) >= min(p.warmup, p.spike_window) and self.step_count > p.warmup:
-            med = statistics.median(self.losses)
-            if value > p.spike_factor * med:
-                return False, self._act("loss_spike", {"loss": value, "running_median": med}, p.on_spike)
-
-        ref = self._reference_at(self.step_count)
-        if ref is not None and len(self.losses) >= p.spike_window:
-            mean = statistics.fmean(self.losses)
-            if mean > ref * (1 + p.reference_margin):
-                self.behind_run += 1
-                if self.behind_run >= p.patience:
-                    self.behind_run = 0
-                    seen = {"mean_loss": mean, "reference_loss": ref, "margin": p.reference_margin}
-                    return False, self._act("behind_reference", seen, p.on_behind_reference)
-            else:
-                self.behind_run = 0
+        if loss is not None:
+            event = self._loss_checks(value)
+            if event is not None:
+                return False, event
 
         opt = self._microadam()
         if opt is not None and p.max_error_ratio is not None and self.step_count % p.error_check_every == 0:
@@ -395,6 +383,38 @@ class Guard:
                         GuardEvent(self.step_count, "low_error", {"error_ratio": ratio}, ["lower_density"], result)
                     )
         return True, None
+
+    def _loss_checks(self, value: float) -> GuardEvent | None:
+        """Spike and reference-curve checks of one finite loss; acts and returns the event if one fires."""
+        p = self.policy
+        if len(self.losses) >= min(p.warmup, p.spike_window) and self.step_count > p.warmup:
+            med = statistics.median(self.losses)
+            if value > p.spike_factor * med:
+                return self._act("loss_spike", {"loss": value, "running_median": med}, p.on_spike)
+        ref = self._reference_at(self.step_count)
+        if ref is not None and len(self.losses) >= p.spike_window:
+            mean = statistics.fmean(self.losses)
+            if mean > ref * (1 + p.reference_margin):
+                self.behind_run += 1
+                if self.behind_run >= p.patience:
+                    self.behind_run = 0
+                    seen = {"mean_loss": mean, "reference_loss": ref, "margin": p.reference_margin}
+                    return self._act("behind_reference", seen, p.on_behind_reference)
+            else:
+                self.behind_run = 0
+        return None
+
+    def observe_loss(self, loss: torch.Tensor | float) -> GuardEvent | None:
+        """For loops that expose the loss only after the step (Lightning): check it, then do
+        :meth:`after_step`'s bookkeeping. A spike rolls back the step that was just taken too."""
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        if not math.isfinite(value):
+            return self._act("nonfinite", {"loss": str(value)}, ("rollback",))
+        event = self._loss_checks(value)
+        if event is not None:
+            return event
+        self._pending_loss = value
+        return self.after_step()
 
     def after_step(self) -> GuardEvent | None:
         """Bookkeeping after a healthy ``optimizer.step()``: history, drift actions, snapshots."""

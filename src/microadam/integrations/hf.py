@@ -1,0 +1,85 @@
+"""Hugging Face Trainer: MicroAdam as the optimizer, and the guard as a callback.
+
+Optimizer, either way::
+
+    from microadam import MicroAdam
+    trainer = Trainer(model, args, train_dataset=ds,
+                      optimizer_cls_and_kwargs=(MicroAdam, {"lr": 1e-4, "density": 0.01}))
+    # or: optimizers=(MicroAdam(model.parameters(), lr=1e-4), None)
+
+``resume_from_checkpoint`` works: Trainer saves ``optimizer.state_dict()`` with
+``torch.save`` and loads it with ``torch.load(weights_only=True)``; MicroAdam's
+state is plain tensors and ints, and its ``load_state_dict`` keeps the integer
+state exact.
+
+The guard::
+
+    from microadam.guard import GuardPolicy
+    from microadam.integrations.hf import GuardCallback
+    trainer.add_callback(GuardCallback(GuardPolicy(snapshot_every=200, log_path="guard.jsonl")))
+
+The callback reads each training loss from the model's output (a forward hook
+on ``outputs.loss``, averaged over gradient-accumulation micro-steps), checks it
+and the gradients in ``on_pre_optimizer_step``, and, where the guard skips or
+rolls back, drops the gradients so Trainer's ``optimizer.step()`` changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from microadam.guard import Guard, GuardPolicy
+
+try:
+    from transformers import TrainerCallback
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("microadam.integrations.hf needs transformers: pip install transformers") from e
+
+__all__ = ["GuardCallback"]
+
+
+class GuardCallback(TrainerCallback):
+    """Run a :class:`~microadam.guard.Guard` inside ``transformers.Trainer``."""
+
+    def __init__(self, policy: GuardPolicy | None = None) -> None:
+        self.policy = policy or GuardPolicy()
+        self.guard: Guard | None = None
+        self._losses: list[float] = []
+        self._hook: Any = None
+
+    def _capture(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        loss = getattr(output, "loss", None)
+        if loss is None and isinstance(output, dict):
+            loss = output.get("loss")
+        if isinstance(loss, torch.Tensor) and module.training and loss.numel() == 1:
+            self._losses.append(float(loss.detach()))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model, optimizer = kwargs["model"], kwargs["optimizer"]
+        # accelerate wraps the optimizer; the guard needs the real one (compression actions, state).
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.guard = Guard(model, optimizer, self.policy, scheduler=kwargs.get("lr_scheduler"))
+        self._hook = model.register_forward_hook(self._capture)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        assert self.guard is not None, "on_train_begin creates the guard"
+        loss = sum(self._losses) / len(self._losses) if self._losses else None
+        self._losses.clear()
+        go, _ = self.guard.before_step(loss)
+        self._went = go
+        if not go:
+            # Trainer calls optimizer.step() next regardless: with no gradients it changes nothing.
+            for group in self.guard.optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.guard is not None and getattr(self, "_went", False):
+            self.guard.after_step()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None

