@@ -83,6 +83,77 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if args.strict and any(not v.startswith("PASS") for v in verdict.values()) else 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from microadam import plan
+
+    knobs = dict(
+        param_dtype=args.param_dtype,
+        grad_dtype=args.grad_dtype,
+        window=args.window,
+        density=args.density,
+        block_size=args.block_size,
+        quant_block_size=args.quant_block_size,
+        galore_rank=args.galore_rank,
+    )
+    try:
+        if args.max_model:
+            if args.gpu is None:
+                raise ValueError("--max-model needs --gpu, e.g. --gpu H100-80GB or --gpu 24GB")
+            if args.model is not None:
+                raise ValueError(f"--max-model answers for a bare parameter count; leave out MODEL ({args.model!r})")
+            budget = plan.parse_budget(args.gpu)
+            fits = plan.largest_model(budget, **knobs)
+            print(plan.format_largest(fits, budget, plan.PlanSettings(**knobs)))
+            return 0
+        if args.model is None:
+            raise ValueError("give MODEL (a config.json, .safetensors, hub name or count such as 7e9), or --max-model")
+        result = plan.plan_memory(args.model, gpu=args.gpu, batch_size=args.batch_size, seq_len=args.seq_len, **knobs)
+    except (ValueError, TypeError, ImportError) as e:
+        print(f"microadam plan: error: {e}", file=sys.stderr)
+        return 2
+    print(plan.format_plan(result))
+    return 0
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    from microadam.plan import GPUS
+
+    p = sub.add_parser(
+        "plan",
+        help="will my model fit? memory of weights, gradients and optimizer state for MicroAdam and its peers",
+        description="Bytes of weights, gradients and optimizer state for AdamW, 8-bit/4-bit AdamW, Adafactor, "
+        "GaLore, Adam-mini, Lion and MicroAdam, and which fit a GPU; or, with --max-model, the largest model "
+        "that fits. Figures match microadam.plan.plan_memory / largest_model.",
+        epilog=f"Known GPUs: {', '.join(GPUS)}. A bare parameter count is modelled as 4096x4096 matrices.",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="a config.json or folder with one, a .safetensors file or folder of them, a Hugging Face hub name "
+        "(needs transformers and a network), or a parameter count such as 7e9, 125M, 1.3B",
+    )
+    p.add_argument(
+        "--param-dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="weights (default fp32, as with mixed precision)",
+    )
+    p.add_argument("--grad-dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: --param-dtype")
+    p.add_argument("--window", type=int, default=10, help="MicroAdam window m (default 10)")
+    p.add_argument("--density", type=float, default=0.01, help="MicroAdam Top-K density (default 0.01)")
+    p.add_argument("--block-size", type=int, default=4096, help="MicroAdam Top-K block (default 4096)")
+    p.add_argument("--quant-block-size", type=int, default=128, help="MicroAdam error quantization block (128)")
+    p.add_argument("--galore-rank", type=int, default=128, help="GaLore rank r (default 128)")
+    p.add_argument(
+        "--gpu", help="budget: a card name (e.g. A100-80GB, H100-80GB, RTX4090-24GB) or a size (24GB, 80GiB)"
+    )
+    p.add_argument("--batch-size", type=int, help="with --seq-len: add a rough activation estimate (printed formula)")
+    p.add_argument("--seq-len", type=int, help="with --batch-size: sequence length of the activation estimate")
+    p.add_argument("--max-model", action="store_true", help="print the largest model that fits --gpu per optimizer")
+    p.set_defaults(func=_plan)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``microadam`` command."""
     parser = argparse.ArgumentParser(prog="microadam", description=__doc__)
@@ -92,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="comma-separated learning rates to try for each")
     demo.set_defaults(func=_demo)
+    _add_plan_parser(sub)
     cmp_ = sub.add_parser(
         "compare",
         help="staged comparison of MicroAdam against baselines on a real task, with a verdict and a report",
