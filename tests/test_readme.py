@@ -15,11 +15,11 @@ def test_readme_opens_with_two_commands():
     text = (ROOT / "README.md").read_text()
     assert text.index("```bash") < 40, "the commands must be at the top"
     main_job, tests = _readme_commands()
-    assert "microadam demo" in main_job or "microadam compare" in main_job
-    assert "pytest" in tests
+    assert "setup.sh" in main_job and "microadam compare" in main_job
+    assert "setup.sh --test" in tests and "pytest" in tests
 
 
 def test_ci_runs_the_readme_test_command():
     _, tests = _readme_commands()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert tests.replace("python -m venv", "python3 -m venv") in ci
+    assert tests in ci

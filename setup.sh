@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install microadam into ./.venv with what the built-in tasks need (and, with --test, what the
+# tests need), plus the Debian data packages of the fashion and charlm tasks.
+#   bash setup.sh          # main job: microadam compare
+#   bash setup.sh --test   # + peers, integrations, test tools
+set -euo pipefail
+cd "$(dirname "$0")"
+extras="tasks"
+[ "${1:-}" = "--test" ] && extras="test"
+python3 -m venv .venv
+# A CPU build of torch: any torch >= 2.4 works; install a CUDA build first to use a GPU.
+.venv/bin/pip install -q "torch==2.13.0"
+.venv/bin/pip install -q -e ".[$extras]"
+if command -v apt-get >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo="sudo"
+  if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist bible-kjv; } >/dev/null; then
+    echo "setup.sh: could not install dataset-fashion-mnist and bible-kjv; the fashion and charlm tasks need them" >&2
+  fi
+fi
