@@ -59,8 +59,12 @@ class GuardPolicy:
         snapshot_every: healthy steps between snapshots of the last good state.
         checkpoint_dir: also write each snapshot there atomically (``guard-last.pt``).
         patience: consecutive non-finite steps (or reference-curve misses) before escalating.
-        spike_factor, spike_window, warmup: a loss above ``spike_factor`` times the median of
-            the last ``spike_window`` losses is a spike; not checked in the first ``warmup`` steps.
+        spike_factor, spike_min_delta, spike_window, warmup: a loss above ``spike_factor`` times
+            the median of the last ``spike_window`` losses, and above it by at least
+            ``spike_min_delta`` (loss units), is a spike; not checked in the first ``warmup`` steps.
+            The absolute floor matters near convergence: a batch at 0.05 against a median of 0.01
+            is noise, not a spike (measured: without it the digits demo rolled back five times
+            after its loss fell below 0.02).
         max_error_ratio: error-feedback norm over gradient norm that counts as drift (None: off).
         error_check_every: steps between error-feedback checks (each costs one pass over the codes).
         auto_density: ``(min, max)`` to adapt density from the measured error ratio: raised by
@@ -71,6 +75,8 @@ class GuardPolicy:
         on_nonfinite, on_spike, on_error_drift, on_behind_reference: the actions, in order.
         lr_factor: ``lower_lr`` multiplies every group's lr (and a scheduler's base lrs) by it.
         density_factor, max_density, window_step, max_window: how far compression may be relaxed.
+        keep_snapshots: snapshots kept; repeated rollbacks with no new snapshot in between go
+            one snapshot further back each time.
         max_rollbacks: more rollbacks than this raises ``RuntimeError`` (a run that keeps failing
             needs a person).
         log_path: the JSONL event log.
@@ -80,6 +86,7 @@ class GuardPolicy:
     checkpoint_dir: str | None = None
     patience: int = 3
     spike_factor: float = 3.0
+    spike_min_delta: float = 0.1
     spike_window: int = 20
     warmup: int = 10
     max_error_ratio: float | None = None
@@ -98,6 +105,7 @@ class GuardPolicy:
     window_step: int = 10
     max_window: int = 40
     max_rollbacks: int = 5
+    keep_snapshots: int = 3
     log_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -107,7 +115,14 @@ class GuardPolicy:
             if bad:
                 raise ValueError(f"{name}: unknown action {bad[0]!r}; choose from {sorted(ACTIONS)}")
             setattr(self, name, actions)
-        for name in ("snapshot_every", "patience", "spike_window", "error_check_every", "max_rollbacks"):
+        for name in (
+            "snapshot_every",
+            "patience",
+            "spike_window",
+            "error_check_every",
+            "max_rollbacks",
+            "keep_snapshots",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.lr_factor < 1:
@@ -190,8 +205,10 @@ class Guard:
         self.nonfinite_run = 0
         self.behind_run = 0
         self.rollbacks = 0
+        self.lr_scale = 1.0  # product of every lower_lr so far
         self.events: list[GuardEvent] = []
-        self._snapshot: dict[str, Any] | None = None
+        self._snapshots: deque[dict[str, Any]] = deque(maxlen=self.policy.keep_snapshots)
+        self._rolled_back_since_snapshot = False
         self._healthy_since_snapshot = 0
         self._pending_loss: float | None = None
         self._pending_drift: dict[str, Any] | None = None
@@ -208,20 +225,32 @@ class Guard:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "python": list(random.getstate()[1]),
             },
-            "guard": {"step": self.step_count, "losses": list(self.losses), "rollbacks": self.rollbacks},
+            "guard": {
+                "step": self.step_count,
+                "losses": list(self.losses),
+                "rollbacks": self.rollbacks,
+                "lr_scale": self.lr_scale,
+            },
         }
 
     def take_snapshot(self) -> None:
         """Remember the current state as the last good one (and write it to disk if configured)."""
-        self._snapshot = self._state()
+        snap = self._state()
+        self._snapshots.append(snap)
         self._healthy_since_snapshot = 0
+        self._rolled_back_since_snapshot = False
         if self.policy.checkpoint_dir:
-            save_atomic(self._snapshot, Path(self.policy.checkpoint_dir) / "guard-last.pt")
+            save_atomic(snap, Path(self.policy.checkpoint_dir) / "guard-last.pt")
 
     def rollback(self) -> int:
         """Restore the last good snapshot in place; return the step it was taken at."""
-        snap = self._snapshot
-        assert snap is not None, "a snapshot is taken at construction"
+        # A second rollback before any new snapshot means the newest one was already damaged
+        # (a too-high learning rate degrades the weights for a while before the loss spikes):
+        # drop it and go one further back.
+        if self._rolled_back_since_snapshot and len(self._snapshots) > 1:
+            self._snapshots.pop()
+        snap = self._snapshots[-1]
+        self._rolled_back_since_snapshot = True
         self.model.load_state_dict(snap["model"])
         # The snapshot may predate a change of density, window or a fallback: restore the
         # configuration it was taken under before its state (load_state_dict checks they agree).
@@ -236,6 +265,12 @@ class Guard:
         state = random.getstate()
         random.setstate((state[0], tuple(snap["rng"]["python"]), state[2]))
         self.losses = deque(snap["guard"]["losses"], maxlen=self.policy.spike_window)
+        # lower_lr decisions taken since the snapshot stay in force: without this, each rollback
+        # would restore the snapshot's learning rate and halving it again would never compound.
+        rescale = self.lr_scale / snap["guard"]["lr_scale"]
+        if rescale != 1.0:
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["lr"] * rescale
         self.rollbacks += 1
         if self.rollbacks > self.policy.max_rollbacks:
             raise RuntimeError(
@@ -260,6 +295,7 @@ class Guard:
             if action == "rollback":
                 result["rolled_back_to_step"] = self.rollback()
             elif action == "lower_lr":
+                self.lr_scale *= self.policy.lr_factor
                 for g in self.optimizer.param_groups:
                     g["lr"] = g["lr"] * self.policy.lr_factor
                 if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
@@ -389,7 +425,7 @@ class Guard:
         p = self.policy
         if len(self.losses) >= min(p.warmup, p.spike_window) and self.step_count > p.warmup:
             med = statistics.median(self.losses)
-            if value > p.spike_factor * med:
+            if value > p.spike_factor * med and value - med > p.spike_min_delta:
                 return self._act("loss_spike", {"loss": value, "running_median": med}, p.on_spike)
         ref = self._reference_at(self.step_count)
         if ref is not None and len(self.losses) >= p.spike_window:
