@@ -186,3 +186,13 @@ def test_not_installed_optimizer_is_reported_with_install_command(tmp_path, monk
     records = runner.run_plan(parse_plan(data), tmp_path, log=lambda _: None)
     came = [r for r in records if r.get("optimizer") == "came"]
     assert came and all(r["status"] == "not_installed" and "pip install came-pytorch" in r["message"] for r in came)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((__import__("pathlib").Path(__file__).parents[1] / "examples" / "plans").glob("*.toml")),
+    ids=lambda p: p.name,
+)
+def test_example_plans_are_valid(path):
+    plan = load_plan(path)
+    assert plan.stages and all(len(s.seeds) >= 2 for s in plan.stages)

@@ -127,7 +127,7 @@ class CharLMTask(Task):
     higher_is_better = False
     description = "4-layer character transformer (0.82M params) on the King James Bible from scratch (last 5% held out)"
     # Starting points, not tuned: AdamW's usual 1e-3 for a small transformer; MicroAdam a guess 3x higher.
-    default_lr = {"microadam": 3e-3, "adamw": 1e-3, "*": 1e-3}
+    default_lr = {"microadam": 3e-3, "adamw": 1e-3, "lion": 1e-4, "*": 1e-3}
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ class DigitsTask(Task):
     metric = "accuracy"
     higher_is_better = True
     description = "MLP 64-256-256-10 on scikit-learn digits (fixed-seed 80/20 split), from scratch"
-    default_lr = {"microadam": 3e-3, "adamw": 1e-3, "*": 1e-3}
+    default_lr = {"microadam": 3e-3, "adamw": 1e-3, "lion": 1e-4, "*": 1e-3}
 
     def __init__(self, hidden: int = 256) -> None:
         self.hidden = hidden

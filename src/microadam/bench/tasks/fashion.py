@@ -106,7 +106,7 @@ class FashionTask(Task):
     description = "small CNN (225k params) on Fashion-MNIST from scratch (60k train, first 2,000 of test held out)"
     # Starting points, not tuned: AdamW's usual 1e-3 for a small CNN; MicroAdam a guess 3x higher,
     # as on digits, since its sparse update moves fewer coordinates per step.
-    default_lr = {"microadam": 3e-3, "adamw": 1e-3, "*": 1e-3}
+    default_lr = {"microadam": 3e-3, "adamw": 1e-3, "lion": 1e-4, "*": 1e-3}
 
     def __init__(self, data_dir: str = DATA_DIR) -> None:
         self.data_dir = str(data_dir)
