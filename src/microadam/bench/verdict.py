@@ -92,7 +92,12 @@ def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[st
             metric_check = _check("metric_drop", drop, crit.max_metric_drop, "%", f"{c['metric']} increase")
         # Noise next to the difference: the larger of the two seed spreads, in the same unit.
         scale = 100 if c["higher_is_better"] else 100 / abs(base["metric_mean"])
-        metric_check["noise"] = scale * max(c["metric_std"], base["metric_std"])
+        metric_check["noise"] = noise = scale * max(c["metric_std"], base["metric_std"])
+        if crit.max_metric_drop is not None and abs(drop - crit.max_metric_drop) < noise:
+            # The verdict still follows the means (the bar was fixed before the run), but says
+            # when the seeds' spread is wider than the margin: more seeds would decide it.
+            metric_check["inconclusive"] = True
+            metric_check["detail"] += " (within the seeds' spread: more seeds would decide)"
         checks = [
             metric_check,
             _check(
