@@ -20,6 +20,7 @@ KW = dict(lr=3e-3, density=0.1, block_size=256, quant_block_size=32)
 
 def _task(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed + 1000)  # the teacher (the targets) must not depend on the caller's RNG state
     teacher = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     x = torch.randn(2048, 16, generator=gen)
     with torch.no_grad():
@@ -33,8 +34,7 @@ def _train(steps: int, policy: GuardPolicy | None = None, inject=None, seed: int
     """Train with (or without) a guard; `inject(step, model, opt)` may sabotage a step. Returns final loss."""
     model, x, y = _task(seed)
     opt = MicroAdam(model.parameters(), **KW)
-    # A decaying lr, as real runs use: with a constant one the final loss of this task wanders by 2-3x
-    # between runs that differ in a single step, which would drown any margin.
+    # A decaying lr, as real runs use: it brings runs that differ in a few steps back together.
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     guard = Guard(model, opt, policy, scheduler=sched) if policy else None
     gen = torch.Generator().manual_seed(seed + 1)
@@ -70,9 +70,8 @@ def test_injected_nan_gradients_are_skipped_and_the_run_matches_a_clean_one(tmp_
     assert all(e.actions == ["skip"] for e in guard.events)
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == [100, 101] and rows[0]["seen"]["consecutive"] == 1
-    # Two skipped batches out of 300. Margin: no worse than 1.5x the clean run's loss (runs of this
-    # task that differ in one step end up to ~30% apart either way; measured 0.0018 vs 0.0025).
-    assert guarded <= 1.5 * clean, (guarded, clean)
+    # Two skipped batches out of 300. Margin: within 5% of the clean run's loss (measured: 0.8%).
+    assert abs(guarded - clean) <= 0.05 * clean, (guarded, clean)
 
 
 def test_nan_loss_persisting_escalates_to_rollback():
@@ -99,8 +98,8 @@ def test_learning_rate_spike_is_rolled_back_and_lowered():
     guarded, guard, opt = _train(400, GuardPolicy(snapshot_every=20, spike_factor=3.0), spike)
     spikes = [e for e in guard.events if e.event == "loss_spike"]
     assert spikes and spikes[0].actions == ["rollback", "lower_lr"]
-    # Recovered: within 2x of the clean run's loss.
-    assert guarded <= 2 * clean + 1e-3, (guarded, clean, [(e.step, e.result) for e in guard.events])
+    # Recovered: within 25% of the clean run's loss (measured: 8.5%; the unguarded run ends ~1000x worse).
+    assert abs(guarded - clean) <= 0.25 * clean, (guarded, clean, [(e.step, e.result) for e in guard.events])
 
 
 def test_rollback_restores_model_and_optimizer_exactly():
@@ -196,3 +195,70 @@ def test_sigkill_mid_checkpoint_never_leaves_a_broken_file(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     ckpt = load_checkpoint(path)  # loads, with weights_only
     assert ckpt["w"].numel() == 8_000_000 and int(ckpt["i"]) >= 0
+
+
+_TRAINER = """
+import sys, torch
+from microadam import MicroAdam
+from microadam.guard import Guard, GuardPolicy
+sys.path.insert(0, sys.argv[2])
+from tests.test_guard import _task, KW
+model, x, y = _task(0)
+model.register_buffer("ballast", torch.zeros(8_000_000))  # 32 MB per checkpoint: kills land mid-write
+opt = MicroAdam(model.parameters(), **KW)
+guard = Guard(model, opt, GuardPolicy(snapshot_every=5, checkpoint_dir=sys.argv[1]))
+gen = torch.Generator().manual_seed(1)
+for step in range(1, 10**6):
+    idx = torch.randint(0, len(x), (64,), generator=gen)
+    torch.nn.functional.mse_loss(model(x[idx]), y[idx]).backward()
+    guard.step(torch.nn.functional.mse_loss(model(x[idx]), y[idx]))
+    opt.zero_grad()
+    print(step, flush=True)
+"""
+
+
+def test_training_killed_mid_checkpoint_resumes_from_the_last_good_one(tmp_path):
+    """SIGKILL a guarded training process while it writes checkpoints; resume from what is on disk."""
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", _TRAINER, str(tmp_path), root], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if int(line) >= 23:  # past a few checkpoints, and inside the write of the next ones
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ckpt = load_checkpoint(tmp_path / "guard-last.pt")
+    done = ckpt["guard"]["step"]
+    assert done >= 5 and done % 5 == 0
+
+    # Resume: same model and optimizer, state from the checkpoint, the data stream advanced to it.
+    model, x, y = _task(0)
+    model.register_buffer("ballast", torch.zeros(8_000_000))
+    model.load_state_dict(ckpt["model"])
+    opt = MicroAdam(model.parameters(), **KW)
+    opt.load_state_dict(ckpt["optimizer"])
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(done):
+        torch.randint(0, len(x), (64,), generator=gen)
+    for _ in range(done, 60):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        torch.nn.functional.mse_loss(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    # The clean run of the same 60 steps.
+    clean, xc, yc = _task(0)
+    copt = MicroAdam(clean.parameters(), **KW)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        idx = torch.randint(0, len(xc), (64,), generator=gen)
+        torch.nn.functional.mse_loss(clean(xc[idx]), yc[idx]).backward()
+        copt.step()
+        copt.zero_grad()
+    # Nothing was lost: the resumed run is the clean run, bit for bit.
+    for a, b in zip(model.parameters(), clean.parameters()):
+        assert torch.equal(a, b)
