@@ -196,3 +196,18 @@ def test_not_installed_optimizer_is_reported_with_install_command(tmp_path, monk
 def test_example_plans_are_valid(path):
     plan = load_plan(path)
     assert plan.stages and all(len(s.seeds) >= 2 for s in plan.stages)
+
+
+def test_variants_of_one_optimizer_run_side_by_side(tmp_path):
+    data = copy.deepcopy(DIGITS_PLAN)
+    data["candidates"] = ["microadam", "microadam-lr1e-2"]
+    data["optimizers"] = {"microadam-lr1e-2": {"optimizer": "microadam", "lr": 1e-2, "density": 0.05}}
+    data["stages"] = data["stages"][:1]
+    plan = parse_plan(data)
+    records = runner.run_plan(plan, tmp_path, log=lambda _: None)
+    runs = {(r["optimizer"], r["seed"]): r for r in records if r.get("kind") == "run"}
+    variant = runs[("microadam-lr1e-2", 0)]
+    assert variant["base_optimizer"] == "microadam" and variant["lr"] == 1e-2
+    assert variant["overrides"] == {"density": 0.05} and "[microadam-lr1e-2]" in variant["label"]
+    assert runs[("microadam", 0)]["lr"] == 3e-3  # the task's default
+    assert "microadam-lr1e-2" in final_verdict(plan, records)

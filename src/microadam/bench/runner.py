@@ -75,8 +75,9 @@ def run_one(
 ) -> dict[str, Any]:
     """Train one (optimizer, seed) at one stage and return its record."""
     task = get_task(plan.task, **plan.task_options)
-    overrides = dict(plan.optimizers.get(optimizer, {}))
-    lr = float(overrides.pop("lr", task.lr_for(optimizer)))
+    base = plan.base_optimizer(optimizer)
+    overrides = plan.overrides(optimizer)
+    lr = float(overrides.pop("lr", task.lr_for(base)))
     row: dict[str, Any] = {
         "kind": "run",
         "plan": plan.name,
@@ -87,7 +88,8 @@ def run_one(
         "higher_is_better": task.higher_is_better,
         "stage": stage.name,
         "optimizer": optimizer,
-        "label": get_spec(optimizer).label,
+        "base_optimizer": base,
+        "label": get_spec(base).label + ("" if base == optimizer else f" [{optimizer}]"),
         "seed": seed,
         "lr": lr,
         "overrides": overrides,
@@ -103,7 +105,7 @@ def run_one(
     size = TaskSize(stage.steps, stage.batch_size, stage.train_examples, stage.eval_examples, stage.eval_every)
     work = task.build(seed=seed, size=size, device=device)
     model = work.model
-    opt = build_optimizer(optimizer, model, lr, **overrides)
+    opt = build_optimizer(base, model, lr, **overrides)
     peak = current_rss()
     losses: list[tuple[int, float]] = []
     evals: list[tuple[int, float]] = []
@@ -215,7 +217,7 @@ def run_plan(
                 log(f"  [{i + 1}/{len(todo)}] {opt_name} seed {seed}: recorded earlier, not rerun")
                 continue
             label = f"  [{i + 1}/{len(todo)}] {stage.name} {opt_name} seed {seed}"
-            spec = get_spec(opt_name)
+            spec = get_spec(plan.base_optimizer(opt_name))
             if not spec.installed():
                 row = {
                     "kind": "run",

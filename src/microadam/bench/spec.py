@@ -66,6 +66,14 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def base_optimizer(self, name: str) -> str:
+        """The registered optimizer behind ``name`` (a variant table names it with ``optimizer = ...``)."""
+        return self.optimizers.get(name, {}).get("optimizer", name)
+
+    def overrides(self, name: str) -> dict[str, Any]:
+        """Constructor arguments of ``name`` from its ``[optimizers.NAME]`` table (``optimizer`` removed)."""
+        return {k: v for k, v in self.optimizers.get(name, {}).items() if k != "optimizer"}
+
     def fingerprint(self) -> str:
         """A short hash of the whole plan (criteria included)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
@@ -143,6 +151,25 @@ def parse_plan(data: dict[str, Any]) -> Plan:
     task = _expect(data["task"], str, "task", "a task name")
     if task not in TASKS:
         raise PlanError(f"{_where('task')}: unknown task {task!r}; expected one of {', '.join(sorted(TASKS))}")
+    optimizers = _expect(data.get("optimizers", {}), dict, "optimizers", "a table of per-optimizer tables")
+    for name, table in optimizers.items():
+        _expect(table, dict, f"optimizers.{name}", "a table of keyword arguments (lr = ..., ...)")
+        base = table.get("optimizer", name)
+        if name not in OPTIMIZERS and "optimizer" not in table:
+            raise PlanError(
+                f"{_where('optimizers.' + name)}: unknown optimizer; expected one of {', '.join(OPTIMIZERS)}, "
+                f'or a variant: a table with optimizer = "<one of them>" (e.g. [optimizers.microadam-lr3e-4])'
+            )
+        if base not in OPTIMIZERS:
+            raise PlanError(
+                f"{_where('optimizers.' + name + '.optimizer')}: unknown optimizer {base!r}; "
+                f"expected one of {', '.join(OPTIMIZERS)}"
+            )
+        if "lr" in table:
+            _expect(table["lr"], (int, float), f"optimizers.{name}.lr", "a number")
+            if table["lr"] <= 0:
+                raise PlanError(f"{_where('optimizers.' + name + '.lr')}: expected a number > 0, got {table['lr']}")
+    known = set(OPTIMIZERS) | set(optimizers)
     baseline = _expect(data["baseline"], str, "baseline", "an optimizer name")
     candidates = _expect(data["candidates"], list, "candidates", "a list of optimizer names")
     if not candidates:
@@ -150,10 +177,12 @@ def parse_plan(data: dict[str, Any]) -> Plan:
     for i, name in enumerate([baseline, *candidates]):
         path = "baseline" if i == 0 else f"candidates[{i - 1}]"
         _expect(name, str, path, "an optimizer name")
-        if name not in OPTIMIZERS:
-            raise PlanError(f"{_where(path)}: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if name not in known:
+            raise PlanError(f"{_where(path)}: unknown optimizer {name!r}; expected one of {', '.join(sorted(known))}")
     if baseline in candidates:
         raise PlanError(f"{_where('candidates')}: the baseline {baseline!r} cannot also be a candidate")
+    if len(set(candidates)) != len(candidates):
+        raise PlanError(f"{_where('candidates')}: names repeat: {candidates!r}")
 
     stages_raw = _expect(data["stages"], list, "stages", "a list of [[stages]] tables")
     if not stages_raw:
@@ -201,17 +230,6 @@ def parse_plan(data: dict[str, Any]) -> Plan:
     criteria = Criteria(**{**defaults, **crit}) if crit_raw else Criteria()
 
     task_options = _expect(data.get("task_options", {}), dict, "task_options", "a table")
-    optimizers = _expect(data.get("optimizers", {}), dict, "optimizers", "a table of per-optimizer tables")
-    for name, table in optimizers.items():
-        if name not in OPTIMIZERS:
-            raise PlanError(
-                f"{_where('optimizers.' + name)}: unknown optimizer; expected one of {', '.join(OPTIMIZERS)}"
-            )
-        _expect(table, dict, f"optimizers.{name}", "a table of keyword arguments (lr = ..., ...)")
-        if "lr" in table:
-            _expect(table["lr"], (int, float), f"optimizers.{name}.lr", "a number")
-            if table["lr"] <= 0:
-                raise PlanError(f"{_where('optimizers.' + name + '.lr')}: expected a number > 0, got {table['lr']}")
     device = _expect(data.get("device", "auto"), str, "device", "'auto', 'cpu' or 'cuda'")
     return Plan(
         name=_expect(data.get("name", "plan"), str, "name", "a string"),
