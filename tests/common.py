@@ -36,6 +36,10 @@ CONFIGS = [
     Config("quant-block-larger", dict(BASE, block_size=32, quant_block_size=64, weight_decay=0.01)),
     Config("odd-blocks", dict(BASE, block_size=15, quant_block_size=5, density=0.2)),
     Config("many-chunks", dict(BASE, chunk_size=128, weight_decay=0.05)),
+    # Chunks of odd blocks (lcm(15, 5, 2) = 30: the 2 keeps packed bytes inside a chunk) and of
+    # quantization blocks larger than Top-K blocks.
+    Config("odd-blocks-chunked", dict(BASE, block_size=15, quant_block_size=5, density=0.2, chunk_size=45)),
+    Config("quant-block-larger-chunked", dict(BASE, block_size=32, quant_block_size=64, chunk_size=128)),
     Config("paper-defaults", dict(lr=1e-3, window=10, density=0.01, block_size=4096, quant_block_size=128)),
 ]
 

@@ -62,9 +62,10 @@ class GuardPolicy:
         spike_factor, spike_min_delta, spike_window, warmup: a loss above ``spike_factor`` times
             the median of the last ``spike_window`` losses, and above it by at least
             ``spike_min_delta`` (loss units), is a spike; not checked in the first ``warmup`` steps.
-            The absolute floor matters near convergence: a batch at 0.05 against a median of 0.01
-            is noise, not a spike (measured: without it the digits demo rolled back five times
-            after its loss fell below 0.02).
+            and above every loss in that window. The absolute floor and the new-high rule matter
+            near convergence, where per-batch noise is several times the median (measured: without
+            them the digits demo in ``examples/guard_demo.py`` rolled back on noise after its loss
+            fell below 0.1).
         max_error_ratio: error-feedback norm over gradient norm that counts as drift (None: off).
         error_check_every: steps between error-feedback checks (each costs one pass over the codes).
         auto_density: ``(min, max)`` to adapt density from the measured error ratio: raised by
@@ -225,6 +226,7 @@ class Guard:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "python": list(random.getstate()[1]),
             },
+            "scheduler": _to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
             "guard": {
                 "step": self.step_count,
                 "losses": list(self.losses),
@@ -259,18 +261,26 @@ class Guard:
                 if key in saved:
                     group[key] = saved[key]
         self.optimizer.load_state_dict(_to_cpu(snap["optimizer"]))
+        # The scheduler goes back with the optimizer, so the learning rate and the schedule's
+        # position stay consistent (a chainable scheduler computes the next lr from the current
+        # one: restoring only the optimizer's lr would offset it for good).
+        if snap["scheduler"] is not None:
+            self.scheduler.load_state_dict(snap["scheduler"])
+        # lower_lr decisions taken since the snapshot stay in force (else each rollback would
+        # undo them and halving again would never compound).
+        rescale = self.lr_scale / snap["guard"]["lr_scale"]
+        if rescale != 1.0:
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["lr"] * rescale
+            if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+                self.scheduler.base_lrs = [lr * rescale for lr in self.scheduler.base_lrs]
         torch.set_rng_state(snap["rng"]["torch"])
         if snap["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(snap["rng"]["cuda"])
         state = random.getstate()
         random.setstate((state[0], tuple(snap["rng"]["python"]), state[2]))
         self.losses = deque(snap["guard"]["losses"], maxlen=self.policy.spike_window)
-        # lower_lr decisions taken since the snapshot stay in force: without this, each rollback
-        # would restore the snapshot's learning rate and halving it again would never compound.
-        rescale = self.lr_scale / snap["guard"]["lr_scale"]
-        if rescale != 1.0:
-            for g in self.optimizer.param_groups:
-                g["lr"] = g["lr"] * rescale
+        self._healthy_since_snapshot = 0  # the restored state earns a new snapshot only by healthy steps
         self.rollbacks += 1
         if self.rollbacks > self.policy.max_rollbacks:
             raise RuntimeError(
@@ -317,24 +327,38 @@ class Guard:
         return self.optimizer if isinstance(self.optimizer, MicroAdam) else None
 
     def _relax(self, action: str) -> dict[str, Any]:
+        """Raise each compressed group's density (or window) from its own value, up to the cap.
+
+        When every group is already at the cap, compression cannot be relaxed further: the
+        groups fall back to dense AdamW (logged), unless the policy's own next action is that.
+        """
         from microadam.memory import state_bytes
 
         opt = self._microadam()
         if opt is None:
             return {"skipped": "not a MicroAdam optimizer"}
-        g = opt.param_groups[0]
-        if action == "raise_density":
-            cap = self.policy.auto_density[1] if self.policy.auto_density else self.policy.max_density
-            new = min(cap, g["density"] * self.policy.density_factor)
-            if new <= g["density"]:
-                return self._fallback() if "fallback_adamw" not in self.policy.on_error_drift else {}
-            opt.reconfigure(density=new)
-            return {"density": new, "state_bytes": state_bytes(opt)}
-        new_w = min(self.policy.max_window, g["window"] + self.policy.window_step)
-        if new_w <= g["window"]:
-            return {"window": g["window"], "note": "at max_window"}
-        opt.reconfigure(window=new_w)
-        return {"window": new_w, "state_bytes": state_bytes(opt)}
+        live = [i for i, g in enumerate(opt.param_groups) if not g.get("dense", False)]
+        if not live:
+            return {"skipped": "every group already runs dense AdamW"}
+        changed: dict[str, Any] = {}
+        for i in live:
+            g = opt.param_groups[i]
+            if action == "raise_density":
+                cap = self.policy.auto_density[1] if self.policy.auto_density else self.policy.max_density
+                new = min(cap, g["density"] * self.policy.density_factor)
+                if new > g["density"]:
+                    opt.reconfigure(density=new, groups=[i])
+                    changed[f"group{i}_density"] = new
+            else:
+                new_w = min(self.policy.max_window, g["window"] + self.policy.window_step)
+                if new_w > g["window"]:
+                    opt.reconfigure(window=new_w, groups=[i])
+                    changed[f"group{i}_window"] = new_w
+        if not changed:
+            if "fallback_adamw" in self.policy.on_error_drift:
+                return {"note": "at the cap; the next action falls back"}
+            return {"at_cap": True, **self._fallback()}
+        return {**changed, "state_bytes": state_bytes(opt)}
 
     def _fallback(self) -> dict[str, Any]:
         from microadam.memory import state_bytes
@@ -348,8 +372,36 @@ class Guard:
     # ------------------------------------------------------------ the step
 
     def _grads_finite(self) -> bool:
-        sums = [p.grad.sum() for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        return bool(torch.isfinite(torch.stack([s.float() for s in sums])).all()) if sums else True
+        from microadam.optimizer import grads_all_finite
+
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        return self._all_ranks(grads_all_finite(grads), all_of=True)
+
+    @staticmethod
+    def _distributed() -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def _all_ranks(self, flag: bool, all_of: bool) -> bool:
+        """Agree across ranks (DDP/FSDP): every rank must take the same decision."""
+        if not self._distributed():
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        op = torch.distributed.ReduceOp.MIN if all_of else torch.distributed.ReduceOp.MAX
+        torch.distributed.all_reduce(t, op=op)
+        return bool(t.item() > 0.5)
+
+    def _mean_over_ranks(self, value: float) -> float:
+        """The loss every rank judges: the mean over ranks (a local loss would let ranks disagree)."""
+        if not self._distributed():
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / torch.distributed.get_world_size()
 
     def _reference_at(self, step: int) -> float | None:
         curve = self.policy.reference_curve
@@ -381,13 +433,18 @@ class Guard:
         self.step_count += 1
         p = self.policy
         value = float("nan") if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        if loss is not None:
+            value = self._mean_over_ranks(value)
         finite_loss = loss is None or math.isfinite(value)
         self._pending_loss = value if loss is not None else None
         self._pending_drift = None
 
         if not finite_loss or not self._grads_finite():
             self.nonfinite_run += 1
-            seen = {"loss": value if finite_loss else str(value), "consecutive": self.nonfinite_run}
+            seen = {
+                "loss": None if loss is None else (value if finite_loss else str(value)),
+                "consecutive": self.nonfinite_run,
+            }
             actions = p.on_nonfinite if self.nonfinite_run < p.patience else ("rollback",)
             if self.nonfinite_run >= p.patience:
                 self.nonfinite_run = 0
@@ -396,7 +453,7 @@ class Guard:
 
         if loss is not None:
             event = self._loss_checks(value)
-            if event is not None:
+            if event is not None and tuple(event.actions) != ("none",):
                 return False, event
 
         opt = self._microadam()
@@ -408,13 +465,16 @@ class Guard:
             if ratio > p.max_error_ratio:
                 self._pending_drift = {"error_ratio": ratio, "max_error_ratio": p.max_error_ratio}
             elif p.auto_density and p.min_error_ratio is not None and ratio < p.min_error_ratio:
-                g0 = opt.param_groups[0]
-                new = max(p.auto_density[0], g0["density"] / p.density_factor)
-                if new < g0["density"]:
-                    from microadam.memory import state_bytes
+                from microadam.memory import state_bytes
 
-                    opt.reconfigure(density=new)
-                    result = {"density": new, "state_bytes": state_bytes(opt)}
+                lowered = {}
+                for i, g in enumerate(opt.param_groups):
+                    new = max(p.auto_density[0], g["density"] / p.density_factor)
+                    if not g.get("dense", False) and new < g["density"]:
+                        opt.reconfigure(density=new, groups=[i])
+                        lowered[f"group{i}_density"] = new
+                if lowered:
+                    result = {**lowered, "state_bytes": state_bytes(opt)}
                     self._log(
                         GuardEvent(self.step_count, "low_error", {"error_ratio": ratio}, ["lower_density"], result)
                     )
@@ -425,7 +485,10 @@ class Guard:
         p = self.policy
         if len(self.losses) >= min(p.warmup, p.spike_window) and self.step_count > p.warmup:
             med = statistics.median(self.losses)
-            if value > p.spike_factor * med and value - med > p.spike_min_delta:
+            # Three conditions, each measured necessary on the digits demo: a factor over the
+            # median, an absolute floor (near convergence 0.05 against 0.01 is noise), and a new
+            # high for the window (per-batch noise of a converging run repeats its own highs).
+            if value > p.spike_factor * med and value - med > p.spike_min_delta and value > max(self.losses):
                 return self._act("loss_spike", {"loss": value, "running_median": med}, p.on_spike)
         ref = self._reference_at(self.step_count)
         if ref is not None and len(self.losses) >= p.spike_window:
@@ -443,8 +506,10 @@ class Guard:
     def observe_loss(self, loss: torch.Tensor | float) -> GuardEvent | None:
         """For loops that expose the loss only after the step (Lightning): check it, then do
         :meth:`after_step`'s bookkeeping. A spike rolls back the step that was just taken too."""
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        value = self._mean_over_ranks(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
         if not math.isfinite(value):
+            # The step was already taken (its gradients were finite), so skipping is no longer
+            # possible: roll back to before it.
             return self._act("nonfinite", {"loss": str(value)}, ("rollback",))
         event = self._loss_checks(value)
         if event is not None:
@@ -458,8 +523,9 @@ class Guard:
             self.losses.append(self._pending_loss)
         self._healthy_since_snapshot += 1
         event = None
-        if self._pending_drift is not None:
-            event = self._act("error_drift", self._pending_drift, self.policy.on_error_drift)
+        drift, self._pending_drift, self._pending_loss = self._pending_drift, None, None
+        if drift is not None:
+            event = self._act("error_drift", drift, self.policy.on_error_drift)
         elif self._healthy_since_snapshot >= self.policy.snapshot_every:
             self.take_snapshot()
         return event

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
-__all__ = ["MicroAdam", "NonFiniteGradientError"]
+__all__ = ["MicroAdam", "NonFiniteGradientError", "grads_all_finite"]
 
 # Hyperparameters that fix the shapes and meaning of the saved state: a
 # checkpoint is only valid under the same values.
@@ -32,6 +32,25 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient held NaN or Inf and ``nonfinite="raise"`` was chosen."""
 
 
+def grads_all_finite(grads: list[torch.Tensor]) -> bool:
+    """True iff every element of every tensor is finite; one reduction each and a single host sync.
+
+    A sum is finite iff every element is, barring an overflow of finite values: float32 and
+    float64 cannot reach it (|sum| > 3e38), nor bf16 (same range, summed in float32 inside the
+    kernel). fp16 sums overflow at 65504, so they are taken in float32, chunk by chunk:
+    ``sum(dtype=float32)`` over the whole tensor would first make a full float32 copy of it.
+    """
+    if not grads:
+        return True
+    sums = []
+    for g in grads:
+        if g.dtype == torch.float16:
+            sums += [c.sum(dtype=torch.float32) for c in g.reshape(-1).split(_FINITE_CHUNK)]
+        else:
+            sums.append(g.sum())
+    return bool(torch.isfinite(torch.stack([x.to(sums[0].device, torch.float64) for x in sums])).all())
+
+
 def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool = True, fix: str = "") -> None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -39,9 +58,9 @@ def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool = Tr
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if math.isnan(value) or value < low or (value == low and not low_inclusive):
+    if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
         bound = f">= {low}" if low_inclusive else f"> {low}"
-        raise ValueError(f"Invalid {name}: {value!r}; it must be {bound}{fix}")
+        raise ValueError(f"Invalid {name}: {value!r}; it must be finite and {bound}{fix}")
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -58,8 +77,13 @@ def _check_group(group: dict[str, Any]) -> None:
         if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b!r}; it must be in [0, 1)")
     density = group["density"]
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"density must be a number, got {type(density).__name__} {density!r}")
+    if not 0.0 < density <= 1.0:
         raise ValueError(f"Invalid density: {density!r}; it must be in (0, 1], e.g. 0.01 keeps 1% per block")
+    seed = group["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TypeError(f"seed must be a non-negative int, got {type(seed).__name__} {seed!r}")
     for name in ("window", "block_size", "quant_block_size", "chunk_size"):
         v = group[name]
         if isinstance(v, bool) or not isinstance(v, int):
@@ -110,8 +134,8 @@ class MicroAdam(Optimizer):
     values, ``window`` slots of ``k`` per block), 4-bit error codes packed two
     per byte with bf16 (lo, hi) per ``quant_block_size`` elements, and a step
     count: about ``4 * window * density + 0.5 + 4 / quant_block_size`` bytes per
-    parameter, 0.93 at the defaults (AdamW: 8). Only the last ``window * k``
-    coordinates per block move in a step, each by about ``3.2 * lr``: learning
+    parameter, 0.93 at the defaults (AdamW: 8). Apart from weight decay, only the
+    ``window * k`` coordinates per block held in the window move in a step, each by about ``3.2 * lr``: learning
     rates tuned for AdamW are a starting point (on the MiniLM fine-tune in
     ``docs/algorithm.md`` MicroAdam's best lr was about 3x AdamW's).
 
@@ -140,7 +164,7 @@ class MicroAdam(Optimizer):
         impl: ``None`` (automatic: the vectorized torch path, the only one in
             this version) or ``"torch"``.
         chunk_size: elements processed at once, bounding transient memory to
-            about ``36 * chunk_size`` bytes (default ``2**20``).
+            about 60-130 bytes per chunk element (default ``2**20``; ``docs/algorithm.md``).
 
     Example:
         >>> import torch
@@ -196,10 +220,12 @@ class MicroAdam(Optimizer):
         self._warned_nonfinite = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_group(group)
-        for p in group["params"]:
+        # Check a merged copy before torch appends the group: a refused group must leave no trace.
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _check_group(merged)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
             if p.is_complex():
                 raise TypeError(
                     f"MicroAdam does not support complex parameters (got {p.dtype}, shape {tuple(p.shape)}); "
@@ -207,6 +233,7 @@ class MicroAdam(Optimizer):
                 )
             if not p.is_floating_point():
                 raise TypeError(f"MicroAdam needs floating-point parameters, got {p.dtype}")
+        super().add_param_group({**param_group, "params": params})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -258,22 +285,7 @@ class MicroAdam(Optimizer):
         return out
 
     def _all_finite(self, grads: list[torch.Tensor]) -> bool:
-        if not grads:
-            return True
-        # One reduction per gradient and a single host sync. A sum is finite iff
-        # every element is, barring an overflow of finite values: float32 and
-        # float64 cannot reach it (|sum| > 3e38), nor bf16 (same range, summed
-        # in float32 inside the kernel). fp16 sums overflow at 65504, so they
-        # are taken in float32, chunk by chunk: `sum(dtype=float32)` over the
-        # whole tensor would first make a full float32 copy of it.
-        sums = []
-        for g in grads:
-            if g.dtype == torch.float16:
-                flat = g.reshape(-1)
-                sums += [c.sum(dtype=torch.float32) for c in flat.split(_FINITE_CHUNK)]
-            else:
-                sums.append(g.sum())
-        return bool(torch.isfinite(torch.stack([s.to(sums[0].device, torch.float64) for s in sums])).all())
+        return grads_all_finite(grads)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -310,8 +322,11 @@ class MicroAdam(Optimizer):
             state = self.state[p]
             if "step" not in state:
                 state = self._init_state(p, group)
-            state["step"] += 1
             beta1, beta2 = group["betas"]
+            # The counter advances only once the step has succeeded, so a failure (e.g. out of
+            # memory) does not give the unwritten ring slot a wrong age. Parameters already
+            # updated earlier in this step stay updated: retrying the whole step applies their
+            # update twice; restore a checkpoint (or a Guard snapshot) instead.
             microadam_step(
                 p,
                 g,
@@ -320,7 +335,7 @@ class MicroAdam(Optimizer):
                 error_codes=state["error_codes"],
                 error_bounds=state["error_bounds"],
                 layout=self.layout(p, group),
-                step=state["step"],
+                step=state["step"] + 1,
                 lr=float(group["lr"]),
                 beta1=float(beta1),
                 beta2=float(beta2),
@@ -333,6 +348,7 @@ class MicroAdam(Optimizer):
                 chunk_size=group["chunk_size"],
                 impl=group["impl"] or "torch",
             )
+            state["step"] += 1
         return loss
 
     # ------------------------------------------------------------------ changing compression
@@ -361,6 +377,8 @@ class MicroAdam(Optimizer):
         and drops the rest from the moment estimates (their past updates stay
         applied). State bytes follow the new layout (see :meth:`layout`).
         """
+        plans = []
+        # Check every group before changing any: a refused change leaves the optimizer as it was.
         for group in self._groups(groups):
             if group.get("dense", False):
                 raise ValueError("reconfigure: this param group runs dense AdamW after fallback_to_adamw()")
@@ -370,6 +388,8 @@ class MicroAdam(Optimizer):
             if window is not None:
                 new["window"] = window
             _check_group(new)
+            plans.append((group, new))
+        for group, new in plans:
             for p in group["params"]:
                 st = self.state.get(p)
                 if not st or "window_indices" not in st:
@@ -407,7 +427,8 @@ class MicroAdam(Optimizer):
                     continue
                 q = group["quant_block_size"]
                 # Chunks of whole quantization blocks bound the transient float32 memory.
-                rows = max(1, 2**20 // q)
+                rows = max(2, 2**20 // q)
+                rows -= rows % 2  # an even element count per chunk: packed bytes never straddle two
                 bounds = st["error_bounds"]
                 for r0 in range(0, bounds.shape[0], rows):
                     r1 = min(r0 + rows, bounds.shape[0])
@@ -546,7 +567,9 @@ class MicroAdam(Optimizer):
                     f"but this optimizer has {len(g['params'])}"
                 )
             for key in LAYOUT_KEYS:
-                if key in sg and sg[key] != g[key]:
+                # A group that fell back to dense AdamW keeps no window or codes: its state does
+                # not depend on the layout.
+                if key in sg and sg[key] != g[key] and not sg.get("dense", False):
                     raise ValueError(
                         f"parameter group {gi}: the checkpoint was saved with {key}={sg[key]!r} but this "
                         f"optimizer has {key}={g[key]!r}; its state only has meaning under the same value. "
@@ -618,4 +641,24 @@ class MicroAdam(Optimizer):
             out[key] = t.to(device=p.device, copy=True)
         if out["step"] < 0:
             raise ValueError(f"the loaded step of parameter {pid!r} is {out['step']}; it must be >= 0")
+        # Values, not just shapes: an index outside its block would move a coordinate of another
+        # block; a non-finite value or bound would fill the window with NaN at the next step.
+        for key, t in out.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"the loaded {key!r} of parameter {pid!r} holds NaN or Inf; the checkpoint is corrupt")
+        if not group.get("dense", False) and lay.numel > 0:
+            idx = out["window_indices"].long()
+            # Real length of each block: the last one may be partial.
+            lengths = torch.full((lay.num_blocks,), lay.block, device=idx.device)
+            lengths[-1] = lay.numel - (lay.num_blocks - 1) * lay.block
+            if bool((idx < 0).any()) or bool((idx >= lengths[None, :, None]).any()):
+                raise ValueError(
+                    f"the loaded 'window_indices' of parameter {pid!r} point outside their blocks "
+                    f"(block size {lay.block}); the checkpoint is corrupt"
+                )
+            bounds = out["error_bounds"]
+            if bool((bounds[:, 0] > bounds[:, 1]).any()):
+                raise ValueError(
+                    f"the loaded 'error_bounds' of parameter {pid!r} have lo > hi; the checkpoint is corrupt"
+                )
         return out

@@ -146,7 +146,8 @@ class ReferenceMicroAdam:
         M, S = M[:d], S[:d]
         c1 = (1 - self.b1) / (1 - self.b1**t)
         c2 = (1 - self.b2) / (1 - self.b2**t)
-        u = c1 * M / ((c2 * S).sqrt() + self.eps)
+        den = (c2 * S).sqrt() + self.eps
+        u = torch.where(den > 0, c1 * M / den, 0.0)  # eps == 0 and no entry: no move
 
         # 6. decoupled weight decay, then the sparse step; round into the parameter's dtype.
         new = p.reshape(-1).to(cd) * (1 - self.lr * self.wd) - self.lr * u

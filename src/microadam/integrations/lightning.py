@@ -53,7 +53,9 @@ class GuardCallback(pl.Callback):
         self._went = False
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.guard = Guard(pl_module, _unwrap(trainer.optimizers[0]), self.policy)
+        configs = getattr(trainer, "lr_scheduler_configs", None) or []
+        scheduler = configs[0].scheduler if configs else None
+        self.guard = Guard(pl_module, _unwrap(trainer.optimizers[0]), self.policy, scheduler=scheduler)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         assert self.guard is not None, "on_train_start creates the guard"
@@ -67,6 +69,8 @@ class GuardCallback(pl.Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.guard is None or not self._went:
             return
+        # Once per optimizer step: with gradient accumulation this hook runs for every micro-batch.
+        self._went = False
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self.guard.observe_loss(loss)
