@@ -125,15 +125,25 @@ def test_rollback_restores_model_and_optimizer_exactly():
     assert opt.param_groups[0]["density"] == 0.1 and st["step"] == 5
 
 
-def test_error_drift_raises_density_and_reaccounts_memory():
+def test_error_drift_raises_density_then_falls_back_at_the_cap():
     from microadam import state_bytes
+    from microadam.layout import layout_for
 
     policy = GuardPolicy(max_error_ratio=1e-6, error_check_every=10, max_density=0.4)
     _, guard, opt = _train(30, policy)
     drift = [e for e in guard.events if e.event == "error_drift"]
-    assert drift and drift[0].actions == ["raise_density"]
-    assert opt.param_groups[0]["density"] == pytest.approx(0.4)
-    assert drift[-1].result.get("state_bytes", state_bytes(opt)) == state_bytes(opt)
+    assert [e.actions for e in drift] == [["raise_density"]] * 3
+    assert drift[0].result["group0_density"] == pytest.approx(0.2)
+    assert drift[1].result["group0_density"] == pytest.approx(0.4)
+    # Memory re-accounted at the time of the change: the layout at density 0.4.
+    params = list(opt.param_groups[0]["params"])
+    expected = sum(layout_for(p.numel(), block_size=256, density=0.4, quant_block_size=32, window=10).state_bytes
+                   for p in params)  # fmt: skip
+    assert drift[1].result["state_bytes"] == expected
+    # At the cap, compression cannot be relaxed further: dense AdamW, 8 bytes per parameter.
+    assert drift[2].result["at_cap"] and drift[2].result["fallback"] == "dense AdamW"
+    assert opt.param_groups[0]["dense"] is True
+    assert state_bytes(opt) == 8 * sum(p.numel() for p in params)
 
 
 def test_auto_density_lowers_density_when_the_error_is_small():

@@ -1,0 +1,157 @@
+"""State is never poisoned: corrupt checkpoints, failures mid-step, refused groups, degenerate settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import microadam.optimizer as optimizer_module
+from microadam import MicroAdam
+from microadam.guard import Guard, GuardPolicy
+from microadam.reference import ReferenceMicroAdam
+
+KW = dict(lr=1e-2, window=3, density=0.1, block_size=10, quant_block_size=5)
+
+
+def _trained(n: int = 25, steps: int = 4):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(n, generator=gen))
+    b = torch.nn.Parameter(torch.randn(7, generator=gen))
+    opt = MicroAdam([a, b], **KW)
+    for _ in range(steps):
+        a.grad, b.grad = torch.randn(n, generator=gen), torch.randn(7, generator=gen)
+        opt.step()
+    return (a, b), opt
+
+
+@pytest.mark.parametrize(
+    "corrupt,words",
+    [
+        (lambda st: st["window_indices"].__setitem__((0, 1, 0), -3), "outside their blocks"),
+        (lambda st: st["window_indices"].__setitem__((0, 0, 0), 10), "outside their blocks"),
+        (lambda st: st["window_indices"].__setitem__((0, 2, 0), 5), "outside their blocks"),  # last block has 5
+        (lambda st: st["window_values"].__setitem__((0, 0, 0), float("nan")), "NaN or Inf"),
+        (lambda st: st["error_bounds"].__setitem__((0, 1), float("inf")), "NaN or Inf"),
+        (lambda st: st["error_bounds"].__setitem__((0, 0), 100.0), "lo > hi"),
+    ],
+    ids=["negative-index", "index-past-block", "index-past-partial-block", "nan-value", "inf-bound", "lo-above-hi"],
+)
+def test_corrupt_state_values_are_refused_and_change_nothing(corrupt, words):
+    (a, b), opt = _trained()
+    sd = opt.state_dict()
+    sd["state"][0] = {k: v.clone() if torch.is_tensor(v) else v for k, v in sd["state"][0].items()}
+    corrupt(sd["state"][0])
+    before = {k: v.clone() for k, v in opt.state[a].items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match=words):
+        opt.load_state_dict(sd)
+    assert all(torch.equal(before[k], opt.state[a][k]) for k in before)
+
+
+def test_loaded_state_does_not_share_tensors_with_the_source():
+    (a, b), opt = _trained()
+    saved = {k: v.clone() for k, v in opt.state[a].items() if torch.is_tensor(v)}
+    twin = [torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())]
+    fresh = MicroAdam(twin, **KW)
+    fresh.load_state_dict(opt.state_dict())
+    for p in twin:
+        p.grad = torch.randn_like(p)
+    fresh.step()
+    assert all(torch.equal(saved[k], opt.state[a][k]) for k in saved)
+
+
+def test_a_failure_mid_step_does_not_advance_the_failing_parameter(monkeypatch):
+    (a, b), opt = _trained()
+    real = optimizer_module.microadam_step
+    calls = []
+
+    def flaky(p, g, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated out of memory")
+        return real(p, g, **kw)
+
+    monkeypatch.setattr(optimizer_module, "microadam_step", flaky)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step()
+    # a was updated (documented: restore a checkpoint rather than retrying); b's counter did not move.
+    assert opt.state[a]["step"] == 5 and opt.state[b]["step"] == 4
+
+
+def test_a_refused_param_group_leaves_no_trace():
+    (a, b), opt = _trained()
+    c = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="density"):
+        opt.add_param_group(dict(params=[c], density=5.0))
+    with pytest.raises(TypeError, match="complex"):
+        opt.add_param_group(dict(params=[torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))]))
+    assert len(opt.param_groups) == 1
+    opt.add_param_group(dict(params=[c], density=0.5))
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["density"] == 0.5
+
+
+@pytest.mark.parametrize("kwargs", [dict(seed=0.5), dict(lr=float("inf")), dict(eps=float("nan"))])
+def test_bad_seed_or_nonfinite_hyperparameter_is_refused(kwargs):
+    with pytest.raises((TypeError, ValueError)):
+        MicroAdam([torch.nn.Parameter(torch.zeros(3))], **dict(KW, **kwargs))
+
+
+def test_eps_zero_moves_nothing_it_should_not():
+    """With eps = 0, positions whose window entries are all zero must not become 0/0 = NaN."""
+    p = torch.nn.Parameter(torch.randn(25))
+    ref_p = p.detach().clone()
+    opt = MicroAdam([p], **dict(KW, eps=0.0))
+    ref = ReferenceMicroAdam([ref_p], **dict(KW, eps=0.0), compute_dtype=torch.float32)
+    g = torch.zeros(25)
+    g[3] = 1.0  # one nonzero: the other selections are zeros
+    for _ in range(3):
+        p.grad = g.clone()
+        opt.step()
+        ref.step([g.clone()])
+    assert torch.isfinite(p).all() and torch.isfinite(ref_p).all()
+    torch.testing.assert_close(p.detach(), ref_p)
+
+
+def test_guard_accepts_large_finite_fp16_gradients():
+    lin = torch.nn.Linear(100, 1).half()
+    opt = MicroAdam(lin.parameters(), lr=1e-3)
+    guard = Guard(lin, opt, GuardPolicy())
+    for p in lin.parameters():
+        p.grad = torch.full_like(p, 1000.0)  # the fp16 sum overflows; the values are finite
+    assert guard.step(torch.tensor(1.0)) is None
+    assert all(s["step"] == 1 for s in opt.state.values())
+
+
+def test_guard_raises_each_group_density_from_its_own_value():
+    a, b = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(50))
+    opt = MicroAdam([dict(params=[a], density=0.05), dict(params=[b], density=0.5)], **{**KW, "density": 0.1})
+    guard = Guard(torch.nn.ParameterList([a, b]), opt, GuardPolicy(max_density=0.8))
+    result = guard._relax("raise_density")
+    assert opt.param_groups[0]["density"] == pytest.approx(0.1) and opt.param_groups[1]["density"] == 0.8
+    assert result["group0_density"] == pytest.approx(0.1)
+
+
+def test_fallback_moments_match_the_reference_window():
+    """exp_avg = (1-b1)(M + e), exp_avg_sq = (1-b2)(S + e^2), built here from the reference's own state."""
+    gen = torch.Generator().manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(40, dtype=torch.float64, generator=gen))
+    shadow = p.detach().clone()
+    opt = MicroAdam([p], **KW)
+    ref = ReferenceMicroAdam([shadow], **KW)
+    for _ in range(5):  # the 3-slot ring wraps
+        g = torch.randn(40, dtype=torch.float64, generator=gen)
+        p.grad = g.clone()
+        opt.step()
+        ref.step([g])
+    st, (b1, b2) = ref.states[0], (0.9, 0.999)
+    M, S = torch.zeros(40, dtype=torch.float64), torch.zeros(40, dtype=torch.float64)
+    for age in range(3):
+        idx, val = st.window[(st.step - 1 - age) % 3]
+        for blk in range(idx.shape[0]):
+            for j in range(idx.shape[1]):
+                M[blk * 10 + idx[blk, j]] += b1**age * val[blk, j]
+                S[blk * 10 + idx[blk, j]] += b2**age * val[blk, j] ** 2
+    e = ref.dequantized_error(0)
+    opt.fallback_to_adamw()
+    torch.testing.assert_close(opt.state[p]["exp_avg"], (1 - b1) * (M + e))
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"], (1 - b2) * (S + e * e))
