@@ -24,8 +24,9 @@ more than ``reference_margin``    initialised from the window's moments)
 ================================  ==========================================================
 
 Snapshots (model, optimizer, RNG states, the guard's own counters) are kept in
-CPU memory every ``snapshot_every`` healthy steps (cheap: MicroAdam's state is
-about a tenth of the model) and, with ``checkpoint_dir``, written to disk
+CPU memory every ``snapshot_every`` healthy steps (a snapshot copies the model and
+the optimizer state: with MicroAdam about 1.23x the fp32 weights' bytes, against 3x
+with AdamW; ``keep_snapshots`` of them) and, with ``checkpoint_dir``, written to disk
 atomically (write to a temporary file, fsync, rename): a crash mid-write leaves
 the previous checkpoint intact. Every event is one JSONL line.
 """
