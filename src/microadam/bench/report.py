@@ -119,45 +119,65 @@ def render_markdown(plan: Plan, records: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- SVG plots
 
 
-def _svg_lines(series: list[tuple[str, str, list[tuple[float, float]]]], title: str, xlabel: str, ylabel: str) -> str:
-    w, h, pad = 640, 320, 50
-    pts = [p for _, _, s in series for p in s if all(math.isfinite(v) for v in p)]
+def _svg_lines(
+    series: list[tuple[str, str, list[tuple[float, float]]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    log_y: bool = False,
+    label_points: bool = False,
+) -> str:
+    """Lines (or single points) with a legend of one entry per label, to the right of the plot."""
+    w, h, pad, legend_w = 800, 340, 56, 190
+    right = w - legend_w
+
+    def ty(y: float) -> float:
+        return math.log10(y) if log_y else y
+
+    pts = [p for _, _, s in series for p in s if all(math.isfinite(v) for v in p) and (p[1] > 0 or not log_y)]
     if not pts:
         return ""
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    y0, y1 = min(ty(p[1]) for p in pts), max(ty(p[1]) for p in pts)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
 
     def sx(x: float) -> float:
-        return pad + (x - x0) / (x1 - x0) * (w - 2 * pad)
+        return pad + (x - x0) / (x1 - x0) * (right - pad - 10)
 
     def sy(y: float) -> float:
-        return h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)
+        return h - pad - (ty(y) - y0) / (y1 - y0) * (h - 2 * pad)
+
+    def tick(v: float) -> str:
+        return f"{10**v:.3g}" if log_y else f"{v:.3g}"
 
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">',
-        f'<text x="{w / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
-        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" font-family="sans-serif">',
+        f'<text x="{right / 2}" y="20" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{right - 10}" y2="{h - pad}" stroke="#333"/>',
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
-        f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle" font-size="12">{html.escape(xlabel)}</text>',
+        f'<text x="{right / 2}" y="{h - 14}" text-anchor="middle" font-size="12">{html.escape(xlabel)}</text>',
         f'<text x="14" y="{h / 2}" font-size="12" transform="rotate(-90 14 {h / 2})" '
-        f'text-anchor="middle">{html.escape(ylabel)}</text>',
-        f'<text x="{pad - 4}" y="{h - pad}" text-anchor="end" font-size="10">{y0:.3g}</text>',
-        f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end" font-size="10">{y1:.3g}</text>',
+        f'text-anchor="middle">{html.escape(ylabel + (" (log scale)" if log_y else ""))}</text>',
+        f'<text x="{pad - 4}" y="{h - pad}" text-anchor="end" font-size="10">{tick(y0)}</text>',
+        f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end" font-size="10">{tick(y1)}</text>',
         f'<text x="{pad}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{x0:.3g}</text>',
-        f'<text x="{w - pad}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{x1:.3g}</text>',
+        f'<text x="{right - 10}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{x1:.3g}</text>',
     ]
-    for i, (label, color, s) in enumerate(series):
-        s = [p for p in s if all(math.isfinite(v) for v in p)]
+    legend: dict[str, str] = {}
+    for label, color, s in series:
+        s = [p for p in s if all(math.isfinite(v) for v in p) and (p[1] > 0 or not log_y)]
         if len(s) > 1:
             path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
-            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
-        else:
-            for x, y in s:
-                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="{color}"/>')
-        out.append(
-            f'<text x="{w - pad + 4}" y="{pad + 14 * i}" font-size="11" fill="{color}">{html.escape(label)}</text>'
-        )
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.2" opacity="0.8" points="{path}"/>')
+        for x, y in s if len(s) == 1 else []:
+            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="{color}"/>')
+            if label_points:
+                out.append(f'<text x="{sx(x) + 7:.1f}" y="{sy(y) + 4:.1f}" font-size="10">{html.escape(label)}</text>')
+        legend.setdefault(label, color)
+    for i, (label, color) in enumerate(legend.items()):
+        y = pad + 16 * i
+        out.append(f'<rect x="{right + 6}" y="{y - 9}" width="10" height="10" fill="{color}"/>')
+        out.append(f'<text x="{right + 20}" y="{y}" font-size="11">{html.escape(label)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -232,10 +252,8 @@ def render_html(plan: Plan, records: list[dict[str, Any]]) -> str:
         rows = [r for r in runs if r["stage"] == stage.name]
         if not rows:
             continue
-        series = [
-            (f"{r['optimizer']} s{r['seed']}", color[r["optimizer"]], [tuple(p) for p in r["loss_curve"]]) for r in rows
-        ]
-        body.append(_svg_lines(series, f"Training loss, stage '{stage.name}'", "step", "loss"))
+        series = [(r["optimizer"], color[r["optimizer"]], [tuple(p) for p in r["loss_curve"]]) for r in rows]
+        body.append(_svg_lines(series, f"Training loss, stage {stage.name} (every seed)", "step", "loss", log_y=True))
         summary = summarize(rows)
         ok = {n: s for n, s in summary.items() if s["status"] == "ok"}
         metric = next(iter(ok.values()))["metric"] if ok else "metric"
@@ -243,13 +261,14 @@ def render_html(plan: Plan, records: list[dict[str, Any]]) -> str:
         body.append(
             _svg_lines(
                 scatter,
-                f"{metric} against optimizer state, stage '{stage.name}'",
+                f"{metric} (mean over seeds) against optimizer state, stage {stage.name}",
                 "optimizer state (bytes per parameter)",
                 metric,
+                label_points=True,
             )
         )
         bars = [(n, color[n], 1000 * s["step_time_median_s"]) for n, s in ok.items()]
-        body.append(_svg_bars(bars, f"Median training-step time, stage '{stage.name}'", "ms"))
+        body.append(_svg_bars(bars, f"Median training-step time, stage {stage.name}", "ms"))
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
