@@ -85,6 +85,7 @@ def microadam_step(
     param_index: int,
     chunk_size: int = DEFAULT_CHUNK,
     impl: str = "torch",
+    position_offset: int = 0,
 ) -> None:
     """One MicroAdam step on ``param`` (any shape) with gradient ``grad``, in place.
 
@@ -101,6 +102,8 @@ def microadam_step(
         seed, param_index: identify the random stream of this tensor.
         chunk_size: target elements per chunk (bounds transient memory).
         impl: ``"torch"``.
+        position_offset: flat index of ``param``'s first element in the full tensor when it is a
+            shard (FSDP2), so random bits are keyed by global positions.
     """
     if impl != "torch":
         raise ValueError(f"impl={impl!r} is not available in microadam_step; choose one of {IMPLEMENTATIONS}")
@@ -167,7 +170,7 @@ def microadam_step(
         rest = a_blocks.view(-1)[:length]
         uniform = None
         if error_rounding == "stochastic":
-            pos = torch.arange(start, start + nqc * q, device=device)
+            pos = torch.arange(start, start + nqc * q, device=device) + position_offset
             uniform = (hash_bits(pos, err_key) >> 8).to(cd).view(nqc, q) * 2.0**-24
         new_codes, lo, hi = quantize_blocks(_pad_rows(rest, nqc, q, None), uniform)
         error_codes[start // 2 : (end + 1) // 2] = pack_nibbles(new_codes.view(-1)[:length])
@@ -192,14 +195,18 @@ def microadam_step(
         if weight_decay != 0 and param.dtype != cd:
             full = p_chunk.to(cd) * decay
             full[pos] = full[pos] - lr * u
-            bits = hash_bits(torch.arange(start, end, device=device), par_key) if stochastic_param else None
+            bits = (
+                hash_bits(torch.arange(start, end, device=device) + position_offset, par_key)
+                if stochastic_param
+                else None
+            )
             p_chunk.copy_(round_to_dtype(full, param.dtype, bits))
         else:
             if weight_decay != 0:
                 p_chunk.mul_(decay)
             # fp32/fp64 decayed in place above; a low-precision parameter here has wd == 0.
             new = p_chunk[pos].to(cd) - lr * u
-            bits = hash_bits(pos + start, par_key) if stochastic_param else None
+            bits = hash_bits(pos + (start + position_offset), par_key) if stochastic_param else None
             # Duplicated positions carry equal values (same u, same random bits).
             p_chunk[pos] = round_to_dtype(new, param.dtype, bits)
 

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
-__all__ = ["MicroAdam", "NonFiniteGradientError", "grads_all_finite"]
+__all__ = ["MicroAdam", "NonFiniteGradientError", "global_offset", "grads_all_finite", "local_tensor"]
 
 # Hyperparameters that fix the shapes and meaning of the saved state: a
 # checkpoint is only valid under the same values.
@@ -30,6 +30,31 @@ DENSE_STATE_KEYS = ("step", "numel", "exp_avg", "exp_avg_sq")
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient held NaN or Inf and ``nonfinite="raise"`` was chosen."""
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this process holds: a DTensor's local shard (sharing its storage), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) and type(t).__name__ == "DTensor" else t
+
+
+def global_offset(t: torch.Tensor) -> int:
+    """Flat index, in the full tensor, of the first element of this process's shard (0 if not sharded).
+
+    For FSDP2's ``Shard(0)`` the shard is a contiguous range of the full tensor's row-major order,
+    so an element's global position is this offset plus its local position; random bits keyed by
+    it match a single process's.
+    """
+    if type(t).__name__ != "DTensor":
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    flat, stride = 0, 1
+    for size, off in zip(reversed(t.shape), reversed(offset)):
+        flat += off * stride
+        stride *= size
+    return flat
 
 
 def grads_all_finite(grads: list[torch.Tensor]) -> bool:
@@ -244,7 +269,7 @@ class MicroAdam(Optimizer):
     def layout(p: torch.Tensor, group: dict[str, Any]) -> Layout:
         """The state layout of parameter ``p`` under ``group``'s hyperparameters."""
         return layout_for(
-            p.numel(),
+            local_tensor(p).numel(),
             block_size=group["block_size"],
             density=group["density"],
             quant_block_size=group["quant_block_size"],
@@ -254,6 +279,7 @@ class MicroAdam(Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         lay = self.layout(p, group)
         state = self.state[p]
+        p = local_tensor(p)
         state["step"] = 0
         state["numel"] = lay.numel
         state["window_indices"] = torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.int16, device=p.device)
@@ -296,7 +322,13 @@ class MicroAdam(Optimizer):
                 loss = closure()
 
         work = self._gradients()
-        if not self._all_finite([g for _, _, _, g in work]):
+        finite = self._all_finite([local_tensor(g) for _, _, _, g in work])
+        if any(type(p).__name__ == "DTensor" for _, _, p, _ in work) and torch.distributed.is_initialized():
+            # Sharded: each rank sees its shard's gradients only; all must skip, or none.
+            flag = torch.tensor([1.0 if finite else 0.0], device=local_tensor(work[0][3]).device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(flag.item() > 0.5)
+        if not finite:
             policy = {group["nonfinite"] for _, group, _, _ in work}
             if "raise" in policy:
                 raise NonFiniteGradientError(
@@ -328,8 +360,8 @@ class MicroAdam(Optimizer):
             # updated earlier in this step stay updated: retrying the whole step applies their
             # update twice; restore a checkpoint (or a Guard snapshot) instead.
             microadam_step(
-                p,
-                g,
+                local_tensor(p),
+                local_tensor(g),
                 window_indices=state["window_indices"],
                 window_values=state["window_values"],
                 error_codes=state["error_codes"],
@@ -347,6 +379,7 @@ class MicroAdam(Optimizer):
                 param_index=index,
                 chunk_size=group["chunk_size"],
                 impl=group["impl"] or "torch",
+                position_offset=global_offset(p),
             )
             state["step"] += 1
         return loss
@@ -395,6 +428,7 @@ class MicroAdam(Optimizer):
                 if not st or "window_indices" not in st:
                     continue
                 old, lay = self.layout(p, group), self.layout(p, new)
+                p = local_tensor(p)
                 t = st["step"]
                 idx = torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.int16, device=p.device)
                 val = torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.bfloat16, device=p.device)
@@ -423,6 +457,7 @@ class MicroAdam(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
+                p = local_tensor(p)
                 if not st or "error_codes" not in st or p.numel() == 0:
                     continue
                 q = group["quant_block_size"]
@@ -459,12 +494,13 @@ class MicroAdam(Optimizer):
             if group.get("dense", False):
                 continue
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                st = self.state.get(p)
+            for param in group["params"]:
+                st = self.state.get(param)
+                p = local_tensor(param)
                 dt = torch.float64 if p.dtype == torch.float64 else torch.float32
                 if not st or "window_indices" not in st:
                     if st is not None:
-                        self.state.pop(p)
+                        self.state.pop(param)
                     continue
                 lay, t, n = self.layout(p, group), st["step"], p.numel()
                 m = torch.zeros(lay.num_blocks * lay.block, dtype=dt, device=p.device)
@@ -482,7 +518,7 @@ class MicroAdam(Optimizer):
                 b = st["error_bounds"]
                 e = dequantize_blocks(codes.view(-1, q), b[:, 0], b[:, 1], dt).view(-1)[:n]
                 m, v = m[:n] + e, v[:n] + e * e
-                self.state[p] = {
+                self.state[param] = {
                     "step": t,
                     "numel": n,
                     "exp_avg": ((1 - b1) * m).view(p.shape),
@@ -493,6 +529,8 @@ class MicroAdam(Optimizer):
     def _dense_step(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any], index: int) -> None:
         """AdamW (decoupled weight decay, bias correction as torch.optim.AdamW) on fp32 moments."""
         st = self.state[p]
+        offset = global_offset(p)
+        p, g = local_tensor(p), local_tensor(g)
         dt = torch.float64 if p.dtype == torch.float64 else torch.float32
         if "exp_avg" not in st:
             st.update(
@@ -520,7 +558,7 @@ class MicroAdam(Optimizer):
             bits = None
             if group["stochastic_rounding"] and p.dtype == torch.bfloat16:
                 key = stream_key(group["seed"], index, t, STREAM_PARAM)
-                bits = hash_bits(torch.arange(p.numel(), device=p.device), key).view(p.shape)
+                bits = hash_bits(torch.arange(p.numel(), device=p.device) + offset, key).view(p.shape)
             p.copy_(round_to_dtype(new, p.dtype, bits))
 
     # ------------------------------------------------------------------ checkpoints
@@ -601,6 +639,7 @@ class MicroAdam(Optimizer):
             post_hook(self)
 
     def _checked_param_state(self, pid: Any, p: torch.Tensor, saved: dict[str, Any], group: dict) -> dict[str, Any]:
+        p = local_tensor(p)  # a sharded parameter's state is its shard's
         keys = DENSE_STATE_KEYS if group.get("dense", False) else STATE_KEYS
         missing = [k for k in keys if k not in saved]
         if missing:
