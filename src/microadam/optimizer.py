@@ -572,6 +572,14 @@ class MicroAdam(Optimizer):
         """
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        # A sharded parameter's state belongs to one shard: record which, so a load on another
+        # rank or world size is refused instead of silently taking another shard's state.
+        params = [p for g in self.param_groups for p in g["params"]]
+        for k, st in sd["state"].items():
+            p = params[k] if isinstance(k, int) and k < len(params) else None
+            if p is not None and type(p).__name__ == "DTensor":
+                st["shard_offset"] = global_offset(p)
+                st["shard_numel"] = p.numel()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -639,6 +647,18 @@ class MicroAdam(Optimizer):
             post_hook(self)
 
     def _checked_param_state(self, pid: Any, p: torch.Tensor, saved: dict[str, Any], group: dict) -> dict[str, Any]:
+        sharded = type(p).__name__ == "DTensor"
+        if sharded or "shard_offset" in saved:
+            here = (global_offset(p), p.numel()) if sharded else (0, p.numel())
+            there = (saved.get("shard_offset", 0), saved.get("shard_numel", saved.get("numel")))
+            if not sharded or "shard_offset" not in saved or here != there:
+                raise ValueError(
+                    f"the loaded state of parameter {pid!r} belongs to the shard at element {there[0]} of a "
+                    f"{there[1]}-element tensor{'' if 'shard_offset' in saved else ' (saved unsharded)'}, but this "
+                    f"process holds {'the shard at element ' + str(here[0]) if sharded else 'the whole tensor'}; "
+                    "MicroAdam state loads only into the same sharding (same world size and rank). "
+                    "Resharding it is not supported yet: resume with the world size it was saved with"
+                )
         p = local_tensor(p)  # a sharded parameter's state is its shard's
         keys = DENSE_STATE_KEYS if group.get("dense", False) else STATE_KEYS
         missing = [k for k in keys if k not in saved]

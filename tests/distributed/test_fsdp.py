@@ -93,3 +93,61 @@ def test_fsdp2_matches_a_single_process(tmp_path, bias):
         # The biases' blocks differ (64 + 64 against 128): stated tolerance on the loss curve.
         for a, b in zip(ranks[0]["losses"], losses):
             assert abs(a - b) <= 0.02 * abs(b), (ranks[0]["losses"], losses)
+
+
+def _ckpt_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    from torch.distributed.fsdp import fully_shard
+
+    def build() -> tuple[torch.nn.Module, MicroAdam]:
+        model = _model(True)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model, MicroAdam(model.parameters(), **KW)
+
+    batches = _batches()
+    model, opt = build()
+    straight = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        straight.append(loss.item())
+    # Again, stopping after 5 steps: per-rank checkpoint files, loaded into fresh objects.
+    model, opt = build()
+    resumed = []
+    for i, (x, y) in enumerate(batches):
+        if i == 5:
+            torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, f"{out}/ckpt{rank}.pt")
+            dist.barrier()
+            model, opt = build()
+            ck = torch.load(f"{out}/ckpt{rank}.pt", weights_only=False)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optim"])
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        resumed.append(loss.item())
+    # The other rank's file: refused, nothing changed.
+    other = torch.load(f"{out}/ckpt{1 - rank}.pt", weights_only=False)
+    try:
+        opt.load_state_dict(other["optim"])
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    torch.save({"straight": straight, "resumed": resumed, "refused": refused}, f"{out}/result{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp2_per_rank_checkpoint_resumes_exactly_and_refuses_another_shard(tmp_path):
+    mp.spawn(_ckpt_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        res = torch.load(tmp_path / f"result{r}.pt", weights_only=True)
+        assert res["resumed"] == res["straight"]
+        assert "same sharding" in res["refused"]
