@@ -1,0 +1,120 @@
+"""FSDP2 + MicroAdam with torchrun, on CPUs (gloo) or GPUs (nccl), unchanged.
+
+    torchrun --nproc_per_node=2 examples/fsdp_train.py --steps 20
+    torchrun --nproc_per_node=1 examples/fsdp_train.py --steps 20      # the one-process reference
+
+A small causal transformer LM over bytes of a text (the King James Bible when the Debian package
+bible-kjv is installed, else this file), sharded with ``fully_shard`` per layer. MicroAdam steps each
+rank's shard; its state stays on that rank. Each rank prints its optimizer-state bytes and writes a
+per-rank checkpoint (``--ckpt``); resume with the same world size (``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+from microadam import MicroAdam, state_bytes
+
+
+def _text() -> bytes:
+    try:
+        out = subprocess.run(["bible", "gen1:1-gen50:26"], capture_output=True, timeout=60, check=True).stdout
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass
+    with open(__file__, "rb") as f:
+        return f.read()
+
+
+class LM(torch.nn.Module):
+    def __init__(self, d: int, layers: int, context: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(256, d)
+        self.pos = torch.nn.Embedding(context, d)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(layers)
+        )
+        self.head = torch.nn.Linear(d, 256)
+        self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x) + self.pos.weight[: x.shape[1]]
+        for block in self.blocks:
+            h = block(h, src_mask=self.mask[: x.shape[1], : x.shape[1]], is_causal=True)
+        return self.head(h)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ckpt", default="fsdp-ckpt")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model = LM(args.d_model, args.layers, args.context).to(device)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    opt = MicroAdam(model.parameters(), lr=args.lr)
+    start = 0
+    path = f"{args.ckpt}/rank{rank}-of-{world}.pt"
+    if args.resume:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optim"])
+        start = ck["step"]
+
+    data = torch.tensor(list(_text()), dtype=torch.long)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(args.steps):
+        # Each rank trains on its own part of the global batch.
+        starts = torch.randint(0, len(data) - args.context - 1, (world, args.batch), generator=gen)[rank]
+        if step < start:
+            continue
+        idx = starts[:, None] + torch.arange(args.context + 1)
+        x, y = data[idx[:, :-1]].to(device), data[idx[:, 1:]].to(device)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
+            print(f"step {step:4d}  loss {mean.item() / world:.4f}", flush=True)
+
+    n_local = sum(p.to_local().numel() for p in model.parameters())
+    n_total = sum(p.numel() for p in model.parameters())
+    sb = state_bytes(opt)
+    print(
+        f"rank {rank}/{world}: {n_local:,} of {n_total:,} parameters, optimizer state {sb:,} bytes "
+        f"({sb / n_local:.3f} per local parameter)",
+        flush=True,
+    )
+    os.makedirs(args.ckpt, exist_ok=True)
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": args.steps}, path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
