@@ -218,40 +218,18 @@ def run_plan(
                 continue
             label = f"  [{i + 1}/{len(todo)}] {stage.name} {opt_name} seed {seed}"
             spec = get_spec(plan.base_optimizer(opt_name))
+            failed = dict(kind="run", run_key=key, stage=stage.name, optimizer=opt_name, seed=seed, label=spec.label)
             if not spec.installed():
-                row = {
-                    "kind": "run",
-                    "run_key": key,
-                    "stage": stage.name,
-                    "optimizer": opt_name,
-                    "seed": seed,
-                    "label": spec.label,
-                    "status": "not_installed",
-                    "message": f"not installed: {spec.install}",
-                }
+                row = {**failed, "status": "not_installed", "message": f"not installed: {spec.install}"}
                 log(f"{label}: {spec.label} is not installed ({spec.install})")
             else:
                 try:
                     row = run_one(plan, stage, opt_name, seed, device, ProgressBar(stage.steps, label))
                 except (NotInstalled, MissingDependency) as e:
-                    row = {
-                        "kind": "run",
-                        "run_key": key,
-                        "stage": stage.name,
-                        "optimizer": opt_name,
-                        "seed": seed,
-                        "label": spec.label,
-                        "status": "not_installed",
-                        "message": str(e),
-                    }
+                    row = {**failed, "status": "not_installed", "message": str(e)}
                 except Exception as e:  # one failing optimizer must not lose the others' results
                     row = {
-                        "kind": "run",
-                        "run_key": key,
-                        "stage": stage.name,
-                        "optimizer": opt_name,
-                        "seed": seed,
-                        "label": spec.label,
+                        **failed,
                         "status": "error",
                         "message": f"{type(e).__name__}: {e}",
                         "traceback": traceback.format_exc(limit=5),
