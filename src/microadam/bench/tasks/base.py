@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MissingDependency", "Task", "TaskSize", "Workload"]
+__all__ = ["MissingDependency", "Task", "TaskSize", "Workload", "sequence_classification_workload"]
 
 
 class MissingDependency(RuntimeError):
@@ -88,3 +88,50 @@ def endless(make_epoch: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
     while True:
         yield from make_epoch(epoch)
         epoch += 1
+
+
+def sequence_classification_workload(
+    model: torch.nn.Module,
+    train: list[Any],
+    held: list[Any],
+    encode: Callable[[list[Any]], dict[str, Any]],
+    *,
+    seed: int,
+    batch_size: int,
+    info: dict[str, Any],
+    eval_batch: int = 100,
+) -> Workload:
+    """The workload of a Hugging Face sequence-classification model (tweets, text-classification).
+
+    ``encode(rows)`` turns a list of examples into model inputs with ``labels``; batches are the
+    training rows in a seeded shuffled order; evaluation returns accuracy and mean loss on ``held``.
+    """
+    import random
+
+    rng = random.Random(seed)
+
+    def epoch(_: int) -> Iterator[dict[str, Any]]:
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield encode([train[j] for j in order[i : i + batch_size]])
+
+    def loss(m: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return m(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        was_training = m.training
+        m.eval()
+        correct, total, loss_sum = 0, 0, 0.0
+        for i in range(0, len(held), eval_batch):
+            batch = encode(held[i : i + eval_batch])
+            out = m(**batch)
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+            loss_sum += out.loss.item() * len(batch["labels"])
+            total += len(batch["labels"])
+        m.train(was_training)
+        return {"accuracy": correct / total, "val_loss": loss_sum / total}
+
+    model.train()
+    return Workload(model, endless(epoch), loss, evaluate, info=info)

@@ -29,12 +29,11 @@ import csv
 import json
 import os
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload, endless
+from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload, sequence_classification_workload
 
 __all__ = ["TextClassificationTask", "read_records"]
 
@@ -265,37 +264,14 @@ class TextClassificationTask(Task):
             enc["labels"] = torch.tensor([y for _, _, y in rows])
             return {k: v.to(device) for k, v in enc.items()}
 
-        rng = random.Random(seed)
-
-        def epoch(_: int) -> Iterator[dict[str, Any]]:
-            order = list(range(len(train)))
-            rng.shuffle(order)
-            for i in range(0, len(order) - size.batch_size + 1, size.batch_size):
-                yield encode([train[j] for j in order[i : i + size.batch_size]])
-
-        def loss(m: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-            return m(**batch).loss
-
-        @torch.no_grad()
-        def evaluate(m: torch.nn.Module) -> dict[str, float]:
-            was_training = m.training
-            m.eval()
-            correct, total, loss_sum = 0, 0, 0.0
-            for i in range(0, len(held), EVAL_BATCH):
-                batch = encode(held[i : i + EVAL_BATCH])
-                out = m(**batch)
-                correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
-                loss_sum += out.loss.item() * len(batch["labels"])
-                total += len(batch["labels"])
-            m.train(was_training)
-            return {"accuracy": correct / total, "val_loss": loss_sum / total}
-
-        model.train()
-        return Workload(
+        return sequence_classification_workload(
             model,
-            endless(epoch),
-            loss,
-            evaluate,
+            train,
+            held,
+            encode,
+            seed=seed,
+            batch_size=size.batch_size,
+            eval_batch=EVAL_BATCH,
             info={
                 "model": self.model_name,
                 "data": self.dataset or self.train_file,
