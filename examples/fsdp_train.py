@@ -12,6 +12,7 @@ per-rank checkpoint (``--ckpt``); resume with the same world size (``--resume``)
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import subprocess
 
@@ -62,9 +63,19 @@ def main() -> None:
     ap.add_argument("--ckpt", default="fsdp-ckpt")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
-
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        train(args, cuda)
+    finally:
+        # The sharded model and optimizer hold the process group: free them before destroying it,
+        # or gloo's threads can outlive it and abort the process at exit.
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, cuda: bool) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -113,7 +124,6 @@ def main() -> None:
     )
     os.makedirs(args.ckpt, exist_ok=True)
     torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": args.steps}, path)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,15 +6,12 @@ MicroAdam, which is deterministic, takes the same step on every rank with no ext
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from microadam import MicroAdam
+
+from .launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -32,10 +29,7 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(STEPS, 2 * BATCH, 20, generator=g), torch.randint(0, 3, (STEPS, 2 * BATCH), generator=g)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, out: str) -> None:
     model = torch.nn.parallel.DistributedDataParallel(_model())
     opt = MicroAdam(model.parameters(), **KW)
     x, y = _data()
@@ -45,17 +39,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
     torch.save([p.detach().clone() for p in model.module.parameters()], f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_matches_a_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(r0, r1)), "ranks diverged"

@@ -10,15 +10,13 @@ selections differ and the runs agree only approximately.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from microadam import MicroAdam, state_bytes
+
+from .launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -50,10 +48,7 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[float]:
     return losses
 
 
-def _worker(rank: int, port: int, out: str, bias: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, out: str, bias: bool) -> None:
     from torch.distributed.fsdp import fully_shard
 
     model = _model(bias)
@@ -65,18 +60,11 @@ def _worker(rank: int, port: int, out: str, bias: bool) -> None:
     losses = _train(model, opt)
     full = [p.full_tensor().detach().clone() for p in model.parameters()]
     torch.save({"losses": losses, "params": full, "state_bytes": state_bytes(opt)}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["block-aligned", "with-biases"])
 def test_fsdp2_matches_a_single_process(tmp_path, bias):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), bias), nprocs=2, join=True)
+    spawn(_worker, str(tmp_path), bias)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     model = _model(bias)
     opt = MicroAdam(model.parameters(), **KW)
@@ -95,10 +83,7 @@ def test_fsdp2_matches_a_single_process(tmp_path, bias):
             assert abs(a - b) <= 0.02 * abs(b), (ranks[0]["losses"], losses)
 
 
-def _ckpt_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
+def _ckpt_worker(rank: int, world: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     def build() -> tuple[torch.nn.Module, MicroAdam]:
@@ -142,11 +127,10 @@ def _ckpt_worker(rank: int, port: int, out: str) -> None:
     except ValueError as e:
         refused = str(e)
     torch.save({"straight": straight, "resumed": resumed, "refused": refused}, f"{out}/result{rank}.pt")
-    dist.destroy_process_group()
 
 
 def test_fsdp2_per_rank_checkpoint_resumes_exactly_and_refuses_another_shard(tmp_path):
-    mp.spawn(_ckpt_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_ckpt_worker, str(tmp_path))
     for r in (0, 1):
         res = torch.load(tmp_path / f"result{r}.pt", weights_only=True)
         assert res["resumed"] == res["straight"]
