@@ -5,8 +5,12 @@
 
 A small causal transformer LM over bytes of a text (the King James Bible when the Debian package
 bible-kjv is installed, else this file), sharded with ``fully_shard`` per layer. MicroAdam steps each
-rank's shard; its state stays on that rank. Each rank prints its optimizer-state bytes and writes a
-per-rank checkpoint (``--ckpt``); resume with the same world size (``--resume``).
+rank's shard; its state stays on that rank. Each rank prints its optimizer-state bytes; model and
+optimizer are saved with ``torch.distributed.checkpoint`` (``--ckpt``), which reshards, so ``--resume``
+continues at any world size:
+
+    torchrun --nproc_per_node=2 examples/fsdp_train.py --steps 10
+    torchrun --nproc_per_node=1 examples/fsdp_train.py --steps 20 --resume
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import subprocess
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from microadam import MicroAdam, state_bytes
 
@@ -89,12 +95,15 @@ def train(args: argparse.Namespace, cuda: bool) -> None:
     fully_shard(model)
     opt = MicroAdam(model.parameters(), lr=args.lr)
     start = 0
-    path = f"{args.ckpt}/rank{rank}-of-{world}.pt"
     if args.resume:
-        ck = torch.load(path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optim"])
-        start = ck["step"]
+        # get_state_dict gives this world size's template; dcp.load fills it, resharding as needed.
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd, "step": torch.zeros((), dtype=torch.long)}
+        dcp.load(state, checkpoint_id=args.ckpt)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        start = int(state["step"])
+        if rank == 0:
+            print(f"resumed from {args.ckpt} at step {start}", flush=True)
 
     data = torch.tensor(list(_text()), dtype=torch.long)
     gen = torch.Generator().manual_seed(1)
@@ -122,8 +131,10 @@ def train(args: argparse.Namespace, cuda: bool) -> None:
         f"({sb / n_local:.3f} per local parameter)",
         flush=True,
     )
-    os.makedirs(args.ckpt, exist_ok=True)
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": args.steps}, path)
+    msd, osd = get_state_dict(model, opt)
+    # overwrite=True: a resumed run saves over the checkpoint it started from, on purpose.
+    writer = dcp.FileSystemWriter(args.ckpt, overwrite=True)
+    dcp.save({"model": msd, "optim": osd, "step": torch.tensor(args.steps)}, storage_writer=writer)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from copy import deepcopy
+from functools import partial
 from itertools import chain
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from microadam import sharding
 from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
@@ -568,19 +570,33 @@ class MicroAdam(Optimizer):
 
         Each parameter's entry is a new dict (torch hands out the live one), so
         editing the returned dict cannot change this optimizer. Tensors are
-        shared, not copied, as in torch.
+        shared, not copied, as in torch. A sharded (DTensor) parameter's entry is
+        in the global layout of :mod:`microadam.sharding`, as DTensors, so
+        ``torch.distributed.checkpoint`` can reshard it; for a shard that does not
+        hold whole blocks this gathers over the mesh, so every rank must call it.
         """
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
-        # A sharded parameter's state belongs to one shard: record which, so a load on another
-        # rank or world size is refused instead of silently taking another shard's state.
         params = [p for g in self.param_groups for p in g["params"]]
-        for k, st in sd["state"].items():
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for k in sorted(sd["state"], key=str):
             p = params[k] if isinstance(k, int) and k < len(params) else None
             if p is not None and type(p).__name__ == "DTensor":
-                st["shard_offset"] = global_offset(p)
-                st["shard_numel"] = p.numel()
+                group = group_of[id(p)]
+                sd["state"][k] = sharding.to_global(
+                    sd["state"][k], p, self._layout_of(p.numel(), group), partial(self._layout_of, group=group)
+                )
         return sd
+
+    @staticmethod
+    def _layout_of(numel: int, group: dict[str, Any]) -> Layout:
+        return layout_for(
+            numel,
+            block_size=group["block_size"],
+            density=group["density"],
+            quant_block_size=group["quant_block_size"],
+            window=group["window"],
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, keeping integer state exact.
@@ -647,19 +663,6 @@ class MicroAdam(Optimizer):
             post_hook(self)
 
     def _checked_param_state(self, pid: Any, p: torch.Tensor, saved: dict[str, Any], group: dict) -> dict[str, Any]:
-        sharded = type(p).__name__ == "DTensor"
-        if sharded or "shard_offset" in saved:
-            here = (global_offset(p), p.numel()) if sharded else (0, p.numel())
-            there = (saved.get("shard_offset", 0), saved.get("shard_numel", saved.get("numel")))
-            if not sharded or "shard_offset" not in saved or here != there:
-                raise ValueError(
-                    f"the loaded state of parameter {pid!r} belongs to the shard at element {there[0]} of a "
-                    f"{there[1]}-element tensor{'' if 'shard_offset' in saved else ' (saved unsharded)'}, but this "
-                    f"process holds {'the shard at element ' + str(here[0]) if sharded else 'the whole tensor'}; "
-                    "MicroAdam state loads only into the same sharding (same world size and rank). "
-                    "Resharding it is not supported yet: resume with the world size it was saved with"
-                )
-        p = local_tensor(p)  # a sharded parameter's state is its shard's
         keys = DENSE_STATE_KEYS if group.get("dense", False) else STATE_KEYS
         missing = [k for k in keys if k not in saved]
         if missing:
@@ -667,57 +670,85 @@ class MicroAdam(Optimizer):
                 f"the loaded state of parameter {pid!r} lacks {missing}; it was not saved by MicroAdam "
                 "(or by an incompatible version)"
             )
+        sharded = type(p).__name__ == "DTensor"
+        if sharded or "row_ids" in saved:
+            if saved["numel"] != p.numel():
+                raise ValueError(
+                    f"the loaded state of parameter {pid!r} was saved for a tensor of {saved['numel']} elements, "
+                    f"but this parameter has {p.numel()} (shape {tuple(p.shape)}); load it into the same model"
+                )
+            if "row_ids" not in saved:  # a single process's state: the global layout, whole
+                rows = p.shape[0] if p.dim() else 1
+                saved = {**saved, "row_ids": torch.arange(rows, dtype=torch.int32)}
+            saved = sharding.to_local(
+                saved,
+                p if sharded else None,
+                self._layout_of(p.numel(), group),
+                partial(self._layout_of, group=group),
+                pid,
+            )
+        p = local_tensor(p)  # a sharded parameter's state is its shard's
         if saved["numel"] != p.numel():
             raise ValueError(
                 f"the loaded state of parameter {pid!r} was saved for a tensor of {saved['numel']} elements, "
                 f"but this parameter has {p.numel()} (shape {tuple(p.shape)}); load it into the same model"
             )
         lay = self.layout(p, group)
-        float_dt = torch.float64 if p.dtype == torch.float64 else torch.float32
-        expected = (
-            {
-                "exp_avg": (tuple(p.shape), float_dt),
-                "exp_avg_sq": (tuple(p.shape), float_dt),
-            }
-            if group.get("dense", False)
-            else {
-                "window_indices": ((lay.window, lay.num_blocks, lay.k), torch.int16),
-                "window_values": ((lay.window, lay.num_blocks, lay.k), torch.bfloat16),
-                "error_codes": (((lay.numel + 1) // 2,), torch.uint8),
-                "error_bounds": ((lay.num_quant_blocks, 2), torch.bfloat16),
-            }
-        )
         out: dict[str, Any] = {"step": int(saved["step"]), "numel": int(saved["numel"])}
-        for key, (shape, dtype) in expected.items():
-            t = saved[key]
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
-                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(
-                    f"the loaded {key!r} of parameter {pid!r} is {got}, expected {dtype} {shape}; "
-                    "the checkpoint is corrupt or from another configuration"
-                )
-            # Copy, keeping the dtype; move to the parameter's device.
-            out[key] = t.to(device=p.device, copy=True)
         if out["step"] < 0:
             raise ValueError(f"the loaded step of parameter {pid!r} is {out['step']}; it must be >= 0")
-        # Values, not just shapes: an index outside its block would move a coordinate of another
-        # block; a non-finite value or bound would fill the window with NaN at the next step.
-        for key, t in out.items():
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"the loaded {key!r} of parameter {pid!r} holds NaN or Inf; the checkpoint is corrupt")
-        if not group.get("dense", False) and lay.numel > 0:
-            idx = out["window_indices"].long()
-            # Real length of each block: the last one may be partial.
-            lengths = torch.full((lay.num_blocks,), lay.block, device=idx.device)
-            lengths[-1] = lay.numel - (lay.num_blocks - 1) * lay.block
-            if bool((idx < 0).any()) or bool((idx >= lengths[None, :, None]).any()):
-                raise ValueError(
-                    f"the loaded 'window_indices' of parameter {pid!r} point outside their blocks "
-                    f"(block size {lay.block}); the checkpoint is corrupt"
-                )
-            bounds = out["error_bounds"]
-            if bool((bounds[:, 0] > bounds[:, 1]).any()):
-                raise ValueError(
-                    f"the loaded 'error_bounds' of parameter {pid!r} have lo > hi; the checkpoint is corrupt"
-                )
+        if group.get("dense", False):
+            float_dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[key] = _checked_tensor(pid, key, saved[key], tuple(p.shape), float_dt).to(p.device, copy=True)
+                if not bool(torch.isfinite(out[key]).all()):
+                    raise ValueError(
+                        f"the loaded {key!r} of parameter {pid!r} holds NaN or Inf; the checkpoint is corrupt"
+                    )
+            return out
+        checked = check_micro_state(pid, saved, lay)
+        # Copy, keeping the dtype; move to the parameter's device.
+        out.update({k: t.to(device=p.device, copy=True) for k, t in checked.items()})
         return out
+
+
+def _checked_tensor(pid: Any, key: str, t: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(
+            f"the loaded {key!r} of parameter {pid!r} is {got}, expected {dtype} {shape}; "
+            "the checkpoint is corrupt or from another configuration"
+        )
+    return t
+
+
+def check_micro_state(pid: Any, saved: dict[str, Any], lay: Layout) -> dict[str, torch.Tensor]:
+    """The four MicroAdam state tensors of ``saved``, checked against ``lay``; ``ValueError`` otherwise.
+
+    Values, not just shapes: an index outside its block would move a coordinate of another block;
+    a non-finite value or bound would fill the window with NaN at the next step.
+    """
+    expected = {
+        "window_indices": ((lay.window, lay.num_blocks, lay.k), torch.int16),
+        "window_values": ((lay.window, lay.num_blocks, lay.k), torch.bfloat16),
+        "error_codes": (((lay.numel + 1) // 2,), torch.uint8),
+        "error_bounds": ((lay.num_quant_blocks, 2), torch.bfloat16),
+    }
+    out = {key: _checked_tensor(pid, key, saved[key], shape, dtype) for key, (shape, dtype) in expected.items()}
+    for key in ("window_values", "error_bounds"):
+        if not bool(torch.isfinite(out[key]).all()):
+            raise ValueError(f"the loaded {key!r} of parameter {pid!r} holds NaN or Inf; the checkpoint is corrupt")
+    if lay.numel > 0:
+        idx = out["window_indices"].long()
+        # Real length of each block: the last one may be partial.
+        lengths = torch.full((lay.num_blocks,), lay.block, device=idx.device)
+        lengths[-1] = lay.numel - (lay.num_blocks - 1) * lay.block
+        if bool((idx < 0).any()) or bool((idx >= lengths[None, :, None]).any()):
+            raise ValueError(
+                f"the loaded 'window_indices' of parameter {pid!r} point outside their blocks "
+                f"(block size {lay.block}); the checkpoint is corrupt"
+            )
+        bounds = out["error_bounds"]
+        if bool((bounds[:, 0] > bounds[:, 1]).any()):
+            raise ValueError(f"the loaded 'error_bounds' of parameter {pid!r} have lo > hi; the checkpoint is corrupt")
+    return out

@@ -134,4 +134,4 @@ def test_fsdp2_per_rank_checkpoint_resumes_exactly_and_refuses_another_shard(tmp
     for r in (0, 1):
         res = torch.load(tmp_path / f"result{r}.pt", weights_only=True)
         assert res["resumed"] == res["straight"]
-        assert "same sharding" in res["refused"]
+        assert "saved by another rank" in res["refused"]
