@@ -29,7 +29,7 @@ from microadam.ops.topk import block_topk
 
 __all__ = ["microadam_step", "compute_dtype", "chunk_elements", "IMPLEMENTATIONS"]
 
-IMPLEMENTATIONS = ("torch",)
+IMPLEMENTATIONS = ("torch", "triton", "cpp")
 
 DEFAULT_CHUNK = 2**20
 
@@ -101,12 +101,38 @@ def microadam_step(
         stochastic_param_rounding: round a bf16 parameter stochastically.
         seed, param_index: identify the random stream of this tensor.
         chunk_size: target elements per chunk (bounds transient memory).
-        impl: ``"torch"``.
+        impl: ``"torch"`` (this function's own vectorized path) or the name of a fast
+            implementation in :mod:`microadam.kernels`, which is called with the same arguments.
         position_offset: flat index of ``param``'s first element in the full tensor when it is a
             shard (FSDP2), so random bits are keyed by global positions.
     """
     if impl != "torch":
-        raise ValueError(f"impl={impl!r} is not available in microadam_step; choose one of {IMPLEMENTATIONS}")
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"Invalid impl: {impl!r}; choose one of {IMPLEMENTATIONS}")
+        from microadam.kernels import load
+
+        load(impl)(
+            param,
+            grad,
+            window_indices=window_indices,
+            window_values=window_values,
+            error_codes=error_codes,
+            error_bounds=error_bounds,
+            layout=layout,
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            error_rounding=error_rounding,
+            stochastic_param_rounding=stochastic_param_rounding,
+            seed=seed,
+            param_index=param_index,
+            chunk_size=chunk_size,
+            position_offset=position_offset,
+        )
+        return
     n = layout.numel
     if n == 0:
         return
