@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from microadam import sharding
 from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
+from microadam.kernels import load_multi, resolve_impl
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
 __all__ = ["MicroAdam", "NonFiniteGradientError", "global_offset", "grads_all_finite", "local_tensor"]
@@ -188,8 +189,12 @@ class MicroAdam(Optimizer):
             skips the whole step with no state change, counts it in
             ``skipped_steps`` and warns once; ``"raise"`` raises
             :class:`NonFiniteGradientError` with state untouched.
-        impl: ``None`` (automatic: the vectorized torch path, the only one in
-            this version) or ``"torch"``.
+        impl: ``"torch"`` (the vectorized PyTorch path, any device), ``"triton"`` (fused Triton
+            kernels for CUDA tensors, all of a step's tensors in one launch per kernel; CPU tensors
+            under ``TRITON_INTERPRET=1``, for tests), ``"cpp"`` (a C++/OpenMP path for CPU tensors,
+            compiled with g++ on first use), or ``None`` (default: chosen per tensor by
+            :func:`microadam.kernels.resolve_impl`). All give the same state bit for bit; an
+            unavailable one raises ``RuntimeError`` saying why at the first step.
         chunk_size: elements processed at once, bounding transient memory to
             about 60-130 bytes per chunk element (default ``2**20``; ``docs/algorithm.md``).
 
@@ -349,6 +354,7 @@ class MicroAdam(Optimizer):
                 self._warned_nonfinite = True
             return loss
 
+        batched: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
         for index, group, p, g in work:
             if group.get("dense", False):
                 self._dense_step(p, g, group, index)
@@ -357,13 +363,8 @@ class MicroAdam(Optimizer):
             if "step" not in state:
                 state = self._init_state(p, group)
             beta1, beta2 = group["betas"]
-            # The counter advances only once the step has succeeded, so a failure (e.g. out of
-            # memory) does not give the unwritten ring slot a wrong age. Parameters already
-            # updated earlier in this step stay updated: retrying the whole step applies their
-            # update twice; restore a checkpoint (or a Guard snapshot) instead.
-            microadam_step(
-                local_tensor(p),
-                local_tensor(g),
+            impl = resolve_impl(group["impl"], local_tensor(p))
+            kwargs = dict(
                 window_indices=state["window_indices"],
                 window_values=state["window_values"],
                 error_codes=state["error_codes"],
@@ -380,10 +381,24 @@ class MicroAdam(Optimizer):
                 seed=group["seed"],
                 param_index=index,
                 chunk_size=group["chunk_size"],
-                impl=group["impl"] or "torch",
                 position_offset=global_offset(p),
             )
+            if impl != "torch" and load_multi(impl) is not None:
+                # One launch for many tensors: small tensors do not cost a kernel launch each.
+                batched.setdefault(impl, []).append(
+                    (state, dict(param=local_tensor(p), grad=local_tensor(g), **kwargs))
+                )
+                continue
+            # The counter advances only once the step has succeeded, so a failure (e.g. out of
+            # memory) does not give the unwritten ring slot a wrong age. Parameters already
+            # updated earlier in this step stay updated: retrying the whole step applies their
+            # update twice; restore a checkpoint (or a Guard snapshot) instead.
+            microadam_step(local_tensor(p), local_tensor(g), impl=impl, **kwargs)
             state["step"] += 1
+        for impl, items in batched.items():
+            load_multi(impl)([item for _, item in items])
+            for state, _ in items:
+                state["step"] += 1
         return loss
 
     # ------------------------------------------------------------------ changing compression

@@ -1,0 +1,862 @@
+"""Fused Triton kernels for one MicroAdam step: ``impl="triton"``.
+
+Two kernels per step, each launched once for a batch of tensors that share a tile shape:
+
+1. ``_compress_kernel``, one program per *group* of whole Top-K blocks and whole quantization
+   blocks (``lcm(block, quant_block, 2)`` elements, as :func:`microadam.functional.chunk_elements`):
+   ``a = g + dequant(e)``; exact Top-K of ``|a|`` per block with the tie rule of
+   :func:`microadam.ops.topk.block_topk` (a radix select over the float bits, lower index wins);
+   the selection is written to the ring slot of this step in ascending index order; the rest is
+   re-quantized to 4 bits (nearest or stochastic) and packed two codes per byte.
+2. ``_update_kernel``, one program per Top-K block: the first and second moments at every
+   position held in the window (``sum_s beta^age * v_s``, summed in age order like the torch path
+   on CPU and the reference), ``u = c1 * M / (sqrt(c2 * S) + eps)``, then
+   ``p = p * (1 - lr * wd) - lr * u`` rounded into the parameter's dtype (bf16 optionally
+   stochastically, with the same counter-based bits as :func:`microadam.ops.random.hash_bits`).
+
+Every operation is the torch path's, in the same order and precision (float32): divisions and
+square roots are the correctly rounded ``div_rn``/``sqrt_rn``, and multiply-adds are not fused into
+FMAs (``enable_fp_fusion=False``), because torch rounds each of them separately. The state
+(window, codes, bounds) therefore matches the torch path bit for bit, and so do the parameters
+wherever torch's own ``sqrt`` is correctly rounded (CUDA; torch's vectorized CPU ``sqrt`` is not,
+which leaves an ulp of float32 here and there: ``tests/test_triton_kernels.py``).
+
+Per-tensor numbers (sizes, step, hyperparameters, pointers) travel in small tables, so one launch
+serves many tensors (:func:`microadam_step_triton_multi`) and a tensor's size never triggers a
+recompilation; only the tile shape (powers of two) and the dtypes are compile-time constants.
+
+On a machine without a GPU the kernels run on CPU tensors in Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before this module is imported (slow: for tests). That needs Triton
+>= 3.8 with NumPy 2: the interpreter of 3.6 cannot use a loaded value as a loop bound there.
+"""
+
+# Triton reads the annotations of jit-function parameters (tl.constexpr and type strings), so the
+# kernels and their helpers leave tensors unannotated; every host-side function is annotated.
+# ruff: noqa: ANN001, ANN202
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from microadam.layout import Layout
+from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, stream_key
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as _e:  # the optional extra is missing; available() says how to fix it
+    triton = None
+    tl = None
+    _IMPORT_ERROR: ImportError | None = _e
+else:
+    _IMPORT_ERROR = None
+
+__all__ = ["available", "microadam_step_triton", "microadam_step_triton_multi"]
+
+_PARAM_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_GRAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+# Columns of the per-tensor tables; constexpr so that the kernels can name them too.
+_col = tl.constexpr if triton is not None else int
+# integers (int64)
+_I_N, _I_B, _I_K, _I_Q, _I_NB, _I_C, _I_R, _I_S, _I_G = (_col(i) for i in range(9))
+_I_SLOT, _I_VALID, _I_M, _I_ERRKEY, _I_PARKEY, _I_OFFSET, _I_STOCH_ERR, _I_STOCH_PAR, _I_WD = (
+    _col(i) for i in range(9, 18)
+)
+_I_PARAM, _I_GRAD, _I_WIDX, _I_WVAL, _I_CODES, _I_BOUNDS = (_col(i) for i in range(18, 24))
+_NI = _col(24)
+# floats (float32: torch rounds a Python scalar to the tensor's float32 before multiplying, so the
+# kernel must see the same float32 numbers)
+_F_LR, _F_DECAY, _F_C1, _F_C2, _F_EPS = (_col(i) for i in range(5))
+_NF = _col(5)
+
+
+def available() -> tuple[bool, str]:
+    """``(True, "")`` if the Triton kernels can run here, else ``(False, what is missing and the fix)``."""
+    if _IMPORT_ERROR is not None:
+        return False, (
+            f"impl='triton' needs the triton package ({_IMPORT_ERROR}); install it with `pip install triton`, "
+            "or use impl='torch'"
+        )
+    if _INTERPRETED or torch.cuda.is_available():
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False, (
+            "impl='triton': TRITON_INTERPRET=1 was set after microadam.kernels.triton_kernels was imported; "
+            "set it before importing microadam (or use impl='torch')"
+        )
+    return False, (
+        "impl='triton' needs a CUDA device (or TRITON_INTERPRET=1, set before importing microadam, to run the "
+        "kernels on CPU tensors in Triton's slow interpreter); use impl='torch' on this machine"
+    )
+
+
+if triton is not None:
+    # ------------------------------------------------------------------ jit helpers
+
+    # tl.sum/min/max/cumsum are jit functions that call tl.reduce/tl.associative_scan with these
+    # combine functions. Calling those directly compiles to the same code, and in the interpreter
+    # it skips a re-patching of triton.language on every jit-function call (about 0.7 ms each,
+    # measured with cProfile: in the rounds of the radix select that was most of the run time).
+    # For the same reason the loops below inline their helpers. And tl.full, not tl.zeros (a jit
+    # function too): a triton.language imported before TRITON_INTERPRET was set (by another library,
+    # as in a full test run) holds compiled jit functions, which an interpreted kernel cannot call.
+    _SUM = getattr(tl.standard, "_sum_combine", None)
+    _MIN = getattr(tl.standard, "_elementwise_min", None)
+    _MAX = getattr(tl.standard, "_elementwise_max", None)
+    if _SUM is None or _MIN is None or _MAX is None:  # a Triton that renamed them: same math, slower interpreter
+
+        @triton.jit
+        def _SUM(a, b):  # noqa: N802
+            return a + b
+
+        @triton.jit
+        def _MIN(a, b):  # noqa: N802
+            return tl.minimum(a, b)
+
+        @triton.jit
+        def _MAX(a, b):  # noqa: N802
+            return tl.maximum(a, b)
+
+    @triton.jit
+    def _bf16_round(x, up):
+        """Bits (uint32 < 2**16) of the bf16 next to float32 ``x`` downward (up=0) or upward (up=1).
+
+        ops.quant.bf16_floor / bf16_ceil: round to nearest even, then step one bf16 ulp if that
+        went the wrong way.
+        """
+        u = x.to(tl.uint32, bitcast=True)
+        b = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        y = (b << 16).to(tl.float32, bitcast=True)
+        neg = (b & 0x8000) != 0
+        zero = (b & 0x7FFF) == 0
+        down = tl.where(zero, 0x8001, tl.where(neg, b + 1, b - 1))
+        upw = tl.where(zero, 0x0001, tl.where(neg, b - 1, b + 1))
+        return tl.where(up != 0, tl.where(y < x, upw, b), tl.where(y > x, down, b))
+
+    @triton.jit
+    def _seg_sum(x, seg, MODE: tl.constexpr):
+        """Per row of ``x`` [R, C]: the sum over the row's block (MODE 0: the row; 1: the tile; 2: its half)."""
+        rs = tl.reduce(x, 1, _SUM)
+        if MODE == 0:
+            out = rs
+        elif MODE == 1:
+            out = rs * 0 + tl.reduce(rs, 0, _SUM)
+        else:
+            s0 = tl.reduce(tl.where(seg == 0, rs, 0), 0, _SUM)
+            s1 = tl.reduce(tl.where(seg == 1, rs, 0), 0, _SUM)
+            out = tl.where(seg == 0, s0, s1)
+        return out
+
+    @triton.jit
+    def _seg_cumsum(x, seg, MODE: tl.constexpr):
+        """Inclusive prefix sum of ``x`` [R, C] in flat (row-major) order within each block."""
+        cs = tl.associative_scan(x, 1, _SUM)
+        if MODE == 0:
+            out = cs
+        else:
+            rs = tl.reduce(x, 1, _SUM)
+            before = tl.associative_scan(rs, 0, _SUM) - rs
+            if MODE == 2:
+                base = tl.reduce(tl.where(seg == 0, rs, 0), 0, _SUM)
+                before = tl.where(seg == 1, before - base, before)
+            out = cs + before[:, None]
+        return out
+
+    @triton.jit
+    def _seg_min_max(x, valid, seg, MODE: tl.constexpr):
+        """(min, max) of ``x`` over the valid entries of each row's block, per row."""
+        lo = tl.reduce(tl.where(valid, x, float("inf")), 1, _MIN)
+        hi = tl.reduce(tl.where(valid, x, -float("inf")), 1, _MAX)
+        if MODE == 1:
+            lo = tl.broadcast_to(tl.reduce(lo, 0, _MIN), lo.shape)
+            hi = tl.broadcast_to(tl.reduce(hi, 0, _MAX), hi.shape)
+        elif MODE == 2:
+            lo = tl.where(
+                seg == 0,
+                tl.reduce(tl.where(seg == 0, lo, float("inf")), 0, _MIN),
+                tl.reduce(tl.where(seg == 1, lo, float("inf")), 0, _MIN),
+            )
+            hi = tl.where(
+                seg == 0,
+                tl.reduce(tl.where(seg == 0, hi, -float("inf")), 0, _MAX),
+                tl.reduce(tl.where(seg == 1, hi, -float("inf")), 0, _MAX),
+            )
+        return lo, hi
+
+    @triton.jit
+    def _hash_bits(pos, key):
+        """ops.random.hash_bits in uint32 arithmetic (the int64-with-masks original wraps the same way)."""
+        x = ((pos + key) & 0xFFFFFFFF).to(tl.uint32)
+        x = x ^ (x >> 16)
+        x = x * 0x045D9F3B
+        x = x ^ (x >> 16)
+        x = x * 0x045D9F3B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _round_param(x, pos, par_key, stoch, PARAM_KIND: tl.constexpr):
+        """ops.rounding.round_to_dtype of float32 ``x`` into the stored form of the parameter."""
+        if PARAM_KIND == 0:
+            out = x
+        elif PARAM_KIND == 1:
+            u = x.to(tl.uint32, bitcast=True)
+            if stoch != 0:
+                # Raise the low 16 bits by 16 random bits and cut them off: unbiased rounding.
+                b = (u + (_hash_bits(pos, par_key) & 0xFFFF)) >> 16
+            else:
+                b = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            out = b.to(tl.uint16).to(tl.int16, bitcast=True)
+        else:
+            out = x.to(tl.float16)
+        return out
+
+    @triton.jit
+    def _load_param(ptr, mask, PARAM_KIND: tl.constexpr):
+        if PARAM_KIND == 1:
+            out = (tl.load(ptr, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
+                tl.float32, bitcast=True
+            )
+        else:
+            out = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        return out
+
+    # ------------------------------------------------------------------ kernels
+
+    @triton.jit
+    def _compress_kernel(
+        prog_tensor,
+        prog_local,
+        meta_i,
+        RP2: tl.constexpr,
+        CP2: tl.constexpr,
+        TK_MODE: tl.constexpr,
+        Q_MODE: tl.constexpr,
+        PAIRS: tl.constexpr,
+        GRAD_KIND: tl.constexpr,
+        RADIX_BITS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        t = tl.load(prog_tensor + pid).to(tl.int64)
+        g = tl.load(prog_local + pid).to(tl.int64)
+        mi = meta_i + t * _NI
+        n = tl.load(mi + _I_N)
+        B = tl.load(mi + _I_B)
+        k = tl.load(mi + _I_K).to(tl.int32)
+        q = tl.load(mi + _I_Q)
+        nb = tl.load(mi + _I_NB)
+        C = tl.load(mi + _I_C)
+        R = tl.load(mi + _I_R)
+        S = tl.load(mi + _I_S)
+        G = tl.load(mi + _I_G)
+        write_slot = tl.load(mi + _I_SLOT)
+        err_key = tl.load(mi + _I_ERRKEY)
+        offset = tl.load(mi + _I_OFFSET)
+        stoch_err = tl.load(mi + _I_STOCH_ERR)
+        if GRAD_KIND == 0:
+            grad_ptr = tl.load(mi + _I_GRAD).to(tl.pointer_type(tl.float32))
+        elif GRAD_KIND == 1:
+            grad_ptr = tl.load(mi + _I_GRAD).to(tl.pointer_type(tl.int16))
+        elif GRAD_KIND == 2:
+            grad_ptr = tl.load(mi + _I_GRAD).to(tl.pointer_type(tl.float16))
+        else:
+            grad_ptr = tl.load(mi + _I_GRAD).to(tl.pointer_type(tl.float64))
+        widx_ptr = tl.load(mi + _I_WIDX).to(tl.pointer_type(tl.int16))
+        wval_ptr = tl.load(mi + _I_WVAL).to(tl.pointer_type(tl.int16))
+        codes_ptr = tl.load(mi + _I_CODES).to(tl.pointer_type(tl.uint8))
+        bounds_ptr = tl.load(mi + _I_BOUNDS).to(tl.pointer_type(tl.int16))
+
+        # The tile: rows of C elements; each row lies in one Top-K block and one quantization block.
+        # Positions are int32 offsets ``o`` from the group's first element ``base`` (int64): a group
+        # holds at most 2 * 32768 elements, and 32-bit tiles halve the registers of 64-bit ones.
+        base = g * G
+        rows = tl.arange(0, RP2)
+        cols = tl.arange(0, CP2)
+        row_off = rows * C.to(tl.int32)
+        row_start = base + row_off
+        o = row_off[:, None] + cols[None, :]
+        n_here = tl.minimum(n - base, G).to(tl.int32)
+        row_ok = rows < R
+        in_tile = row_ok[:, None] & (cols[None, :] < C)
+        in_data = in_tile & (o < n_here)
+        grad_ptr += base
+        codes_ptr += base // 2  # base is even: groups hold an even number of elements
+        seg = (rows >= S).to(tl.int32)
+        blk_r = row_start // B
+        qid_r = row_start // q
+        qrow_ok = row_ok & (row_start < n)
+
+        # 1. a = g + dequant(e), in float32 like the torch path.
+        byte = tl.load(codes_ptr + (o >> 1), mask=in_data, other=0).to(tl.int32)
+        nib = (byte >> ((o & 1) * 4).to(tl.int32)) & 0xF
+        lo_bits = tl.load(bounds_ptr + qid_r * 2, mask=qrow_ok, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi_bits = tl.load(bounds_ptr + qid_r * 2 + 1, mask=qrow_ok, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+        lo_old = (lo_bits << 16).to(tl.float32, bitcast=True)
+        hi_old = (hi_bits << 16).to(tl.float32, bitcast=True)
+        scale_old = tl.div_rn(hi_old - lo_old, 15.0)
+        err = nib.to(tl.float32) * scale_old[:, None] + lo_old[:, None]
+        if GRAD_KIND == 1:
+            gbits = tl.load(grad_ptr + o, mask=in_data, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+            gv = (gbits << 16).to(tl.float32, bitcast=True)
+        else:
+            gv = tl.load(grad_ptr + o, mask=in_data, other=0).to(tl.float32)
+        a = tl.where(in_data, gv + err, 0.0)
+
+        # 2. exact Top-K per block. A non-negative float's bits order like its value; +1 puts real
+        # entries above 0, the key of a last block's padding (taken only after every real entry,
+        # as block_topk's -1), and -1 marks positions outside any block.
+        local = o - (blk_r * B - base).to(tl.int32)[:, None]
+        tk_part = in_tile & (blk_r < nb)[:, None] & (local < B)
+        key = tl.where(in_data, tl.abs(a).to(tl.int32, bitcast=True) + 1, 0)
+        key = tl.where(tk_part, key, -1)
+        # Radix select, RADIX_BITS bits per round from the top: the k-th largest key is the largest
+        # threshold with at least k keys >= it. Each round counts the keys above all 2**RADIX_BITS
+        # candidates at once (one reduction for several bits: 16 rounds instead of 31 at 2 bits).
+        digits = tl.arange(0, 1 << RADIX_BITS)
+        thr = tl.full([RP2], 0, tl.int32)
+        for r in tl.static_range((31 + RADIX_BITS - 1) // RADIX_BITS):
+            shift = 31 - RADIX_BITS * (r + 1)
+            if shift < 0:  # the last round: fewer than RADIX_BITS bits left
+                shift = 0
+            cand = thr[:, None] + (digits << shift)[None, :]
+            rs = tl.reduce((key[:, :, None] >= cand[:, None, :]).to(tl.int32), 1, _SUM)
+            if TK_MODE == 0:
+                cnt = rs
+            elif TK_MODE == 1:
+                cnt = rs * 0 + tl.reduce(rs, 0, _SUM)[None, :]
+            else:
+                s0 = tl.reduce(tl.where((seg == 0)[:, None], rs, 0), 0, _SUM)
+                s1 = tl.reduce(tl.where((seg == 1)[:, None], rs, 0), 0, _SUM)
+                cnt = tl.where((seg == 0)[:, None], s0[None, :], s1[None, :])
+            # Counts fall as the candidate rises; candidate 0 (thr itself) always qualifies in a real
+            # block, and the clamp keeps thr >= 0 in a row that holds none (count 0).
+            digit = tl.maximum(tl.reduce((cnt >= k).to(tl.int32), 1, _SUM) - 1, 0)
+            thr = thr + (digit << shift)
+        above = key > thr[:, None]
+        tie = key == thr[:, None]
+        need = k - _seg_sum(above.to(tl.int32), seg, TK_MODE)
+        # Ties at the k-th place: the lowest indices win (block_topk's rule).
+        sel = above | (tie & (_seg_cumsum(tie.to(tl.int32), seg, TK_MODE) <= need[:, None]))
+        # Slot entries in ascending index order, as block_topk returns them.
+        entry = _seg_cumsum(sel.to(tl.int32), seg, TK_MODE) - 1
+        slot_row = (write_slot * nb + blk_r) * k
+        # Selections on a short last block's padding are stored as index 0, value 0.
+        tl.store((widx_ptr + slot_row)[:, None] + entry, tl.where(in_data, local, 0).to(tl.int16), mask=sel)
+        ua = a.to(tl.uint32, bitcast=True)
+        vbits = tl.where(in_data, (ua + 0x7FFF + ((ua >> 16) & 1)) >> 16, 0)
+        tl.store((wval_ptr + slot_row)[:, None] + entry, vbits.to(tl.uint16).to(tl.int16, bitcast=True), mask=sel)
+
+        # 3. the rest is the new error: 4-bit codes per quantization block (ops.quant.quantize_blocks).
+        rest = tl.where(sel, 0.0, a)
+        lo_raw, hi_raw = _seg_min_max(rest, in_data, seg, Q_MODE)
+        lo16 = _bf16_round(tl.where(qrow_ok, lo_raw, 0.0), 0)
+        hi16 = _bf16_round(tl.where(qrow_ok, hi_raw, 0.0), 1)
+        lo = (lo16 << 16).to(tl.float32, bitcast=True)
+        hi = (hi16 << 16).to(tl.float32, bitcast=True)
+        scale = tl.div_rn(hi - lo, 15.0)
+        positive = scale > 0
+        safe = tl.where(positive, scale, 1.0)
+        x = tl.div_rn(rest - lo[:, None], safe[:, None])
+        if stoch_err != 0:
+            x = x + (_hash_bits(o.to(tl.int64) + (base + offset), err_key) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        else:
+            x = x + 0.5
+        code = tl.minimum(tl.maximum(tl.floor(x), 0.0), 15.0).to(tl.int32)
+        code = tl.where(positive[:, None] & in_data, code, 0)
+        # Rows of one quantization block all hold its bounds: equal values, written more than once.
+        tl.store(bounds_ptr + qid_r * 2, lo16.to(tl.uint16).to(tl.int16, bitcast=True), mask=qrow_ok)
+        tl.store(bounds_ptr + qid_r * 2 + 1, hi16.to(tl.uint16).to(tl.int16, bitcast=True), mask=qrow_ok)
+
+        # 4. pack two codes per byte, the even position in the low nibble (ops.quant.pack_nibbles).
+        if PAIRS:
+            # Every row starts at an even position: pairs are adjacent columns.
+            lo_c, hi_c = tl.split(tl.reshape(code, (RP2, CP2 // 2, 2)))
+            packed = (lo_c | (hi_c << 4)).to(tl.uint8)
+            j2 = tl.arange(0, CP2 // 2) * 2
+            first = row_off[:, None] + j2[None, :]
+            bmask = row_ok[:, None] & (j2[None, :] < C) & (first < n_here)
+            tl.store(codes_ptr + (first >> 1), packed, mask=bmask)
+        else:
+            # Odd row length: a byte may straddle two rows. Even positions write their byte, then
+            # odd positions add their nibble; both halves of a byte belong to this program (groups
+            # hold an even number of elements), and a barrier orders the two writes.
+            even = in_data & ((o & 1) == 0)
+            tl.store(codes_ptr + (o >> 1), code.to(tl.uint8), mask=even)
+            tl.debug_barrier()
+            odd = in_data & ((o & 1) == 1)
+            low = tl.load(codes_ptr + (o >> 1), mask=odd, other=0)
+            tl.store(codes_ptr + (o >> 1), low | (code << 4).to(tl.uint8), mask=odd)
+
+    @triton.jit
+    def _update_kernel(
+        prog_tensor,
+        prog_local,
+        meta_i,
+        meta_f,
+        weights,
+        KP2: tl.constexpr,
+        MP2: tl.constexpr,
+        DT: tl.constexpr,
+        PARAM_KIND: tl.constexpr,
+        VEC_SLOTS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        t = tl.load(prog_tensor + pid).to(tl.int64)
+        blk = tl.load(prog_local + pid).to(tl.int64)
+        mi = meta_i + t * _NI
+        mf = meta_f + t * _NF
+        n = tl.load(mi + _I_N)
+        B = tl.load(mi + _I_B)
+        k = tl.load(mi + _I_K)
+        nb = tl.load(mi + _I_NB)
+        write_slot = tl.load(mi + _I_SLOT)
+        n_valid = tl.load(mi + _I_VALID).to(tl.int32)
+        m = tl.load(mi + _I_M)
+        par_key = tl.load(mi + _I_PARKEY)
+        offset = tl.load(mi + _I_OFFSET)
+        stoch = tl.load(mi + _I_STOCH_PAR)
+        has_wd = tl.load(mi + _I_WD)
+        if PARAM_KIND == 0:
+            param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float32))
+        elif PARAM_KIND == 1:
+            param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.int16))
+        else:
+            param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float16))
+        widx_ptr = tl.load(mi + _I_WIDX).to(tl.pointer_type(tl.int16))
+        wval_ptr = tl.load(mi + _I_WVAL).to(tl.pointer_type(tl.int16))
+        lr = tl.load(mf + _F_LR)
+        decay = tl.load(mf + _F_DECAY)
+        c1 = tl.load(mf + _F_C1)
+        c2 = tl.load(mf + _F_C2)
+        eps = tl.load(mf + _F_EPS)
+        w1_ptr = weights + t * 2 * MP2
+        w2_ptr = w1_ptr + MP2
+
+        e = tl.arange(0, KP2)
+        emask = e < k
+        slots = tl.arange(0, MP2)
+        # Moments at the positions held in each valid slot j, summed over the slots in age order
+        # (the order of the torch path's scatter_add on CPU and of the reference): equal sums, bit
+        # for bit. A position occurs at most once per slot with a nonzero value (padding entries
+        # are index 0, value 0), so each matched sum below is that one term, exactly.
+        if VEC_SLOTS:
+            # Small windows (MP2 * KP2 * KP2 <= 4096): all slots' entries at once.
+            jvalid = slots < n_valid
+            base_all = (((write_slot - slots + m) % m) * nb + blk) * k
+            emask_all = jvalid[:, None] & emask[None, :]
+            addr_all = base_all[:, None] + e[None, :]
+            idx_all = tl.load(widx_ptr + addr_all, mask=emask_all, other=0).to(tl.int32)
+            bits_all = tl.load(wval_ptr + addr_all, mask=emask_all, other=0).to(tl.uint16, bitcast=True)
+            val_all = (bits_all.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+            mom1 = tl.full([MP2, KP2], 0, tl.float32)
+            mom2 = tl.full([MP2, KP2], 0, tl.float32)
+            for age in range(n_valid):
+                base_a = (((write_slot - age + m) % m) * nb + blk) * k
+                idx_a = tl.load(widx_ptr + base_a + e, mask=emask, other=-1).to(tl.int32)
+                bits_a = tl.load(wval_ptr + base_a + e, mask=emask, other=0).to(tl.uint16, bitcast=True)
+                val_a = (bits_a.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+                w1 = tl.load(w1_ptr + age)
+                w2 = tl.load(w2_ptr + age)
+                match = idx_all[:, :, None] == idx_a[None, None, :]
+                mom1 += tl.reduce(tl.where(match, (val_a * w1)[None, None, :], 0.0), 2, _SUM)
+                mom2 += tl.reduce(tl.where(match, (val_a * val_a * w2)[None, None, :], 0.0), 2, _SUM)
+            den = tl.sqrt_rn(c2 * mom2) + eps
+            # den == 0 only with eps == 0 where every entry is zero: no move, not 0/0.
+            u = tl.where(den > 0, tl.div_rn(c1 * mom1, tl.where(den > 0, den, 1.0)), 0.0)
+            pos_all = blk * B + idx_all.to(tl.int64)
+            # A zero value moves nothing (u == 0 wherever all values are 0, and its position's
+            # other entries carry the same u), so only nonzero entries write: padding never does.
+            ok_all = emask_all & (val_all != 0)
+            p = _load_param(param_ptr + pos_all, ok_all, PARAM_KIND)
+            new_all = _round_param(p * decay - lr * u, pos_all + offset, par_key, stoch, PARAM_KIND)
+        else:
+            # Large windows: one slot at a time keeps the compared tile at KP2 * KP2.
+            if PARAM_KIND == 0:
+                new_all = tl.full([MP2, KP2], 0, tl.float32)
+            elif PARAM_KIND == 1:
+                new_all = tl.full([MP2, KP2], 0, tl.int16)
+            else:
+                new_all = tl.full([MP2, KP2], 0, tl.float16)
+            pos_all = tl.full([MP2, KP2], 0, tl.int64)
+            ok_all = tl.full([MP2, KP2], 0, tl.int1)
+            for j in range(n_valid):
+                base_j = (((write_slot - j + m) % m) * nb + blk) * k
+                idx_j = tl.load(widx_ptr + base_j + e, mask=emask, other=0).to(tl.int32)
+                bits_j = tl.load(wval_ptr + base_j + e, mask=emask, other=0).to(tl.uint16, bitcast=True)
+                val_j = (bits_j.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+                mom1 = tl.full([KP2], 0, tl.float32)
+                mom2 = tl.full([KP2], 0, tl.float32)
+                for age in range(n_valid):
+                    base_a = (((write_slot - age + m) % m) * nb + blk) * k
+                    idx_a = tl.load(widx_ptr + base_a + e, mask=emask, other=-1).to(tl.int32)
+                    bits_a = tl.load(wval_ptr + base_a + e, mask=emask, other=0).to(tl.uint16, bitcast=True)
+                    val_a = (bits_a.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+                    w1 = tl.load(w1_ptr + age)
+                    w2 = tl.load(w2_ptr + age)
+                    match = idx_j[:, None] == idx_a[None, :]
+                    mom1 += tl.reduce(tl.where(match, (val_a * w1)[None, :], 0.0), 1, _SUM)
+                    mom2 += tl.reduce(tl.where(match, (val_a * val_a * w2)[None, :], 0.0), 1, _SUM)
+                den = tl.sqrt_rn(c2 * mom2) + eps
+                u = tl.where(den > 0, tl.div_rn(c1 * mom1, tl.where(den > 0, den, 1.0)), 0.0)
+                pos = blk * B + idx_j.to(tl.int64)
+                ok = emask & (val_j != 0)
+                p = _load_param(param_ptr + pos, ok, PARAM_KIND)
+                new = _round_param(p * decay - lr * u, pos + offset, par_key, stoch, PARAM_KIND)
+                here = (slots == j)[:, None]
+                new_all = tl.where(here, new[None, :], new_all)
+                pos_all = tl.where(here, pos[None, :], pos_all)
+                ok_all = tl.where(here, ok[None, :], ok_all)
+
+        if has_wd != 0:
+            # Decoupled weight decay of every element of the block; window positions are then
+            # overwritten with the values computed above from the undecayed parameter.
+            start = blk * B
+            end = tl.minimum(start + B, n)
+            offs = tl.arange(0, DT)
+            for s in range(0, B, DT):
+                pos_d = start + s + offs
+                dmask = pos_d < end
+                p_d = _load_param(param_ptr + pos_d, dmask, PARAM_KIND)
+                decayed = _round_param(p_d * decay, pos_d + offset, par_key, stoch, PARAM_KIND)
+                tl.store(param_ptr + pos_d, decayed, mask=dmask)
+            tl.debug_barrier()
+        # Duplicate positions (one position in several slots) write equal values.
+        tl.store(param_ptr + pos_all, new_all, mask=ok_all)
+
+
+# Triton decides between compiling and interpreting when a kernel is decorated, i.e. when this
+# module was imported: TRITON_INTERPRET set afterwards changes nothing, so ask the kernel.
+_INTERPRETED = triton is not None and type(_compress_kernel).__name__ == "InterpretedFunction"
+
+
+# ---------------------------------------------------------------------- host side
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+@dataclass
+class _Work:
+    """One tensor's step, ready to launch: its table rows and the tensors they point into."""
+
+    key: tuple
+    ints: list[int]
+    floats: list[float]
+    weights: tuple[list[float], list[float]]
+    groups: int
+    blocks: int
+    keep: list[torch.Tensor] = field(default_factory=list)
+    copy_back: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _tile_plan(lay: Layout) -> tuple[int, int, int, int, int, int]:
+    """(C, R, S, G, TK_MODE, Q_MODE): the compress tile of one tensor.
+
+    A program's group is ``G = R * C`` elements in ``R`` rows of ``C``; every row lies in one Top-K
+    block and one quantization block. The smaller kind of block is a row (mode 0); the larger is
+    ``S`` rows, and the group holds one (mode 1) or two (mode 2: odd sizes, whose groups are doubled so
+    that packed bytes never straddle two programs) of them.
+    """
+    n, B, q = lay.numel, lay.block, lay.quant_block
+    if lay.num_blocks == 1:
+        if q >= n:
+            return n, 1, 1, n, 0, 0
+        R = -(-n // q)
+        return q, R, R, R * q, 1, 0
+    if q % B == 0:
+        G = math.lcm(q, 2)
+        S = q // B
+        return B, G // B, S, G, 0, 0 if S == 1 else G // q
+    if B % q == 0:
+        G = math.lcm(B, 2)
+        return q, G // q, B // q, G, G // B, 0
+    raise ValueError(
+        f"impl='triton' needs one of block ({B}) and quant_block ({q}) to divide the other "
+        "(MicroAdam's argument checks ensure it); use impl='torch' for this layout"
+    )
+
+
+def _flat(t: torch.Tensor, name: str) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise ValueError(f"impl='triton' needs a contiguous {name}, got strides {t.stride()}")
+    return t
+
+
+def _prepare(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    window_indices: torch.Tensor,
+    window_values: torch.Tensor,
+    error_codes: torch.Tensor,
+    error_bounds: torch.Tensor,
+    layout: Layout,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    error_rounding: str,
+    stochastic_param_rounding: bool,
+    seed: int,
+    param_index: int,
+    chunk_size: int = 0,
+    position_offset: int = 0,
+) -> _Work | None:
+    # chunk_size bounds the torch path's temporaries; the kernels keep theirs in registers.
+    del chunk_size
+    n = layout.numel
+    if n == 0:
+        return None
+    if param.dtype not in _PARAM_KINDS:
+        raise TypeError(
+            f"impl='triton' supports float32, bfloat16 and float16 parameters, got {param.dtype}; "
+            "use impl='torch' (e.g. for float64)"
+        )
+    if grad.dtype not in _GRAD_KINDS:
+        raise TypeError(f"impl='triton' supports float32/bfloat16/float16/float64 gradients, got {grad.dtype}")
+    if error_rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"Invalid error_rounding: {error_rounding!r}; use 'nearest' or 'stochastic'")
+    if param.numel() != n or grad.numel() != n:
+        raise ValueError(f"layout.numel={n} but param has {param.numel()} and grad {grad.numel()} elements")
+    tensors = (param, grad, window_indices, window_values, error_codes, error_bounds)
+    device = param.device
+    if any(x.device != device for x in tensors):
+        raise ValueError(f"impl='triton': all tensors must be on one device, got {[str(x.device) for x in tensors]}")
+    if _INTERPRETED and device.type != "cpu":
+        raise ValueError("impl='triton' under TRITON_INTERPRET=1 runs on CPU tensors; move them to the CPU")
+    if not _INTERPRETED and device.type != "cuda":
+        raise ValueError(
+            f"impl='triton' runs on CUDA tensors, got {device}; use impl='torch' (or TRITON_INTERPRET=1 for tests)"
+        )
+
+    C, R, S, G, tk_mode, q_mode = _tile_plan(layout)
+    pairs = C % 2 == 0 or R == 1
+    m, k = layout.window, layout.k
+    work_param = param if param.is_contiguous() else param.contiguous()
+    g_flat = grad.reshape(-1)
+    if not g_flat.is_contiguous():
+        g_flat = g_flat.contiguous()
+    widx = _flat(window_indices, "window_indices")
+    wval = _flat(window_values, "window_values").view(torch.int16)
+    codes = _flat(error_codes, "error_codes")
+    bounds = _flat(error_bounds, "error_bounds").view(torch.int16)
+    g_arg = g_flat.view(torch.int16) if g_flat.dtype == torch.bfloat16 else g_flat
+    p_arg = work_param.view(torch.int16) if param.dtype == torch.bfloat16 else work_param
+
+    valid = min(step, m)
+    mp2 = _next_pow2(m)
+    w1 = [beta1**age for age in range(valid)] + [0.0] * (mp2 - valid)
+    w2 = [beta2**age for age in range(valid)] + [0.0] * (mp2 - valid)
+    stoch_param = bool(stochastic_param_rounding) and param.dtype == torch.bfloat16
+    ints = [0] * int(_NI)
+    ints[_I_N], ints[_I_B], ints[_I_K], ints[_I_Q], ints[_I_NB] = (
+        n,
+        layout.block,
+        k,
+        layout.quant_block,
+        layout.num_blocks,
+    )
+    ints[_I_C], ints[_I_R], ints[_I_S], ints[_I_G] = C, R, S, G
+    ints[_I_SLOT], ints[_I_VALID], ints[_I_M] = (step - 1) % m, valid, m
+    ints[_I_ERRKEY] = stream_key(seed, param_index, step, STREAM_ERROR)
+    ints[_I_PARKEY] = stream_key(seed, param_index, step, STREAM_PARAM)
+    ints[_I_OFFSET] = position_offset
+    ints[_I_STOCH_ERR] = int(error_rounding == "stochastic")
+    ints[_I_STOCH_PAR] = int(stoch_param)
+    ints[_I_WD] = int(weight_decay != 0)
+    for col, x in zip(
+        (_I_PARAM, _I_GRAD, _I_WIDX, _I_WVAL, _I_CODES, _I_BOUNDS), (p_arg, g_arg, widx, wval, codes, bounds)
+    ):
+        ints[col] = x.data_ptr()
+    floats = [0.0] * int(_NF)
+    floats[_F_LR], floats[_F_DECAY], floats[_F_EPS] = lr, 1 - lr * weight_decay, eps
+    floats[_F_C1] = (1 - beta1) / (1 - beta1**step)
+    floats[_F_C2] = (1 - beta2) / (1 - beta2**step)
+    key = (
+        device,
+        _PARAM_KINDS[param.dtype],
+        _GRAD_KINDS[grad.dtype],
+        _next_pow2(R),
+        max(2, _next_pow2(C)),
+        tk_mode,
+        q_mode,
+        pairs,
+        max(2, _next_pow2(k)),
+        mp2,
+        min(1024, _next_pow2(layout.block)),
+    )
+    return _Work(
+        key=key,
+        ints=ints,
+        floats=floats,
+        weights=(w1, w2),
+        groups=-(-n // G),
+        blocks=layout.num_blocks,
+        keep=[p_arg, g_arg],
+        copy_back=(param, work_param) if work_param is not param else None,
+    )
+
+
+def _radix_bits(tile: int) -> int:
+    """Bits decided per round of the radix select: 1 to 4, comparing at most 16384 keys to candidates.
+
+    More bits mean fewer rounds (each a reduction across the program) but 2**bits comparisons per key;
+    a 4096-element tile (the default block) gets 2 bits, 16 rounds.
+    """
+    return max(1, min(4, (16384 // tile).bit_length() - 1))
+
+
+def _num_warps(elements: int) -> int:
+    # About 16 elements of the largest tile per thread, at most 8 warps: compiled for sm_90 without
+    # a GPU (cuobjdump -res-usage), the 4096-element compress tile of the default block takes 253
+    # registers and no spill at 8 warps, but spills 56 bytes at 16, where a thread may hold only
+    # 128. The interpreter ignores it.
+    return max(1, min(8, _next_pow2(elements) // 512))
+
+
+def _launch(works: list[_Work]) -> None:
+    by_key: dict[tuple, list[_Work]] = {}
+    for w in works:
+        by_key.setdefault(w.key, []).append(w)
+    for key, batch in by_key.items():
+        device, param_kind, grad_kind, rp2, cp2, tk_mode, q_mode, pairs, kp2, mp2, dt = key
+        meta_i = torch.tensor([w.ints for w in batch], dtype=torch.int64, device=device)
+        meta_f = torch.tensor([w.floats for w in batch], dtype=torch.float32, device=device)
+        weights = torch.tensor([list(w.weights) for w in batch], dtype=torch.float32, device=device)
+        # program -> (tensor, group) and program -> (tensor, block)
+        counts_c = torch.tensor([w.groups for w in batch])
+        counts_u = torch.tensor([w.blocks for w in batch])
+        ids = torch.arange(len(batch))
+        tensor_c = ids.repeat_interleave(counts_c)
+        local_c = torch.arange(len(tensor_c)) - (counts_c.cumsum(0) - counts_c).repeat_interleave(counts_c)
+        tensor_u = ids.repeat_interleave(counts_u)
+        local_u = torch.arange(len(tensor_u)) - (counts_u.cumsum(0) - counts_u).repeat_interleave(counts_u)
+        tensor_c, local_c, tensor_u, local_u = (
+            x.to(device=device, dtype=torch.int32) for x in (tensor_c, local_c, tensor_u, local_u)
+        )
+        vec_slots = mp2 * kp2 * kp2 <= 4096
+        # FMA contraction off: torch rounds a product before adding (see the module docstring).
+        _compress_kernel[(len(tensor_c),)](
+            tensor_c,
+            local_c,
+            meta_i,
+            RP2=rp2,
+            CP2=cp2,
+            TK_MODE=tk_mode,
+            Q_MODE=q_mode,
+            PAIRS=pairs,
+            GRAD_KIND=grad_kind,
+            RADIX_BITS=_radix_bits(rp2 * cp2),
+            num_warps=_num_warps(rp2 * cp2),
+            enable_fp_fusion=False,
+        )
+        _update_kernel[(len(tensor_u),)](
+            tensor_u,
+            local_u,
+            meta_i,
+            meta_f,
+            weights,
+            KP2=kp2,
+            MP2=mp2,
+            DT=dt,
+            PARAM_KIND=param_kind,
+            VEC_SLOTS=vec_slots,
+            num_warps=_num_warps(max(dt, mp2 * kp2 * kp2 if vec_slots else kp2 * kp2)),
+            enable_fp_fusion=False,
+        )
+    for w in works:
+        if w.copy_back is not None:
+            param, work_param = w.copy_back
+            param.copy_(work_param.view(param.shape))
+
+
+def _check_available() -> None:
+    ok, why = available()
+    if not ok:
+        raise RuntimeError(why)
+
+
+def microadam_step_triton(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    window_indices: torch.Tensor,
+    window_values: torch.Tensor,
+    error_codes: torch.Tensor,
+    error_bounds: torch.Tensor,
+    layout: Layout,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    error_rounding: str,
+    stochastic_param_rounding: bool,
+    seed: int,
+    param_index: int,
+    chunk_size: int = 0,
+    position_offset: int = 0,
+) -> None:
+    """One MicroAdam step on ``param`` in place: :func:`microadam.functional.microadam_step` with Triton.
+
+    Same arguments and effect as the torch path (``chunk_size`` is accepted and unused: the kernels
+    hold no full-size temporaries). Parameters may be float32, bfloat16 or float16 on a CUDA device
+    (or CPU tensors under ``TRITON_INTERPRET=1``); gradients float32, bfloat16, float16 or float64.
+    """
+    _check_available()
+    work = _prepare(
+        param,
+        grad,
+        window_indices=window_indices,
+        window_values=window_values,
+        error_codes=error_codes,
+        error_bounds=error_bounds,
+        layout=layout,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        error_rounding=error_rounding,
+        stochastic_param_rounding=stochastic_param_rounding,
+        seed=seed,
+        param_index=param_index,
+        chunk_size=chunk_size,
+        position_offset=position_offset,
+    )
+    if work is not None:
+        _launch([work])
+
+
+def microadam_step_triton_multi(steps: Sequence[Mapping[str, Any]]) -> None:
+    """Many :func:`microadam_step_triton` calls in as few launches as possible.
+
+    Each item holds the arguments of one call by name (``param``, ``grad`` and the keyword
+    arguments). Tensors whose tiles have the same shape and dtypes share a launch of each kernel,
+    so a model's many small tensors (biases, norms) do not cost two launches each. For example,
+    with ``state[i]`` the four state tensors of ``params[i]`` by name::
+
+        hyper = dict(step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                     error_rounding="nearest", stochastic_param_rounding=True, seed=0)
+        microadam_step_triton_multi([
+            dict(param=p, grad=p.grad, layout=layouts[i], param_index=i, **state[i], **hyper)
+            for i, p in enumerate(params)
+        ])
+    """
+    _check_available()
+    works = []
+    for item in steps:
+        item = dict(item)
+        works.append(_prepare(item.pop("param"), item.pop("grad"), **item))
+    _launch([w for w in works if w is not None])

@@ -1,0 +1,478 @@
+"""The Triton kernels (``impl="triton"``) against the vectorized torch path and the reference.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter, which Triton selects when a
+kernel is decorated: TRITON_INTERPRET must be set before ``microadam.kernels.triton_kernels`` is
+imported, hence at the top of this module (a CUDA machine may set TRITON_INTERPRET=0 to test the
+compiled kernels on the GPU instead). The interpreter runs a kernel program in tens of
+milliseconds, so the tensors are small and the steps few, but every config runs past its window
+length so that the ring wraps.
+
+What must match: the state (window indices and values, error codes and bounds) bit for bit, at
+every step, and the parameters within ``TOLERANCES``. They are not bit-equal in float32 because
+the kernel's square root is correctly rounded (``sqrt_rn``) while torch's CPU ``sqrt`` is not (on
+an AVX512 build, 20% of float32 inputs come out one ulp off); so the torch path is also run with a
+correctly rounded ``Tensor.sqrt`` patched in, and against that run the parameters must be
+bit-equal too: every other operation is the same, in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import zlib  # noqa: E402
+from typing import Any  # noqa: E402
+from unittest import mock  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from microadam import MicroAdam  # noqa: E402
+from microadam.functional import microadam_step  # noqa: E402
+from microadam.kernels import availability  # noqa: E402
+from microadam.kernels import triton_kernels as tk  # noqa: E402
+from microadam.layout import layout_for  # noqa: E402
+from microadam.ops import unpack_nibbles  # noqa: E402
+from tests.common import assert_close, assert_state_matches_reference, reference_for  # noqa: E402
+
+DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] not in ("", "0") else "cuda"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    shapes: tuple[tuple[int, ...], ...]
+    block_size: int = 64
+    density: float = 0.05
+    quant_block_size: int = 16
+    window: int = 4
+    dtype: torch.dtype = torch.float32
+    grad_dtype: torch.dtype | None = None  # None: the parameter's dtype
+    weight_decay: float = 0.0
+    error_rounding: str = "nearest"
+    stochastic_param_rounding: bool = True
+    eps: float = 1e-8
+    steps: int = 6
+    position_offset: int = 0
+    zero_fraction: float = 0.0  # gradients with exact zeros: ties at zero, den == 0 with eps == 0
+    transposed: bool = False  # non-contiguous parameters (2-D shapes only)
+
+
+# Shapes: one element, tiny (one block), just over a 64-block (a last block shorter than k, whose
+# padding selections are stored as index 0, value 0), not a multiple of either block size. The
+# cases cross the tile modes of the compress kernel: Top-K blocks as rows or as one or two segments
+# of rows, the same for quantization blocks, odd rows whose packed bytes straddle two rows.
+SMALL = ((1,), (7,), (65,), (139,))
+CASES = [
+    Case("small-blocks", SMALL),
+    Case("bf16", SMALL, dtype=torch.bfloat16),
+    Case("fp16-weight-decay", ((7,), (139,)), dtype=torch.float16, weight_decay=0.1),
+    Case("weight-decay", ((7,), (139,)), weight_decay=0.1),
+    Case("bf16-wd-stochastic", SMALL, dtype=torch.bfloat16, weight_decay=0.1, error_rounding="stochastic"),
+    Case(
+        "bf16-nearest-param", ((65,), (139,)), dtype=torch.bfloat16, weight_decay=0.1, stochastic_param_rounding=False
+    ),
+    Case("stochastic-error-sharded", ((139,),), error_rounding="stochastic", position_offset=1000),
+    Case("dense-density-1", ((7,), (65,)), density=1.0, window=2, steps=4),
+    Case("window-1", ((65,), (139,)), window=1, steps=3),
+    Case("quant-block-larger", ((7,), (139,)), block_size=32, quant_block_size=64, weight_decay=0.01),
+    Case("odd-blocks", ((7,), (92,)), block_size=15, quant_block_size=5, density=0.2, window=3, steps=5),
+    Case("odd-quant-larger", ((61,),), block_size=5, quant_block_size=15, density=0.4, window=2, steps=4),
+    Case("odd-quant-rows", ((50,),), block_size=64, quant_block_size=7, density=0.1, window=2, steps=4),
+    Case("bf16-grads", ((65,), (139,)), grad_dtype=torch.bfloat16, window=3, steps=5),
+    Case("fp64-grads-fp16", ((65,),), dtype=torch.float16, grad_dtype=torch.float64, window=2, steps=4),
+    Case("zero-ties-eps0", ((65,), (139,)), zero_fraction=0.97, eps=0.0, window=3, steps=5),
+    Case("transposed", ((5, 9), (13, 3)), transposed=True, window=2, steps=4),
+    Case("paper-defaults", ((8197,),), block_size=4096, density=0.01, quant_block_size=128, window=3, steps=5),
+]
+
+
+def _zero_state(lay: Any) -> dict[str, torch.Tensor]:
+    """The state MicroAdam._init_state creates."""
+    return dict(
+        window_indices=torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.int16, device=DEVICE),
+        window_values=torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.bfloat16, device=DEVICE),
+        error_codes=torch.zeros((lay.numel + 1) // 2, dtype=torch.uint8, device=DEVICE),
+        error_bounds=torch.zeros((lay.num_quant_blocks, 2), dtype=torch.bfloat16, device=DEVICE),
+    )
+
+
+def _make(shape: tuple[int, ...], case: Case, gen: torch.Generator) -> torch.Tensor:
+    if case.transposed:
+        return torch.randn(shape[::-1], generator=gen, dtype=torch.float64).to(case.dtype).to(DEVICE).t()
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(case.dtype).to(DEVICE)
+
+
+def _grad(shape: tuple[int, ...], case: Case, gen: torch.Generator) -> torch.Tensor:
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if case.zero_fraction:
+        g = g * (torch.rand(shape, generator=gen, dtype=torch.float64) >= case.zero_fraction)
+    return g.to(case.grad_dtype or case.dtype).to(DEVICE)
+
+
+def _assert_states_equal(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor], numel: int, where: str):
+    for name in ("window_indices", "error_bounds", "window_values"):
+        e, a = expected[name], actual[name]
+        if e.dtype == torch.bfloat16:  # compare bit patterns: -0.0 and 0.0 differ
+            e, a = e.view(torch.int16), a.view(torch.int16)
+        assert torch.equal(a, e), f"{name} differs at {where}: {(a != e).nonzero()[:5].tolist()}"
+    codes_e = unpack_nibbles(expected["error_codes"], numel)
+    codes_a = unpack_nibbles(actual["error_codes"], numel)
+    assert torch.equal(codes_a, codes_e), (
+        f"error codes differ at {where}: {(codes_a != codes_e).nonzero()[:5].tolist()}"
+    )
+    assert torch.equal(actual["error_codes"], expected["error_codes"]), f"padding nibble differs at {where}"
+
+
+_torch_sqrt = torch.Tensor.sqrt
+
+
+def _correctly_rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
+    # float64 has more than twice float32's precision, so rounding its (correctly rounded) square
+    # root to float32 rounds correctly.
+    return _torch_sqrt(x.double()).to(x.dtype) if x.dtype == torch.float32 else _torch_sqrt(x)
+
+
+def _run_against_torch(case: Case, multi: bool) -> None:
+    gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+    params = [_make(s, case, gen) for s in case.shapes]
+    ref_params = [p.clone() for p in params]
+    # scatter_add on CUDA sums in no fixed order: bit-equality is a CPU-only claim.
+    exact = [p.clone() for p in params] if DEVICE == "cpu" else None
+    layouts = [
+        layout_for(
+            p.numel(),
+            block_size=case.block_size,
+            density=case.density,
+            quant_block_size=case.quant_block_size,
+            window=case.window,
+        )
+        for p in params
+    ]
+    states = [_zero_state(lay) for lay in layouts]
+    ref_states = [_zero_state(lay) for lay in layouts]
+    exact_states = [_zero_state(lay) for lay in layouts]
+    hyper = dict(
+        lr=1e-2,
+        beta1=0.9,
+        beta2=0.999,
+        eps=case.eps,
+        weight_decay=case.weight_decay,
+        error_rounding=case.error_rounding,
+        stochastic_param_rounding=case.stochastic_param_rounding,
+        seed=7,
+        position_offset=case.position_offset,
+    )
+    for step in range(1, case.steps + 1):
+        grads = [_grad(p.shape, case, gen) for p in params]
+        items = []
+        for i, (p, r, g) in enumerate(zip(params, ref_params, grads)):
+            kw = dict(layout=layouts[i], step=step, param_index=i, **hyper)
+            microadam_step(r, g.clone(), **ref_states[i], **kw, impl="torch")
+            if exact is not None:
+                with mock.patch.object(torch.Tensor, "sqrt", _correctly_rounded_sqrt):
+                    microadam_step(exact[i], g.clone(), **exact_states[i], **kw, impl="torch")
+            if multi:
+                items.append(dict(param=p, grad=g.clone(), **states[i], **kw))
+            else:
+                microadam_step(p, g.clone(), **states[i], **kw, impl="triton")
+        if multi:
+            tk.microadam_step_triton_multi(items)
+        for i, (p, r) in enumerate(zip(params, ref_params)):
+            where = f"step {step}, shape {tuple(p.shape)}"
+            _assert_states_equal(ref_states[i], states[i], p.numel(), where)
+            assert p.dtype == case.dtype and p.shape == r.shape
+            assert_close(p.cpu(), r.cpu(), case.dtype)
+            if exact is not None:
+                diff = (p.reshape(-1) != exact[i].reshape(-1)).nonzero().flatten()
+                assert diff.numel() == 0, f"parameter bits differ at {where}, positions {diff[:5].tolist()}"
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_kernels_match_torch_path(case: Case) -> None:
+    """All of a case's tensors go through one multi-tensor call, as an optimizer step would."""
+    _run_against_torch(case, multi=True)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if c.id in ("odd-blocks", "bf16")])
+def test_single_tensor_entry_point_through_functional(case: Case) -> None:
+    """``microadam_step(impl="triton")`` goes through the registry to ``microadam_step_triton``."""
+    _run_against_torch(dataclasses.replace(case, steps=case.window + 1), multi=False)
+
+
+def test_tensors_of_one_tile_class_share_a_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small tensors of one tile class cost one launch of each kernel, not two per tensor."""
+    launches = []
+
+    class Counting:
+        def __init__(self, kernel: Any) -> None:
+            self.kernel = kernel
+
+        def __getitem__(self, grid: Any) -> Any:
+            launches.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(tk, "_compress_kernel", Counting(tk._compress_kernel))
+    monkeypatch.setattr(tk, "_update_kernel", Counting(tk._update_kernel))
+    gen = torch.Generator().manual_seed(0)
+    # Sizes 40..60 with block_size=64 are single blocks of one tile class (64 columns, k <= 2).
+    sizes = [40, 45, 50, 55, 60, 63]
+    items = []
+    for i, n in enumerate(sizes):
+        lay = layout_for(n, block_size=64, density=0.03, quant_block_size=64, window=2)
+        p = torch.randn(n, generator=gen).to(DEVICE)
+        items.append(
+            dict(
+                param=p,
+                grad=torch.randn(n, generator=gen).to(DEVICE),
+                **_zero_state(lay),
+                layout=lay,
+                step=1,
+                lr=1e-2,
+                beta1=0.9,
+                beta2=0.999,
+                eps=1e-8,
+                weight_decay=0.0,
+                error_rounding="nearest",
+                stochastic_param_rounding=True,
+                seed=0,
+                param_index=i,
+            )
+        )
+    expected = []
+    for item in items:
+        ref = {name: v.clone() if isinstance(v, torch.Tensor) else v for name, v in item.items()}
+        microadam_step(ref["param"], ref.pop("grad"), **{k: v for k, v in ref.items() if k != "param"}, impl="torch")
+        expected.append(ref)
+    tk.microadam_step_triton_multi(items)
+    assert len(launches) == 2, launches
+    assert launches[0] == (len(sizes),) and launches[1] == (len(sizes),)
+    # Each tensor's numbers came from its own row of the tables.
+    for item, ref in zip(items, expected):
+        _assert_states_equal(ref, item, item["param"].numel(), f"size {item['param'].numel()}")
+        assert_close(item["param"], ref["param"])
+
+
+# ---------------------------------------------------------------- through the optimizer
+
+
+@pytest.mark.parametrize(
+    "kwargs,dtype",
+    [
+        pytest.param(dict(window=3, density=0.1, block_size=32, quant_block_size=8), torch.float32, id="fp32"),
+        pytest.param(
+            dict(
+                window=2, density=0.2, block_size=15, quant_block_size=5, weight_decay=0.1, error_rounding="stochastic"
+            ),
+            torch.bfloat16,
+            id="bf16-odd-blocks",
+        ),
+    ],
+)
+def test_optimizer_with_triton_equals_reference(kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+    """As tests/test_reference_equivalence.py does for the torch path, with ``impl="triton"``."""
+    kwargs = dict(lr=1e-2, **kwargs)
+    gen = torch.Generator().manual_seed(11)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in ((7,), (45,), (9, 5))]
+    fast = [torch.nn.Parameter(x.clone().to(DEVICE)) for x in init]
+    slow = [x.clone() for x in init]
+    opt = MicroAdam(fast, impl="triton", **kwargs)
+    ref = reference_for(slow, kwargs, dtype)
+    for _ in range(kwargs["window"] + 3):
+        grads = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype) for x in init]
+        for f, g in zip(fast, grads):
+            f.grad = g.clone().to(DEVICE)
+        opt.step()
+        ref.step([g.clone() for g in grads])
+    for i, (f, s) in enumerate(zip(fast, slow)):
+        assert_close(f.detach().cpu(), s, dtype)
+        assert_state_matches_reference(opt, f, ref, i)
+
+
+def test_tiny_model_trains_the_same_with_triton_and_torch() -> None:
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(DEVICE)
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 6, generator=gen).to(DEVICE)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    nets = {impl: model() for impl in ("torch", "triton")}
+    opts = {
+        impl: MicroAdam(net.parameters(), lr=3e-2, window=3, density=0.25, block_size=32, quant_block_size=8, impl=impl)
+        for impl, net in nets.items()
+    }
+    losses: dict[str, list[float]] = {"torch": [], "triton": []}
+    for _ in range(8):
+        for impl, net in nets.items():
+            opts[impl].zero_grad()
+            loss = (net(x) - y).square().mean()
+            loss.backward()
+            opts[impl].step()
+            losses[impl].append(loss.item())
+    assert losses["triton"][-1] < 0.8 * losses["triton"][0], losses["triton"]
+    torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-4, atol=1e-6)
+    for a, b in zip(nets["triton"].parameters(), nets["torch"].parameters()):
+        assert_close(a.detach().cpu(), b.detach().cpu())
+        sa, sb = opts["triton"].state[a], opts["torch"].state[b]
+        for name in ("window_indices", "error_codes", "error_bounds", "window_values"):
+            assert torch.equal(sa[name].view(torch.uint8), sb[name].view(torch.uint8)), name
+
+
+# ---------------------------------------------------------------- availability and errors
+
+
+def test_available_in_interpreter_or_with_cuda() -> None:
+    assert tk.available() == (True, "")
+    assert availability("triton") == (True, "")
+
+
+_WITHOUT_INTERPRETER = """
+import importlib, os, sys
+import torch
+from microadam import MicroAdam
+from microadam.functional import microadam_step
+from microadam.kernels import triton_kernels as tk
+from microadam.layout import layout_for
+
+ok, why = tk.available()
+print(ok)
+print(why)
+p = torch.nn.Parameter(torch.ones(3))
+p.grad = torch.ones(3)
+try:
+    MicroAdam([p], lr=1e-3, impl="triton").step()
+except RuntimeError as e:
+    print("RuntimeError:", e)
+
+# triton.language is now imported in compiled mode, as when another library imports triton before a
+# test sets TRITON_INTERPRET: kernels decorated after setting it must still run.
+os.environ["TRITON_INTERPRET"] = "1"
+importlib.reload(tk)
+lay = layout_for(70, block_size=64, density=0.05, quant_block_size=16, window=2)
+results = []
+for impl in ("torch", "triton"):
+    torch.manual_seed(0)
+    q = torch.randn(70)
+    state = dict(
+        window_indices=torch.zeros((2, lay.num_blocks, lay.k), dtype=torch.int16),
+        window_values=torch.zeros((2, lay.num_blocks, lay.k), dtype=torch.bfloat16),
+        error_codes=torch.zeros(35, dtype=torch.uint8),
+        error_bounds=torch.zeros((lay.num_quant_blocks, 2), dtype=torch.bfloat16),
+    )
+    step = tk.microadam_step_triton if impl == "triton" else microadam_step
+    step(q, torch.randn(70), **state, layout=lay, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+         weight_decay=0.0, error_rounding="nearest", stochastic_param_rounding=True, seed=0, param_index=0)
+    results.append(state["window_indices"])
+print(torch.equal(*results))
+
+# Without the triton package at all (the optional extra not installed):
+sys.modules["triton"] = None
+print(importlib.reload(tk).available()[1])
+"""
+
+
+def test_unavailable_without_interpreter_or_cuda_says_how_to_fix() -> None:
+    """A fresh process with neither TRITON_INTERPRET nor a GPU (then neither triton): a clear error
+    that names the fix, and no silent fallback to the torch path."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_INTERPRETER], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "False"
+    for words in ("CUDA", "TRITON_INTERPRET=1", "impl='torch'"):
+        assert words in lines[1]
+    assert lines[2] == f"RuntimeError: {lines[1]}"
+    assert lines[3] == "True", "interpreted kernels failed after a compiled-mode import of triton"
+    assert "pip install triton" in lines[4] and "impl='torch'" in lines[4]
+
+
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from microadam.kernels import triton_kernels as tk
+
+compress = dict(prog_tensor="*i32", prog_local="*i32", meta_i="*i64")
+update = dict(compress, meta_f="*fp32", weights="*fp32")
+variants = [
+    (tk._compress_kernel, compress, dict(RP2=4, CP2=8, TK_MODE=0, Q_MODE=2, PAIRS=False, GRAD_KIND=3, RADIX_BITS=4)),
+    (tk._compress_kernel, compress, dict(RP2=4, CP2=16, TK_MODE=1, Q_MODE=0, PAIRS=True, GRAD_KIND=1, RADIX_BITS=2)),
+    (tk._compress_kernel, compress, dict(RP2=8, CP2=8, TK_MODE=2, Q_MODE=1, PAIRS=True, GRAD_KIND=2, RADIX_BITS=1)),
+    (tk._update_kernel, update, dict(KP2=4, MP2=4, DT=64, PARAM_KIND=1, VEC_SLOTS=True)),
+    (tk._update_kernel, update, dict(KP2=16, MP2=4, DT=64, PARAM_KIND=2, VEC_SLOTS=False)),
+    (tk._update_kernel, update, dict(KP2=8, MP2=2, DT=64, PARAM_KIND=0, VEC_SLOTS=True)),
+]
+for kernel, sig, constexprs in variants:
+    src = ASTSource(kernel, dict(sig, **{name: "constexpr" for name in constexprs}), constexprs=constexprs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(enable_fp_fusion=False)).asm["ptx"]
+    # torch rounds every product, quotient and square root: no contraction, no approximations.
+    for op in ("fma.rn.f32", "div.full.f32", "div.approx.f32", "sqrt.approx.f32"):
+        assert op not in ptx, (kernel.__name__, constexprs, op)
+print("compiled", len(variants))
+"""
+
+
+def test_kernels_compile_for_a_gpu_without_one(tmp_path: Any) -> None:
+    """The interpreter accepts code that the compiler rejects (types, shapes, constexpr rules):
+    compile every constexpr branch for sm_90 (Triton ships ptxas, no GPU needed) and check the PTX
+    holds no fused multiply-add and no approximate division or square root."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compiled 6" in out.stdout
+
+
+def _args(param: torch.Tensor, **over: Any) -> dict[str, Any]:
+    lay = layout_for(param.numel(), block_size=64, density=0.1, quant_block_size=16, window=2)
+    args = dict(
+        **_zero_state(lay),
+        layout=lay,
+        step=1,
+        lr=1e-2,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        error_rounding="nearest",
+        stochastic_param_rounding=True,
+        seed=0,
+        param_index=0,
+    )
+    args.update(over)
+    return args
+
+
+def test_float64_parameter_is_refused_with_the_fix() -> None:
+    p = torch.zeros(5, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64.*impl='torch'"):
+        tk.microadam_step_triton(p, torch.zeros_like(p), **_args(p))
+
+
+def test_bad_arguments_raise_value_errors() -> None:
+    p = torch.zeros(5, device=DEVICE)
+    with pytest.raises(ValueError, match="error_rounding"):
+        tk.microadam_step_triton(p, torch.zeros_like(p), **_args(p, error_rounding="up"))
+    with pytest.raises(ValueError, match="numel"):
+        tk.microadam_step_triton(p, torch.zeros(6, device=DEVICE), **_args(p))
+    lay = layout_for(100, block_size=10, density=0.1, quant_block_size=4, window=2)
+    q = torch.zeros(100, device=DEVICE)
+    with pytest.raises(ValueError, match="divide"):
+        tk.microadam_step_triton(q, torch.zeros_like(q), **_args(q, layout=lay, **_zero_state(lay)))
+
+
+def test_empty_tensor_is_a_no_op() -> None:
+    p = torch.zeros(0, device=DEVICE)
+    tk.microadam_step_triton(p, torch.zeros_like(p), **_args(p))
