@@ -82,6 +82,11 @@ def _torchao_optim(kind: str) -> Callable[[list[torch.Tensor]], torch.optim.Opti
 
 OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec("microadam", lambda ps: MicroAdam(ps, lr=LR), min_warmup=10, note="defaults"),
+    # The C++/OpenMP step (impl="cpp", CPU only); its first step includes the one-time g++ build
+    # unless the per-user cache already holds it.
+    OptimizerSpec(
+        "microadam_cpp", lambda ps: MicroAdam(ps, lr=LR, impl="cpp"), min_warmup=10, note="defaults, impl=cpp"
+    ),
     OptimizerSpec("adamw_foreach", lambda ps: torch.optim.AdamW(ps, lr=LR, foreach=True), min_warmup=1),
     OptimizerSpec(FUSED_NAME, lambda ps: torch.optim.AdamW(ps, lr=LR, fused=True), min_warmup=1),
     OptimizerSpec("bnb_adamw8bit", _bnb_adamw8bit, min_warmup=1),

@@ -13,6 +13,7 @@ needs Triton or a compiler.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 
@@ -55,11 +56,30 @@ def load_multi(name: str) -> Callable[..., None] | None:
     return getattr(importlib.import_module(module), multi)
 
 
+# Parameter dtypes the C++ path computes itself (float64 it hands back to the torch path).
+_CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _cpp_ready() -> bool:
+    # The first call compiles the C++ path (about 1.5 s, then cached on disk per user); a failure
+    # is remembered, so the automatic rule costs one attempt per process, not one per step.
+    return availability("cpp")[0]
+
+
 def resolve_impl(impl: str | None, param: torch.Tensor) -> str:
     """The implementation that steps ``param``: ``impl`` itself, or for ``None`` the automatic rule.
 
-    The rule (``MicroAdam(impl=None)``): ``"torch"``, the vectorized path, on every device.
+    The rule (``MicroAdam(impl=None)``, the default):
+
+    - a CPU tensor in float32, bfloat16 or float16: ``"cpp"`` if it builds here (g++ found, the
+      build's square root matches torch's), else ``"torch"``. The two give bit-identical results;
+      ``"cpp"`` is about 10x faster (``docs/benchmarks.md``).
+    - anything else (CUDA, float64): ``"torch"``. The Triton kernels are tested on CPU under the
+      interpreter but have not yet run on a GPU; ask for them with ``impl="triton"``.
     """
     if impl is not None:
         return impl
+    if param.device.type == "cpu" and param.dtype in _CPP_DTYPES and _cpp_ready():
+        return "cpp"
     return "torch"

@@ -1,0 +1,386 @@
+"""``impl="cpp"``: one MicroAdam step on CPU tensors in C++/OpenMP, bit-identical to the torch path.
+
+The source, ``csrc/microadam_cpu.cpp``, is plain C++ (no torch headers) compiled on first use with
+``g++ -O3 -fopenmp -ffp-contract=off -march=native`` into a per-user cache (``$XDG_CACHE_HOME/microadam``
+or ``~/.cache/microadam``) and called through :mod:`ctypes` with raw pointers. Not a torch extension
+(``torch.utils.cpp_extension``), which would need ninja and compile the torch headers: this
+file needs g++ alone and builds in about 1 s.
+
+The file name of the built library is a hash of the source, the compiler's version, the flags and
+the target options that ``-march=native`` expands to on this machine, so an edited source, another
+compiler or another CPU (a home directory shared between machines) each get their own build. A
+build writes a temporary file in the cache and renames it into place, so processes that build at
+the same time never load a half-written library.
+
+Everything the step computes from the step number (ring slot ages, bias corrections ``c1`` and
+``c2``, the decay factor, the random stream keys) is computed here in Python exactly as
+:func:`microadam.functional.microadam_step` computes it and handed to C++ as numbers, so the two
+paths cannot drift apart on it. float64 parameters (the testing dtype) run the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from microadam import functional
+from microadam.layout import Layout
+from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, stream_key
+
+__all__ = ["available", "microadam_step_cpp"]
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "microadam_cpu.cpp"
+_COMPILER = "g++"
+# -ffp-contract=off: the torch path rounds every multiply and add separately; an FMA would change
+# the last bit and break bit-identity.
+_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
+# The .cpp's AVX-512 paths (Top-K candidates, min/max, quantization, gradient decoding), which
+# -march=native enables on a CPU that has them, make the step 3x faster than a portable -O3 build
+# (measured on the 2-core AMD EPYC (Zen 4) dev machine, one core, data in cache: 1.9 vs 6.1 cycles
+# per element). If -march=native does not compile, the portable build is used.
+_NATIVE = ("-march=native",)
+# (param or grad dtype) -> the .cpp's DType enum.
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ERROR_ROUNDINGS = ("nearest", "stochastic")
+_FIX = "use impl='torch'"
+# Elements per thread below which the step runs on one thread: torch's own grain size
+# (at::internal::GRAIN_SIZE), under which its kernels do not start threads either. A parallel region
+# for a small tensor costs more than it saves, and far more when other processes hold the cores.
+_GRAIN = 32768
+# The .cpp's SqrtMode.
+_SQRT_IEEE, _SQRT_MKL, _SQRT_RSQRT = 0, 1, 2
+
+_lock = threading.Lock()
+# "lib": (the loaded library, (MKL's sqrt address, SqrtMode)), or "error": why there is none.
+_state: dict[str, object] = {}
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "microadam"
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+def _native_target(compiler: str) -> str | None:
+    """What ``-march=native`` means here (the full list of target options), or None if unsupported."""
+    out = _run([compiler, *_NATIVE, "-Q", "--help=target"])
+    return out.stdout if out.returncode == 0 else None
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _library_path(compiler: str, flags: tuple[str, ...], key_extra: str, source: bytes) -> Path:
+    """Where the build for these inputs lives in the cache; the name is a hash of all of them."""
+    version = _run([compiler, "--version"]).stdout
+    digest = hashlib.sha256(
+        b"\0".join([source, version.encode(), " ".join(flags).encode(), key_extra.encode()])
+    ).hexdigest()[:20]
+    return _cache_dir() / f"microadam_cpu-{digest}.so"
+
+
+def _build(compiler: str, flags: tuple[str, ...], key_extra: str, source: bytes) -> Path:
+    """Compile (or find in the cache) the library for ``flags``; raises RuntimeError with g++'s output."""
+    target = _library_path(compiler, flags, key_extra, source)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".microadam_cpu-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        out = _run([compiler, *flags, str(_SOURCE), "-o", tmp])
+        if out.returncode != 0:
+            raise RuntimeError(f"exit code {out.returncode}:\n{_tail(out.stderr)}")
+        os.replace(tmp, target)  # atomic: a concurrent build replaces it with an identical file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, i32, u32, dbl, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_double, ctypes.c_void_p
+    fn = lib.microadam_step_cpu
+    fn.restype = i32
+    fn.argtypes = [
+        ptr, i32, ptr, i32,  # param, dtype, grad, dtype
+        ptr, ptr, ptr, ptr,  # window_indices, window_values, error_codes, error_bounds
+        i64, i64, i64, i64, i64, i64,  # n, block, k, quant_block, num_blocks, unit
+        i64, ptr, ptr, ptr, i64,  # n_slots, slot_of_age, w1, w2, write_slot
+        dbl, dbl, dbl, dbl, dbl,  # lr, c1, c2, eps, decay
+        i32, i32, i32,  # weight_decay, stochastic_error, stochastic_param
+        u32, u32, i64, ptr, i32, i32,  # err_key, par_key, position_offset, vml_sqrt, sqrt_mode, num_threads
+    ]  # fmt: skip
+    probe = lib.microadam_sqrt_probe
+    probe.restype = None
+    probe.argtypes = [ptr, ptr, i64, ptr, i32]
+
+
+def _mkl_sqrt() -> int | None:
+    """Address of MKL's ``vmsSqrt_64`` inside torch's own library, or None (a torch built without MKL)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    for path in sorted((Path(torch.__file__).resolve().parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            fn = ctypes.CDLL(str(path)).vmsSqrt_64  # already loaded by torch: the same handle
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(fn, ctypes.c_void_p).value
+    return None
+
+
+def _matching_sqrt(lib: ctypes.CDLL) -> tuple[int | None, int]:
+    """(MKL's address or None, SqrtMode) for the kernel's sqrt that equals torch.sqrt bit for bit.
+
+    torch computes float32 sqrt on CPU with MKL's vmsSqrt where it was built with MKL (the x86
+    wheels), and it is not correctly rounded: on the Zen 4 dev machine 16% of results are 1 ulp off.
+    Tried in order: the arithmetic of MKL's generic kernel replayed in C++ (what MKL runs on AMD
+    CPUs; cheapest), a call to MKL, the correctly rounded sqrt (torch without MKL). Each is checked
+    on 2**16 values spread over 60 binades plus zeros, subnormals and huge values, the first that
+    matches every bit is used; tests/test_cpu_kernel.py checks the choice over the whole range.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2**16, generator=gen) * torch.exp2(torch.randint(-30, 30, (2**16,), generator=gen).float())
+    specials = torch.tensor([0.0, 1e-40, 1e-45, 1.17e-38, 3.0e38, 3.4e38, 1.0, 2.0, 4.0])
+    x = torch.cat([x, specials])
+    expected = x.sqrt()
+    mkl = _mkl_sqrt()
+    candidates = [(mkl, _SQRT_RSQRT), (mkl, _SQRT_MKL)] if mkl is not None else []
+    for address, mode in [*candidates, (None, _SQRT_IEEE)]:
+        out = torch.empty_like(x)
+        lib.microadam_sqrt_probe(x.data_ptr(), out.data_ptr(), x.numel(), address, mode)
+        if torch.equal(out.view(torch.int32), expected.view(torch.int32)):
+            return address, mode
+    raise RuntimeError(
+        "impl='cpp' cannot reproduce this torch build's float32 sqrt (neither MKL's vmsSqrt nor the "
+        "correctly rounded sqrt match torch.sqrt), so it would not match impl='torch' bit for bit"
+    )
+
+
+def _load() -> tuple[ctypes.CDLL, tuple[int | None, int]]:
+    """Build on first use and load the library, and pick its sqrt; raises RuntimeError saying why it cannot."""
+    compiler = shutil.which(_COMPILER)
+    if compiler is None:
+        raise RuntimeError(f"impl='cpp' needs the C++ compiler {_COMPILER!r} on PATH, and none was found")
+    try:
+        source = _SOURCE.read_bytes()
+    except OSError as e:
+        raise RuntimeError(f"impl='cpp' cannot read its source {_SOURCE} ({e}); reinstall microadam") from e
+    attempts: list[tuple[tuple[str, ...], str]] = []
+    native = _native_target(compiler)
+    if native is not None:
+        attempts.append((_FLAGS + _NATIVE, native))
+    attempts.append((_FLAGS, ""))
+    errors = []
+    for flags, key_extra in attempts:
+        try:
+            path = _build(compiler, flags, key_extra, source)
+            lib = ctypes.CDLL(str(path))
+        except RuntimeError as e:
+            errors.append(f"{compiler} {' '.join(flags)} failed with {e}")
+            continue
+        except OSError as e:  # an unwritable cache, or a library the loader refuses
+            errors.append(f"{e} (XDG_CACHE_HOME chooses the cache directory, now {_cache_dir()})")
+            continue
+        _declare(lib)
+        return lib, _matching_sqrt(lib)
+    raise RuntimeError(f"impl='cpp' could not compile {_SOURCE.name}: " + "\n".join(errors))
+
+
+def _library() -> tuple[ctypes.CDLL, tuple[int | None, int]]:
+    """The loaded library and how it computes torch's sqrt: (MKL's address, SqrtMode). Built once per process."""
+    with _lock:
+        if not _state:
+            try:
+                _state["lib"] = _load()
+            except RuntimeError as e:
+                _state["error"] = str(e)
+        if "error" in _state:
+            raise RuntimeError(f"{_state['error']}; {_FIX}")
+        return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> tuple[bool, str]:
+    """``(True, "")`` once the library is built and loaded, else ``(False, why, and impl='torch' as the fix)``.
+
+    The first call compiles (about 1 s; cached per user afterwards). The step itself also needs CPU
+    tensors: :func:`microadam_step_cpp` raises ``ValueError`` for others.
+    """
+    try:
+        _library()
+    except RuntimeError as e:
+        return False, str(e)
+    return True, ""
+
+
+@functools.lru_cache(maxsize=64)
+def _step_numbers(
+    step: int, window: int, beta1: float, beta2: float
+) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array, float, float]:
+    """The numbers of ``step`` that all tensors share, computed as functional.microadam_step does.
+
+    Ring slot of each age (newest first), ``float32(beta ** age)`` (ctypes rounds a Python float to
+    float32 to nearest, as ``torch.tensor(..., dtype=float32)`` does) and the bias corrections.
+    Cached: every parameter of a step asks for the same ones (the Python side of a call was 40 us).
+    """
+    slots = functional._slot_ages(step, window)
+    slot_of_age = (ctypes.c_int64 * len(slots))(*[s for s, _ in slots])
+    w1 = (ctypes.c_float * len(slots))(*[beta1**age for _, age in slots])
+    w2 = (ctypes.c_float * len(slots))(*[beta2**age for _, age in slots])
+    c1 = (1 - beta1) / (1 - beta1**step)
+    c2 = (1 - beta2) / (1 - beta2**step)
+    return slot_of_age, w1, w2, c1, c2
+
+
+def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    # The C++ side indexes raw pointers: a wrong dtype or shape would write out of bounds.
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise ValueError(
+            f"{name} must be {dtype} of shape {shape} for this layout, got {t.dtype} of shape {tuple(t.shape)}; "
+            "was the state built for another layout?"
+        )
+
+
+def microadam_step_cpp(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    window_indices: torch.Tensor,
+    window_values: torch.Tensor,
+    error_codes: torch.Tensor,
+    error_bounds: torch.Tensor,
+    layout: Layout,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    error_rounding: str,
+    stochastic_param_rounding: bool,
+    seed: int,
+    param_index: int,
+    chunk_size: int = functional.DEFAULT_CHUNK,
+    position_offset: int = 0,
+) -> None:
+    """One MicroAdam step on CPU tensors, in place; the arguments of :func:`~microadam.functional.microadam_step`.
+
+    Same results, bit for bit, as ``impl="torch"`` for float32, bfloat16 and float16 parameters;
+    float64 parameters run the torch path. ``chunk_size`` has no effect here: the C++ code works
+    on one unit of ``lcm(block, quant_block, 2)`` elements at a time per thread, in scratch kept per
+    thread across calls (about 130 KB at the default layout), and makes no full-size temporaries
+    except a contiguous copy of a non-contiguous parameter or gradient, as the torch path does.
+    Threads: ``torch.get_num_threads()``, in torch's own OpenMP pool, one thread below 65536
+    elements.
+    """
+    tensors = dict(
+        param=param,
+        grad=grad,
+        window_indices=window_indices,
+        window_values=window_values,
+        error_codes=error_codes,
+        error_bounds=error_bounds,
+    )
+    for name, t in tensors.items():
+        if t.device.type != "cpu":
+            raise ValueError(f"impl='cpp' runs on CPU tensors, but {name} is on {t.device}; use impl='torch'")
+    if param.dtype == torch.float64 or param.dtype not in _DTYPE_CODES:
+        # float64 is the oracle's precision: the torch path is the reference for it, and the C++
+        # code computes in float32 only.
+        functional.microadam_step(
+            param,
+            grad,
+            window_indices=window_indices,
+            window_values=window_values,
+            error_codes=error_codes,
+            error_bounds=error_bounds,
+            layout=layout,
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            error_rounding=error_rounding,
+            stochastic_param_rounding=stochastic_param_rounding,
+            seed=seed,
+            param_index=param_index,
+            chunk_size=chunk_size,
+            impl="torch",
+            position_offset=position_offset,
+        )
+        return
+    n = layout.numel
+    if param.numel() != n or grad.numel() != n:
+        raise ValueError(
+            f"param ({param.numel()} elements) and grad ({grad.numel()}) must both have layout.numel = {n} elements"
+        )
+    if error_rounding not in _ERROR_ROUNDINGS:
+        raise ValueError(f"Invalid error_rounding: {error_rounding!r}; use 'nearest' or 'stochastic'")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
+    B, k, q, m = layout.block, layout.k, layout.quant_block, layout.window
+    _check_state("window_indices", window_indices, torch.int16, (m, layout.num_blocks, k))
+    _check_state("window_values", window_values, torch.bfloat16, (m, layout.num_blocks, k))
+    _check_state("error_codes", error_codes, torch.uint8, ((n + 1) // 2,))
+    _check_state("error_bounds", error_bounds, torch.bfloat16, (layout.num_quant_blocks, 2))
+    if n == 0:
+        return
+    lib, (sqrt_fn, sqrt_mode) = _library()
+
+    # Work on contiguous tensors; what was copied is copied back at the end (as the torch path does
+    # for a non-contiguous parameter).
+    p = param if param.is_contiguous() else param.contiguous()
+    # A gradient of another dtype is rounded to float32 first, which is what the torch path's
+    # g.to(float32) does.
+    g = grad if grad.dtype in _DTYPE_CODES else grad.to(torch.float32)
+    g = g.contiguous()
+    states = [window_indices, window_values, error_codes, error_bounds]
+    work = [t if t.is_contiguous() else t.contiguous() for t in states]
+
+    slot_of_age, w1, w2, c1, c2 = _step_numbers(step, m, beta1, beta2)
+    write_slot = (step - 1) % m
+    decay = 1 - lr * weight_decay
+    err_key = stream_key(seed, param_index, step, STREAM_ERROR)
+    par_key = stream_key(seed, param_index, step, STREAM_PARAM)
+    stochastic_param = stochastic_param_rounding and param.dtype == torch.bfloat16
+    # A unit is the C++ code's task: whole Top-K blocks, whole quantization blocks, whole code bytes.
+    unit = math.lcm(B, q, 2)
+
+    bad = lib.microadam_step_cpu(
+        p.data_ptr(), _DTYPE_CODES[p.dtype], g.data_ptr(), _DTYPE_CODES[g.dtype],
+        work[0].data_ptr(), work[1].data_ptr(), work[2].data_ptr(), work[3].data_ptr(),
+        n, B, k, q, layout.num_blocks, unit,
+        len(slot_of_age), slot_of_age, w1, w2, write_slot,
+        lr, c1, c2, eps, decay,
+        int(weight_decay != 0), int(error_rounding == "stochastic"), int(stochastic_param),
+        err_key, par_key, position_offset, sqrt_fn, sqrt_mode, max(1, min(torch.get_num_threads(), n // _GRAIN)),
+    )  # fmt: skip
+    if bad:
+        raise RuntimeError(
+            "window_indices holds an index outside its Top-K block: the optimizer state is corrupt "
+            "(loaded from a checkpoint of another layout?)"
+        )
+    for orig, copy in zip(states, work):
+        if copy is not orig:
+            orig.copy_(copy)
+    if p is not param:
+        param.copy_(p.view(param.shape))
+    else:
+        # Raw-pointer writes bypass autograd's version counter; bump it as an in-place op would, so
+        # a graph that saved the parameter notices the update.
+        torch.autograd.graph.increment_version(param)

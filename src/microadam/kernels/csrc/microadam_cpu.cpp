@@ -1,0 +1,914 @@
+// One MicroAdam step on a CPU tensor: the same arithmetic as microadam.functional.microadam_step
+// (impl="torch"), operation by operation in float32, so that state and parameters come out bit for
+// bit identical (tests/test_cpu_kernel.py compares every bit after every step). Built by
+// microadam/kernels/cpu.py with plain g++ (no torch headers; about 1 s) and called through ctypes
+// with raw pointers.
+//
+// Work is cut into units of lcm(block, quant_block, 2) elements (a unit holds whole Top-K blocks,
+// whole quantization blocks and whole code bytes), one unit per loop iteration, units in parallel
+// with OpenMP (torch's own OpenMP runtime: libgomp is found by its soname, already loaded by torch).
+// A unit's float32 working copy stays in L1 through every phase:
+//   1. a = g + dequant(codes)
+//   2. exact Top-K of |a| per block, write the window slot, zero the selected entries
+//   3. re-quantize a per quantization block, pack the codes
+//   4. moments of the block from the window, u, parameter update
+// while the next unit's data is prefetched into L2 (see run_unit).
+//
+// Why each choice:
+// - Compiled with -ffp-contract=off: torch computes `codes * scale + lo`, `c1 * m / den`, ... as
+//   separate roundings; a fused multiply-add would change the last bit.
+// - The square root is torch's own (MKL's vmsSqrt on x86 wheels), passed in by cpu.py: it is not
+//   correctly rounded, and a correctly rounded sqrt differs from it in the last bit for ~16% of
+//   inputs.
+// - Top-K: a threshold below the block's largest magnitude keeps ~k..3k candidates (one vectorized
+//   compress pass; the threshold adapts from block to block), then a binary search over the
+//   candidates' float bits finds the exact k-th key. Ties at the k-th key go to the lower index,
+//   which is block_topk's rule. Any threshold gives the same answer; it only changes the work.
+// - Moments are summed into block-local scratch in the torch path's order (slots newest first,
+//   entries in index order), which is what scatter_add_ does, so sums are bit-identical.
+// - AVX-512 paths (with -march=native on a CPU that has it) and plain loops otherwise; both are
+//   tested against the torch path.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+constexpr int LEVELS = 15;
+constexpr uint32_t HASH_MUL = 0x045D9F3Bu;
+
+inline uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ------------------------------------------------------------------ conversions (torch's rules)
+
+inline float bf16_to_f(uint16_t h) { return u2f(uint32_t(h) << 16); }
+
+// c10::BFloat16's round-to-nearest-even.
+inline uint16_t f_to_bf16(float f) {
+  if (f != f) return 0x7FC0;
+  uint32_t u = f2u(f);
+  return uint16_t((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+}
+
+inline float f16_to_f(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  // Exact widening (c10's fp16_ieee_to_fp32_value).
+  const uint32_t w = uint32_t(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float exp_scale = 0x1.0p-112f;
+  const float normalized = u2f((two_w >> 4) + (0xE0u << 23)) * exp_scale;
+  const float denormalized = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t result = sign | (two_w < (1u << 27) ? f2u(denormalized) : f2u(normalized));
+  return u2f(result);
+#endif
+}
+
+// Round to nearest even, as torch's .to(torch.float16).
+inline uint16_t f_to_f16(float f) {
+#ifdef __F16C__
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+  const float scale_to_inf = 0x1.0p+112f;
+  const float scale_to_zero = 0x1.0p-110f;
+  float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
+  const uint32_t w = f2u(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = u2f((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f2u(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const uint32_t mantissa_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+#endif
+}
+
+template <int D>
+inline float load_f(const void* base, int64_t i);
+template <>
+inline float load_f<F32>(const void* base, int64_t i) {
+  return static_cast<const float*>(base)[i];
+}
+template <>
+inline float load_f<BF16>(const void* base, int64_t i) {
+  return bf16_to_f(static_cast<const uint16_t*>(base)[i]);
+}
+template <>
+inline float load_f<F16>(const void* base, int64_t i) {
+  return f16_to_f(static_cast<const uint16_t*>(base)[i]);
+}
+
+// ops/random.py's hash_bits: a 32-bit mixer of (position + key) mod 2**32.
+inline uint32_t hash_bits(int64_t pos, uint32_t key) {
+  uint32_t x = uint32_t(uint64_t(pos)) + key;
+  x ^= x >> 16;
+  x *= HASH_MUL;
+  x ^= x >> 16;
+  x *= HASH_MUL;
+  x ^= x >> 16;
+  return x;
+}
+
+// ops/rounding.py's round_to_dtype: stochastic bf16 adds 16 random bits below the cut and
+// truncates; everything else rounds to nearest even.
+template <int D>
+inline void store_f(void* base, int64_t i, float v, bool stochastic, uint32_t bits);
+template <>
+inline void store_f<F32>(void* base, int64_t i, float v, bool, uint32_t) {
+  static_cast<float*>(base)[i] = v;
+}
+template <>
+inline void store_f<BF16>(void* base, int64_t i, float v, bool stochastic, uint32_t bits) {
+  uint16_t out;
+  if (stochastic) {
+    uint32_t u = (f2u(v) + (bits & 0xFFFFu)) & 0xFFFF0000u;
+    out = f_to_bf16(u2f(u));  // exact: the low 16 bits are zero (a NaN stays NaN)
+  } else {
+    out = f_to_bf16(v);
+  }
+  static_cast<uint16_t*>(base)[i] = out;
+}
+template <>
+inline void store_f<F16>(void* base, int64_t i, float v, bool, uint32_t) {
+  static_cast<uint16_t*>(base)[i] = f_to_f16(v);
+}
+
+// ops/quant.py's bf16_floor / bf16_ceil: round to nearest, then step with nextafter's rules.
+inline uint16_t bf16_floor(float x) {
+  uint16_t y = f_to_bf16(x);
+  if (bf16_to_f(y) > x) y = (y & 0x7FFF) == 0 ? 0x8001 : ((y & 0x8000) ? y + 1 : y - 1);
+  return y;
+}
+inline uint16_t bf16_ceil(float x) {
+  uint16_t y = f_to_bf16(x);
+  if (bf16_to_f(y) < x) y = (y & 0x7FFF) == 0 ? 0x0001 : ((y & 0x8000) ? y - 1 : y + 1);
+  return y;
+}
+
+// ------------------------------------------------------------------ torch's float32 sqrt
+
+// MKL's vmsSqrt_64(n, in, out, mode) (the variant with a 64-bit n whatever MKL_INT is), with the
+// mode torch's aten/src/ATen/cpu/vml.h passes: VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
+typedef void (*VmlSqrt)(long long n, const float* in, float* out, long long mode);
+constexpr long long VML_MODE = 0x2 | 0x140000 | 0x100;
+
+// How to compute torch's sqrt (chosen by cpu.py, which checks the choice against torch.sqrt):
+// SQRT_IEEE: the correctly rounded sqrt (torch without MKL); SQRT_MKL: call MKL's vmsSqrt;
+// SQRT_RSQRT: the arithmetic of MKL's generic kernel (mkl_vml_kernel_sSqrt_EXHAynn, which MKL runs
+// on AMD CPUs): rsqrtps, then one Newton-Raphson/Goldschmidt step and a final correction, each
+// multiply and add rounded separately. Same instructions on the same CPU, so the same bits, without
+// MKL's cost per call (0.6 us: 2 ms of a 16M-parameter step on 2 threads).
+enum SqrtMode : int { SQRT_IEEE = 0, SQRT_MKL = 1, SQRT_RSQRT = 2 };
+
+// SQRT_RSQRT in place; false (x untouched) if some x is outside MKL's fast path, which takes
+// positive normal floats up to 0x7f7ff000 (and +0 here, whose square root is +0).
+inline bool rsqrt_sqrt(float* x, int64_t n) {
+#ifdef __SSE2__
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = f2u(x[i]);
+    if (u != 0 && int32_t(u + 0x7f800000u) > int32_t(0xfefff000u)) return false;
+  }
+  const __m128 half = _mm_set1_ps(0.5f), zero = _mm_setzero_ps();
+  int64_t i = 0;
+  auto step = [&](__m128 v) {
+    const __m128 r = _mm_rsqrt_ps(v);
+    const __m128 g = _mm_mul_ps(v, r), h = _mm_mul_ps(r, half);
+    const __m128 e = _mm_sub_ps(half, _mm_mul_ps(g, h));
+    const __m128 g1 = _mm_add_ps(_mm_mul_ps(g, e), g);
+    const __m128 h1 = _mm_add_ps(_mm_mul_ps(e, h), h);
+    const __m128 d = _mm_sub_ps(v, _mm_mul_ps(g1, g1));
+    const __m128 y = _mm_add_ps(_mm_mul_ps(d, h1), g1);
+    return _mm_andnot_ps(_mm_cmpeq_ps(v, zero), y);  // +0 -> +0 (rsqrt(0) is inf)
+  };
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, step(_mm_loadu_ps(x + i)));
+  if (i < n) {
+    float buf[4] = {1.f, 1.f, 1.f, 1.f};
+    std::memcpy(buf, x + i, sizeof(float) * size_t(n - i));
+    _mm_storeu_ps(buf, step(_mm_loadu_ps(buf)));
+    std::memcpy(x + i, buf, sizeof(float) * size_t(n - i));
+  }
+  return true;
+#else
+  (void)x;
+  (void)n;
+  return false;
+#endif
+}
+
+// torch.sqrt of x[0..n), in place, the way `mode` says.
+inline void torch_sqrt(float* x, int64_t n, int mode, VmlSqrt vml) {
+  if (mode == SQRT_RSQRT && rsqrt_sqrt(x, n)) return;
+  if (mode != SQRT_IEEE && vml != nullptr) {
+    vml(n, x, x, VML_MODE);
+  } else {
+    for (int64_t i = 0; i < n; ++i) x[i] = std::sqrt(x[i]);
+  }
+}
+
+// ------------------------------------------------------------------ arguments and scratch
+
+struct Args {
+  void* param;
+  int param_dtype;
+  int64_t param_size;  // bytes per element
+  int64_t grad_size;
+  const void* grad;
+  int grad_dtype;
+  int16_t* win_idx;   // [window, num_blocks, k]
+  uint16_t* win_val;  // bf16 [window, num_blocks, k]
+  uint8_t* codes;     // [ceil(n / 2)]
+  uint16_t* bounds;   // bf16 [num_quant_blocks, 2]
+  int64_t n, block, k, qblock, num_blocks, unit;
+  int64_t n_slots;          // valid ring slots, min(step, window)
+  const int64_t* slot_of_age;  // [n_slots]
+  const float* w1;          // float32(beta1 ** age)
+  const float* w2;
+  int64_t write_slot;
+  float lr, c1, c2, eps, decay;
+  bool weight_decay;
+  bool stochastic_error, stochastic_param;
+  uint32_t err_key, par_key;
+  int64_t position_offset;
+  VmlSqrt vml_sqrt;  // MKL's sqrt, or nullptr
+  int sqrt_mode;     // SqrtMode
+};
+
+// Per-thread buffers, grown on demand and kept across calls: no allocation per block or per step.
+struct Scratch {
+  std::vector<float> a;          // unit's working copy
+  std::vector<uint8_t> c8;       // unit's unpacked codes
+  std::vector<uint32_t> ckey;    // Top-K candidates: |a| bits
+  std::vector<int32_t> cidx;     //                   their block index
+  std::vector<uint16_t> gmask;   // candidate mask of each 16-entry group of a block
+  std::vector<uint16_t> glist;   // groups with a candidate
+  std::vector<float> qlo, qscale;  // per quantization block of the unit: min, max, then lo, scale
+  std::vector<float> sm, ss;     // moment accumulators, zero between blocks
+  std::vector<uint8_t> done;     // positions already updated in this block (window duplicates)
+  std::vector<int32_t> sel;      // selected indices of one block
+  std::vector<int32_t> uniq;     // distinct window positions of one block, first-seen order
+  std::vector<float> root;       // their sqrt(c2 * S)
+  std::vector<float> num;        // their c1 * M, then lr * u
+  uint32_t dist = 0x00800000u;   // Top-K threshold distance below the max key (adapts)
+  // Cache lines still to prefetch: up to PF_MAX byte ranges, issued a few at a time by pump().
+  static constexpr int PF_MAX = 32;
+  const char* pf_ptr[PF_MAX];
+  int64_t pf_left[PF_MAX];
+  int64_t pf_unit = -1;  // the unit whose parameter the previous unit prefetched
+  int pf_n = 0, pf_i = 0;
+  void queue(const void* p, int64_t bytes) {
+    if (bytes > 0) {
+      pf_ptr[pf_n] = static_cast<const char*>(p);
+      pf_left[pf_n++] = bytes;
+    }
+  }
+  // Issue up to `lines` prefetches. Spread over the compute-bound phases so that the loads in
+  // flight never fill the core's miss buffers at once (a burst of 500 stalled the gradient stream).
+  inline void pump(int64_t lines) {
+    while (lines > 0 && pf_i < pf_n) {
+      __builtin_prefetch(pf_ptr[pf_i], 0, 2);  // prefetcht1: to L2, leaving L1 to the working set
+      pf_ptr[pf_i] += 64;
+      pf_left[pf_i] -= 64;
+      --lines;
+      if (pf_left[pf_i] <= 0) ++pf_i;
+    }
+  }
+  void reserve(int64_t unit, int64_t block, int64_t k, int64_t window_k) {
+    if ((int64_t)a.size() < unit + 16) {
+      a.assign(unit + 16, 0.f);
+      c8.assign(unit + 64, 0);
+      qlo.assign(unit + 1, 0.f);
+      qscale.assign(unit + 1, 0.f);
+    }
+    if ((int64_t)sm.size() < block + 16) {
+      ckey.assign(block + 16, 0);
+      gmask.assign(block / 16 + 1, 0);
+      glist.assign(block / 16 + 1, 0);
+      cidx.assign(block + 16, 0);
+      sm.assign(block + 16, 0.f);
+      ss.assign(block + 16, 0.f);
+      done.assign(block + 16, 0);
+    }
+    if ((int64_t)sel.size() < k + 16) sel.assign(k + 16, 0);
+    if ((int64_t)uniq.size() < window_k + 1) {
+      uniq.assign(window_k + 1, 0);
+      root.assign(window_k + 1, 0.f);
+      num.assign(window_k + 1, 0.f);
+    }
+  }
+};
+
+// ------------------------------------------------------------------ phase 1: a = g + dequant(e)
+
+template <int G>
+void load_sum(const Args& A, Scratch& S, int64_t start, int64_t len) {
+  // Unpack the unit's codes (start is even: the unit is a multiple of 2), even index in the low nibble.
+  const uint8_t* packed = A.codes + start / 2;
+  uint8_t* c8 = S.c8.data();
+  const int64_t nbytes = (len + 1) / 2;
+  int64_t j = 0;
+#ifdef __SSE2__
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  for (; j + 16 <= nbytes; j += 16) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + j));
+    const __m128i lo = _mm_and_si128(x, nib), hi = _mm_and_si128(_mm_srli_epi16(x, 4), nib);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(c8 + 2 * j), _mm_unpacklo_epi8(lo, hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(c8 + 2 * j + 16), _mm_unpackhi_epi8(lo, hi));
+  }
+#endif
+  for (; j < nbytes; ++j) {
+    c8[2 * j] = packed[j] & 0x0F;
+    c8[2 * j + 1] = packed[j] >> 4;
+  }
+  float* a = S.a.data();
+  const int64_t q = A.qblock;
+  for (int64_t s = 0; s < len; s += q) {
+    const int64_t qb = (start + s) / q;
+    const float lo = bf16_to_f(A.bounds[2 * qb]);
+    const float hi = bf16_to_f(A.bounds[2 * qb + 1]);
+    const float scale = (hi - lo) / float(LEVELS);
+    const int64_t e = s + q < len ? s + q : len;
+    int64_t i = s;
+#ifdef __AVX512F__
+    const __m512 sv = _mm512_set1_ps(scale), lv = _mm512_set1_ps(lo);
+    for (; i + 16 <= e; i += 16) {
+      const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c8 + i))));
+      const __m512 err = _mm512_add_ps(_mm512_mul_ps(c, sv), lv);
+      __m512 g;
+      if (G == F32) {
+        g = _mm512_loadu_ps(static_cast<const float*>(A.grad) + start + i);
+      } else {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(A.grad) + start + i));
+        g = G == BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+      }
+      _mm512_storeu_ps(a + i, _mm512_add_ps(g, err));
+    }
+#endif
+    for (; i < e; ++i) a[i] = load_f<G>(A.grad, start + i) + (float(c8[i]) * scale + lo);
+  }
+}
+
+// ------------------------------------------------------------------ phase 2: exact block Top-K
+
+inline uint32_t max_key(const float* a, int64_t len) {
+  int64_t i = 0;
+  uint32_t m = 0;
+#ifdef __AVX512F__
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512i mv = _mm512_setzero_si512();
+  for (; i + 16 <= len; i += 16) {
+    __m512i kv = _mm512_and_si512(_mm512_loadu_si512(a + i), absmask);
+    mv = _mm512_max_epu32(mv, kv);
+  }
+  m = _mm512_reduce_max_epu32(mv);
+#endif
+  int32_t ms = int32_t(m);  // signed, as in count_ge
+  for (; i < len; ++i) {
+    const int32_t kk = int32_t(f2u(a[i]) & 0x7FFFFFFFu);
+    ms = kk > ms ? kk : ms;
+  }
+  return uint32_t(ms);
+}
+
+// Entries with |a| bits >= t, in index order; returns their count. ckey and cidx need len + 16 slots.
+inline int64_t compress_candidates(const float* a, int64_t len, uint32_t t, Scratch& S) {
+  uint32_t* ckey = S.ckey.data();
+  int32_t* cidx = S.cidx.data();
+  int64_t c = 0, i = 0;
+#ifdef __AVX512F__
+  // Two passes over the 16-entry groups: their masks first, then a compress of the groups that hold
+  // a candidate (about half of them). One pass that compresses every group, or that tests the mask
+  // and mispredicts, took 1700-2500 cycles per 4096-block instead of 900 (Zen 4: vpcompressd is
+  // slow, and compress-to-memory microcoded, hence register compress and plain stores).
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i tv = _mm512_set1_epi32(int(t));
+  uint16_t* masks = S.gmask.data();
+  uint16_t* groups = S.glist.data();
+  const int64_t ng = len / 16;
+  int64_t nl = 0;
+  for (int64_t g = 0; g < ng; ++g) {
+    const __mmask16 m = _mm512_cmpge_epu32_mask(_mm512_and_si512(_mm512_loadu_si512(a + 16 * g), absmask), tv);
+    masks[g] = m;
+    groups[nl] = uint16_t(g);
+    nl += m != 0;
+  }
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j = 0; j < nl; ++j) {
+    const int64_t g = groups[j];
+    const __mmask16 m = masks[g];
+    const __m512i kv = _mm512_and_si512(_mm512_loadu_si512(a + 16 * g), absmask);
+    const __m512i iv = _mm512_add_epi32(lane, _mm512_set1_epi32(int(16 * g)));
+    _mm512_storeu_si512(ckey + c, _mm512_maskz_compress_epi32(m, kv));
+    _mm512_storeu_si512(cidx + c, _mm512_maskz_compress_epi32(m, iv));
+    c += __builtin_popcount(m);
+  }
+  i = 16 * ng;
+#endif
+  for (; i < len; ++i) {
+    uint32_t kk = f2u(a[i]) & 0x7FFFFFFFu;
+    ckey[c] = kk;
+    cidx[c] = int32_t(i);
+    c += kk >= t;
+  }
+  return c;
+}
+
+// Number of keys >= v (v >= 1).
+inline int64_t count_ge(const uint32_t* keys, int64_t n, uint32_t v) {
+  int64_t cnt = 0, i = 0;
+#ifdef __AVX512F__
+  const __m512i vv = _mm512_set1_epi32(int(v));
+  for (; i + 16 <= n; i += 16)
+    cnt += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + i), vv));
+  if (i < n) {
+    const __mmask16 tail = __mmask16((1u << (n - i)) - 1);
+    cnt += __builtin_popcount(_mm512_mask_cmpge_epu32_mask(tail, _mm512_maskz_loadu_epi32(tail, keys + i), vv));
+  }
+  return cnt;
+#endif
+  // Keys are below 2**31 (sign bit cleared), so a signed compare, which SSE2 has, is exact.
+  for (; i < n; ++i) cnt += int32_t(keys[i]) >= int32_t(v);
+  return cnt;
+}
+
+// Writes the k selected block indices, ascending, to sel (k + 16 slots). Requires k < len.
+void select_topk(const float* a, int64_t len, int64_t k, Scratch& S, int32_t* sel) {
+  const uint32_t mkey = max_key(a, len);
+  if (mkey == 0) {  // all zeros: the lowest indices win
+    for (int64_t j = 0; j < k; ++j) sel[j] = int32_t(j);
+    return;
+  }
+  uint32_t* ckey = S.ckey.data();
+  int32_t* cidx = S.cidx.data();
+  int64_t c;
+  uint32_t t;
+  for (;;) {
+    t = mkey > S.dist ? mkey - S.dist : 0;
+    c = compress_candidates(a, len, t, S);
+    if (c >= k) break;
+    S.dist = S.dist < 0x40000000u ? S.dist * 2 : 0x80000000u;  // t reaches 0: every entry is a candidate
+  }
+  // The k-th largest key v is the largest value with at least k keys >= it: a binary search over
+  // [t, mkey], each probe one vectorized count over the ~100 candidates. Measured per 4096-block,
+  // search and final selection: 900 cycles; the radix select it replaced: 3000.
+  uint32_t lo = t, hi = mkey;
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    if (count_ge(ckey, c, mid) >= k) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const uint32_t v = lo;
+  // Keys above v are all taken; of the keys equal to v, the `need` of lowest index (block_topk's
+  // tie rule). Candidates are in index order, so the output is ascending.
+  int64_t need = k - count_ge(ckey, c, v + 1);
+  int64_t out = 0, i = 0;
+#if defined(__AVX512F__) && defined(__BMI2__)
+  const __m512i vv = _mm512_set1_epi32(int(v));
+  for (; i < c; i += 16) {
+    const __mmask16 valid = c - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (c - i)) - 1);
+    const __m512i kv = _mm512_maskz_loadu_epi32(valid, ckey + i);
+    const __mmask16 gt = _mm512_mask_cmpgt_epu32_mask(valid, kv, vv);
+    uint32_t eq = _mm512_mask_cmpeq_epu32_mask(valid, kv, vv);
+    const int neq = __builtin_popcount(eq);
+    if (neq > need) eq = _pdep_u32((1u << need) - 1u, eq);  // the lowest `need` of them
+    need -= __builtin_popcount(eq);
+    const __mmask16 take = gt | __mmask16(eq);
+    _mm512_storeu_si512(sel + out, _mm512_maskz_compress_epi32(take, _mm512_maskz_loadu_epi32(valid, cidx + i)));
+    out += __builtin_popcount(take);
+  }
+#else
+  for (; i < c; ++i) {
+    const uint32_t kk = ckey[i];
+    if (kk > v || (kk == v && need > 0)) {
+      need -= kk == v;
+      sel[out++] = cidx[i];
+    }
+  }
+#endif
+  // Next block: start from a threshold a quarter further below the max than this k-th key.
+  const uint32_t d = mkey - v;
+  S.dist = d + (d >> 2) + (1u << 16);
+}
+
+// Top-K of every block of the unit; writes the window slot and zeroes the selected entries.
+void topk_unit(const Args& A, Scratch& S, int64_t start, int64_t len) {
+  const int64_t B = A.block, k = A.k;
+  float* a = S.a.data();
+  int32_t* sel = S.sel.data();
+  for (int64_t s = 0; s < len; s += B) {
+    const int64_t b = (start + s) / B;
+    const int64_t lb = s + B < len ? B : len - s;  // real entries of this block
+    float* ab = a + s;
+    int16_t* wi = A.win_idx + (A.write_slot * A.num_blocks + b) * k;
+    uint16_t* wv = A.win_val + (A.write_slot * A.num_blocks + b) * k;
+    if (lb <= k) {
+      // Every real entry is taken (k >= block, or a last block shorter than k); the remaining
+      // selections fall on padding and are stored as index 0, value 0.
+      for (int64_t j = 0; j < k; ++j) {
+        if (j < lb) {
+          wi[j] = int16_t(j);
+          wv[j] = f_to_bf16(ab[j]);
+          ab[j] = 0.f;
+        } else {
+          wi[j] = 0;
+          wv[j] = 0;
+        }
+      }
+      continue;
+    }
+    S.pump(lb / 32);
+    select_topk(ab, lb, k, S, sel);
+    S.pump(lb / 32);
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t i = sel[j];
+      wi[j] = int16_t(i);
+      wv[j] = f_to_bf16(ab[i]);
+      ab[i] = 0.f;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ phase 3: re-quantize
+
+inline void min_max(const float* a, int64_t len, float& mn, float& mx) {
+  int64_t i = 0;
+  float lo = a[0], hi = a[0];
+#ifdef __AVX512F__
+  if (len >= 16) {
+    __m512 vlo = _mm512_loadu_ps(a), vhi = vlo;
+    for (i = 16; i + 16 <= len; i += 16) {
+      __m512 x = _mm512_loadu_ps(a + i);
+      vlo = _mm512_min_ps(vlo, x);
+      vhi = _mm512_max_ps(vhi, x);
+    }
+    lo = _mm512_reduce_min_ps(vlo);
+    hi = _mm512_reduce_max_ps(vhi);
+  }
+#endif
+  for (; i < len; ++i) {
+    lo = a[i] < lo ? a[i] : lo;
+    hi = a[i] > hi ? a[i] : hi;
+  }
+  mn = lo;
+  mx = hi;
+}
+
+// floor(x) clamped to [0, 15] for x = (a - lo) / scale + r >= 0 (lo <= a, scale > 0, r >= 0), where
+// floor is truncation: a plain conversion that compilers vectorize, unlike std::floor before SSE4.1.
+inline uint8_t clamp_code(float x) {
+  const int c = x < 16.f ? int(x) : LEVELS;
+  return uint8_t(c < LEVELS ? c : LEVELS);
+}
+
+// floor((a - lo) / scale + r) clamped to [0, 15], r = 0.5 or a uniform from the error stream.
+inline void quantize_block(const Args& A, const float* a, uint8_t* c8, int64_t len, float lo, float scale,
+                           int64_t pos0) {
+  int64_t i = 0;
+  if (!A.stochastic_error) {
+#ifdef __AVX512F__
+    const __m512 lov = _mm512_set1_ps(lo), sv = _mm512_set1_ps(scale), half = _mm512_set1_ps(0.5f);
+    const __m512 zero = _mm512_setzero_ps(), top = _mm512_set1_ps(float(LEVELS));
+    for (; i + 16 <= len; i += 16) {
+      __m512 x = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(a + i), lov), sv);
+      x = _mm512_roundscale_ps(_mm512_add_ps(x, half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      x = _mm512_min_ps(_mm512_max_ps(x, zero), top);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(c8 + i), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(x)));
+    }
+#endif
+    for (; i < len; ++i) c8[i] = clamp_code((a[i] - lo) / scale + 0.5f);
+    return;
+  }
+  const float two_m24 = 0x1.0p-24f;
+#ifdef __AVX512F__
+  const __m512 lov = _mm512_set1_ps(lo), sv = _mm512_set1_ps(scale), tm = _mm512_set1_ps(two_m24);
+  const __m512 zero = _mm512_setzero_ps(), top = _mm512_set1_ps(float(LEVELS));
+  const __m512i mul = _mm512_set1_epi32(int(HASH_MUL));
+  __m512i pv = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(uint64_t(pos0)) + A.err_key)),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m512i step = _mm512_set1_epi32(16);
+  for (; i + 16 <= len; i += 16) {
+    __m512i h = pv;
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, mul);
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, mul);
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), tm);
+    __m512 x = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(a + i), lov), sv);
+    x = _mm512_roundscale_ps(_mm512_add_ps(x, r), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_min_ps(_mm512_max_ps(x, zero), top);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(c8 + i), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(x)));
+    pv = _mm512_add_epi32(pv, step);
+  }
+#endif
+  for (; i < len; ++i) {
+    const float r = float(hash_bits(pos0 + i, A.err_key) >> 8) * two_m24;
+    c8[i] = clamp_code((a[i] - lo) / scale + r);
+  }
+}
+
+void quantize_unit(const Args& A, Scratch& S, int64_t start, int64_t len) {
+  const float* a = S.a.data();
+  uint8_t* c8 = S.c8.data();
+  float* qlo = S.qlo.data();
+  float* qscale = S.qscale.data();
+  const int64_t q = A.qblock;
+  const int64_t nq = (len + q - 1) / q;
+  // Three passes (min/max, bounds, codes) rather than one per block: each block's chain of
+  // reduction -> bf16 rounding -> scale -> codes is long, and separate passes let the core overlap
+  // the blocks' chains (measured: 1850 -> 1000 cycles per 4096 elements).
+  for (int64_t j = 0; j < nq; ++j) {
+    const int64_t s = j * q, lq = s + q < len ? q : len - s;
+    min_max(a + s, lq, qlo[j], qscale[j]);
+  }
+  for (int64_t j = 0; j < nq; ++j) {
+    const int64_t qb = start / q + j;
+    const uint16_t lo16 = bf16_floor(qlo[j]), hi16 = bf16_ceil(qscale[j]);
+    A.bounds[2 * qb] = lo16;
+    A.bounds[2 * qb + 1] = hi16;
+    const float lo = bf16_to_f(lo16);
+    qlo[j] = lo;
+    qscale[j] = (bf16_to_f(hi16) - lo) / float(LEVELS);
+  }
+  for (int64_t j = 0; j < nq; ++j) {
+    const int64_t s = j * q, lq = s + q < len ? q : len - s;
+    if (qscale[j] > 0.f) {
+      quantize_block(A, a + s, c8 + s, lq, qlo[j], qscale[j], start + s + A.position_offset);
+    } else {
+      std::memset(c8 + s, 0, size_t(lq));
+    }
+    S.pump(lq / 16);
+  }
+// Pack, even index in the low nibble; an odd tail gets a zero high nibble.
+  if (len & 1) c8[len] = 0;
+  uint8_t* packed = A.codes + start / 2;
+  const int64_t nbytes = (len + 1) / 2;
+  for (int64_t j = 0; j < nbytes; ++j) packed[j] = uint8_t(c8[2 * j] | (c8[2 * j + 1] << 4));
+}
+
+// ------------------------------------------------------------------ phase 4: moments and update
+
+template <int P>
+void update_block(const Args& A, Scratch& S, int64_t block_start, int64_t lb, int64_t b, float* full, int& bad) {
+  const int64_t k = A.k;
+  float* sm = S.sm.data();
+  float* ss = S.ss.data();
+  uint8_t* done = S.done.data();
+  int32_t* uniq = S.uniq.data();
+  float* root = S.root.data();
+  // scatter_add_ order: slots newest first, entries in order. Positions are listed once each, in
+  // first-seen order, for the square root and the update.
+  int64_t nu = 0;
+  for (int64_t age = 0; age < A.n_slots; ++age) {
+    const int64_t off = (A.slot_of_age[age] * A.num_blocks + b) * k;
+    const int16_t* wi = A.win_idx + off;
+    const uint16_t* wv = A.win_val + off;
+    const float w1 = A.w1[age], w2 = A.w2[age];
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t i = wi[j];
+      if (i < 0 || i >= lb) {  // a corrupt state; torch's indexing raises on it too
+        bad = 1;
+        // Leave the thread's scratch zero for the next call.
+        std::memset(sm, 0, sizeof(float) * size_t(A.block));
+        std::memset(ss, 0, sizeof(float) * size_t(A.block));
+        std::memset(done, 0, size_t(A.block));
+        return;
+      }
+      const float v = bf16_to_f(wv[j]);
+      sm[i] = sm[i] + v * w1;
+      ss[i] = ss[i] + (v * v) * w2;
+      uniq[nu] = i;
+      nu += !done[i];
+      done[i] = 1;
+    }
+  }
+  // Gathered into compact arrays so that the square root and the division run vectorized (a
+  // scalar divss per position cost 1400 cycles per 4096-block).
+  float* num = S.num.data();
+  for (int64_t j = 0; j < nu; ++j) {
+    const int32_t i = uniq[j];
+    root[j] = A.c2 * ss[i];
+    num[j] = A.c1 * sm[i];
+  }
+  // den = sqrt(c2 * S) + eps. torch computes float32 sqrt with the math library it was built with
+  // (MKL's vmsSqrt in x86 wheels: not correctly rounded, 1 ulp off for ~16% of inputs on Zen 4).
+  torch_sqrt(root, nu, A.sqrt_mode, A.vml_sqrt);
+  const float eps = A.eps, lr = A.lr;
+  for (int64_t j = 0; j < nu; ++j) {
+    const float den = root[j] + eps;
+    const float u = num[j] / den;
+    // den == 0 only with eps == 0 at a position whose entries are all zero: no move, not 0/0.
+    num[j] = lr * (den > 0.f ? u : 0.f);
+  }
+  void* p = A.param;
+  const bool sto = A.stochastic_param;
+  const int64_t gpos = block_start + A.position_offset;
+  // Without weight decay only the window's positions move: p - lr * u there, rounded to the
+  // parameter's dtype (its cache lines were prefetched during the previous unit). With weight decay
+  // every element moves: one dense pass computes p * decay - delta with delta = lr * u at the
+  // window's positions and +0 elsewhere (p * decay - 0 is exactly p * decay, the torch path's value).
+  const bool wd = A.weight_decay;
+  for (int64_t j = 0; j < nu; ++j) {
+    const int32_t i = uniq[j];
+    ss[i] = 0.f;
+    done[i] = 0;
+    if (wd) {
+      sm[i] = num[j];
+    } else {
+      store_f<P>(p, block_start + i, load_f<P>(p, block_start + i) - num[j], sto,
+                 sto ? hash_bits(gpos + i, A.par_key) : 0u);
+      sm[i] = 0.f;
+    }
+  }
+  if (!wd) return;
+  const float decay = A.decay;
+  if (P == F32) {
+    float* pf = static_cast<float*>(p) + block_start;
+    for (int64_t i = 0; i < lb; ++i) {
+      pf[i] = pf[i] * decay - sm[i];
+      sm[i] = 0.f;
+    }
+  } else {
+    // As the torch path: p * decay in float32, minus lr * u at the window's positions, rounded once.
+    for (int64_t i = 0; i < lb; ++i) {
+      full[i] = load_f<P>(p, block_start + i) * decay - sm[i];
+      sm[i] = 0.f;
+    }
+    for (int64_t i = 0; i < lb; ++i)
+      store_f<P>(p, block_start + i, full[i], sto, sto ? hash_bits(gpos + i, A.par_key) : 0u);
+  }
+}
+
+template <int P>
+void update_unit(const Args& A, Scratch& S, int64_t start, int64_t len, int& bad) {
+  const int64_t B = A.block;
+  for (int64_t s = 0; s < len && !bad; s += B) {
+    const int64_t lb = s + B < len ? B : len - s;
+    // The unit's working copy is dead after quantization: reuse it for the decayed parameter.
+    S.pump(INT64_MAX);
+    update_block<P>(A, S, start + s, lb, (start + s) / B, S.a.data() + s, bad);
+  }
+}
+
+// Each thread's scratch, kept across calls (torch's OpenMP threads live as long as the process).
+Scratch& thread_scratch() {
+  thread_local Scratch S;
+  return S;
+}
+
+void run_unit(const Args& A, Scratch& S, int64_t u, int& bad) {
+  const int64_t start = u * A.unit;
+  const int64_t len = start + A.unit < A.n ? A.unit : A.n - start;
+  // While this unit computes, the next unit's data (gradient, codes, parameter, window entries) is
+  // prefetched into L2 a few lines at a time (S.pump), and this unit's parameter too unless the
+  // previous unit of this thread already did. The phases come in bursts of 16 KB loads between long
+  // stretches of computation, which the hardware prefetchers do not run ahead of: measured on the
+  // 2-core dev machine, the kernel's share of a 16M-parameter step is 14.8 ms without software
+  // prefetch and 10.3 ms with it.
+  S.pf_n = S.pf_i = 0;
+  if (S.pf_unit != u) S.queue(static_cast<const char*>(A.param) + start * A.param_size, len * A.param_size);
+  const int64_t next = start + len, next_len = next + A.unit < A.n ? A.unit : A.n - next;
+  if (next < A.n) {
+    S.queue(static_cast<const char*>(A.grad) + next * A.grad_size, next_len * A.grad_size);
+    S.queue(A.codes + next / 2, (next_len + 1) / 2);
+    S.queue(static_cast<const char*>(A.param) + next * A.param_size, next_len * A.param_size);
+    const int64_t b0 = next / A.block, b1 = (next + next_len + A.block - 1) / A.block;
+    for (int64_t age = 0; age < A.n_slots && S.pf_n + 2 <= Scratch::PF_MAX; ++age) {
+      const int64_t off = (A.slot_of_age[age] * A.num_blocks + b0) * A.k;
+      S.queue(A.win_idx + off, (b1 - b0) * A.k * 2);
+      S.queue(A.win_val + off, (b1 - b0) * A.k * 2);
+    }
+    S.pf_unit = u + 1;
+  }
+  switch (A.grad_dtype) {
+    case F32: load_sum<F32>(A, S, start, len); break;
+    case BF16: load_sum<BF16>(A, S, start, len); break;
+    default: load_sum<F16>(A, S, start, len); break;
+  }
+  topk_unit(A, S, start, len);
+  quantize_unit(A, S, start, len);
+  switch (A.param_dtype) {
+    case F32: update_unit<F32>(A, S, start, len, bad); break;
+    case BF16: update_unit<BF16>(A, S, start, len, bad); break;
+    default: update_unit<F16>(A, S, start, len, bad); break;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0 on success, 1 if window_indices holds an index outside its block (corrupt state).
+int microadam_step_cpu(void* param, int param_dtype, const void* grad, int grad_dtype, int16_t* win_idx,
+                       uint16_t* win_val, uint8_t* codes, uint16_t* bounds, int64_t n, int64_t block, int64_t k,
+                       int64_t qblock, int64_t num_blocks, int64_t unit, int64_t n_slots, const int64_t* slot_of_age,
+                       const float* w1, const float* w2, int64_t write_slot, double lr, double c1, double c2,
+                       double eps, double decay, int weight_decay, int stochastic_error, int stochastic_param,
+                       uint32_t err_key, uint32_t par_key, int64_t position_offset, void* vml_sqrt, int sqrt_mode,
+                       int num_threads) {
+  if (n <= 0) return 0;
+  Args A;
+  A.param = param;
+  A.param_dtype = param_dtype;
+  A.param_size = param_dtype == F32 ? 4 : 2;
+  A.grad_size = grad_dtype == F32 ? 4 : 2;
+  A.grad = grad;
+  A.grad_dtype = grad_dtype;
+  A.win_idx = win_idx;
+  A.win_val = win_val;
+  A.codes = codes;
+  A.bounds = bounds;
+  A.n = n;
+  A.block = block;
+  A.k = k;
+  A.qblock = qblock;
+  A.num_blocks = num_blocks;
+  A.unit = unit;
+  A.n_slots = n_slots;
+  A.slot_of_age = slot_of_age;
+  A.w1 = w1;
+  A.w2 = w2;
+  A.write_slot = write_slot;
+  // Python floats meet float32 tensors in the torch path as float32 scalars.
+  A.lr = float(lr);
+  A.c1 = float(c1);
+  A.c2 = float(c2);
+  A.eps = float(eps);
+  A.decay = float(decay);
+  A.weight_decay = weight_decay != 0;
+  A.stochastic_error = stochastic_error != 0;
+  A.stochastic_param = stochastic_param != 0 && param_dtype == BF16;
+  A.err_key = err_key;
+  A.par_key = par_key;
+  A.position_offset = position_offset;
+  A.vml_sqrt = reinterpret_cast<VmlSqrt>(vml_sqrt);
+  A.sqrt_mode = sqrt_mode;
+
+  const int64_t num_units = (n + unit - 1) / unit;
+  int bad = 0;
+#ifdef _OPENMP
+  const int threads = num_units > 1 && num_threads > 1 ? num_threads : 1;
+#else
+  (void)num_threads;
+  const int threads = 1;
+#endif
+  if (threads == 1) {
+    // No parallel region at all, not a region of one thread: MKL's sqrt, called from inside an
+    // inactive region, starts threads of its own on every call (measured: 24 us per call of 400
+    // values, against 0.6 us outside a region or inside an active one; 5 ms per step for a bias).
+    Scratch& S = thread_scratch();
+    S.reserve(unit, block, k, n_slots * k);
+    S.pf_unit = -1;
+    for (int64_t u = 0; u < num_units && !bad; ++u) run_unit(A, S, u, bad);
+    return bad;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) reduction(| : bad)
+  {
+    Scratch& S = thread_scratch();
+    S.reserve(unit, block, k, n_slots * k);
+    S.pf_unit = -1;
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < num_units; ++u) {
+      if (!bad) run_unit(A, S, u, bad);
+    }
+  }
+#endif
+  return bad;
+}
+
+// sqrt(in) into out as update_block computes it: Python checks a mode against torch.sqrt once,
+// when it loads the library.
+void microadam_sqrt_probe(const float* in, float* out, int64_t n, void* vml_sqrt, int sqrt_mode) {
+  std::memcpy(out, in, sizeof(float) * size_t(n));
+  torch_sqrt(out, n, sqrt_mode, reinterpret_cast<VmlSqrt>(vml_sqrt));
+}
+
+}  // extern "C"

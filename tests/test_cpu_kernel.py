@@ -1,0 +1,391 @@
+"""impl="cpp" (microadam.kernels.cpu) equals the vectorized torch path bit for bit.
+
+Every case runs the same gradients through ``functional.microadam_step`` with ``impl="torch"`` and
+``impl="cpp"`` on copies of one state, for more steps than the window holds (so the ring wraps),
+and compares the bit patterns (not values: -0.0 and +0.0 differ) of the parameter and of every
+state tensor after every step. No tolerance anywhere: the C++ code does the torch path's float32
+operations in the same order, and calls the same sqrt as torch (see ``cpu._matching_sqrt``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from microadam import MicroAdam, functional
+from microadam.kernels import availability, cpu
+from microadam.layout import Layout, layout_for
+
+STEPS = 16
+
+_INT_VIEW = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.int16: torch.int16,
+    torch.uint8: torch.uint8,
+}
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    a, e = actual.contiguous().view(_INT_VIEW[actual.dtype]), expected.contiguous().view(_INT_VIEW[expected.dtype])
+    if not torch.equal(a, e):
+        bad = (a != e).nonzero()
+        first = tuple(bad[0].tolist())
+        raise AssertionError(
+            f"{what}: {bad.shape[0]} of {a.numel()} elements differ; first at {first}: "
+            f"cpp {actual[first].item()!r} vs torch {expected[first].item()!r}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    id: str
+    shape: tuple[int, ...]
+    block: int
+    density: float
+    quant_block: int
+    window: int
+    transposed: bool = False
+
+    def layout(self) -> Layout:
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        return layout_for(
+            numel, block_size=self.block, density=self.density, quant_block_size=self.quant_block, window=self.window
+        )
+
+
+SHAPES = [
+    Shape("empty", (0,), 64, 0.05, 16, 4),
+    Shape("one", (1,), 64, 0.05, 16, 4),
+    Shape("seven", (7,), 64, 0.05, 16, 4),
+    # The last Top-K block holds 1 element, fewer than k = 4: the padding selections.
+    Shape("just-over-block", (65,), 64, 0.05, 16, 4),
+    # Odd quantization blocks straddle code bytes; units of lcm(15, 5, 2) = 30.
+    Shape("odd-blocks", (203,), 15, 0.2, 5, 3),
+    Shape("quant-block-larger", (1000,), 32, 0.1, 64, 4),
+    Shape("k-equals-block", (100,), 16, 1.0, 16, 2),
+    Shape("window-1", (300,), 64, 0.05, 16, 1),
+    Shape("not-a-multiple", (1031,), 128, 0.03, 32, 5),
+    Shape("transposed", (37, 29), 64, 0.05, 16, 4, transposed=True),
+    # Many candidates per block: the vectorized Top-K's wide search.
+    Shape("big-k", (5000,), 1024, 0.25, 128, 3),
+    # The optimizer's defaults on a tensor of 3 full blocks and a partial one.
+    Shape("paper-defaults", (3 * 4096 + 123,), 4096, 0.01, 128, 10),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    id: str
+    weight_decay: float = 0.0
+    error_rounding: str = "nearest"
+    stochastic_param_rounding: bool = True
+    position_offset: int = 0
+    chunk_size: int = functional.DEFAULT_CHUNK
+    grads: str = "normal"  # normal | ties | sparse | zeros
+    eps: float = 1e-8
+    grad_dtype: torch.dtype | None = None  # None: the parameter's dtype
+    transposed_grad: bool = False
+
+
+FLAGS = [
+    Flags("plain"),
+    Flags("wd-stochastic-error", weight_decay=0.1, error_rounding="stochastic"),
+    Flags(
+        "offset-no-param-rounding", error_rounding="stochastic", stochastic_param_rounding=False, position_offset=12345
+    ),
+    Flags("wd-offset-chunked", weight_decay=0.05, position_offset=7, chunk_size=64),
+]
+
+# Rows for the corners of the data rather than of the layout.
+EXTRA = [
+    # Few distinct gradient values: ties at the k-th place, broken by the lower index.
+    (SHAPES[8], Flags("ties", grads="ties")),
+    (SHAPES[11], Flags("ties", grads="ties", weight_decay=0.01)),
+    # Most rows untouched (an embedding): Top-K ties at zero.
+    (SHAPES[10], Flags("sparse", grads="sparse")),
+    (SHAPES[11], Flags("sparse", grads="sparse", error_rounding="stochastic")),
+    # All-zero gradients and eps = 0: the den == 0 guard.
+    (SHAPES[8], Flags("zeros-eps0", grads="zeros", eps=0.0)),
+    (SHAPES[4], Flags("sparse-eps0", grads="sparse", eps=0.0, weight_decay=0.1)),
+    # A float32 gradient for a low-precision parameter (autocast-style), and a non-contiguous one.
+    (SHAPES[8], Flags("fp32-grad", grad_dtype=torch.float32)),
+    (SHAPES[11], Flags("bf16-grad", grad_dtype=torch.bfloat16, weight_decay=0.1)),
+    (SHAPES[8], Flags("fp16-grad", grad_dtype=torch.float16, error_rounding="stochastic")),
+    (SHAPES[8], Flags("fp64-grad", grad_dtype=torch.float64)),
+    (SHAPES[9], Flags("transposed-grad", transposed_grad=True, weight_decay=0.1)),
+]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def new_state(lay: Layout) -> dict[str, torch.Tensor]:
+    """Zero state, as MicroAdam._init_state builds it."""
+    return dict(
+        window_indices=torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.int16),
+        window_values=torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.bfloat16),
+        error_codes=torch.zeros((lay.numel + 1) // 2, dtype=torch.uint8),
+        error_bounds=torch.zeros((lay.num_quant_blocks, 2), dtype=torch.bfloat16),
+    )
+
+
+def make_tensor(shape: Shape, dtype: torch.dtype, gen: torch.Generator, transposed: bool) -> torch.Tensor:
+    if transposed and len(shape.shape) == 2:
+        t = torch.randn(shape.shape[::-1], generator=gen, dtype=torch.float64).to(dtype).t()
+        assert not t.is_contiguous()
+        return t
+    return torch.randn(shape.shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def make_grad(shape: Shape, flags: Flags, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    g = make_tensor(shape, torch.float64, gen, flags.transposed_grad)
+    if flags.grads == "ties":
+        g = g.mul(2).round()  # about 7 distinct values
+    elif flags.grads == "sparse":
+        keep = torch.rand(g.shape, generator=gen, dtype=torch.float64) < 0.03
+        g = g * keep
+    elif flags.grads == "zeros":
+        g = torch.zeros_like(g)
+    return g.to(flags.grad_dtype or dtype)
+
+
+def run_both(shape: Shape, flags: Flags, dtype: torch.dtype, steps: int = STEPS) -> None:
+    """``steps`` steps with impl torch and cpp on copies; every bit equal after every step."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape.id}/{flags.id}/{dtype}".encode()))
+    lay = shape.layout()
+    p_torch = make_tensor(shape, dtype, gen, shape.transposed)
+    p_cpp = p_torch.clone() if not shape.transposed else p_torch.t().clone().t()
+    assert p_cpp.is_contiguous() == p_torch.is_contiguous()
+    s_torch, s_cpp = new_state(lay), new_state(lay)
+    hyper = dict(
+        layout=lay,
+        lr=1e-2,
+        beta1=0.9,
+        beta2=0.999,
+        eps=flags.eps,
+        weight_decay=flags.weight_decay,
+        error_rounding=flags.error_rounding,
+        stochastic_param_rounding=flags.stochastic_param_rounding,
+        seed=11,
+        param_index=3,
+        chunk_size=flags.chunk_size,
+        position_offset=flags.position_offset,
+    )
+    for step in range(1, steps + 1):
+        g = make_grad(shape, flags, dtype, gen)
+        functional.microadam_step(p_torch, g, step=step, impl="torch", **s_torch, **hyper)
+        functional.microadam_step(p_cpp, g.clone(), step=step, impl="cpp", **s_cpp, **hyper)
+        assert_bits_equal(p_cpp, p_torch, f"parameter after step {step}")
+        for name in s_torch:
+            assert_bits_equal(s_cpp[name], s_torch[name], f"{name} after step {step}")
+    assert p_cpp.is_contiguous() == p_torch.is_contiguous()
+
+
+CASES = [
+    pytest.param(shape, flags, dtype, id=f"{shape.id}-{flags.id}-{str(dtype)[6:]}")
+    for shape in SHAPES
+    for flags in FLAGS
+    for dtype in DTYPES
+] + [
+    pytest.param(shape, flags, dtype, id=f"{shape.id}-{flags.id}-{str(dtype)[6:]}")
+    for shape, flags in EXTRA
+    for dtype in DTYPES
+]
+
+
+@pytest.mark.parametrize(("shape", "flags", "dtype"), CASES)
+def test_cpp_equals_torch_bit_for_bit(shape: Shape, flags: Flags, dtype: torch.dtype) -> None:
+    run_both(shape, flags, dtype)
+
+
+@pytest.fixture(scope="module")
+def portable_library():
+    """The library built without -march=native: the plain C++ loops that a CPU without AVX-512 runs."""
+    compiler = cpu.shutil.which(cpu._COMPILER)
+    assert compiler is not None, "the tests need g++"
+    path = cpu._build(compiler, cpu._FLAGS, "", cpu._SOURCE.read_bytes())
+    lib = cpu.ctypes.CDLL(str(path))
+    cpu._declare(lib)
+    return lib, cpu._matching_sqrt(lib)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [pytest.param(s, d, id=f"{s.id}-{str(d)[6:]}") for s in SHAPES for d in DTYPES]
+)
+def test_portable_build_equals_torch(portable_library, monkeypatch, shape: Shape, dtype: torch.dtype) -> None:
+    monkeypatch.setattr(cpu, "_state", {"lib": portable_library})
+    run_both(shape, FLAGS[1], dtype)
+    run_both(shape, FLAGS[2], dtype, steps=5)
+
+
+def test_float64_runs_the_torch_path() -> None:
+    lay = layout_for(300, block_size=64, density=0.05, quant_block_size=16, window=3)
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(300, generator=gen, dtype=torch.float64)
+    q = p.clone()
+    sa, sb = new_state(lay), new_state(lay)
+    hyper = dict(layout=lay, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    hyper.update(error_rounding="stochastic", stochastic_param_rounding=True, seed=0, param_index=0)
+    for step in range(1, 6):
+        g = torch.randn(300, generator=gen, dtype=torch.float64)
+        functional.microadam_step(p, g, step=step, impl="torch", **sa, **hyper)
+        functional.microadam_step(q, g, step=step, impl="cpp", **sb, **hyper)
+    assert_bits_equal(q, p, "float64 parameter")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_optimizer_with_impl_cpp_equals_torch(dtype: torch.dtype) -> None:
+    """MicroAdam(impl="cpp") on a small model whose gradients depend on the parameters."""
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(37, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5))
+        return model.to(dtype)
+
+    kwargs = dict(lr=1e-2, window=4, density=0.05, block_size=256, quant_block_size=32, weight_decay=0.01)
+    models = {impl: build() for impl in ("torch", "cpp")}
+    opts = {impl: MicroAdam(m.parameters(), impl=impl, **kwargs) for impl, m in models.items()}
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x = torch.randn(16, 37, generator=gen).to(dtype)
+        y = torch.randint(0, 5, (16,), generator=gen)
+        for impl, model in models.items():
+            opts[impl].zero_grad()
+            torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+            opts[impl].step()
+    for (name, pt), pc in zip(models["torch"].named_parameters(), models["cpp"].parameters()):
+        assert_bits_equal(pc.detach(), pt.detach(), name)
+        st, sc = opts["torch"].state[pt], opts["cpp"].state[pc]
+        assert st["step"] == sc["step"] == 20
+        for key in ("window_indices", "window_values", "error_codes", "error_bounds"):
+            assert_bits_equal(sc[key], st[key], f"{name} {key}")
+
+
+def test_available_on_this_machine() -> None:
+    assert cpu.available() == (True, "")
+    assert availability("cpp") == (True, "")
+
+
+def test_chosen_sqrt_matches_torch() -> None:
+    """The kernel's sqrt is torch's float32 sqrt, bit for bit, over the whole non-negative range."""
+    lib, (sqrt_fn, sqrt_mode) = cpu._library()
+    gen = torch.Generator().manual_seed(5)
+    bits = torch.randint(0, 0x7F800001, (2**20,), generator=gen, dtype=torch.int32)
+    x = bits.view(torch.float32)  # every non-negative float up to +inf: zeros and subnormals too
+    for batch in (x, x[(x >= 2**-126) & (x <= 3.0e38)]):  # the second: no value leaves the fast path
+        for n in (batch.numel(), 400, 7):
+            out = torch.empty_like(batch[:n])
+            lib.microadam_sqrt_probe(batch.data_ptr(), out.data_ptr(), n, sqrt_fn, sqrt_mode)
+            assert_bits_equal(out, batch[:n].sqrt(), f"sqrt of {n} values")
+
+
+def test_no_compiler_is_reported(monkeypatch) -> None:
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    ok, why = cpu.available()
+    assert not ok
+    assert "g++" in why and "impl='torch'" in why
+    with pytest.raises(RuntimeError, match="impl='torch'"):
+        functional.microadam_step(torch.zeros(4), torch.zeros(4), impl="cpp", **_small_args(4))
+
+
+def test_compile_error_is_reported_with_the_compiler_output(monkeypatch, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.cpp"
+    bad.write_text("int main( { this is not C++ }\n")
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(cpu, "_SOURCE", bad)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ok, why = cpu.available()
+    assert not ok
+    assert "could not compile broken.cpp" in why and "error" in why and "impl='torch'" in why
+    assert not list((tmp_path / "cache" / "microadam").glob("*.so")), "a failed build must leave no library"
+
+
+def test_build_cache_is_keyed_and_atomic(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    compiler = cpu.shutil.which(cpu._COMPILER)
+    source = cpu._SOURCE.read_bytes()
+    # Two builds at once (as two processes would): each writes its own temporary file and renames it.
+    paths: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: paths.append(cpu._build(compiler, cpu._FLAGS, "", source))) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(paths) == 2 and paths[0] == paths[1]
+    assert sorted(p.name for p in (tmp_path / "microadam").iterdir()) == [paths[0].name], "no temporary files left"
+    mtime = paths[0].stat().st_mtime_ns
+    assert cpu._build(compiler, cpu._FLAGS, "", source) == paths[0] and paths[0].stat().st_mtime_ns == mtime
+    # Another source, other flags or another CPU each get their own library.
+    assert cpu._library_path(compiler, cpu._FLAGS, "", source) == paths[0]
+    assert cpu._library_path(compiler, cpu._FLAGS, "", source + b"\n// edited\n") != paths[0]
+    assert cpu._library_path(compiler, (*cpu._FLAGS, "-O2"), "", source) != paths[0]
+    assert cpu._library_path(compiler, cpu._FLAGS, "another cpu", source) != paths[0]
+
+
+def _small_args(n: int, **overrides) -> dict:
+    lay = layout_for(n, block_size=64, density=0.05, quant_block_size=16, window=3)
+    args = dict(new_state(lay), layout=lay, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    args.update(error_rounding="nearest", stochastic_param_rounding=True, seed=0, param_index=0)
+    args.update(overrides)
+    return args
+
+
+def test_tensors_off_the_cpu_are_refused() -> None:
+    with pytest.raises(ValueError, match="impl='cpp' runs on CPU tensors, but param is on meta"):
+        cpu.microadam_step_cpp(torch.empty(10, device="meta"), torch.zeros(10), **_small_args(10))
+    with pytest.raises(ValueError, match="error_codes is on meta"):
+        args = _small_args(10)
+        args["error_codes"] = torch.empty_like(args["error_codes"], device="meta")
+        cpu.microadam_step_cpp(torch.zeros(10), torch.zeros(10), **args)
+
+
+def test_state_of_another_layout_is_refused() -> None:
+    args = _small_args(100)
+    args["window_indices"] = torch.zeros(3, 2, 5, dtype=torch.int16)
+    with pytest.raises(ValueError, match="window_indices must be torch.int16 of shape"):
+        cpu.microadam_step_cpp(torch.zeros(100), torch.zeros(100), **args)
+    with pytest.raises(ValueError, match="layout.numel"):
+        cpu.microadam_step_cpp(torch.zeros(99), torch.zeros(99), **_small_args(100))
+    with pytest.raises(ValueError, match="error_rounding"):
+        cpu.microadam_step_cpp(torch.zeros(100), torch.zeros(100), **_small_args(100, error_rounding="up"))
+
+
+def test_corrupt_window_indices_raise() -> None:
+    args = _small_args(100)
+    args["window_indices"][0, 1, 0] = 60  # block 1 holds 36 elements
+    with pytest.raises(RuntimeError, match="corrupt"):
+        cpu.microadam_step_cpp(torch.zeros(100), torch.randn(100), **dict(args, step=2))
+    # The thread's scratch was left clean: a valid step afterwards still equals the torch path.
+    run_both(SHAPES[8], FLAGS[0], torch.float32, steps=3)
+
+
+def test_in_place_update_bumps_the_version_counter() -> None:
+    p = torch.zeros(100)
+    before = p._version
+    cpu.microadam_step_cpp(p, torch.randn(100), **_small_args(100))
+    assert p._version > before
+    assert bool((p != 0).any())
+
+
+def test_impl_none_picks_cpp_for_cpu_tensors_it_computes_and_torch_otherwise():
+    from microadam.kernels import resolve_impl
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert resolve_impl(None, torch.zeros(3, dtype=dtype)) == "cpp"
+    assert resolve_impl(None, torch.zeros(3, dtype=torch.float64)) == "torch"
+    assert resolve_impl(None, torch.zeros(3, device="meta")) == "torch"
+    assert resolve_impl("torch", torch.zeros(3)) == "torch"
+    assert resolve_impl("triton", torch.zeros(3)) == "triton"
