@@ -81,7 +81,11 @@ def _torchao_optim(kind: str) -> Callable[[list[torch.Tensor]], torch.optim.Opti
 
 
 OPTIMIZERS: tuple[OptimizerSpec, ...] = (
-    OptimizerSpec("microadam", lambda ps: MicroAdam(ps, lr=LR), min_warmup=10, note="defaults"),
+    # impl=None: on CPU the C++ path when it builds (the rule of microadam.kernels.resolve_impl).
+    OptimizerSpec("microadam", lambda ps: MicroAdam(ps, lr=LR), min_warmup=10, note="defaults, impl=None"),
+    OptimizerSpec(
+        "microadam_torch", lambda ps: MicroAdam(ps, lr=LR, impl="torch"), min_warmup=10, note="defaults, impl=torch"
+    ),
     # The C++/OpenMP step (impl="cpp", CPU only); its first step includes the one-time g++ build
     # unless the per-user cache already holds it.
     OptimizerSpec(
