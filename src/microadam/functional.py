@@ -18,6 +18,7 @@ non-contiguous parameter or gradient is first copied whole into a contiguous one
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +28,7 @@ from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, hash_bits, stream_k
 from microadam.ops.rounding import round_to_dtype
 from microadam.ops.topk import block_topk
 
-__all__ = ["microadam_step", "compute_dtype", "chunk_elements", "IMPLEMENTATIONS"]
+__all__ = ["microadam_step", "compute_dtype", "chunk_elements", "step_scalars", "StepScalars", "IMPLEMENTATIONS"]
 
 IMPLEMENTATIONS = ("torch", "triton", "cpp")
 
@@ -62,6 +63,51 @@ def _pad_rows(x: torch.Tensor, rows: int, cols: int, fill: float | None) -> torc
 def _slot_ages(step: int, window: int) -> list[tuple[int, int]]:
     """(slot, age) of every valid ring slot at ``step`` (1-based); age 0 was written now."""
     return [((step - 1 - age) % window, age) for age in range(min(step, window))]
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """The numbers of one step that every element of a tensor shares.
+
+    Computed once here for every implementation (torch, cpp, triton), so that they cannot drift
+    apart: the kernels take them as arguments instead of redoing the arithmetic.
+    """
+
+    slots: tuple[int, ...]  # ring slot of each valid age, newest (age 0) first
+    w1: tuple[float, ...]  # beta1 ** age, per slot above
+    w2: tuple[float, ...]  # beta2 ** age
+    write_slot: int  # the slot this step writes
+    c1: float  # (1 - beta1) / (1 - beta1 ** step): bias correction of the first moment
+    c2: float  # (1 - beta2) / (1 - beta2 ** step)
+    decay: float  # 1 - lr * weight_decay
+    err_key: int  # random stream of the error's stochastic rounding
+    par_key: int  # random stream of the parameter's stochastic rounding
+
+
+def step_scalars(
+    *,
+    step: int,
+    window: int,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    param_index: int,
+) -> StepScalars:
+    """The :class:`StepScalars` of ``step`` (1-based) for the tensor ``param_index``."""
+    slots = _slot_ages(step, window)
+    return StepScalars(
+        slots=tuple(s for s, _ in slots),
+        w1=tuple(beta1**age for _, age in slots),
+        w2=tuple(beta2**age for _, age in slots),
+        write_slot=(step - 1) % window,
+        c1=(1 - beta1) / (1 - beta1**step),
+        c2=(1 - beta2) / (1 - beta2**step),
+        decay=1 - lr * weight_decay,
+        err_key=stream_key(seed, param_index, step, STREAM_ERROR),
+        par_key=stream_key(seed, param_index, step, STREAM_PARAM),
+    )
 
 
 def microadam_step(
@@ -144,16 +190,20 @@ def microadam_step(
 
     B, k, q, m = layout.block, layout.k, layout.quant_block, layout.window
     chunk = chunk_elements(layout, chunk_size)
-    slots = _slot_ages(step, m)
-    slot_idx = torch.tensor([s for s, _ in slots], device=device)
-    w1 = torch.tensor([beta1**age for _, age in slots], dtype=cd, device=device)
-    w2 = torch.tensor([beta2**age for _, age in slots], dtype=cd, device=device)
-    write_slot = (step - 1) % m
-    c1 = (1 - beta1) / (1 - beta1**step)
-    c2 = (1 - beta2) / (1 - beta2**step)
-    decay = 1 - lr * weight_decay
-    err_key = stream_key(seed, param_index, step, STREAM_ERROR)
-    par_key = stream_key(seed, param_index, step, STREAM_PARAM)
+    sc = step_scalars(
+        step=step,
+        window=m,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        param_index=param_index,
+    )
+    slot_idx = torch.tensor(sc.slots, device=device)
+    w1 = torch.tensor(sc.w1, dtype=cd, device=device)
+    w2 = torch.tensor(sc.w2, dtype=cd, device=device)
+    write_slot, c1, c2, decay, err_key, par_key = sc.write_slot, sc.c1, sc.c2, sc.decay, sc.err_key, sc.par_key
     stochastic_param = stochastic_param_rounding and param.dtype == torch.bfloat16
 
     # Moment accumulators, zeroed once and restored to zero after each chunk by

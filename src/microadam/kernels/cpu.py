@@ -13,9 +13,9 @@ build writes a temporary file in the cache and renames it into place, so process
 the same time never load a half-written library.
 
 Everything the step computes from the step number (ring slot ages, bias corrections ``c1`` and
-``c2``, the decay factor, the random stream keys) is computed here in Python exactly as
-:func:`microadam.functional.microadam_step` computes it and handed to C++ as numbers, so the two
-paths cannot drift apart on it. float64 parameters (the testing dtype) run the torch path.
+``c2``, the decay factor, the random stream keys) comes from :func:`microadam.functional.step_scalars`,
+which the torch path uses too, and is handed to C++ as numbers, so the paths cannot drift apart on it.
+float64 parameters (the testing dtype) run the torch path.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import torch
 
 from microadam import functional
 from microadam.layout import Layout
-from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, stream_key
 
 __all__ = ["available", "microadam_step_cpp"]
 
@@ -228,22 +227,19 @@ def available() -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=64)
-def _step_numbers(
-    step: int, window: int, beta1: float, beta2: float
-) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array, float, float]:
-    """The numbers of ``step`` that all tensors share, computed as functional.microadam_step does.
+def _ring_arrays(
+    slots: tuple[int, ...], w1: tuple[float, ...], w2: tuple[float, ...]
+) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
+    """The ring's slots and weights of a step (:class:`~microadam.functional.StepScalars`) as C arrays.
 
-    Ring slot of each age (newest first), ``float32(beta ** age)`` (ctypes rounds a Python float to
-    float32 to nearest, as ``torch.tensor(..., dtype=float32)`` does) and the bias corrections.
-    Cached: every parameter of a step asks for the same ones (the Python side of a call was 40 us).
+    ctypes rounds a Python float to float32 to nearest, as ``torch.tensor(..., dtype=float32)`` does
+    in the torch path. Cached: every parameter of a step asks for the same ones.
     """
-    slots = functional._slot_ages(step, window)
-    slot_of_age = (ctypes.c_int64 * len(slots))(*[s for s, _ in slots])
-    w1 = (ctypes.c_float * len(slots))(*[beta1**age for _, age in slots])
-    w2 = (ctypes.c_float * len(slots))(*[beta2**age for _, age in slots])
-    c1 = (1 - beta1) / (1 - beta1**step)
-    c2 = (1 - beta2) / (1 - beta2**step)
-    return slot_of_age, w1, w2, c1, c2
+    return (
+        (ctypes.c_int64 * len(slots))(*slots),
+        (ctypes.c_float * len(w1))(*w1),
+        (ctypes.c_float * len(w2))(*w2),
+    )
 
 
 def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -352,11 +348,18 @@ def microadam_step_cpp(
     states = [window_indices, window_values, error_codes, error_bounds]
     work = [t if t.is_contiguous() else t.contiguous() for t in states]
 
-    slot_of_age, w1, w2, c1, c2 = _step_numbers(step, m, beta1, beta2)
-    write_slot = (step - 1) % m
-    decay = 1 - lr * weight_decay
-    err_key = stream_key(seed, param_index, step, STREAM_ERROR)
-    par_key = stream_key(seed, param_index, step, STREAM_PARAM)
+    sc = functional.step_scalars(
+        step=step,
+        window=m,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        param_index=param_index,
+    )
+    slot_of_age, w1, w2 = _ring_arrays(sc.slots, sc.w1, sc.w2)
+    write_slot, c1, c2, decay, err_key, par_key = sc.write_slot, sc.c1, sc.c2, sc.decay, sc.err_key, sc.par_key
     stochastic_param = stochastic_param_rounding and param.dtype == torch.bfloat16
     # A unit is the C++ code's task: whole Top-K blocks, whole quantization blocks, whole code bytes.
     unit = math.lcm(B, q, 2)

@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
+from microadam.functional import step_scalars
 from microadam.layout import Layout
-from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, stream_key
 
 try:
     import triton
@@ -652,10 +652,21 @@ def _prepare(
     g_arg = g_flat.view(torch.int16) if g_flat.dtype == torch.bfloat16 else g_flat
     p_arg = work_param.view(torch.int16) if param.dtype == torch.bfloat16 else work_param
 
-    valid = min(step, m)
+    sc = step_scalars(
+        step=step,
+        window=m,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        param_index=param_index,
+    )
+    valid = len(sc.slots)
     mp2 = _next_pow2(m)
-    w1 = [beta1**age for age in range(valid)] + [0.0] * (mp2 - valid)
-    w2 = [beta2**age for age in range(valid)] + [0.0] * (mp2 - valid)
+    # Ages 0..valid-1 in order; the kernel finds each age's slot from the write slot.
+    w1 = list(sc.w1) + [0.0] * (mp2 - valid)
+    w2 = list(sc.w2) + [0.0] * (mp2 - valid)
     stoch_param = bool(stochastic_param_rounding) and param.dtype == torch.bfloat16
     ints = [0] * int(_NI)
     ints[_I_N], ints[_I_B], ints[_I_K], ints[_I_Q], ints[_I_NB] = (
@@ -666,9 +677,8 @@ def _prepare(
         layout.num_blocks,
     )
     ints[_I_C], ints[_I_R], ints[_I_S], ints[_I_G] = C, R, S, G
-    ints[_I_SLOT], ints[_I_VALID], ints[_I_M] = (step - 1) % m, valid, m
-    ints[_I_ERRKEY] = stream_key(seed, param_index, step, STREAM_ERROR)
-    ints[_I_PARKEY] = stream_key(seed, param_index, step, STREAM_PARAM)
+    ints[_I_SLOT], ints[_I_VALID], ints[_I_M] = sc.write_slot, valid, m
+    ints[_I_ERRKEY], ints[_I_PARKEY] = sc.err_key, sc.par_key
     ints[_I_OFFSET] = position_offset
     ints[_I_STOCH_ERR] = int(error_rounding == "stochastic")
     ints[_I_STOCH_PAR] = int(stoch_param)
@@ -678,9 +688,8 @@ def _prepare(
     ):
         ints[col] = x.data_ptr()
     floats = [0.0] * int(_NF)
-    floats[_F_LR], floats[_F_DECAY], floats[_F_EPS] = lr, 1 - lr * weight_decay, eps
-    floats[_F_C1] = (1 - beta1) / (1 - beta1**step)
-    floats[_F_C2] = (1 - beta2) / (1 - beta2**step)
+    floats[_F_LR], floats[_F_DECAY], floats[_F_EPS] = lr, sc.decay, eps
+    floats[_F_C1], floats[_F_C2] = sc.c1, sc.c2
     key = (
         device,
         _PARAM_KINDS[param.dtype],
