@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install microadam into ./.venv with what the built-in tasks need (and, with --test, what the
-# tests need), plus the Debian data packages of the fashion and charlm tasks.
+# tests need), plus the Debian data packages of the fashion, charlm and fortunes tasks.
 #   bash setup.sh          # main job: microadam compare
 #   bash setup.sh --test   # + peers, integrations, test tools
 set -euo pipefail
@@ -14,7 +14,7 @@ python3 -m venv .venv
 if command -v apt-get >/dev/null 2>&1; then
   sudo=""
   [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo="sudo"
-  if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist bible-kjv; } >/dev/null; then
-    echo "setup.sh: could not install dataset-fashion-mnist and bible-kjv; the fashion and charlm tasks need them" >&2
+  if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist bible-kjv fortunes; } >/dev/null; then
+    echo "setup.sh: could not install dataset-fashion-mnist, bible-kjv and fortunes; the fashion, charlm and fortunes tasks need them" >&2
   fi
 fi

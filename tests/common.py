@@ -41,6 +41,22 @@ CONFIGS = [
     Config("odd-blocks-chunked", dict(BASE, block_size=15, quant_block_size=5, density=0.2, chunk_size=45)),
     Config("quant-block-larger-chunked", dict(BASE, block_size=32, quant_block_size=64, chunk_size=128)),
     Config("paper-defaults", dict(lr=1e-3, window=10, density=0.01, block_size=4096, quant_block_size=128)),
+    # Released error feedback: all of it (the error feedback stays empty), and part of it with
+    # weight decay over chunks of odd blocks (the dense move's blocks of q cross Top-K blocks).
+    Config("release-all", dict(BASE, release=1.0)),
+    Config(
+        "release-half-odd-chunked",
+        dict(
+            BASE,
+            block_size=15,
+            quant_block_size=5,
+            density=0.2,
+            chunk_size=45,
+            release=0.5,
+            release_scale=0.7,
+            weight_decay=0.05,
+        ),
+    ),
 ]
 
 # Shapes: empty, one element, tiny, just over a 64-block, not a multiple of

@@ -34,6 +34,11 @@ BAD_ARGS = [
     (dict(impl="cuda"), ValueError, ["impl", "'cuda'"]),
     (dict(lr="fast"), TypeError, ["lr", "'fast'"]),
     (dict(stochastic_rounding="yes"), TypeError, ["stochastic_rounding"]),
+    (dict(release=1.5), ValueError, ["release", "1.5", "[0, 1]"]),
+    (dict(release=-0.1), ValueError, ["release", "-0.1"]),
+    (dict(release_scale=float("nan")), ValueError, ["release_scale", "nan"]),
+    (dict(release=0.5, impl="cpp"), ValueError, ["release=0.5", "impl='cpp'", "impl='torch'"]),
+    (dict(release=0.5, impl="triton"), ValueError, ["release=0.5", "impl='triton'"]),
 ]
 
 
@@ -247,3 +252,40 @@ def test_state_lives_on_the_parameter_device():
 def test_import_is_cheap_and_public_api():
     assert set(microadam.__all__) >= {"MicroAdam", "state_bytes", "NonFiniteGradientError"}
     assert "Top-" in MicroAdam.__doc__ and "Example" in MicroAdam.__doc__
+
+
+# ---------------------------------------------------------------- released error feedback
+
+
+def test_release_all_keeps_error_feedback_empty_and_moves_every_coordinate():
+    """release=1 puts all of what Top-K left into a dense move: every coordinate moves, the
+    error feedback stays zero; release=0 (the paper) moves only the Top-K coordinates."""
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(4096, generator=gen)
+    moved = {}
+    for release in (0.0, 1.0):
+        p = torch.nn.Parameter(torch.zeros(4096))
+        opt = MicroAdam([p], lr=1e-3, release=release)
+        p.grad = grad.clone()
+        opt.step()
+        moved[release] = int((p.detach() != 0).sum())
+        err_norm, _ = opt.error_feedback_norm()
+        if release == 1.0:
+            assert err_norm == 0.0
+            # The dense move has RMS lr * release_scale over each quantization block it covers.
+            rest = p.detach().clone()
+            rest[grad.abs().topk(41).indices] = 0
+            rms = rest.view(32, 128).square().mean(1).sqrt()
+            torch.testing.assert_close(rms, torch.full((32,), 1e-3), rtol=1e-3, atol=0)
+        else:
+            assert err_norm > 0.0
+    assert moved[0.0] == 41  # k = ceil(4096 * 0.01)
+    assert moved[1.0] == 4096
+
+
+def test_release_picks_the_torch_path_automatically():
+    from microadam.kernels import resolve_impl
+
+    p = torch.zeros(8)
+    assert resolve_impl(None, p, release=0.5) == "torch"
+    assert resolve_impl("torch", p, release=0.5) == "torch"

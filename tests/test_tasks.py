@@ -49,6 +49,10 @@ CASES: dict[str, tuple[Any, TaskSize]] = {
         lambda tmp: {"model": _minilm()},
         TaskSize(steps=3, batch_size=4, train_examples=16, eval_examples=8),
     ),
+    "fortunes": (
+        lambda tmp: {"model": _minilm()},
+        TaskSize(steps=3, batch_size=4, train_examples=16, eval_examples=8),
+    ),
     "text-classification": (
         lambda tmp: {"model": _minilm(), "train_file": _reviews_csv(tmp), "label_column": "sentiment"},
         TaskSize(steps=3, batch_size=4, train_examples=20, eval_examples=4),
@@ -124,6 +128,26 @@ def test_fashion_missing_data_names_the_install(tmp_path: Any) -> None:
     assert str(tmp_path) in str(e.value)
     with pytest.raises(MissingDependency):
         task.build(seed=0, size=CASES["fashion"][1], device=CPU)
+
+
+def test_fortunes_missing_data_names_the_install(tmp_path: Any) -> None:
+    task = get_task("fortunes", data_dir=str(tmp_path / "none"))
+    with pytest.raises(MissingDependency, match="apt-get install fortunes"):
+        task.check()
+
+
+def test_fortunes_split_is_fixed_and_classes_are_the_big_files(tmp_path: Any) -> None:
+    from microadam.bench.tasks.fortunes import MIN_PER_CLASS, load_fortunes
+
+    for name, n in (("law", MIN_PER_CLASS + 5), ("love", MIN_PER_CLASS), ("tiny", 3)):
+        (tmp_path / name).write_text("\n%\n".join(f"{name} saying {i}" for i in range(n)) + "\n%\n")
+        (tmp_path / f"{name}.dat").write_bytes(b"")
+    (tmp_path / "law.u8").symlink_to(tmp_path / "law")  # a .u8 alias is not another class
+    train, held, classes = load_fortunes(str(tmp_path))
+    assert classes == ["law", "love"]  # "tiny" has fewer than MIN_PER_CLASS entries
+    assert len(train) + len(held) == 2 * MIN_PER_CLASS + 5 and len(held) == len(train + held) // 5
+    assert (train, held) == load_fortunes(str(tmp_path))[:2]
+    assert all(text.startswith(classes[y]) for text, y in train + held)
 
 
 def test_charlm_missing_bible_names_the_install(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

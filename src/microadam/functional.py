@@ -28,7 +28,15 @@ from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, hash_bits, stream_k
 from microadam.ops.rounding import round_to_dtype
 from microadam.ops.topk import block_topk
 
-__all__ = ["microadam_step", "compute_dtype", "chunk_elements", "step_scalars", "StepScalars", "IMPLEMENTATIONS"]
+__all__ = [
+    "microadam_step",
+    "release_move",
+    "compute_dtype",
+    "chunk_elements",
+    "step_scalars",
+    "StepScalars",
+    "IMPLEMENTATIONS",
+]
 
 IMPLEMENTATIONS = ("torch", "triton", "cpp")
 
@@ -65,6 +73,26 @@ def _slot_ages(step: int, window: int) -> list[tuple[int, int]]:
     return [((step - 1 - age) % window, age) for age in range(min(step, window))]
 
 
+def release_move(rest: torch.Tensor, count: torch.Tensor, scale: float) -> torch.Tensor:
+    """The dense move of the released error: ``rest * (scale / rms)`` per quantization block.
+
+    ``rest`` is ``[blocks, q]`` (the residual after Top-K, zero-padded), ``count`` the real
+    elements of each block. The sum of squares is taken by halving (pad the row to a power of two
+    with zeros, then add its two halves until one column is left), an order every implementation
+    can repeat exactly; a block whose residual is all zero does not move.
+    """
+    sq = rest * rest
+    width = 1 << max(sq.shape[1] - 1, 0).bit_length()
+    if width != sq.shape[1]:
+        sq = torch.nn.functional.pad(sq, (0, width - sq.shape[1]))
+    while width > 1:
+        width //= 2
+        sq = sq[:, :width] + sq[:, width:]
+    rms = (sq[:, 0] / count).sqrt()
+    inv = torch.where(rms > 0, scale / rms, 0.0)
+    return rest * inv[:, None]
+
+
 @dataclass(frozen=True)
 class StepScalars:
     """The numbers of one step that every element of a tensor shares.
@@ -80,6 +108,7 @@ class StepScalars:
     c1: float  # (1 - beta1) / (1 - beta1 ** step): bias correction of the first moment
     c2: float  # (1 - beta2) / (1 - beta2 ** step)
     decay: float  # 1 - lr * weight_decay
+    keep: float  # 1 - release: the part of the residual that stays in the error feedback
     err_key: int  # random stream of the error's stochastic rounding
     par_key: int  # random stream of the parameter's stochastic rounding
 
@@ -94,6 +123,7 @@ def step_scalars(
     weight_decay: float,
     seed: int,
     param_index: int,
+    release: float = 0.0,
 ) -> StepScalars:
     """The :class:`StepScalars` of ``step`` (1-based) for the tensor ``param_index``."""
     slots = _slot_ages(step, window)
@@ -105,6 +135,7 @@ def step_scalars(
         c1=(1 - beta1) / (1 - beta1**step),
         c2=(1 - beta2) / (1 - beta2**step),
         decay=1 - lr * weight_decay,
+        keep=1 - release,
         err_key=stream_key(seed, param_index, step, STREAM_ERROR),
         par_key=stream_key(seed, param_index, step, STREAM_PARAM),
     )
@@ -132,6 +163,8 @@ def microadam_step(
     chunk_size: int = DEFAULT_CHUNK,
     impl: str = "torch",
     position_offset: int = 0,
+    release: float = 0.0,
+    release_scale: float = 1.0,
 ) -> None:
     """One MicroAdam step on ``param`` (any shape) with gradient ``grad``, in place.
 
@@ -151,10 +184,15 @@ def microadam_step(
             implementation in :mod:`microadam.kernels`, which is called with the same arguments.
         position_offset: flat index of ``param``'s first element in the full tensor when it is a
             shard (FSDP2), so random bits are keyed by global positions.
+        release: fraction of the residual error (what Top-K left) released each step as a dense
+            move; 0 is the paper's algorithm (see ``MicroAdam``).
+        release_scale: RMS of the dense move per quantization block, in units of ``lr``.
     """
     if impl != "torch":
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"Invalid impl: {impl!r}; choose one of {IMPLEMENTATIONS}")
+        if release:
+            raise ValueError(f"release={release!r} is implemented by impl='torch' only, not impl={impl!r}")
         from microadam.kernels import load
 
         load(impl)(
@@ -199,6 +237,7 @@ def microadam_step(
         weight_decay=weight_decay,
         seed=seed,
         param_index=param_index,
+        release=release,
     )
     slot_idx = torch.tensor(sc.slots, device=device)
     w1 = torch.tensor(sc.w1, dtype=cd, device=device)
@@ -242,8 +281,14 @@ def microadam_step(
         window_indices[write_slot, b0:b1] = idx.to(torch.int16)
         window_values[write_slot, b0:b1] = vals.to(torch.bfloat16)
 
-        # 4. re-quantize the error per quantization block.
+        # 4. release part of the residual as a dense move, re-quantize the rest per quantization block.
         rest = a_blocks.view(-1)[:length]
+        move = None
+        if release:
+            count = torch.full((nqc,), float(q), dtype=cd, device=device)
+            count[-1] = length - (nqc - 1) * q
+            move = release_move(_pad_rows(rest, nqc, q, 0.0), count, release_scale).view(-1)[:length]
+            rest = rest * sc.keep
         uniform = None
         if error_rounding == "stochastic":
             pos = torch.arange(start, start + nqc * q, device=device) + position_offset
@@ -268,8 +313,11 @@ def microadam_step(
 
         # 6. p = p * (1 - lr * wd) - lr * u, u nonzero only at the window's positions.
         p_chunk = p_flat[start:end]
-        if weight_decay != 0 and param.dtype != cd:
-            full = p_chunk.to(cd) * decay
+        if (weight_decay != 0 and param.dtype != cd) or move is not None:
+            full = p_chunk.to(cd) * decay if weight_decay != 0 else p_chunk.to(cd)
+            if move is not None:
+                # Zero at the Top-K positions (their residual is 0): those move by u only.
+                full = full - lr * move
             full[pos] = full[pos] - lr * u
             bits = (
                 hash_bits(torch.arange(start, end, device=device) + position_offset, par_key)

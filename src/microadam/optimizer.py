@@ -96,6 +96,13 @@ def _check_group(group: dict[str, Any]) -> None:
     _check_number("lr", group["lr"], low=0.0)
     _check_number("eps", group["eps"], low=0.0)
     _check_number("weight_decay", group["weight_decay"], low=0.0)
+    _check_number("release", group.get("release", 0.0), low=0.0)
+    if group.get("release", 0.0) > 1.0:
+        raise ValueError(
+            f"Invalid release: {group['release']!r}; it must be in [0, 1] (the fraction of the error "
+            "feedback released per step; 0 is the paper's algorithm)"
+        )
+    _check_number("release_scale", group.get("release_scale", 1.0), low=0.0)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r}; pass two numbers, e.g. betas=(0.9, 0.999)")
@@ -139,6 +146,11 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid nonfinite: {group['nonfinite']!r}; use 'skip' or 'raise'")
     if group["impl"] not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"Invalid impl: {group['impl']!r}; use None (automatic) or one of {IMPLEMENTATIONS}")
+    if group.get("release", 0.0) and group["impl"] not in (None, "torch"):
+        raise ValueError(
+            f"release={group['release']!r} is implemented by impl='torch' only, not impl={group['impl']!r}; "
+            "pass impl=None (automatic) or impl='torch', or release=0"
+        )
 
 
 class MicroAdam(Optimizer):
@@ -197,6 +209,15 @@ class MicroAdam(Optimizer):
             unavailable one raises ``RuntimeError`` saying why at the first step.
         chunk_size: elements processed at once, bounding transient memory to
             about 60-130 bytes per chunk element (default ``2**20``; ``docs/algorithm.md``).
+        release: fraction of the error feedback released each step as a dense move (default ``0``:
+            the paper's algorithm). With ``r`` what Top-K left of ``a`` (the error the paper stores),
+            each quantization block of the parameter also moves by
+            ``lr * release_scale * r / rms(r)`` and only ``(1 - release) * r`` is stored as the
+            error: every coordinate moves every step, not only the window's, at unchanged memory.
+            Measured in ``docs/results.md`` (issue 8); only ``impl="torch"`` implements it so far,
+            and ``impl=None`` picks it.
+        release_scale: RMS of that dense move over a quantization block, in units of ``lr``
+            (default ``1.0``: about AdamW's step size).
 
     Example:
         >>> import torch
@@ -227,6 +248,8 @@ class MicroAdam(Optimizer):
         nonfinite: str = "skip",
         impl: str | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        release: float = 0.0,
+        release_scale: float = 1.0,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -243,6 +266,8 @@ class MicroAdam(Optimizer):
             nonfinite=nonfinite,
             impl=impl,
             chunk_size=chunk_size,
+            release=release,
+            release_scale=release_scale,
             # Set by fallback_to_adamw(): the group then runs dense AdamW on fp32 moments.
             dense=False,
         )
@@ -363,7 +388,7 @@ class MicroAdam(Optimizer):
             if "step" not in state:
                 state = self._init_state(p, group)
             beta1, beta2 = group["betas"]
-            impl = resolve_impl(group["impl"], local_tensor(p))
+            impl = resolve_impl(group["impl"], local_tensor(p), release=float(group.get("release", 0.0)))
             kwargs = dict(
                 window_indices=state["window_indices"],
                 window_values=state["window_values"],
@@ -383,6 +408,8 @@ class MicroAdam(Optimizer):
                 chunk_size=group["chunk_size"],
                 position_offset=global_offset(p),
             )
+            if group.get("release", 0.0):
+                kwargs.update(release=float(group["release"]), release_scale=float(group["release_scale"]))
             if impl != "torch" and load_multi(impl) is not None:
                 # One launch for many tensors: small tensors do not cost a kernel launch each.
                 batched.setdefault(impl, []).append(

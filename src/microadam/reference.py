@@ -58,11 +58,14 @@ class ReferenceMicroAdam:
         seed: int = 0,
         compute_dtype: torch.dtype = torch.float64,
         param_indices: list[int] | None = None,
+        release: float = 0.0,
+        release_scale: float = 1.0,
     ) -> None:
         self.params = params
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
         self.m, self.density, self.B, self.q = window, density, block_size, quant_block_size
         self.error_rounding = error_rounding
+        self.release, self.release_scale = release, release_scale
         self.stochastic_param_rounding = stochastic_param_rounding
         self.seed, self.cd = seed, compute_dtype
         self.param_indices = param_indices or list(range(len(params)))
@@ -115,9 +118,16 @@ class ReferenceMicroAdam:
             block[chosen] = 0
         st.window[(t - 1) % self.m] = (indices, values)
 
-        # 4. quantize what is left, per block of q, into 4-bit codes.
+        # 4. release part of what is left as a dense move (scaled to an RMS of release_scale per
+        # block of q), then quantize the rest, per block of q, into 4-bit codes.
+        move = torch.zeros(d, dtype=cd)
         for j in range(lay.num_quant_blocks):
             x = a[j * self.q : (j + 1) * self.q]
+            if self.release:
+                rms = (x * x).sum().div(x.numel()).sqrt()
+                if rms > 0:
+                    move[j * self.q : (j + 1) * self.q] = x * (self.release_scale / rms)
+                x.mul_(1 - self.release)
             lo = bf16_floor(x.min()).to(cd)
             hi = bf16_ceil(x.max()).to(cd)
             scale = (hi - lo) / 15
@@ -150,7 +160,7 @@ class ReferenceMicroAdam:
         u = torch.where(den > 0, c1 * M / den, 0.0)  # eps == 0 and no entry: no move
 
         # 6. decoupled weight decay, then the sparse step; round into the parameter's dtype.
-        new = p.reshape(-1).to(cd) * (1 - self.lr * self.wd) - self.lr * u
+        new = p.reshape(-1).to(cd) * (1 - self.lr * self.wd) - self.lr * move - self.lr * u
         bits = None
         if self.stochastic_param_rounding and p.dtype == torch.bfloat16:
             bits = hash_bits(torch.arange(d), par_key)

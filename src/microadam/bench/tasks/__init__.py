@@ -19,6 +19,7 @@ TASKS = {
     "tweets": "microadam.bench.tasks.tweets:TweetsTask",
     "fashion": "microadam.bench.tasks.fashion:FashionTask",
     "charlm": "microadam.bench.tasks.charlm:CharLMTask",
+    "fortunes": "microadam.bench.tasks.fortunes:FortunesTask",
     "text-classification": "microadam.bench.tasks.textcls:TextClassificationTask",
 }
 
