@@ -96,6 +96,8 @@ class Flags:
     eps: float = 1e-8
     grad_dtype: torch.dtype | None = None  # None: the parameter's dtype
     transposed_grad: bool = False
+    release: float = 0.0
+    release_scale: float = 1.0
 
 
 FLAGS = [
@@ -105,6 +107,9 @@ FLAGS = [
         "offset-no-param-rounding", error_rounding="stochastic", stochastic_param_rounding=False, position_offset=12345
     ),
     Flags("wd-offset-chunked", weight_decay=0.05, position_offset=7, chunk_size=64),
+    # Released error feedback (MicroAdam(release=...)): all of it, and part of it with weight decay.
+    Flags("release-all", release=1.0),
+    Flags("release-half-wd", release=0.5, release_scale=0.7, weight_decay=0.1, error_rounding="stochastic"),
 ]
 
 # Rows for the corners of the data rather than of the layout.
@@ -124,6 +129,10 @@ EXTRA = [
     (SHAPES[8], Flags("fp16-grad", grad_dtype=torch.float16, error_rounding="stochastic")),
     (SHAPES[8], Flags("fp64-grad", grad_dtype=torch.float64)),
     (SHAPES[9], Flags("transposed-grad", transposed_grad=True, weight_decay=0.1)),
+    # Released error feedback on blocks whose residual is all zero (rms 0: no move) and on ties.
+    (SHAPES[11], Flags("release-sparse", grads="sparse", release=0.5)),
+    (SHAPES[8], Flags("release-zeros", grads="zeros", release=1.0, eps=0.0)),
+    (SHAPES[8], Flags("release-ties", grads="ties", release=0.25, release_scale=2.0)),
 ]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -181,6 +190,8 @@ def run_both(shape: Shape, flags: Flags, dtype: torch.dtype, steps: int = STEPS)
         chunk_size=flags.chunk_size,
         position_offset=flags.position_offset,
     )
+    if flags.release:
+        hyper.update(release=flags.release, release_scale=flags.release_scale)
     for step in range(1, steps + 1):
         g = make_grad(shape, flags, dtype, gen)
         functional.microadam_step(p_torch, g, step=step, impl="torch", **s_torch, **hyper)

@@ -37,8 +37,7 @@ BAD_ARGS = [
     (dict(release=1.5), ValueError, ["release", "1.5", "[0, 1]"]),
     (dict(release=-0.1), ValueError, ["release", "-0.1"]),
     (dict(release_scale=float("nan")), ValueError, ["release_scale", "nan"]),
-    (dict(release=0.5, impl="cpp"), ValueError, ["release=0.5", "impl='cpp'", "impl='torch'"]),
-    (dict(release=0.5, impl="triton"), ValueError, ["release=0.5", "impl='triton'"]),
+    (dict(release=0.5, impl="triton"), ValueError, ["release=0.5", "impl='triton'", "impl='cpp'"]),
 ]
 
 
@@ -281,11 +280,3 @@ def test_release_all_keeps_error_feedback_empty_and_moves_every_coordinate():
             assert err_norm > 0.0
     assert moved[0.0] == 41  # k = ceil(4096 * 0.01)
     assert moved[1.0] == 4096
-
-
-def test_release_picks_the_torch_path_automatically():
-    from microadam.kernels import resolve_impl
-
-    p = torch.zeros(8)
-    assert resolve_impl(None, p, release=0.5) == "torch"
-    assert resolve_impl("torch", p, release=0.5) == "torch"

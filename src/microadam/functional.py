@@ -191,8 +191,9 @@ def microadam_step(
     if impl != "torch":
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"Invalid impl: {impl!r}; choose one of {IMPLEMENTATIONS}")
-        if release:
-            raise ValueError(f"release={release!r} is implemented by impl='torch' only, not impl={impl!r}")
+        if release and impl == "triton":
+            raise ValueError(f"release={release!r} is implemented by impl='torch' and 'cpp', not impl={impl!r}")
+        extra = dict(release=release, release_scale=release_scale) if release else {}
         from microadam.kernels import load
 
         load(impl)(
@@ -215,6 +216,7 @@ def microadam_step(
             param_index=param_index,
             chunk_size=chunk_size,
             position_offset=position_offset,
+            **extra,
         )
         return
     n = layout.numel
@@ -288,7 +290,8 @@ def microadam_step(
             count = torch.full((nqc,), float(q), dtype=cd, device=device)
             count[-1] = length - (nqc - 1) * q
             move = release_move(_pad_rows(rest, nqc, q, 0.0), count, release_scale).view(-1)[:length]
-            rest = rest * sc.keep
+            # keep == 0 stores exact zeros (rest * 0 would give -0 for negative entries).
+            rest = rest * sc.keep if sc.keep else torch.zeros_like(rest)
         uniform = None
         if error_rounding == "stochastic":
             pos = torch.arange(start, start + nqc * q, device=device) + position_offset

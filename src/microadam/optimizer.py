@@ -146,10 +146,10 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid nonfinite: {group['nonfinite']!r}; use 'skip' or 'raise'")
     if group["impl"] not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"Invalid impl: {group['impl']!r}; use None (automatic) or one of {IMPLEMENTATIONS}")
-    if group.get("release", 0.0) and group["impl"] not in (None, "torch"):
+    if group.get("release", 0.0) and group["impl"] == "triton":
         raise ValueError(
-            f"release={group['release']!r} is implemented by impl='torch' only, not impl={group['impl']!r}; "
-            "pass impl=None (automatic) or impl='torch', or release=0"
+            f"release={group['release']!r} is implemented by impl='torch' and impl='cpp', not impl='triton' "
+            "(yet); pass impl=None (automatic), impl='torch' or impl='cpp', or release=0"
         )
 
 
@@ -214,8 +214,8 @@ class MicroAdam(Optimizer):
             each quantization block of the parameter also moves by
             ``lr * release_scale * r / rms(r)`` and only ``(1 - release) * r`` is stored as the
             error: every coordinate moves every step, not only the window's, at unchanged memory.
-            Measured in ``docs/results.md`` (issue 8); only ``impl="torch"`` implements it so far,
-            and ``impl=None`` picks it.
+            Measured in ``docs/results.md`` (issue 8); ``impl="torch"`` and ``"cpp"`` implement it,
+            ``"triton"`` not yet (``impl=None`` picks torch on CUDA, as for every setting today).
         release_scale: RMS of that dense move over a quantization block, in units of ``lr``
             (default ``1.0``: about AdamW's step size).
 
@@ -388,7 +388,7 @@ class MicroAdam(Optimizer):
             if "step" not in state:
                 state = self._init_state(p, group)
             beta1, beta2 = group["betas"]
-            impl = resolve_impl(group["impl"], local_tensor(p), release=float(group.get("release", 0.0)))
+            impl = resolve_impl(group["impl"], local_tensor(p))
             kwargs = dict(
                 window_indices=state["window_indices"],
                 window_values=state["window_values"],

@@ -127,7 +127,7 @@ class ReferenceMicroAdam:
                 rms = (x * x).sum().div(x.numel()).sqrt()
                 if rms > 0:
                     move[j * self.q : (j + 1) * self.q] = x * (self.release_scale / rms)
-                x.mul_(1 - self.release)
+                x.mul_(1 - self.release) if self.release < 1 else x.zero_()
             lo = bf16_floor(x.min()).to(cd)
             hi = bf16_ceil(x.max()).to(cd)
             scale = (hi - lo) / 15

@@ -67,7 +67,7 @@ def _cpp_ready() -> bool:
     return availability("cpp")[0]
 
 
-def resolve_impl(impl: str | None, param: torch.Tensor, *, release: float = 0.0) -> str:
+def resolve_impl(impl: str | None, param: torch.Tensor) -> str:
     """The implementation that steps ``param``: ``impl`` itself, or for ``None`` the automatic rule.
 
     The rule (``MicroAdam(impl=None)``, the default):
@@ -75,15 +75,11 @@ def resolve_impl(impl: str | None, param: torch.Tensor, *, release: float = 0.0)
     - a CPU tensor in float32, bfloat16 or float16: ``"cpp"`` if it builds here (g++ found, the
       build's square root matches torch's), else ``"torch"``. The two give bit-identical results;
       ``"cpp"`` is about 10x faster (``docs/benchmarks.md``).
-    - ``release > 0`` (``MicroAdam(release=...)``): ``"torch"``, the only path that implements it.
     - anything else (CUDA, float64): ``"torch"``. The Triton kernels are tested on CPU under the
       interpreter but have not yet run on a GPU; ask for them with ``impl="triton"``.
     """
     if impl is not None:
         return impl
-    if release:
-        # Only the torch path implements the released error feedback so far.
-        return "torch"
     if param.device.type == "cpu" and param.dtype in _CPP_DTYPES and _cpp_ready():
         return "cpp"
     return "torch"

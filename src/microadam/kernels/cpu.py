@@ -123,6 +123,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         dbl, dbl, dbl, dbl, dbl,  # lr, c1, c2, eps, decay
         i32, i32, i32,  # weight_decay, stochastic_error, stochastic_param
         u32, u32, i64, ptr, i32, i32,  # err_key, par_key, position_offset, vml_sqrt, sqrt_mode, num_threads
+        i32, dbl, dbl,  # release, keep, release_scale
     ]  # fmt: skip
     probe = lib.microadam_sqrt_probe
     probe.restype = None
@@ -272,6 +273,8 @@ def microadam_step_cpp(
     param_index: int,
     chunk_size: int = functional.DEFAULT_CHUNK,
     position_offset: int = 0,
+    release: float = 0.0,
+    release_scale: float = 1.0,
 ) -> None:
     """One MicroAdam step on CPU tensors, in place; the arguments of :func:`~microadam.functional.microadam_step`.
 
@@ -318,6 +321,8 @@ def microadam_step_cpp(
             chunk_size=chunk_size,
             impl="torch",
             position_offset=position_offset,
+            release=release,
+            release_scale=release_scale,
         )
         return
     n = layout.numel
@@ -357,6 +362,7 @@ def microadam_step_cpp(
         weight_decay=weight_decay,
         seed=seed,
         param_index=param_index,
+        release=release,
     )
     slot_of_age, w1, w2 = _ring_arrays(sc.slots, sc.w1, sc.w2)
     write_slot, c1, c2, decay, err_key, par_key = sc.write_slot, sc.c1, sc.c2, sc.decay, sc.err_key, sc.par_key
@@ -372,6 +378,7 @@ def microadam_step_cpp(
         lr, c1, c2, eps, decay,
         int(weight_decay != 0), int(error_rounding == "stochastic"), int(stochastic_param),
         err_key, par_key, position_offset, sqrt_fn, sqrt_mode, max(1, min(torch.get_num_threads(), n // _GRAIN)),
+        int(release != 0), sc.keep, release_scale,
     )  # fmt: skip
     if bad:
         raise RuntimeError(

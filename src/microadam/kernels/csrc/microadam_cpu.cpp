@@ -251,6 +251,8 @@ struct Args {
   int64_t write_slot;
   float lr, c1, c2, eps, decay;
   bool weight_decay;
+  bool release;        // release part of the residual as a dense move (functional.release_move)
+  float keep, rscale;  // 1 - release, release_scale
   bool stochastic_error, stochastic_param;
   uint32_t err_key, par_key;
   int64_t position_offset;
@@ -267,6 +269,9 @@ struct Scratch {
   std::vector<uint16_t> gmask;   // candidate mask of each 16-entry group of a block
   std::vector<uint16_t> glist;   // groups with a candidate
   std::vector<float> qlo, qscale;  // per quantization block of the unit: min, max, then lo, scale
+  std::vector<float> dm;         // release: lr * the unit's dense move
+  std::vector<float> qrms;       // release: per quantization block, mean square, then rms
+  std::vector<float> sq;         // release: one block's squares, padded to a power of two
   std::vector<float> sm, ss;     // moment accumulators, zero between blocks
   std::vector<uint8_t> done;     // positions already updated in this block (window duplicates)
   std::vector<int32_t> sel;      // selected indices of one block
@@ -297,13 +302,18 @@ struct Scratch {
       if (pf_left[pf_i] <= 0) ++pf_i;
     }
   }
-  void reserve(int64_t unit, int64_t block, int64_t k, int64_t window_k) {
+  void reserve(int64_t unit, int64_t block, int64_t k, int64_t window_k, bool release, int64_t qblock) {
     if ((int64_t)a.size() < unit + 16) {
       a.assign(unit + 16, 0.f);
       c8.assign(unit + 64, 0);
       qlo.assign(unit + 1, 0.f);
       qscale.assign(unit + 1, 0.f);
     }
+    if (release && (int64_t)dm.size() < unit + 16) {
+      dm.assign(unit + 16, 0.f);
+      qrms.assign(unit + 1, 0.f);
+    }
+    if (release && (int64_t)sq.size() < 2 * qblock) sq.assign(2 * qblock, 0.f);
     if ((int64_t)sm.size() < block + 16) {
       ckey.assign(block + 16, 0);
       gmask.assign(block / 16 + 1, 0);
@@ -555,7 +565,41 @@ void topk_unit(const Args& A, Scratch& S, int64_t start, int64_t len) {
   }
 }
 
-// ------------------------------------------------------------------ phase 3: re-quantize
+// ------------------------------------------------------------------ phase 3: release, re-quantize
+
+// functional.release_move, per quantization block of the unit: the sum of squares by halving (the
+// block's squares padded with zeros to a power of two, then the two halves added until one is
+// left: the torch path's order, so the sum is bit-identical), rms = sqrt(sum / count) with torch's
+// sqrt, inv = (1 / rms) * scale (torch computes `scale / rms` as rms.reciprocal() * scale), then
+// dm = (a * inv) * lr for the update and a = a * keep, what stays in the error feedback.
+void release_unit(const Args& A, Scratch& S, int64_t len) {
+  float* a = S.a.data();
+  float* dm = S.dm.data();
+  float* rms = S.qrms.data();
+  float* sq = S.sq.data();
+  const int64_t q = A.qblock;
+  const int64_t nq = (len + q - 1) / q;
+  int64_t width0 = 1;
+  while (width0 < q) width0 <<= 1;
+  for (int64_t j = 0; j < nq; ++j) {
+    const int64_t s = j * q, lq = s + q < len ? q : len - s;
+    for (int64_t i = 0; i < lq; ++i) sq[i] = a[s + i] * a[s + i];
+    for (int64_t i = lq; i < width0; ++i) sq[i] = 0.f;
+    for (int64_t w = width0 / 2; w >= 1; w /= 2)
+      for (int64_t i = 0; i < w; ++i) sq[i] = sq[i] + sq[i + w];
+    rms[j] = sq[0] / float(lq);
+  }
+  torch_sqrt(rms, nq, A.sqrt_mode, A.vml_sqrt);
+  for (int64_t j = 0; j < nq; ++j) {
+    const int64_t s = j * q, lq = s + q < len ? q : len - s;
+    const float inv = rms[j] > 0.f ? (1.f / rms[j]) * A.rscale : 0.f;
+    for (int64_t i = 0; i < lq; ++i) {
+      dm[s + i] = (a[s + i] * inv) * A.lr;
+      // keep == 0 stores exact zeros, as the torch path does (no -0 to reach the bounds).
+      a[s + i] = A.keep != 0.f ? a[s + i] * A.keep : 0.f;
+    }
+  }
+}
 
 inline void min_max(const float* a, int64_t len, float& mn, float& mx) {
   int64_t i = 0;
@@ -676,7 +720,8 @@ void quantize_unit(const Args& A, Scratch& S, int64_t start, int64_t len) {
 // ------------------------------------------------------------------ phase 4: moments and update
 
 template <int P>
-void update_block(const Args& A, Scratch& S, int64_t block_start, int64_t lb, int64_t b, float* full, int& bad) {
+void update_block(const Args& A, Scratch& S, int64_t block_start, int64_t lb, int64_t b, float* full,
+                  const float* dm, int& bad) {
   const int64_t k = A.k;
   float* sm = S.sm.data();
   float* ss = S.ss.data();
@@ -734,7 +779,8 @@ void update_block(const Args& A, Scratch& S, int64_t block_start, int64_t lb, in
   // parameter's dtype (its cache lines were prefetched during the previous unit). With weight decay
   // every element moves: one dense pass computes p * decay - delta with delta = lr * u at the
   // window's positions and +0 elsewhere (p * decay - 0 is exactly p * decay, the torch path's value).
-  const bool wd = A.weight_decay;
+  // With release every element moves too: (p [* decay] - dm) - delta, the torch path's order.
+  const bool wd = A.weight_decay || A.release;
   for (int64_t j = 0; j < nu; ++j) {
     const int32_t i = uniq[j];
     ss[i] = 0.f;
@@ -749,16 +795,28 @@ void update_block(const Args& A, Scratch& S, int64_t block_start, int64_t lb, in
   }
   if (!wd) return;
   const float decay = A.decay;
-  if (P == F32) {
+  const bool has_wd = A.weight_decay, rel = A.release;
+  if (P == F32 && !rel) {
     float* pf = static_cast<float*>(p) + block_start;
     for (int64_t i = 0; i < lb; ++i) {
       pf[i] = pf[i] * decay - sm[i];
       sm[i] = 0.f;
     }
-  } else {
-    // As the torch path: p * decay in float32, minus lr * u at the window's positions, rounded once.
+  } else if (P == F32) {
+    float* pf = static_cast<float*>(p) + block_start;
     for (int64_t i = 0; i < lb; ++i) {
-      full[i] = load_f<P>(p, block_start + i) * decay - sm[i];
+      const float base = has_wd ? pf[i] * decay : pf[i];
+      pf[i] = (base - dm[i]) - sm[i];
+      sm[i] = 0.f;
+    }
+  } else {
+    // As the torch path: p [* decay] in float32, [minus the released move,] minus lr * u at the
+    // window's positions, rounded once.
+    for (int64_t i = 0; i < lb; ++i) {
+      float base = load_f<P>(p, block_start + i);
+      if (has_wd) base = base * decay;
+      if (rel) base = base - dm[i];
+      full[i] = base - sm[i];
       sm[i] = 0.f;
     }
     for (int64_t i = 0; i < lb; ++i)
@@ -773,7 +831,8 @@ void update_unit(const Args& A, Scratch& S, int64_t start, int64_t len, int& bad
     const int64_t lb = s + B < len ? B : len - s;
     // The unit's working copy is dead after quantization: reuse it for the decayed parameter.
     S.pump(INT64_MAX);
-    update_block<P>(A, S, start + s, lb, (start + s) / B, S.a.data() + s, bad);
+    update_block<P>(A, S, start + s, lb, (start + s) / B, S.a.data() + s, A.release ? S.dm.data() + s : nullptr,
+                    bad);
   }
 }
 
@@ -813,6 +872,7 @@ void run_unit(const Args& A, Scratch& S, int64_t u, int& bad) {
     default: load_sum<F16>(A, S, start, len); break;
   }
   topk_unit(A, S, start, len);
+  if (A.release) release_unit(A, S, len);
   quantize_unit(A, S, start, len);
   switch (A.param_dtype) {
     case F32: update_unit<F32>(A, S, start, len, bad); break;
@@ -832,7 +892,7 @@ int microadam_step_cpu(void* param, int param_dtype, const void* grad, int grad_
                        const float* w1, const float* w2, int64_t write_slot, double lr, double c1, double c2,
                        double eps, double decay, int weight_decay, int stochastic_error, int stochastic_param,
                        uint32_t err_key, uint32_t par_key, int64_t position_offset, void* vml_sqrt, int sqrt_mode,
-                       int num_threads) {
+                       int num_threads, int release, double keep, double release_scale) {
   if (n <= 0) return 0;
   Args A;
   A.param = param;
@@ -863,6 +923,9 @@ int microadam_step_cpu(void* param, int param_dtype, const void* grad, int grad_
   A.eps = float(eps);
   A.decay = float(decay);
   A.weight_decay = weight_decay != 0;
+  A.release = release != 0;
+  A.keep = float(keep);
+  A.rscale = float(release_scale);
   A.stochastic_error = stochastic_error != 0;
   A.stochastic_param = stochastic_param != 0 && param_dtype == BF16;
   A.err_key = err_key;
@@ -884,7 +947,7 @@ int microadam_step_cpu(void* param, int param_dtype, const void* grad, int grad_
     // inactive region, starts threads of its own on every call (measured: 24 us per call of 400
     // values, against 0.6 us outside a region or inside an active one; 5 ms per step for a bias).
     Scratch& S = thread_scratch();
-    S.reserve(unit, block, k, n_slots * k);
+    S.reserve(unit, block, k, n_slots * k, A.release, qblock);
     S.pf_unit = -1;
     for (int64_t u = 0; u < num_units && !bad; ++u) run_unit(A, S, u, bad);
     return bad;
@@ -893,7 +956,7 @@ int microadam_step_cpu(void* param, int param_dtype, const void* grad, int grad_
 #pragma omp parallel num_threads(threads) reduction(| : bad)
   {
     Scratch& S = thread_scratch();
-    S.reserve(unit, block, k, n_slots * k);
+    S.reserve(unit, block, k, n_slots * k, A.release, qblock);
     S.pf_unit = -1;
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < num_units; ++u) {
