@@ -16,6 +16,7 @@ import torch
 
 from microadam import MicroAdam
 from microadam.ops import unpack_nibbles
+from microadam.optimizer import resolve_variant
 from microadam.reference import ReferenceMicroAdam
 
 
@@ -117,6 +118,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def reference_for(params: list[torch.Tensor], kwargs: dict[str, Any], dtype: torch.dtype, **extra: Any):
     ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("chunk_size", "nonfinite", "impl")}
     sr = ref_kwargs.pop("stochastic_rounding", True)
+    # The optimizer's variant names a (release, release_scale) pair; the reference takes the pair.
+    release, scale = resolve_variant(
+        ref_kwargs.pop("variant", "release"), ref_kwargs.pop("release", None), ref_kwargs.pop("release_scale", None)
+    )
+    ref_kwargs.update(release=release, release_scale=scale)
     return ReferenceMicroAdam(
         params,
         **ref_kwargs,

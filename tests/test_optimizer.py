@@ -34,6 +34,8 @@ BAD_ARGS = [
     (dict(impl="cuda"), ValueError, ["impl", "'cuda'"]),
     (dict(lr="fast"), TypeError, ["lr", "'fast'"]),
     (dict(stochastic_rounding="yes"), TypeError, ["stochastic_rounding"]),
+    (dict(variant="fast"), ValueError, ["variant", "'fast'", "paper"]),
+    (dict(variant="paper", release=0.3), ValueError, ["variant='paper'", "release=0.3"]),
     (dict(release=1.5), ValueError, ["release", "1.5", "[0, 1]"]),
     (dict(release=-0.1), ValueError, ["release", "-0.1"]),
     (dict(release_scale=float("nan")), ValueError, ["release_scale", "nan"]),
@@ -280,3 +282,37 @@ def test_release_all_keeps_error_feedback_empty_and_moves_every_coordinate():
             assert err_norm > 0.0
     assert moved[0.0] == 41  # k = ceil(4096 * 0.01)
     assert moved[1.0] == 4096
+
+
+def _steps(opt: MicroAdam, params: list[torch.nn.Parameter], n: int, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+def test_variants_name_release_settings():
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert {k: MicroAdam([p], lr=1e-3).defaults[k] for k in ("release", "release_scale")} == {
+        "release": 0.5,
+        "release_scale": 1.0,
+    }
+    assert MicroAdam([p], lr=1e-3, variant="paper").defaults["release"] == 0.0
+    assert MicroAdam([p], lr=1e-3, release=0.25).defaults["release"] == 0.25  # explicit wins
+
+
+def test_checkpoint_from_before_release_resumes_as_the_paper_algorithm():
+    """A state dict saved before ``release`` existed has no such key: it resumes as it ran."""
+    base = [torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(1)))]
+    old = MicroAdam(base, lr=1e-2, window=3, density=0.05, block_size=64, quant_block_size=16, variant="paper")
+    _steps(old, base, 4)
+    sd = old.state_dict()
+    for g in sd["param_groups"]:
+        del g["release"], g["release_scale"]
+    resumed_p = [torch.nn.Parameter(base[0].detach().clone())]
+    resumed = MicroAdam(resumed_p, lr=1e-2, window=3, density=0.05, block_size=64, quant_block_size=16)
+    resumed.load_state_dict(sd)
+    _steps(old, base, 3, seed=2)
+    _steps(resumed, resumed_p, 3, seed=2)
+    assert torch.equal(resumed_p[0].detach(), base[0].detach())

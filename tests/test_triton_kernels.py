@@ -277,7 +277,7 @@ def test_tensors_of_one_tile_class_share_a_launch(monkeypatch: pytest.MonkeyPatc
 )
 def test_optimizer_with_triton_equals_reference(kwargs: dict[str, Any], dtype: torch.dtype) -> None:
     """As tests/test_reference_equivalence.py does for the torch path, with ``impl="triton"``."""
-    kwargs = dict(lr=1e-2, **kwargs)
+    kwargs = dict(lr=1e-2, variant="paper", **kwargs)
     gen = torch.Generator().manual_seed(11)
     init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in ((7,), (45,), (9, 5))]
     fast = [torch.nn.Parameter(x.clone().to(DEVICE)) for x in init]
@@ -305,7 +305,16 @@ def test_tiny_model_trains_the_same_with_triton_and_torch() -> None:
     y = x[:, :1] * 2 - x[:, 1:2]
     nets = {impl: model() for impl in ("torch", "triton")}
     opts = {
-        impl: MicroAdam(net.parameters(), lr=3e-2, window=3, density=0.25, block_size=32, quant_block_size=8, impl=impl)
+        impl: MicroAdam(
+            net.parameters(),
+            lr=3e-2,
+            window=3,
+            density=0.25,
+            block_size=32,
+            quant_block_size=8,
+            impl=impl,
+            variant="paper",
+        )
         for impl, net in nets.items()
     }
     losses: dict[str, list[float]] = {"torch": [], "triton": []}
@@ -347,7 +356,7 @@ print(why)
 p = torch.nn.Parameter(torch.ones(3))
 p.grad = torch.ones(3)
 try:
-    MicroAdam([p], lr=1e-3, impl="triton").step()
+    MicroAdam([p], lr=1e-3, impl="triton", variant="paper").step()
 except RuntimeError as e:
     print("RuntimeError:", e)
 

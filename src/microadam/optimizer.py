@@ -19,7 +19,15 @@ from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
 from microadam.kernels import load_multi, resolve_impl
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
-__all__ = ["MicroAdam", "NonFiniteGradientError", "global_offset", "grads_all_finite", "local_tensor"]
+__all__ = [
+    "MicroAdam",
+    "NonFiniteGradientError",
+    "VARIANTS",
+    "global_offset",
+    "grads_all_finite",
+    "local_tensor",
+    "resolve_variant",
+]
 
 # Hyperparameters that fix the shapes and meaning of the saved state: a
 # checkpoint is only valid under the same values.
@@ -89,6 +97,34 @@ def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool = Tr
     if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
         bound = f">= {low}" if low_inclusive else f"> {low}"
         raise ValueError(f"Invalid {name}: {value!r}; it must be finite and {bound}{fix}")
+
+
+# Named settings of the released error feedback (``MicroAdam(variant=...)``). "release" is the
+# default since the quality-gap measurements of docs/results.md; "paper" is Modoranu et al.'s
+# algorithm exactly (release=0), kept by name and by its tests.
+VARIANTS: dict[str, dict[str, float]] = {
+    "release": dict(release=0.5, release_scale=1.0),
+    "paper": dict(release=0.0, release_scale=1.0),
+}
+
+
+def resolve_variant(variant: str, release: float | None, release_scale: float | None) -> tuple[float, float]:
+    """(release, release_scale) of ``variant``, with explicit values taking precedence.
+
+    ``variant="paper"`` is the paper's algorithm, so it refuses a nonzero ``release``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"Invalid variant: {variant!r}; use one of {sorted(VARIANTS)}")
+    preset = VARIANTS[variant]
+    if variant == "paper" and release not in (None, 0, 0.0):
+        raise ValueError(
+            f"variant='paper' is the paper's algorithm, which releases nothing, but release={release!r} was "
+            "given; drop one of the two (variant='release' or no variant for a released error feedback)"
+        )
+    return (
+        preset["release"] if release is None else release,
+        preset["release_scale"] if release_scale is None else release_scale,
+    )
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -164,20 +200,27 @@ class MicroAdam(Optimizer):
         a &= g_t + \mathrm{dequant}(e_{t-1}) \\
         I_t, V_t &= \text{Top-}k \text{ of } |a| \text{ in each block}, \quad
             k = \lceil \mathrm{block\_size} \cdot \mathrm{density} \rceil \\
-        e_t &= \mathrm{quant}_4(a \text{ with } I_t \text{ zeroed}) \\
+        r &= a \text{ with } I_t \text{ zeroed}, \quad
+            D = \rho_{\mathrm{rel}}\, r / \mathrm{rms}_q(r) \ \text{(per block of } q\text{)} \\
+        e_t &= \mathrm{quant}_4((1 - \gamma)\, r) \\
         M &= \textstyle\sum_{s} \beta_1^{t-s} V_s, \quad S = \sum_s \beta_2^{t-s} V_s^2
             \quad (s \text{ over the last } \min(t, m) \text{ steps}) \\
         u &= \frac{(1-\beta_1)/(1-\beta_1^t)\, M}{\sqrt{(1-\beta_2)/(1-\beta_2^t)\, S} + \epsilon} \\
-        p &\leftarrow p\,(1 - \mathrm{lr}\cdot\lambda) - \mathrm{lr}\cdot u
+        p &\leftarrow p\,(1 - \mathrm{lr}\cdot\lambda) - \mathrm{lr}\cdot D - \mathrm{lr}\cdot u
+
+    with :math:`\gamma` = ``release`` and :math:`\rho_{\mathrm{rel}}` = ``release_scale`` (``D = 0``
+    when ``release = 0``: the paper's algorithm, ``variant="paper"``).
 
     State per parameter: the window (int16 block-relative indices and bf16
     values, ``window`` slots of ``k`` per block), 4-bit error codes packed two
     per byte with bf16 (lo, hi) per ``quant_block_size`` elements, and a step
     count: about ``4 * window * density + 0.5 + 4 / quant_block_size`` bytes per
-    parameter, 0.93 at the defaults (AdamW: 8). Apart from weight decay, only the
-    ``window * k`` coordinates per block held in the window move in a step, each by about ``3.2 * lr``: learning
-    rates tuned for AdamW are a starting point (on the MiniLM fine-tune in
-    ``docs/algorithm.md`` MicroAdam's best lr was about 3x AdamW's).
+    parameter, 0.93 at the defaults (AdamW: 8), whatever the variant. The window's
+    ``window * k`` coordinates per block move by about ``3.2 * lr`` each; with the default
+    ``variant="release"`` every other coordinate moves too, by ``lr * release_scale`` in RMS per
+    block, so learning rates tuned for AdamW are a fair start (on the MiniLM fine-tunes of
+    ``docs/results.md`` AdamW's best lr, 1e-4, was also the one used for MicroAdam).
+    The paper's algorithm moves only the window's coordinates; its best lr was about 3x AdamW's.
 
     Args:
         params: parameters or param groups; every hyperparameter below may differ per group.
@@ -209,15 +252,19 @@ class MicroAdam(Optimizer):
             unavailable one raises ``RuntimeError`` saying why at the first step.
         chunk_size: elements processed at once, bounding transient memory to
             about 60-130 bytes per chunk element (default ``2**20``; ``docs/algorithm.md``).
-        release: fraction of the error feedback released each step as a dense move (default ``0``:
-            the paper's algorithm). With ``r`` what Top-K left of ``a`` (the error the paper stores),
-            each quantization block of the parameter also moves by
+        variant: ``"release"`` (default) or ``"paper"``: named settings of the two arguments below.
+            ``"release"`` is ``release=0.5, release_scale=1.0``, chosen on two tasks and confirmed on
+            two others (``docs/results.md``); ``"paper"`` is the paper's algorithm exactly
+            (``release=0``). Explicit ``release`` / ``release_scale`` take precedence.
+        release: fraction of the error feedback released each step as a dense move (from
+            ``variant``; ``0`` is the paper's algorithm). With ``r`` what Top-K left of ``a`` (the
+            error the paper stores), each quantization block of the parameter also moves by
             ``lr * release_scale * r / rms(r)`` and only ``(1 - release) * r`` is stored as the
             error: every coordinate moves every step, not only the window's, at unchanged memory.
             Measured in ``docs/results.md`` (issue 8); ``impl="torch"`` and ``"cpp"`` implement it,
             ``"triton"`` not yet (``impl=None`` picks torch on CUDA, as for every setting today).
         release_scale: RMS of that dense move over a quantization block, in units of ``lr``
-            (default ``1.0``: about AdamW's step size).
+            (from ``variant``: ``1.0``, about AdamW's step size).
 
     Example:
         >>> import torch
@@ -248,9 +295,11 @@ class MicroAdam(Optimizer):
         nonfinite: str = "skip",
         impl: str | None = None,
         chunk_size: int = DEFAULT_CHUNK,
-        release: float = 0.0,
-        release_scale: float = 1.0,
+        variant: str = "release",
+        release: float | None = None,
+        release_scale: float | None = None,
     ) -> None:
+        release, release_scale = resolve_variant(variant, release, release_scale)
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
@@ -688,6 +737,9 @@ class MicroAdam(Optimizer):
         param_groups = []
         for g, sg in zip(groups, saved_groups):
             merged = {**self.defaults, **sg, "params": g["params"]}
+            if "release" not in sg:
+                # Saved before release existed: that run was the paper's algorithm; it resumes as one.
+                merged.update(VARIANTS["paper"])
             if "param_names" in g and "param_names" not in sg:
                 merged["param_names"] = g["param_names"]
             _check_group(merged)

@@ -58,7 +58,7 @@ class ReferenceMicroAdam:
         seed: int = 0,
         compute_dtype: torch.dtype = torch.float64,
         param_indices: list[int] | None = None,
-        release: float = 0.0,
+        release: float = 0.5,
         release_scale: float = 1.0,
     ) -> None:
         self.params = params

@@ -44,6 +44,10 @@ def _microadam(model: torch.nn.Module, lr: float, **kw: Any) -> torch.optim.Opti
     return MicroAdam(_params(model), lr=lr, **kw)
 
 
+def _microadam_paper(model: torch.nn.Module, lr: float, **kw: Any) -> torch.optim.Optimizer:
+    return _microadam(model, lr, variant="paper", **kw)
+
+
 def _adamw(model: torch.nn.Module, lr: float, **kw: Any) -> torch.optim.Optimizer:
     params = _params(model)
     kw.setdefault("weight_decay", 0.0)
@@ -118,6 +122,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     s.name: s
     for s in [
         OptimizerSpec("microadam", "MicroAdam", None, "pip install microadam", _microadam),
+        # The paper's algorithm exactly (no released error feedback): the default before issue 8.
+        OptimizerSpec("microadam_paper", "MicroAdam (paper)", None, "pip install microadam", _microadam_paper),
         OptimizerSpec("adamw", "AdamW (torch, fused)", None, "pip install torch", _adamw),
         OptimizerSpec("adafactor", "Adafactor (torch)", None, "pip install 'torch>=2.5'", _adafactor),
         OptimizerSpec(

@@ -79,6 +79,8 @@ class Task:
 
     def lr_for(self, optimizer: str) -> float:
         """The documented default learning rate of ``optimizer`` on this task."""
+        # Both MicroAdam variants start from the same documented rate.
+        optimizer = {"microadam_paper": "microadam"}.get(optimizer, optimizer)
         return self.default_lr.get(optimizer, self.default_lr["*"])
 
 
