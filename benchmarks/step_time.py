@@ -91,12 +91,12 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
         "microadam_cpp", lambda ps: MicroAdam(ps, lr=LR, impl="cpp"), min_warmup=10, note="defaults, impl=cpp"
     ),
-    # Released error feedback (docs/results.md, issue 8): one more dense pass over the parameter.
+    # The paper's algorithm (no released error feedback: no dense pass over the parameter).
     OptimizerSpec(
-        "microadam_release",
-        lambda ps: MicroAdam(ps, lr=LR, release=0.5, release_scale=0.5),
+        "microadam_paper",
+        lambda ps: MicroAdam(ps, lr=LR, variant="paper"),
         min_warmup=10,
-        note="release=0.5, release_scale=0.5, impl=None",
+        note="variant=paper, impl=None",
     ),
     OptimizerSpec("adamw_foreach", lambda ps: torch.optim.AdamW(ps, lr=LR, foreach=True), min_warmup=1),
     OptimizerSpec(FUSED_NAME, lambda ps: torch.optim.AdamW(ps, lr=LR, fused=True), min_warmup=1),
