@@ -40,6 +40,7 @@ BAD_ARGS = [
     (dict(release=-0.1), ValueError, ["release", "-0.1"]),
     (dict(release_scale=float("nan")), ValueError, ["release_scale", "nan"]),
     (dict(release=0.5, impl="triton"), ValueError, ["release=0.5", "impl='triton'", "impl='cpp'"]),
+    (dict(impl="triton"), ValueError, ["release=0.5", "impl='triton'", "variant='paper'"]),
 ]
 
 

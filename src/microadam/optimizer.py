@@ -185,7 +185,7 @@ def _check_group(group: dict[str, Any]) -> None:
     if group.get("release", 0.0) and group["impl"] == "triton":
         raise ValueError(
             f"release={group['release']!r} is implemented by impl='torch' and impl='cpp', not impl='triton' "
-            "(yet); pass impl=None (automatic), impl='torch' or impl='cpp', or release=0"
+            "(yet); pass impl=None (automatic), impl='torch' or impl='cpp', or variant='paper' for the kernels"
         )
 
 
