@@ -226,7 +226,7 @@ CHECK_SHAPES: tuple[tuple[tuple[int, ...], bool], ...] = (
     ((33, 130), False),
     ((65, 67), True),
 )
-CHECK_BASE = dict(lr=1e-2, window=3)
+CHECK_BASE = dict(lr=1e-2, window=3, variant="paper")
 SMALL_BLOCKS = dict(block_size=64, density=0.05, quant_block_size=16)
 CHECK_CASES = (
     CheckCase("fp32", ((torch.float32, {}),)),
@@ -455,11 +455,12 @@ class OptimizerSpec:
     micro: bool = False
 
 
-def _microadam(impl: str) -> Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]:
+def _microadam(impl: str, variant: str = "paper") -> Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]:
+    # The Triton kernels implement variant="paper" only; the torch path both.
     def build(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         from microadam import MicroAdam
 
-        return MicroAdam(params, lr=LR, impl=impl)
+        return MicroAdam(params, lr=LR, impl=impl, variant=variant)
 
     return build
 
@@ -485,6 +486,8 @@ OPTIMIZERS = (
     OptimizerSpec(TRITON, _microadam("triton"), min_warmup=10, priority=0, micro=True),
     OptimizerSpec(FUSED, lambda ps: torch.optim.AdamW(ps, lr=LR, fused=True), min_warmup=3, priority=0),
     OptimizerSpec("microadam_torch", _microadam("torch"), min_warmup=10, priority=1, micro=True),
+    # The library's default variant (released error feedback), torch path: what impl=None runs on CUDA.
+    OptimizerSpec("microadam_torch_release", _microadam("torch", "release"), min_warmup=10, priority=2, micro=True),
     OptimizerSpec("bnb_adamw8bit", _bnb_adamw8bit, min_warmup=3, priority=2),
     # torch.compile'd: its first steps compile.
     OptimizerSpec("torchao_adamw4bit", _torchao_adamw4bit, min_warmup=3, priority=2),
