@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
+import torch
 
 from microadam.bench import runner
 from microadam.bench.spec import QUICK_PLAN, PlanError, load_plan, parse_plan
@@ -211,3 +213,33 @@ def test_variants_of_one_optimizer_run_side_by_side(tmp_path):
     assert variant["overrides"] == {"density": 0.05} and "[microadam-lr1e-2]" in variant["label"]
     assert runs[("microadam", 0)]["lr"] == 3e-3  # the task's default
     assert "microadam-lr1e-2" in final_verdict(plan, records)
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_lr_schedule_decays_each_group_to_zero_over_the_stage(kind):
+    from microadam.bench.runner import make_schedule
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([dict(params=[p], lr=0.2), dict(params=[], lr=1.0)], lr=0.1)
+    sched = make_schedule(opt, kind, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        if sched is not None:
+            sched.step()
+    assert lrs[0] == [0.2, 1.0]
+    if kind == "constant":
+        assert sched is None and lrs[-1] == [0.2, 1.0]
+    else:
+        # Step 5 of 10: half way (linear 0.5; cosine 0.5 too); the last step's lr is the smallest.
+        assert lrs[5][1] == pytest.approx(0.5)
+        assert lrs[-1][1] == pytest.approx(0.1 if kind == "linear" else 0.5 * (1 + math.cos(math.pi * 0.9)))
+
+
+def test_lr_schedule_key_is_checked_and_kept_out_of_old_fingerprints():
+    base = dict(QUICK_PLAN)
+    with pytest.raises(PlanError, match="lr_schedule.*'step'"):
+        parse_plan({**base, "lr_schedule": "step"})
+    assert parse_plan({**base, "lr_schedule": "constant"}).fingerprint() == parse_plan(base).fingerprint()
+    assert parse_plan({**base, "lr_schedule": "cosine"}).fingerprint() != parse_plan(base).fingerprint()

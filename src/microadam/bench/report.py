@@ -44,7 +44,8 @@ def _stage_tables(plan: Plan, records: list[dict[str, Any]]) -> list[str]:
         unit = " (%)" if metric == "accuracy" else ""
         lines += [
             f"### Stage '{stage.name}': {stage.steps} steps x batch {stage.batch_size}, "
-            f"train examples {stage.train_examples or 'all'}, seeds {list(stage.seeds)}",
+            f"train examples {stage.train_examples or 'all'}, seeds {list(stage.seeds)}"
+            + ("" if plan.lr_schedule == "constant" else f", lr decayed to 0 ({plan.lr_schedule})"),
             "",
             f"| optimizer | lr | {metric}{unit} mean ± std | final train loss | state | bytes/param | "
             "peak memory | step time (median) | optimizer step | total |",

@@ -70,6 +70,18 @@ def _thin(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
 
 
+def make_schedule(opt: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The plan's ``lr_schedule`` over a stage of ``steps``: each lr decays from its value to 0 at the
+    last step, linearly or along a half cosine (``"constant"``: None, the lr stays)."""
+    if kind == "constant":
+        return None
+    if kind == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / steps))
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, steps) / steps)))
+    raise ValueError(f"Invalid lr_schedule: {kind!r}; use 'constant', 'linear' or 'cosine'")
+
+
 def run_one(
     plan: Plan, stage: Stage, optimizer: str, seed: int, device: torch.device, progress: ProgressBar | None = None
 ) -> dict[str, Any]:
@@ -92,6 +104,7 @@ def run_one(
         "label": get_spec(base).label + ("" if base == optimizer else f" [{optimizer}]"),
         "seed": seed,
         "lr": lr,
+        "lr_schedule": plan.lr_schedule,
         "overrides": overrides,
         "steps": stage.steps,
         "batch_size": stage.batch_size,
@@ -106,6 +119,7 @@ def run_one(
     work = task.build(seed=seed, size=size, device=device)
     model = work.model
     opt = build_optimizer(base, model, lr, **overrides)
+    sched = make_schedule(opt, plan.lr_schedule, stage.steps)
     peak = current_rss()
     losses: list[tuple[int, float]] = []
     evals: list[tuple[int, float]] = []
@@ -125,6 +139,8 @@ def run_one(
         opt.step()
         _sync(device)
         t2 = time.perf_counter()
+        if sched is not None:
+            sched.step()
         peak = max(peak, current_rss())
         value = loss.item()
         losses.append((step, value))

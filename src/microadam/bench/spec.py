@@ -62,9 +62,14 @@ class Plan:
     task_options: dict[str, Any] = field(default_factory=dict)
     optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str = "auto"
+    lr_schedule: str = "constant"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        # Plans written before lr_schedule existed keep their fingerprint (and their records).
+        if d["lr_schedule"] == "constant":
+            del d["lr_schedule"]
+        return d
 
     def base_optimizer(self, name: str) -> str:
         """The registered optimizer behind ``name`` (a variant table names it with ``optimizer = ...``)."""
@@ -107,7 +112,19 @@ QUICK_PLAN: dict[str, Any] = {
     ],
 }
 
-_TOP = {"name", "task", "baseline", "candidates", "stages", "criteria", "task_options", "optimizers", "device"}
+_TOP = {
+    "name",
+    "task",
+    "baseline",
+    "candidates",
+    "stages",
+    "criteria",
+    "task_options",
+    "optimizers",
+    "device",
+    "lr_schedule",
+}
+LR_SCHEDULES = ("constant", "linear", "cosine")
 _STAGE = {"name", "steps", "batch_size", "seeds", "train_examples", "eval_examples", "eval_every"}
 
 
@@ -231,6 +248,9 @@ def parse_plan(data: dict[str, Any]) -> Plan:
 
     task_options = _expect(data.get("task_options", {}), dict, "task_options", "a table")
     device = _expect(data.get("device", "auto"), str, "device", "'auto', 'cpu' or 'cuda'")
+    lr_schedule = _expect(data.get("lr_schedule", "constant"), str, "lr_schedule", f"one of {LR_SCHEDULES}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise PlanError(f"{_where('lr_schedule')}: unknown schedule {lr_schedule!r}; expected one of {LR_SCHEDULES}")
     return Plan(
         name=_expect(data.get("name", "plan"), str, "name", "a string"),
         task=task,
@@ -241,6 +261,7 @@ def parse_plan(data: dict[str, Any]) -> Plan:
         task_options=dict(task_options),
         optimizers={k: dict(v) for k, v in optimizers.items()},
         device=device,
+        lr_schedule=lr_schedule,
     )
 
 
