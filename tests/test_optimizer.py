@@ -301,6 +301,11 @@ def test_variants_name_release_settings():
     }
     assert MicroAdam([p], lr=1e-3, variant="paper").defaults["release"] == 0.0
     assert MicroAdam([p], lr=1e-3, release=0.25).defaults["release"] == 0.25  # explicit wins
+    q = torch.nn.Parameter(torch.zeros(3))
+    groups = MicroAdam([dict(params=[p]), dict(params=[q], variant="paper")], lr=1e-3).param_groups
+    assert [g["release"] for g in groups] == [0.5, 0.0] and "variant" not in groups[1]
+    with pytest.raises(ValueError, match="variant"):
+        MicroAdam([dict(params=[q], variant="fast")], lr=1e-3)
 
 
 def test_checkpoint_from_before_release_resumes_as_the_paper_algorithm():

@@ -326,6 +326,13 @@ class MicroAdam(Optimizer):
         self._warned_nonfinite = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "variant" in param_group:
+            # A group may name a variant too: it stands for its (release, release_scale).
+            param_group = dict(param_group)
+            release, scale = resolve_variant(
+                param_group.pop("variant"), param_group.get("release"), param_group.get("release_scale")
+            )
+            param_group.update(release=release, release_scale=scale)
         # Check a merged copy before torch appends the group: a refused group must leave no trace.
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_group(merged)
