@@ -39,8 +39,17 @@ BAD_ARGS = [
     (dict(release=1.5), ValueError, ["release", "1.5", "[0, 1]"]),
     (dict(release=-0.1), ValueError, ["release", "-0.1"]),
     (dict(release_scale=float("nan")), ValueError, ["release_scale", "nan"]),
-    (dict(release=0.5, impl="triton"), ValueError, ["release=0.5", "impl='triton'", "impl='cpp'"]),
-    (dict(impl="triton"), ValueError, ["release=0.5", "impl='triton'", "variant='paper'"]),
+    # The Triton kernels release error feedback only where a quantization block fits in a Top-K block.
+    (
+        dict(release=0.5, impl="triton", block_size=64, quant_block_size=128),
+        ValueError,
+        ["release=0.5", "impl='triton'", "quant_block_size=128", "block_size=64", "impl='cpp'"],
+    ),
+    (
+        dict(impl="triton", block_size=64, quant_block_size=128),
+        ValueError,
+        ["release=0.5", "impl='triton'", "variant='paper'"],
+    ),
 ]
 
 

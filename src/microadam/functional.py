@@ -191,8 +191,6 @@ def microadam_step(
     if impl != "torch":
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"Invalid impl: {impl!r}; choose one of {IMPLEMENTATIONS}")
-        if release and impl == "triton":
-            raise ValueError(f"release={release!r} is implemented by impl='torch' and 'cpp', not impl={impl!r}")
         extra = dict(release=release, release_scale=release_scale) if release else {}
         from microadam.kernels import load
 

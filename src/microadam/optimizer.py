@@ -182,10 +182,12 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid nonfinite: {group['nonfinite']!r}; use 'skip' or 'raise'")
     if group["impl"] not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"Invalid impl: {group['impl']!r}; use None (automatic) or one of {IMPLEMENTATIONS}")
-    if group.get("release", 0.0) and group["impl"] == "triton":
+    if group.get("release", 0.0) and group["impl"] == "triton" and group["quant_block_size"] > group["block_size"]:
+        # The Triton compress kernel sums a quantization block's squares within one tile row.
         raise ValueError(
-            f"release={group['release']!r} is implemented by impl='torch' and impl='cpp', not impl='triton' "
-            "(yet); pass impl=None (automatic), impl='torch' or impl='cpp', or variant='paper' for the kernels"
+            f"release={group['release']!r} with impl='triton' needs quant_block_size <= block_size, got "
+            f"quant_block_size={group['quant_block_size']} and block_size={group['block_size']}; use impl=None "
+            "(automatic), impl='torch' or impl='cpp', a smaller quant_block_size, or variant='paper'"
         )
 
 
@@ -261,8 +263,8 @@ class MicroAdam(Optimizer):
             error the paper stores), each quantization block of the parameter also moves by
             ``lr * release_scale * r / rms(r)`` and only ``(1 - release) * r`` is stored as the
             error: every coordinate moves every step, not only the window's, at unchanged memory.
-            Measured in ``docs/results.md`` (issue 8); ``impl="torch"`` and ``"cpp"`` implement it,
-            ``"triton"`` not yet (``impl=None`` picks torch on CUDA, as for every setting today).
+            Measured in ``docs/results.md`` (issue 8); every ``impl`` implements it (``"triton"``
+            where ``quant_block_size <= block_size``, as by default).
         release_scale: RMS of that dense move over a quantization block, in units of ``lr``
             (from ``variant``: ``1.0``, about AdamW's step size).
 

@@ -7,12 +7,20 @@ Two kernels per step, each launched once for a batch of tensors that share a til
    ``a = g + dequant(e)``; exact Top-K of ``|a|`` per block with the tie rule of
    :func:`microadam.ops.topk.block_topk` (a radix select over the float bits, lower index wins);
    the selection is written to the ring slot of this step in ascending index order; the rest is
-   re-quantized to 4 bits (nearest or stochastic) and packed two codes per byte.
+   re-quantized to 4 bits (nearest or stochastic) and packed two codes per byte. With released
+   error feedback (``release > 0``, the default variant) it first moves the parameter by the
+   released part, ``p * (1 - lr * wd) - lr * rest * release_scale / rms(rest)`` per quantization
+   block (the sum of squares by halving, as :func:`microadam.functional.release_move`), and
+   quantizes ``(1 - release) * rest``.
 2. ``_update_kernel``, one program per Top-K block: the first and second moments at every
    position held in the window (``sum_s beta^age * v_s``, summed in age order like the torch path
    on CPU and the reference), ``u = c1 * M / (sqrt(c2 * S) + eps)``, then
    ``p = p * (1 - lr * wd) - lr * u`` rounded into the parameter's dtype (bf16 optionally
-   stochastically, with the same counter-based bits as :func:`microadam.ops.random.hash_bits`).
+   stochastically, with the same counter-based bits as :func:`microadam.ops.random.hash_bits`);
+   with release ``p - lr * u`` (the decay came with the dense move). A float32 parameter gets the
+   torch path's arithmetic in its order; a bfloat16/float16 one is rounded twice at the window's
+   positions (after the move, after ``u``), where the torch path rounds once: within two roundings
+   of it (``tests/test_triton_kernels.py`` checks the bound each step).
 
 Every operation is the torch path's, in the same order and precision (float32): divisions and
 square roots are the correctly rounded ``div_rn``/``sqrt_rn``, and multiply-adds are not fused into
@@ -46,6 +54,7 @@ import torch
 
 from microadam.functional import step_scalars
 from microadam.layout import Layout
+from microadam.ops.random import STREAM_MOVE, stream_key
 
 try:
     import triton
@@ -70,11 +79,15 @@ _I_SLOT, _I_VALID, _I_M, _I_ERRKEY, _I_PARKEY, _I_OFFSET, _I_STOCH_ERR, _I_STOCH
     _col(i) for i in range(9, 18)
 )
 _I_PARAM, _I_GRAD, _I_WIDX, _I_WVAL, _I_CODES, _I_BOUNDS = (_col(i) for i in range(18, 24))
-_NI = _col(24)
+_I_UPDATE_KEY = _col(24)  # the update kernel's parameter stream (see _prepare)
+_NI = _col(25)
 # floats (float32: torch rounds a Python scalar to the tensor's float32 before multiplying, so the
 # kernel must see the same float32 numbers)
 _F_LR, _F_DECAY, _F_C1, _F_C2, _F_EPS = (_col(i) for i in range(5))
-_NF = _col(5)
+# Release: the compress kernel's weight-decay factor (the update kernel's is then 1), what stays in
+# the error feedback (1 - release), and the move's RMS in units of lr.
+_F_CDECAY, _F_KEEP, _F_RSCALE = (_col(i) for i in range(5, 8))
+_NF = _col(8)
 
 
 def available() -> tuple[bool, str]:
@@ -234,6 +247,7 @@ if triton is not None:
         prog_tensor,
         prog_local,
         meta_i,
+        meta_f,
         RP2: tl.constexpr,
         CP2: tl.constexpr,
         TK_MODE: tl.constexpr,
@@ -241,6 +255,9 @@ if triton is not None:
         PAIRS: tl.constexpr,
         GRAD_KIND: tl.constexpr,
         RADIX_BITS: tl.constexpr,
+        RELEASE: tl.constexpr,
+        PARAM_KIND: tl.constexpr,
+        LOG_CP2: tl.constexpr,
     ):
         pid = tl.program_id(0)
         t = tl.load(prog_tensor + pid).to(tl.int64)
@@ -354,6 +371,44 @@ if triton is not None:
 
         # 3. the rest is the new error: 4-bit codes per quantization block (ops.quant.quantize_blocks).
         rest = tl.where(sel, 0.0, a)
+        if RELEASE:
+            # Released error feedback (functional.release_move); rows are quantization blocks here
+            # (_tile_plan's Q_MODE 0, which _prepare requires). The sum of squares by halving: the
+            # row padded with zeros to CP2 columns (the torch path pads to the power of two of the
+            # quantization block; more zero halves add exact zeros), each level adding the row's
+            # two halves, so the sum is bit-identical.
+            mf = meta_f + t * _NF
+            sq = rest * rest
+            for lvl in tl.static_range(LOG_CP2 - 1):
+                sq = tl.reduce(tl.reshape(sq, (RP2, 2, CP2 >> (lvl + 1))), 1, _SUM)
+            total = tl.reduce(sq, 1, _SUM)
+            count = tl.reduce(in_data.to(tl.float32), 1, _SUM)
+            rms = tl.sqrt_rn(tl.div_rn(total, tl.where(count > 0, count, 1.0)))
+            # torch computes `scale / rms` as rms.reciprocal() * scale.
+            inv = tl.where(rms > 0, tl.div_rn(1.0, tl.where(rms > 0, rms, 1.0)) * tl.load(mf + _F_RSCALE), 0.0)
+            move = rest * inv[:, None]
+            # The parameter takes the torch path's dense part now, (p * decay) - lr * move (decay is
+            # 1.0 without weight decay: p * 1.0 is p exactly), and the update kernel subtracts lr * u
+            # at the window's positions with decay 1. In float32 that is the torch path's arithmetic
+            # in its order; a bfloat16/float16 parameter is rounded here (with the torch path's
+            # random bits, so positions outside the window get its value) and again there at the
+            # window's positions (one extra rounding, with a stream of its own), where the torch
+            # path rounds once.
+            if PARAM_KIND == 0:
+                param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float32))
+            elif PARAM_KIND == 1:
+                param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.int16))
+            else:
+                param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float16))
+            pos = o.to(tl.int64) + base
+            pv = _load_param(param_ptr + pos, in_data, PARAM_KIND)
+            newp = pv * tl.load(mf + _F_CDECAY) - tl.load(mf + _F_LR) * move
+            stoch_par = tl.load(mi + _I_STOCH_PAR)
+            par_key = tl.load(mi + _I_PARKEY)
+            tl.store(param_ptr + pos, _round_param(newp, pos + offset, par_key, stoch_par, PARAM_KIND), mask=in_data)
+            keep = tl.load(mf + _F_KEEP)
+            # keep == 0 stores exact zeros (rest * 0 would give -0 for negative entries).
+            rest = tl.where(keep != 0.0, rest * keep, 0.0)
         lo_raw, hi_raw = _seg_min_max(rest, in_data, seg, Q_MODE)
         lo16 = _bf16_round(tl.where(qrow_ok, lo_raw, 0.0), 0)
         hi16 = _bf16_round(tl.where(qrow_ok, hi_raw, 0.0), 1)
@@ -418,7 +473,7 @@ if triton is not None:
         write_slot = tl.load(mi + _I_SLOT)
         n_valid = tl.load(mi + _I_VALID).to(tl.int32)
         m = tl.load(mi + _I_M)
-        par_key = tl.load(mi + _I_PARKEY)
+        par_key = tl.load(mi + _I_UPDATE_KEY)
         offset = tl.load(mi + _I_OFFSET)
         stoch = tl.load(mi + _I_STOCH_PAR)
         has_wd = tl.load(mi + _I_WD)
@@ -610,6 +665,8 @@ def _prepare(
     param_index: int,
     chunk_size: int = 0,
     position_offset: int = 0,
+    release: float = 0.0,
+    release_scale: float = 1.0,
 ) -> _Work | None:
     # chunk_size bounds the torch path's temporaries; the kernels keep theirs in registers.
     del chunk_size
@@ -639,6 +696,12 @@ def _prepare(
         )
 
     C, R, S, G, tk_mode, q_mode = _tile_plan(layout)
+    if release and q_mode != 0:
+        raise ValueError(
+            f"impl='triton' releases error feedback (release={release!r}) only where a quantization block "
+            f"is at most a Top-K block, got quant_block={layout.quant_block} > block={layout.block}; use "
+            "impl='torch' or impl='cpp', a quant_block_size <= block_size, or variant='paper'"
+        )
     pairs = C % 2 == 0 or R == 1
     m, k = layout.window, layout.k
     work_param = param if param.is_contiguous() else param.contiguous()
@@ -661,6 +724,7 @@ def _prepare(
         weight_decay=weight_decay,
         seed=seed,
         param_index=param_index,
+        release=release,
     )
     valid = len(sc.slots)
     mp2 = _next_pow2(m)
@@ -682,14 +746,20 @@ def _prepare(
     ints[_I_OFFSET] = position_offset
     ints[_I_STOCH_ERR] = int(error_rounding == "stochastic")
     ints[_I_STOCH_PAR] = int(stoch_param)
-    ints[_I_WD] = int(weight_decay != 0)
+    # With release the compress kernel applies the weight decay (with the dense move) and the
+    # update kernel none.
+    ints[_I_WD] = int(weight_decay != 0 and not release)
+    # The update kernel's rounding: the torch path's stream, or with release (where the compress
+    # kernel has used that stream for the parameter's first rounding) a stream of its own.
+    ints[_I_UPDATE_KEY] = stream_key(seed, param_index, step, STREAM_MOVE) if release else sc.par_key
     for col, x in zip(
         (_I_PARAM, _I_GRAD, _I_WIDX, _I_WVAL, _I_CODES, _I_BOUNDS), (p_arg, g_arg, widx, wval, codes, bounds)
     ):
         ints[col] = x.data_ptr()
     floats = [0.0] * int(_NF)
-    floats[_F_LR], floats[_F_DECAY], floats[_F_EPS] = lr, sc.decay, eps
+    floats[_F_LR], floats[_F_DECAY], floats[_F_EPS] = lr, 1.0 if release else sc.decay, eps
     floats[_F_C1], floats[_F_C2] = sc.c1, sc.c2
+    floats[_F_CDECAY], floats[_F_KEEP], floats[_F_RSCALE] = sc.decay, sc.keep, release_scale
     key = (
         device,
         _PARAM_KINDS[param.dtype],
@@ -702,6 +772,7 @@ def _prepare(
         max(2, _next_pow2(k)),
         mp2,
         min(1024, _next_pow2(layout.block)),
+        bool(release),
     )
     return _Work(
         key=key,
@@ -737,7 +808,7 @@ def _launch(works: list[_Work]) -> None:
     for w in works:
         by_key.setdefault(w.key, []).append(w)
     for key, batch in by_key.items():
-        device, param_kind, grad_kind, rp2, cp2, tk_mode, q_mode, pairs, kp2, mp2, dt = key
+        device, param_kind, grad_kind, rp2, cp2, tk_mode, q_mode, pairs, kp2, mp2, dt, release = key
         meta_i = torch.tensor([w.ints for w in batch], dtype=torch.int64, device=device)
         meta_f = torch.tensor([w.floats for w in batch], dtype=torch.float32, device=device)
         weights = torch.tensor([list(w.weights) for w in batch], dtype=torch.float32, device=device)
@@ -758,6 +829,7 @@ def _launch(works: list[_Work]) -> None:
             tensor_c,
             local_c,
             meta_i,
+            meta_f,
             RP2=rp2,
             CP2=cp2,
             TK_MODE=tk_mode,
@@ -765,6 +837,9 @@ def _launch(works: list[_Work]) -> None:
             PAIRS=pairs,
             GRAD_KIND=grad_kind,
             RADIX_BITS=_radix_bits(rp2 * cp2),
+            RELEASE=release,
+            PARAM_KIND=param_kind,
+            LOG_CP2=cp2.bit_length() - 1,
             num_warps=_num_warps(rp2 * cp2),
             enable_fp_fusion=False,
         )
@@ -815,6 +890,8 @@ def microadam_step_triton(
     param_index: int,
     chunk_size: int = 0,
     position_offset: int = 0,
+    release: float = 0.0,
+    release_scale: float = 1.0,
 ) -> None:
     """One MicroAdam step on ``param`` in place: :func:`microadam.functional.microadam_step` with Triton.
 
@@ -843,6 +920,8 @@ def microadam_step_triton(
         param_index=param_index,
         chunk_size=chunk_size,
         position_offset=position_offset,
+        release=release,
+        release_scale=release_scale,
     )
     if work is not None:
         _launch([work])

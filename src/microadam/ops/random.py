@@ -21,6 +21,10 @@ _MUL = 0x045D9F3B
 # Streams keep the error-feedback and parameter roundings independent.
 STREAM_ERROR = 1
 STREAM_PARAM = 2
+# The Triton kernels' second rounding of a low-precision parameter under release: the compress
+# kernel rounds the dense move into it with STREAM_PARAM, the update kernel again at the window's
+# positions with this one.
+STREAM_MOVE = 3
 
 
 def _mix32_int(x: int) -> int:
