@@ -4,7 +4,12 @@ For each size (about 1M, 16M, 64M parameters by default) the parameters are
 the weights and biases of one transformer block of hidden size ``h``: fused
 QKV ``[3h, h]``, attention output ``[h, h]``, MLP up ``[4h, h]`` and down
 ``[h, 4h]`` (12 h^2 weights) plus the QKV and MLP-up biases. Gradients are
-fixed random tensors set once; only ``opt.step()`` is timed, after a warm-up
+``--grad-sets`` (default 4) sets of fixed random tensors, made once and taken
+in turn, one set per step (swapping ``p.grad``, outside the timed region): with
+one set repeated, MicroAdam's Top-K would pick the same positions every step
+(the released error feedback keeps no residual to rotate them), which makes
+its moment update cheaper than on a real run, whose gradients change. Only
+``opt.step()`` is timed, after a warm-up
 (at least ``window`` steps for MicroAdam so that its ring is full, and at
 least 3 for the torch.compile-based torchao optimizers, whose first step
 compiles). Every optimizer gets its parameters freshly built and freed
@@ -135,6 +140,26 @@ def make_params(shapes: Iterable[tuple[int, ...]], seed: int = 0) -> list[torch.
     return params
 
 
+class GradSets:
+    """``n`` sets of fixed random gradients for ``params``, installed in turn by :meth:`next`.
+
+    Set 0 is the gradient :func:`make_params` attached; the others are drawn from ``seed + 1``.
+    """
+
+    def __init__(self, params: list[torch.Tensor], n: int, seed: int = 1) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.params = params
+        self.sets = [[p.grad for p in params]]
+        for _ in range(n - 1):
+            self.sets.append([torch.randn(p.shape, generator=gen) * 1e-3 for p in params])
+        self.i = 0
+
+    def next(self) -> None:
+        self.i = (self.i + 1) % len(self.sets)
+        for p, g in zip(self.params, self.sets[self.i]):
+            p.grad = g
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Linear-interpolated percentile ``q`` in [0, 100] of already sorted values."""
     if len(sorted_values) == 1:
@@ -202,7 +227,9 @@ class Noise:
     threshold: float = 0.2
 
 
-def time_steps(opt: torch.optim.Optimizer, steps: int, noise: Noise) -> tuple[list[float], float | None, int]:
+def time_steps(
+    opt: torch.optim.Optimizer, steps: int, noise: Noise, grads: GradSets | None = None
+) -> tuple[list[float], float | None, int]:
     """Time ``steps`` steps, retrying while other processes used over ``noise.threshold`` cores.
 
     Returns the sorted step times (ms) of the least contaminated attempt, the
@@ -217,6 +244,8 @@ def time_steps(opt: torch.optim.Optimizer, steps: int, noise: Noise) -> tuple[li
         before = cpu_snapshot()
         times = []
         for _ in range(steps):
+            if grads is not None:
+                grads.next()
             t0 = time.perf_counter()
             opt.step()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -230,10 +259,16 @@ def time_steps(opt: torch.optim.Optimizer, steps: int, noise: Noise) -> tuple[li
 
 
 def measure(
-    spec: OptimizerSpec, shapes: list[tuple[int, ...]], steps: int, warmup: int, noise: Noise = Noise()
+    spec: OptimizerSpec,
+    shapes: list[tuple[int, ...]],
+    steps: int,
+    warmup: int,
+    noise: Noise = Noise(),
+    grad_sets: int = 4,
 ) -> dict[str, Any]:
     """Time ``steps`` calls of ``opt.step()`` after the warm-up; return the numbers or the error."""
     params = make_params(shapes)
+    grads = GradSets(params, grad_sets)
     numel = sum(p.numel() for p in params)
     row: dict[str, Any] = {"optimizer": spec.name, "numel": numel, "shapes": [list(s) for s in shapes]}
     warmup = max(warmup, spec.min_warmup)
@@ -244,8 +279,9 @@ def measure(
         opt.step()
         first_ms = (time.perf_counter() - t0) * 1e3
         for _ in range(warmup - 1):
+            grads.next()
             opt.step()
-        times, load, attempts = time_steps(opt, steps, noise)
+        times, load, attempts = time_steps(opt, steps, noise, grads)
         sbytes = state_bytes(opt)
         finite = all(bool(torch.isfinite(p).all()) for p in params)
         row.update(
@@ -261,13 +297,14 @@ def measure(
             # Cores other processes kept busy while the kept attempt was timed (contamination).
             other_procs_cores=load,
             timing_attempts=attempts,
+            grad_sets=grad_sets,
             error=None,
         )
     except NotInstalledError as e:
         row["error"] = str(e)
     except Exception as e:  # a peer failing on CPU is recorded, not fatal
         row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    del opt, params
+    del opt, params, grads
     free_memory()
     return row
 
@@ -341,7 +378,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str], noise: Noise) -> li
         shapes = block_shapes(parse_size(size_text))
         rows = []
         for spec in specs:
-            row = measure(spec, shapes, args.steps, args.warmup, noise)
+            row = measure(spec, shapes, args.steps, args.warmup, noise, args.grad_sets)
             status = row["error"] or f"median {row['median_ms']:.2f} ms"
             print(f"[{size_text}] {spec.name}: {status}", file=sys.stderr, flush=True)
             rows.append(row)
@@ -362,9 +399,11 @@ def profile_microadam(size_text: str, steps: int, noise: Noise, row_limit: int =
     from torch.profiler import ProfilerActivity, profile
 
     params = make_params(block_shapes(parse_size(size_text)))
+    grads = GradSets(params, 4)
     numel = sum(p.numel() for p in params)
     opt = MicroAdam(params, lr=LR)
     for _ in range(opt.defaults["window"] + 1):
+        grads.next()
         opt.step()
     if noise.max_wait_s > 0:
         wait_idle(noise.max_wait_s, noise.threshold)
@@ -372,6 +411,7 @@ def profile_microadam(size_text: str, steps: int, noise: Noise, row_limit: int =
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
+            grads.next()
             opt.step()
         wall = time.perf_counter() - t0
     load = other_cores(before, cpu_snapshot())
@@ -414,9 +454,12 @@ def main(argv: list[str] | None = None) -> None:
         "--busy-threshold", type=float, default=0.2, help="cores of other processes' use that count as contention"
     )
     parser.add_argument("--profile-size", default="16M", help="parameter count for --profile-microadam")
+    parser.add_argument(
+        "--grad-sets", type=int, default=4, help="sets of random gradients taken in turn, one per step (1: fixed)"
+    )
     args = parser.parse_args(argv[1:])
-    if args.steps < 1 or args.warmup < 1 or args.retries < 0 or args.wait_idle < 0:
-        parser.error("--steps and --warmup must be >= 1, --retries and --wait-idle >= 0")
+    if args.steps < 1 or args.warmup < 1 or args.retries < 0 or args.wait_idle < 0 or args.grad_sets < 1:
+        parser.error("--steps, --warmup and --grad-sets must be >= 1, --retries and --wait-idle >= 0")
 
     dynamo_config = getattr(getattr(torch, "_dynamo", None), "config", None)
     if dynamo_config is not None and hasattr(dynamo_config, "recompile_limit"):

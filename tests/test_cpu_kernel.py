@@ -400,3 +400,87 @@ def test_impl_none_picks_cpp_for_cpu_tensors_it_computes_and_torch_otherwise():
     assert resolve_impl(None, torch.zeros(3, device="meta")) == "torch"
     assert resolve_impl("torch", torch.zeros(3)) == "torch"
     assert resolve_impl("triton", torch.zeros(3)) == "triton"
+
+
+# ---------------------------------------------------------------- many tensors in one call
+
+# One call's tensors: every dtype, layouts of several unit sizes (the scratch is sized for the
+# largest), sizes above and below the one-thread grain (so a parallel region shares units of
+# several tensors), an empty tensor, a float64 one (the torch path, inside the same call), a
+# transposed one, release and weight decay in some.
+MULTI = [
+    (SHAPES[11], FLAGS[0], torch.float32),
+    (SHAPES[4], FLAGS[1], torch.bfloat16),
+    (SHAPES[0], FLAGS[0], torch.float32),
+    (SHAPES[8], FLAGS[5], torch.float16),
+    (SHAPES[9], FLAGS[4], torch.float32),
+    (SHAPES[2], FLAGS[3], torch.float64),
+    (Shape("big", (70000,), 4096, 0.01, 128, 10), FLAGS[5], torch.float32),
+    (Shape("big-bf16", (40000,), 1024, 0.02, 64, 3), FLAGS[0], torch.bfloat16),
+]
+
+
+def _multi_items(gen: torch.Generator) -> list[dict]:
+    items = []
+    for i, (shape, flags, dtype) in enumerate(MULTI):
+        lay = shape.layout()
+        hyper = dict(
+            layout=lay, lr=1e-2, beta1=0.9, beta2=0.999, eps=flags.eps, weight_decay=flags.weight_decay,
+            error_rounding=flags.error_rounding, stochastic_param_rounding=flags.stochastic_param_rounding,
+            seed=5, param_index=i, position_offset=flags.position_offset,
+        )  # fmt: skip
+        if flags.release:
+            hyper.update(release=flags.release, release_scale=flags.release_scale)
+        items.append(dict(param=make_tensor(shape, dtype, gen, shape.transposed), **new_state(lay), **hyper))
+    return items
+
+
+def test_many_tensors_in_one_call_equal_the_torch_path() -> None:
+    gen = torch.Generator().manual_seed(3)
+    items = _multi_items(gen)
+    ref = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in it.items()} for it in items]
+    for step in range(1, 13):  # past the largest window: every ring wraps
+        grads = [make_grad(shape, flags, it["param"].dtype, gen) for (shape, flags, _), it in zip(MULTI, items)]
+        for r, g in zip(ref, grads):
+            functional.microadam_step(
+                r["param"], g, step=step, impl="torch", **{k: v for k, v in r.items() if k != "param"}
+            )
+        cpu.microadam_step_cpp_multi([dict(it, grad=g.clone(), step=step) for it, g in zip(items, grads)])
+        for (shape, _, _), it, r in zip(MULTI, items, ref):
+            for name in ("param", *new_state(shape.layout())):
+                assert_bits_equal(it[name], r[name], f"{shape.id} {name} after step {step}")
+
+
+def test_many_tensors_are_all_checked_before_any_is_stepped() -> None:
+    gen = torch.Generator().manual_seed(4)
+    items = _multi_items(gen)
+    before = [{k: v.clone() for k, v in it.items() if isinstance(v, torch.Tensor)} for it in items]
+    calls = [dict(it, grad=torch.randn(it["param"].shape, generator=gen).to(it["param"].dtype), step=1) for it in items]
+    calls[-1]["error_rounding"] = "up"  # the last tensor's argument is bad
+    with pytest.raises(ValueError, match="error_rounding"):
+        cpu.microadam_step_cpp_multi(calls)
+    for it, b in zip(items, before):
+        for name, t in b.items():
+            assert torch.equal(it[name], t), f"{name} changed although the call was refused"
+
+
+def test_corrupt_state_in_a_batch_names_the_tensor() -> None:
+    a, b = _small_args(100), _small_args(100)
+    b["window_indices"][0, 1, 0] = 60  # block 1 holds 36 elements
+    with pytest.raises(RuntimeError, match=r"tensor\(s\) \[1\].*corrupt"):
+        cpu.microadam_step_cpp_multi(
+            [dict(a, param=torch.zeros(100), grad=torch.randn(100), step=2),
+             dict(b, param=torch.zeros(100), grad=torch.randn(100), step=2)]
+        )  # fmt: skip
+    run_both(SHAPES[8], FLAGS[0], torch.float32, steps=3)
+
+
+def test_optimizer_steps_cpu_tensors_in_one_call(monkeypatch) -> None:
+    calls = []
+    real = cpu._step_all
+    monkeypatch.setattr(cpu, "_step_all", lambda pending: (calls.append(len(pending)), real(pending)))
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (10, 300, 5000)]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    MicroAdam(params, lr=1e-3, impl="cpp").step()
+    assert calls == [3]

@@ -61,6 +61,8 @@ def test_loaded_state_does_not_share_tensors_with_the_source():
 
 def test_a_failure_mid_step_does_not_advance_the_failing_parameter(monkeypatch):
     (a, b), opt = _trained()
+    for group in opt.param_groups:
+        group["impl"] = "torch"  # one call per tensor (the C++ path steps a batch in one call: below)
     real = optimizer_module.microadam_step
     calls = []
 
@@ -76,6 +78,24 @@ def test_a_failure_mid_step_does_not_advance_the_failing_parameter(monkeypatch):
         opt.step()
     # a was updated (documented: restore a checkpoint rather than retrying); b's counter did not move.
     assert opt.state[a]["step"] == 5 and opt.state[b]["step"] == 4
+
+
+def test_a_failed_batched_call_advances_no_parameter(monkeypatch):
+    """impl="cpp" steps all CPU tensors in one call: if it raises, no step counter moves."""
+    from microadam.kernels import cpu
+
+    (a, b), opt = _trained()
+    for group in opt.param_groups:
+        group["impl"] = "cpp"
+
+    def failing(pending):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(cpu, "_step_all", failing)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step()
+    assert opt.state[a]["step"] == 4 and opt.state[b]["step"] == 4
 
 
 def test_a_refused_param_group_leaves_no_trace():

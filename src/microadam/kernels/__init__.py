@@ -24,7 +24,7 @@ __all__ = ["KERNELS", "load", "load_multi", "availability", "resolve_impl"]
 # name -> (module, step function, availability function, many-tensor step function or "")
 KERNELS: dict[str, tuple[str, str, str, str]] = {
     "triton": ("microadam.kernels.triton_kernels", "microadam_step_triton", "available", "microadam_step_triton_multi"),
-    "cpp": ("microadam.kernels.cpu", "microadam_step_cpp", "available", ""),
+    "cpp": ("microadam.kernels.cpu", "microadam_step_cpp", "available", "microadam_step_cpp_multi"),
 }
 
 

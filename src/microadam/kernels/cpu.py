@@ -29,14 +29,17 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from microadam import functional
 from microadam.layout import Layout
 
-__all__ = ["available", "microadam_step_cpp"]
+__all__ = ["available", "microadam_step_cpp", "microadam_step_cpp_multi"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "microadam_cpu.cpp"
 _COMPILER = "g++"
@@ -111,20 +114,32 @@ def _build(compiler: str, flags: tuple[str, ...], key_extra: str, source: bytes)
     return target
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    i64, i32, u32, dbl, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_double, ctypes.c_void_p
-    fn = lib.microadam_step_cpu
-    fn.restype = i32
-    fn.argtypes = [
-        ptr, i32, ptr, i32,  # param, dtype, grad, dtype
-        ptr, ptr, ptr, ptr,  # window_indices, window_values, error_codes, error_bounds
-        i64, i64, i64, i64, i64, i64,  # n, block, k, quant_block, num_blocks, unit
-        i64, ptr, ptr, ptr, i64,  # n_slots, slot_of_age, w1, w2, write_slot
-        dbl, dbl, dbl, dbl, dbl,  # lr, c1, c2, eps, decay
-        i32, i32, i32,  # weight_decay, stochastic_error, stochastic_param
-        u32, u32, i64, ptr, i32, i32,  # err_key, par_key, position_offset, vml_sqrt, sqrt_mode, num_threads
-        i32, dbl, dbl,  # release, keep, release_scale
+class _StepArgs(ctypes.Structure):
+    """One tensor's step for the C++ code: the layout of its ``StepArgs`` (pointers, 64-bit
+    integers, doubles, 32-bit integers, in this order, so that neither side pads differently)."""
+
+    _fields_ = [
+        *[(name, ctypes.c_void_p) for name in (
+            "param", "grad", "win_idx", "win_val", "codes", "bounds", "slot_of_age", "w1", "w2",
+        )],
+        *[(name, ctypes.c_int64) for name in (
+            "n", "block", "k", "qblock", "num_blocks", "unit", "n_slots", "write_slot", "position_offset",
+        )],
+        *[(name, ctypes.c_double) for name in ("lr", "c1", "c2", "eps", "decay", "keep", "release_scale")],
+        *[(name, ctypes.c_int32) for name in (
+            "param_dtype", "grad_dtype", "weight_decay", "stochastic_error", "stochastic_param", "release",
+        )],
+        ("err_key", ctypes.c_uint32),
+        ("par_key", ctypes.c_uint32),
     ]  # fmt: skip
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    fn = lib.microadam_step_cpu_multi
+    fn.restype = i64
+    # count, items, bad flags, vml_sqrt, sqrt_mode, num_threads
+    fn.argtypes = [i64, ctypes.POINTER(_StepArgs), ctypes.POINTER(ctypes.c_int32), ptr, i32, i32]
     probe = lib.microadam_sqrt_probe
     probe.restype = None
     probe.argtypes = [ptr, ptr, i64, ptr, i32]
@@ -252,6 +267,175 @@ def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[in
         )
 
 
+@dataclass
+class _Pending:
+    """One tensor's step, checked and ready for the C++ call, and what to do after it."""
+
+    args: _StepArgs | None  # None: a float64 parameter, stepped by ``torch_step``
+    param: torch.Tensor
+    work_param: torch.Tensor  # param itself, or its contiguous copy to write back
+    copy_back: list[tuple[torch.Tensor, torch.Tensor]]  # (state tensor, its contiguous copy)
+    keep: list[object]  # what the raw pointers point into: alive until the call returns
+    torch_step: Callable[[], None] | None = None
+
+
+def _prepare(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    window_indices: torch.Tensor,
+    window_values: torch.Tensor,
+    error_codes: torch.Tensor,
+    error_bounds: torch.Tensor,
+    layout: Layout,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    error_rounding: str,
+    stochastic_param_rounding: bool,
+    seed: int,
+    param_index: int,
+    chunk_size: int = functional.DEFAULT_CHUNK,
+    position_offset: int = 0,
+    release: float = 0.0,
+    release_scale: float = 1.0,
+) -> _Pending | None:
+    """Check one tensor's arguments and build its ``StepArgs``; None if there is nothing for C++ to do.
+
+    Writes nothing: a float64 parameter's step by the torch path is deferred to ``torch_step``.
+    """
+    tensors = dict(
+        param=param,
+        grad=grad,
+        window_indices=window_indices,
+        window_values=window_values,
+        error_codes=error_codes,
+        error_bounds=error_bounds,
+    )
+    for name, t in tensors.items():
+        if t.device.type != "cpu":
+            raise ValueError(f"impl='cpp' runs on CPU tensors, but {name} is on {t.device}; use impl='torch'")
+    if param.dtype == torch.float64 or param.dtype not in _DTYPE_CODES:
+        # float64 is the oracle's precision: the torch path is the reference for it, and the C++
+        # code computes in float32 only.
+        torch_step = functools.partial(
+            functional.microadam_step,
+            param,
+            grad,
+            window_indices=window_indices,
+            window_values=window_values,
+            error_codes=error_codes,
+            error_bounds=error_bounds,
+            layout=layout,
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            error_rounding=error_rounding,
+            stochastic_param_rounding=stochastic_param_rounding,
+            seed=seed,
+            param_index=param_index,
+            chunk_size=chunk_size,
+            impl="torch",
+            position_offset=position_offset,
+            release=release,
+            release_scale=release_scale,
+        )
+        return _Pending(args=None, param=param, work_param=param, copy_back=[], keep=[], torch_step=torch_step)
+    n = layout.numel
+    if param.numel() != n or grad.numel() != n:
+        raise ValueError(
+            f"param ({param.numel()} elements) and grad ({grad.numel()}) must both have layout.numel = {n} elements"
+        )
+    if error_rounding not in _ERROR_ROUNDINGS:
+        raise ValueError(f"Invalid error_rounding: {error_rounding!r}; use 'nearest' or 'stochastic'")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
+    B, k, q, m = layout.block, layout.k, layout.quant_block, layout.window
+    _check_state("window_indices", window_indices, torch.int16, (m, layout.num_blocks, k))
+    _check_state("window_values", window_values, torch.bfloat16, (m, layout.num_blocks, k))
+    _check_state("error_codes", error_codes, torch.uint8, ((n + 1) // 2,))
+    _check_state("error_bounds", error_bounds, torch.bfloat16, (layout.num_quant_blocks, 2))
+    if n == 0:
+        return None
+
+    # Work on contiguous tensors; what was copied is copied back at the end (as the torch path does
+    # for a non-contiguous parameter).
+    p = param if param.is_contiguous() else param.contiguous()
+    # A gradient of another dtype is rounded to float32 first, which is what the torch path's
+    # g.to(float32) does.
+    g = grad if grad.dtype in _DTYPE_CODES else grad.to(torch.float32)
+    g = g.contiguous()
+    states = [window_indices, window_values, error_codes, error_bounds]
+    work = [t if t.is_contiguous() else t.contiguous() for t in states]
+
+    sc = functional.step_scalars(
+        step=step,
+        window=m,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        param_index=param_index,
+        release=release,
+    )
+    ring = _ring_arrays(sc.slots, sc.w1, sc.w2)
+    a = _StepArgs()
+    a.param, a.grad = p.data_ptr(), g.data_ptr()
+    a.win_idx, a.win_val, a.codes, a.bounds = (t.data_ptr() for t in work)
+    a.slot_of_age, a.w1, a.w2 = (ctypes.addressof(x) for x in ring)
+    # A unit is the C++ code's task: whole Top-K blocks, whole quantization blocks, whole code bytes.
+    a.n, a.block, a.k, a.qblock, a.num_blocks, a.unit = n, B, k, q, layout.num_blocks, math.lcm(B, q, 2)
+    a.n_slots, a.write_slot, a.position_offset = len(sc.slots), sc.write_slot, position_offset
+    a.lr, a.c1, a.c2, a.eps, a.decay = lr, sc.c1, sc.c2, eps, sc.decay
+    a.keep, a.release_scale, a.release = sc.keep, release_scale, int(release != 0)
+    a.param_dtype, a.grad_dtype = _DTYPE_CODES[p.dtype], _DTYPE_CODES[g.dtype]
+    a.weight_decay = int(weight_decay != 0)
+    a.stochastic_error = int(error_rounding == "stochastic")
+    a.stochastic_param = int(stochastic_param_rounding and param.dtype == torch.bfloat16)
+    a.err_key, a.par_key = sc.err_key, sc.par_key
+    copy_back = [(orig, copy) for orig, copy in zip(states, work) if copy is not orig]
+    return _Pending(args=a, param=param, work_param=p, copy_back=copy_back, keep=[p, g, *work, ring])
+
+
+def _step_all(pending: list[_Pending]) -> None:
+    """Step every pending tensor in one C++ call (one parallel region), then write copies back."""
+    for x in pending:
+        if x.torch_step is not None:
+            x.torch_step()
+    pending = [x for x in pending if x.args is not None]
+    if not pending:
+        return
+    lib, (sqrt_fn, sqrt_mode) = _library()
+    count = len(pending)
+    items = (_StepArgs * count)(*(x.args for x in pending if x.args is not None))
+    bad = (ctypes.c_int32 * count)()
+    total = sum(x.args.n for x in pending if x.args is not None)
+    threads = max(1, min(torch.get_num_threads(), total // _GRAIN))
+    nbad = lib.microadam_step_cpu_multi(count, items, bad, sqrt_fn, sqrt_mode, threads)
+    for x in pending:
+        for orig, copy in x.copy_back:
+            orig.copy_(copy)
+        if x.work_param is not x.param:
+            x.param.copy_(x.work_param.view(x.param.shape))
+        else:
+            # Raw-pointer writes bypass autograd's version counter; bump it as an in-place op would, so
+            # a graph that saved the parameter notices the update.
+            torch.autograd.graph.increment_version(x.param)
+    if nbad:
+        which = [i for i in range(count) if bad[i]]
+        raise RuntimeError(
+            f"window_indices of tensor(s) {which} of this call hold an index outside its Top-K block: the "
+            "optimizer state is corrupt (loaded from a checkpoint of another layout?)"
+        )
+
+
 def microadam_step_cpp(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -283,114 +467,45 @@ def microadam_step_cpp(
     on one unit of ``lcm(block, quant_block, 2)`` elements at a time per thread, in scratch kept per
     thread across calls (about 130 KB at the default layout), and makes no full-size temporaries
     except a contiguous copy of a non-contiguous parameter or gradient, as the torch path does.
-    Threads: ``torch.get_num_threads()``, in torch's own OpenMP pool, one thread below 65536
-    elements.
+    Threads: ``torch.get_num_threads()``, in torch's own OpenMP pool, one per 32768 elements at most.
     """
-    tensors = dict(
-        param=param,
-        grad=grad,
+    pending = _prepare(
+        param,
+        grad,
         window_indices=window_indices,
         window_values=window_values,
         error_codes=error_codes,
         error_bounds=error_bounds,
-    )
-    for name, t in tensors.items():
-        if t.device.type != "cpu":
-            raise ValueError(f"impl='cpp' runs on CPU tensors, but {name} is on {t.device}; use impl='torch'")
-    if param.dtype == torch.float64 or param.dtype not in _DTYPE_CODES:
-        # float64 is the oracle's precision: the torch path is the reference for it, and the C++
-        # code computes in float32 only.
-        functional.microadam_step(
-            param,
-            grad,
-            window_indices=window_indices,
-            window_values=window_values,
-            error_codes=error_codes,
-            error_bounds=error_bounds,
-            layout=layout,
-            step=step,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            error_rounding=error_rounding,
-            stochastic_param_rounding=stochastic_param_rounding,
-            seed=seed,
-            param_index=param_index,
-            chunk_size=chunk_size,
-            impl="torch",
-            position_offset=position_offset,
-            release=release,
-            release_scale=release_scale,
-        )
-        return
-    n = layout.numel
-    if param.numel() != n or grad.numel() != n:
-        raise ValueError(
-            f"param ({param.numel()} elements) and grad ({grad.numel()}) must both have layout.numel = {n} elements"
-        )
-    if error_rounding not in _ERROR_ROUNDINGS:
-        raise ValueError(f"Invalid error_rounding: {error_rounding!r}; use 'nearest' or 'stochastic'")
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
-    B, k, q, m = layout.block, layout.k, layout.quant_block, layout.window
-    _check_state("window_indices", window_indices, torch.int16, (m, layout.num_blocks, k))
-    _check_state("window_values", window_values, torch.bfloat16, (m, layout.num_blocks, k))
-    _check_state("error_codes", error_codes, torch.uint8, ((n + 1) // 2,))
-    _check_state("error_bounds", error_bounds, torch.bfloat16, (layout.num_quant_blocks, 2))
-    if n == 0:
-        return
-    lib, (sqrt_fn, sqrt_mode) = _library()
-
-    # Work on contiguous tensors; what was copied is copied back at the end (as the torch path does
-    # for a non-contiguous parameter).
-    p = param if param.is_contiguous() else param.contiguous()
-    # A gradient of another dtype is rounded to float32 first, which is what the torch path's
-    # g.to(float32) does.
-    g = grad if grad.dtype in _DTYPE_CODES else grad.to(torch.float32)
-    g = g.contiguous()
-    states = [window_indices, window_values, error_codes, error_bounds]
-    work = [t if t.is_contiguous() else t.contiguous() for t in states]
-
-    sc = functional.step_scalars(
+        layout=layout,
         step=step,
-        window=m,
+        lr=lr,
         beta1=beta1,
         beta2=beta2,
-        lr=lr,
+        eps=eps,
         weight_decay=weight_decay,
+        error_rounding=error_rounding,
+        stochastic_param_rounding=stochastic_param_rounding,
         seed=seed,
         param_index=param_index,
+        chunk_size=chunk_size,
+        position_offset=position_offset,
         release=release,
+        release_scale=release_scale,
     )
-    slot_of_age, w1, w2 = _ring_arrays(sc.slots, sc.w1, sc.w2)
-    write_slot, c1, c2, decay, err_key, par_key = sc.write_slot, sc.c1, sc.c2, sc.decay, sc.err_key, sc.par_key
-    stochastic_param = stochastic_param_rounding and param.dtype == torch.bfloat16
-    # A unit is the C++ code's task: whole Top-K blocks, whole quantization blocks, whole code bytes.
-    unit = math.lcm(B, q, 2)
+    _step_all([pending] if pending is not None else [])
 
-    bad = lib.microadam_step_cpu(
-        p.data_ptr(), _DTYPE_CODES[p.dtype], g.data_ptr(), _DTYPE_CODES[g.dtype],
-        work[0].data_ptr(), work[1].data_ptr(), work[2].data_ptr(), work[3].data_ptr(),
-        n, B, k, q, layout.num_blocks, unit,
-        len(slot_of_age), slot_of_age, w1, w2, write_slot,
-        lr, c1, c2, eps, decay,
-        int(weight_decay != 0), int(error_rounding == "stochastic"), int(stochastic_param),
-        err_key, par_key, position_offset, sqrt_fn, sqrt_mode, max(1, min(torch.get_num_threads(), n // _GRAIN)),
-        int(release != 0), sc.keep, release_scale,
-    )  # fmt: skip
-    if bad:
-        raise RuntimeError(
-            "window_indices holds an index outside its Top-K block: the optimizer state is corrupt "
-            "(loaded from a checkpoint of another layout?)"
-        )
-    for orig, copy in zip(states, work):
-        if copy is not orig:
-            orig.copy_(copy)
-    if p is not param:
-        param.copy_(p.view(param.shape))
-    else:
-        # Raw-pointer writes bypass autograd's version counter; bump it as an in-place op would, so
-        # a graph that saved the parameter notices the update.
-        torch.autograd.graph.increment_version(param)
+
+def microadam_step_cpp_multi(steps: Sequence[Mapping[str, Any]]) -> None:
+    """Many :func:`microadam_step_cpp` calls in one: one C++ call and one parallel region for all.
+
+    Each item holds the arguments of one call by name (``param``, ``grad`` and the keyword
+    arguments), as :func:`microadam.kernels.triton_kernels.microadam_step_triton_multi` takes them.
+    Every item is checked before any is stepped, so a bad argument changes nothing. The units of
+    all tensors are shared out among the threads together: a model's many small tensors (biases,
+    norms) cost neither a call each nor a thread each.
+    """
+    pending = []
+    for item in steps:
+        item = dict(item)
+        pending.append(_prepare(item.pop("param"), item.pop("grad"), **item))
+    _step_all([x for x in pending if x is not None])

@@ -283,6 +283,7 @@ struct Scratch {
   const char* pf_ptr[PF_MAX];
   int64_t pf_left[PF_MAX];
   int64_t pf_unit = -1;  // the unit whose parameter the previous unit prefetched
+  const void* pf_tensor = nullptr;  // ... and its tensor (Args::param)
   int pf_n = 0, pf_i = 0;
   void queue(const void* p, int64_t bytes) {
     if (bytes > 0) {
@@ -902,7 +903,8 @@ void run_unit(const Args& A, Scratch& S, int64_t u, int& bad) {
   // 2-core dev machine, the kernel's share of a 16M-parameter step is 14.8 ms without software
   // prefetch and 10.3 ms with it.
   S.pf_n = S.pf_i = 0;
-  if (S.pf_unit != u) S.queue(static_cast<const char*>(A.param) + start * A.param_size, len * A.param_size);
+  if (S.pf_unit != u || S.pf_tensor != A.param)
+    S.queue(static_cast<const char*>(A.param) + start * A.param_size, len * A.param_size);
   const int64_t next = start + len, next_len = next + A.unit < A.n ? A.unit : A.n - next;
   if (next < A.n) {
     S.queue(static_cast<const char*>(A.grad) + next * A.grad_size, next_len * A.grad_size);
@@ -915,6 +917,7 @@ void run_unit(const Args& A, Scratch& S, int64_t u, int& bad) {
       S.queue(A.win_val + off, (b1 - b0) * A.k * 2);
     }
     S.pf_unit = u + 1;
+    S.pf_tensor = A.param;
   }
   switch (A.grad_dtype) {
     case F32: load_sum<F32>(A, S, start, len); break;
@@ -933,61 +936,114 @@ void run_unit(const Args& A, Scratch& S, int64_t u, int& bad) {
 
 }  // namespace
 
-extern "C" {
+// One tensor's step as Python describes it (kernels/cpu.py's _StepArgs mirrors this layout:
+// pointers, then 64-bit integers, doubles, 32-bit integers).
+struct StepArgs {
+  void* param;
+  const void* grad;
+  int16_t* win_idx;
+  uint16_t* win_val;
+  uint8_t* codes;
+  uint16_t* bounds;
+  const int64_t* slot_of_age;
+  const float* w1;
+  const float* w2;
+  int64_t n, block, k, qblock, num_blocks, unit, n_slots, write_slot, position_offset;
+  double lr, c1, c2, eps, decay, keep, release_scale;
+  int32_t param_dtype, grad_dtype, weight_decay, stochastic_error, stochastic_param, release;
+  uint32_t err_key, par_key;
+};
 
-// Returns 0 on success, 1 if window_indices holds an index outside its block (corrupt state).
-int microadam_step_cpu(void* param, int param_dtype, const void* grad, int grad_dtype, int16_t* win_idx,
-                       uint16_t* win_val, uint8_t* codes, uint16_t* bounds, int64_t n, int64_t block, int64_t k,
-                       int64_t qblock, int64_t num_blocks, int64_t unit, int64_t n_slots, const int64_t* slot_of_age,
-                       const float* w1, const float* w2, int64_t write_slot, double lr, double c1, double c2,
-                       double eps, double decay, int weight_decay, int stochastic_error, int stochastic_param,
-                       uint32_t err_key, uint32_t par_key, int64_t position_offset, void* vml_sqrt, int sqrt_mode,
-                       int num_threads, int release, double keep, double release_scale) {
-  if (n <= 0) return 0;
+static Args make_args(const StepArgs& s, void* vml_sqrt, int sqrt_mode) {
   Args A;
-  A.param = param;
-  A.param_dtype = param_dtype;
-  A.param_size = param_dtype == F32 ? 4 : 2;
-  A.grad_size = grad_dtype == F32 ? 4 : 2;
-  A.grad = grad;
-  A.grad_dtype = grad_dtype;
-  A.win_idx = win_idx;
-  A.win_val = win_val;
-  A.codes = codes;
-  A.bounds = bounds;
-  A.n = n;
-  A.block = block;
-  A.k = k;
-  A.qblock = qblock;
-  A.num_blocks = num_blocks;
-  A.unit = unit;
-  A.n_slots = n_slots;
-  A.slot_of_age = slot_of_age;
-  A.w1 = w1;
-  A.w2 = w2;
-  A.write_slot = write_slot;
+  A.param = s.param;
+  A.param_dtype = s.param_dtype;
+  A.param_size = s.param_dtype == F32 ? 4 : 2;
+  A.grad_size = s.grad_dtype == F32 ? 4 : 2;
+  A.grad = s.grad;
+  A.grad_dtype = s.grad_dtype;
+  A.win_idx = s.win_idx;
+  A.win_val = s.win_val;
+  A.codes = s.codes;
+  A.bounds = s.bounds;
+  A.n = s.n;
+  A.block = s.block;
+  A.k = s.k;
+  A.qblock = s.qblock;
+  A.num_blocks = s.num_blocks;
+  A.unit = s.unit;
+  A.n_slots = s.n_slots;
+  A.slot_of_age = s.slot_of_age;
+  A.w1 = s.w1;
+  A.w2 = s.w2;
+  A.write_slot = s.write_slot;
   // Python floats meet float32 tensors in the torch path as float32 scalars.
-  A.lr = float(lr);
-  A.c1 = float(c1);
-  A.c2 = float(c2);
-  A.eps = float(eps);
-  A.decay = float(decay);
-  A.weight_decay = weight_decay != 0;
-  A.release = release != 0;
-  A.keep = float(keep);
-  A.rscale = float(release_scale);
-  A.stochastic_error = stochastic_error != 0;
-  A.stochastic_param = stochastic_param != 0 && param_dtype == BF16;
-  A.err_key = err_key;
-  A.par_key = par_key;
-  A.position_offset = position_offset;
+  A.lr = float(s.lr);
+  A.c1 = float(s.c1);
+  A.c2 = float(s.c2);
+  A.eps = float(s.eps);
+  A.decay = float(s.decay);
+  A.weight_decay = s.weight_decay != 0;
+  A.release = s.release != 0;
+  A.keep = float(s.keep);
+  A.rscale = float(s.release_scale);
+  A.stochastic_error = s.stochastic_error != 0;
+  A.stochastic_param = s.stochastic_param != 0 && s.param_dtype == BF16;
+  A.err_key = s.err_key;
+  A.par_key = s.par_key;
+  A.position_offset = s.position_offset;
   A.vml_sqrt = reinterpret_cast<VmlSqrt>(vml_sqrt);
   A.sqrt_mode = sqrt_mode;
+  return A;
+}
 
-  const int64_t num_units = (n + unit - 1) / unit;
-  int bad = 0;
+extern "C" {
+
+// One step of `count` tensors. Their units form one list (tensor by tensor, each in order), cut
+// into contiguous runs, one per thread: small tensors share threads and launch one parallel region
+// in all, instead of a call (and a region, or one thread) each. bad[t] = 1 where tensor t's
+// window_indices holds an index outside its block (a corrupt state); returns their count.
+int64_t microadam_step_cpu_multi(int64_t count, const StepArgs* items, int32_t* bad, void* vml_sqrt, int sqrt_mode,
+                                 int num_threads) {
+  std::vector<Args> As;
+  std::vector<int64_t> first(1, 0);  // first global unit of each tensor, then the total
+  int64_t unit = 1, block = 1, k = 1, window_k = 1, qblock = 1;
+  bool release = false;
+  for (int64_t t = 0; t < count; ++t) {
+    bad[t] = 0;
+    As.push_back(make_args(items[t], vml_sqrt, sqrt_mode));
+    const Args& A = As.back();
+    first.push_back(first.back() + (A.n > 0 ? (A.n + A.unit - 1) / A.unit : 0));
+    unit = A.unit > unit ? A.unit : unit;
+    block = A.block > block ? A.block : block;
+    k = A.k > k ? A.k : k;
+    window_k = A.n_slots * A.k > window_k ? A.n_slots * A.k : window_k;
+    qblock = A.qblock > qblock ? A.qblock : qblock;
+    release = release || A.release;
+  }
+  const int64_t total = first.back();
+  // The tensor of global unit g, by binary search over the prefix sums (skips empty tensors).
+  auto tensor_of = [&](int64_t g) {
+    int64_t lo = 0, hi = count - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (first[mid] <= g) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return lo;
+  };
+  auto run = [&](Scratch& S, int64_t g) {
+    const int64_t t = tensor_of(g);
+    if (__atomic_load_n(&bad[t], __ATOMIC_RELAXED)) return;
+    int b = 0;
+    run_unit(As[t], S, g - first[t], b);
+    if (b) __atomic_store_n(&bad[t], 1, __ATOMIC_RELAXED);
+  };
 #ifdef _OPENMP
-  const int threads = num_units > 1 && num_threads > 1 ? num_threads : 1;
+  const int threads = total > 1 && num_threads > 1 ? num_threads : 1;
 #else
   (void)num_threads;
   const int threads = 1;
@@ -997,24 +1053,26 @@ int microadam_step_cpu(void* param, int param_dtype, const void* grad, int grad_
     // inactive region, starts threads of its own on every call (measured: 24 us per call of 400
     // values, against 0.6 us outside a region or inside an active one; 5 ms per step for a bias).
     Scratch& S = thread_scratch();
-    S.reserve(unit, block, k, n_slots * k, A.release, qblock);
+    S.reserve(unit, block, k, window_k, release, qblock);
     S.pf_unit = -1;
-    for (int64_t u = 0; u < num_units && !bad; ++u) run_unit(A, S, u, bad);
-    return bad;
-  }
+    S.pf_tensor = nullptr;
+    for (int64_t g = 0; g < total; ++g) run(S, g);
+  } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(threads) reduction(| : bad)
-  {
-    Scratch& S = thread_scratch();
-    S.reserve(unit, block, k, n_slots * k, A.release, qblock);
-    S.pf_unit = -1;
+#pragma omp parallel num_threads(threads)
+    {
+      Scratch& S = thread_scratch();
+      S.reserve(unit, block, k, window_k, release, qblock);
+      S.pf_unit = -1;
+      S.pf_tensor = nullptr;
 #pragma omp for schedule(static)
-    for (int64_t u = 0; u < num_units; ++u) {
-      if (!bad) run_unit(A, S, u, bad);
+      for (int64_t g = 0; g < total; ++g) run(S, g);
     }
-  }
 #endif
-  return bad;
+  }
+  int64_t nbad = 0;
+  for (int64_t t = 0; t < count; ++t) nbad += bad[t];
+  return nbad;
 }
 
 // sqrt(in) into out as update_block computes it: Python checks a mode against torch.sqrt once,
