@@ -160,6 +160,22 @@ def test_hash_bits_are_deterministic_and_spread():
     assert stream_key(0, 0, 1, 1) != stream_key(0, 0, 2, 1) != stream_key(0, 1, 1, 1)
 
 
+def test_stream_key_is_the_chained_mix_whatever_it_caches():
+    """stream_key caches its partial mixes; the keys must stay the documented chain (checkpoints
+    resumed across versions draw the same random bits)."""
+    from microadam.ops.random import _mix32_int
+
+    def plain(seed: int, param_index: int, step: int, stream: int) -> int:
+        key = _mix32_int(seed)
+        for part in (param_index, step, stream):
+            key = _mix32_int(key ^ _mix32_int(part))
+        return key
+
+    for args in [(0, 0, 1, 1), (7, 3, 12345, 2), (2**31, 999, 1, 3), (5, 0, 2**33, 1)]:
+        assert stream_key(*args) == plain(*args) == stream_key(*args)
+    assert stream_key(0, 0, 1, 1) == 719101965  # fixed: a change here changes every run's random bits
+
+
 def test_k_per_block_avoids_float_noise():
     assert k_per_block(100, 0.07) == 7  # 100 * 0.07 == 7.000000000000001
     assert k_per_block(4096, 0.01) == 41

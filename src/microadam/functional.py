@@ -17,6 +17,7 @@ non-contiguous parameter or gradient is first copied whole into a contiguous one
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -126,6 +127,27 @@ def step_scalars(
     release: float = 0.0,
 ) -> StepScalars:
     """The :class:`StepScalars` of ``step`` (1-based) for the tensor ``param_index``."""
+    s = _shared_scalars(step, window, beta1, beta2, lr, weight_decay, release)
+    return StepScalars(
+        s.slots,
+        s.w1,
+        s.w2,
+        s.write_slot,
+        s.c1,
+        s.c2,
+        s.decay,
+        s.keep,
+        stream_key(seed, param_index, step, STREAM_ERROR),
+        stream_key(seed, param_index, step, STREAM_PARAM),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_scalars(
+    step: int, window: int, beta1: float, beta2: float, lr: float, weight_decay: float, release: float
+) -> StepScalars:
+    # What every tensor of a param group shares in a step, computed once per step rather than once
+    # per tensor (the per-tensor Python cost of a step matters for models of many small tensors).
     slots = _slot_ages(step, window)
     return StepScalars(
         slots=tuple(s for s, _ in slots),
@@ -136,8 +158,8 @@ def step_scalars(
         c2=(1 - beta2) / (1 - beta2**step),
         decay=1 - lr * weight_decay,
         keep=1 - release,
-        err_key=stream_key(seed, param_index, step, STREAM_ERROR),
-        par_key=stream_key(seed, param_index, step, STREAM_PARAM),
+        err_key=0,
+        par_key=0,
     )
 
 

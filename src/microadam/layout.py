@@ -8,6 +8,7 @@ the device, unlike the authors' CUDA code, whose block size follows the GPU).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -65,8 +66,9 @@ class Layout:
         return window_entries * (2 + 2) + (self.numel + 1) // 2 + self.num_quant_blocks * 2 * 2
 
 
+@functools.lru_cache(maxsize=4096)
 def layout_for(numel: int, *, block_size: int, density: float, quant_block_size: int, window: int) -> Layout:
-    """Derive the :class:`Layout` of a tensor of ``numel`` elements."""
+    """Derive the :class:`Layout` of a tensor of ``numel`` elements (cached: asked once per tensor and step)."""
     block = min(block_size, numel) if numel > 0 else 1
     return Layout(
         numel=numel,

@@ -438,6 +438,7 @@ class MicroAdam(Optimizer):
             return loss
 
         batched: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        multi_of: dict[str, Any] = {}  # impl -> its many-tensor entry (or None), looked up once per step
         for index, group, p, g in work:
             if group.get("dense", False):
                 self._dense_step(p, g, group, index)
@@ -468,7 +469,9 @@ class MicroAdam(Optimizer):
             )
             if group.get("release", 0.0):
                 kwargs.update(release=float(group["release"]), release_scale=float(group["release_scale"]))
-            if impl != "torch" and load_multi(impl) is not None:
+            if impl != "torch" and impl not in multi_of:
+                multi_of[impl] = load_multi(impl)
+            if impl != "torch" and multi_of[impl] is not None:
                 # One launch for many tensors: small tensors do not cost a kernel launch each.
                 batched.setdefault(impl, []).append(
                     (state, dict(param=local_tensor(p), grad=local_tensor(g), **kwargs))
@@ -481,7 +484,7 @@ class MicroAdam(Optimizer):
             microadam_step(local_tensor(p), local_tensor(g), impl=impl, **kwargs)
             state["step"] += 1
         for impl, items in batched.items():
-            load_multi(impl)([item for _, item in items])
+            multi_of[impl]([item for _, item in items])
             for state, _ in items:
                 state["step"] += 1
         return loss

@@ -11,6 +11,8 @@ same integers. The hash is a 32-bit integer mixer computed in int64 with masks
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["hash_bits", "stream_key"]
@@ -39,10 +41,20 @@ def _mix32_int(x: int) -> int:
 
 def stream_key(seed: int, param_index: int, step: int, stream: int) -> int:
     """A 32-bit key for one (seed, parameter, step, stream)."""
-    key = _mix32_int(seed)
-    for part in (param_index, step, stream):
-        key = _mix32_int(key ^ _mix32_int(part))
-    return key
+    key = _mix32_int(_param_key(seed, param_index) ^ _mix32_cached(step))
+    return _mix32_int(key ^ _mix32_cached(stream))
+
+
+# stream_key runs twice per tensor and step in pure Python: the parts that repeat (a tensor's key
+# before the step, the step's and the stream's mix) are cached.
+@functools.lru_cache(maxsize=4096)
+def _param_key(seed: int, param_index: int) -> int:
+    return _mix32_int(_mix32_int(seed) ^ _mix32_int(param_index))
+
+
+@functools.lru_cache(maxsize=256)
+def _mix32_cached(x: int) -> int:
+    return _mix32_int(x)
 
 
 def hash_bits(positions: torch.Tensor, key: int) -> torch.Tensor:
