@@ -19,6 +19,7 @@ Usage::
 
     python benchmarks/step_time.py                       # all sizes, all optimizers
     python benchmarks/step_time.py --sizes 1M --steps 10 --optimizers microadam,adamw_fused
+    python benchmarks/step_time.py --sizes 200x384 --optimizers microadam,adamw_fused   # per-tensor cost
     python benchmarks/step_time.py --profile-microadam   # where MicroAdam's step time goes at 16M
 
 Prints a Markdown table and appends one JSON line per (optimizer, size) to
@@ -121,6 +122,15 @@ def parse_size(text: str) -> int:
 
 def format_count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n / 1e3:.0f}K"
+
+
+def shapes_for(size_text: str) -> list[tuple[int, ...]]:
+    """A size argument's shapes: ``"16M"`` one transformer block (:func:`block_shapes`), ``"200x384"``
+    200 vectors of 384 elements (a model's many small tensors: the per-tensor cost of a step)."""
+    count, sep, numel = size_text.strip().lower().partition("x")
+    if sep:
+        return [(parse_size(numel),)] * int(count)
+    return block_shapes(parse_size(size_text))
 
 
 def block_shapes(target: int) -> list[tuple[int, ...]]:
@@ -375,7 +385,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str], noise: Noise) -> li
     args.out.parent.mkdir(parents=True, exist_ok=True)
     all_rows: list[dict[str, Any]] = []
     for size_text in args.sizes.split(","):
-        shapes = block_shapes(parse_size(size_text))
+        shapes = shapes_for(size_text)
         rows = []
         for spec in specs:
             row = measure(spec, shapes, args.steps, args.warmup, noise, args.grad_sets)
@@ -398,7 +408,7 @@ def profile_microadam(size_text: str, steps: int, noise: Noise, row_limit: int =
     """Print the top ops by self CPU time over ``steps`` MicroAdam steps with a full window."""
     from torch.profiler import ProfilerActivity, profile
 
-    params = make_params(block_shapes(parse_size(size_text)))
+    params = make_params(shapes_for(size_text))
     grads = GradSets(params, 4)
     numel = sum(p.numel() for p in params)
     opt = MicroAdam(params, lr=LR)
@@ -434,7 +444,11 @@ def profile_microadam(size_text: str, steps: int, noise: Noise, row_limit: int =
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1M,16M,64M", help="comma list of parameter counts (K/M/G suffixes)")
+    parser.add_argument(
+        "--sizes",
+        default="1M,16M,64M",
+        help="comma list of parameter counts (K/M/G suffixes: one transformer block) or NxM (N vectors of M)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per (optimizer, size)")
     parser.add_argument(
         "--warmup", type=int, default=3, help="untimed steps first (at least MicroAdam's window, torchao's 3)"
