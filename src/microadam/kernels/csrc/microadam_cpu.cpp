@@ -710,6 +710,61 @@ inline void quantize_block(const Args& A, const float* a, uint8_t* c8, int64_t l
   }
 }
 
+#ifdef __AVX512F__
+// bf16_floor (up = false) or bf16_ceil (up = true) of 16 floats, as 16 uint32 < 2**16: the scalar
+// functions' steps lane by lane (round to nearest even, NaN to 0x7FC0, then one bf16 step toward
+// x if that went past it, with nextafter's rules at zero).
+inline __m512i bf16_round_dir16(__m512 x, bool up) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i b = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), _mm512_set1_epi32(0x7FFF))),
+      16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  b = _mm512_mask_mov_epi32(b, nan, _mm512_set1_epi32(0x7FC0));
+  const __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
+  const __mmask16 past = _mm512_cmp_ps_mask(y, x, up ? _CMP_LT_OQ : _CMP_GT_OQ);
+  const __mmask16 zero = _mm512_cmpeq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFF)), _mm512_setzero_si512());
+  const __mmask16 neg = _mm512_test_epi32_mask(b, _mm512_set1_epi32(0x8000));
+  // Away from zero for the sign of the step: floor steps a negative down (b + 1) and a positive
+  // down (b - 1); ceil the other way. At zero: floor gives -min subnormal (0x8001), ceil +min (0x0001).
+  const __mmask16 plus = up ? __mmask16(~neg) : neg;
+  __m512i stepped = _mm512_mask_blend_epi32(plus, _mm512_sub_epi32(b, one), _mm512_add_epi32(b, one));
+  stepped = _mm512_mask_mov_epi32(stepped, zero, _mm512_set1_epi32(up ? 0x0001 : 0x8001));
+  return _mm512_mask_mov_epi32(b, past, stepped);
+}
+#endif
+
+// Bounds of quantization blocks j0 .. j0 + count of the unit from their min (qlo) and max (qscale):
+// stored as bf16 (lo, hi) pairs at bounds[2 * qb0 ..], and replaced in qlo / qscale by the float lo
+// and the scale (hi - lo) / 15 the codes are computed with.
+inline void block_bounds(const Args& A, float* qlo, float* qscale, int64_t qb0, int64_t nq) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  // 16 blocks at a time: the scalar chain (two roundings with branches, a division) cost 0.27
+  // cycles per element of the 4096-element unit, a quarter of the quantization pass.
+  for (; j + 16 <= nq; j += 16) {
+    const __m512i lo16 = bf16_round_dir16(_mm512_loadu_ps(qlo + j), false);
+    const __m512i hi16 = bf16_round_dir16(_mm512_loadu_ps(qscale + j), true);
+    // (lo, hi) pairs of uint16, lo first: one uint32 per block, little-endian.
+    _mm512_storeu_si512(A.bounds + 2 * (qb0 + j), _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
+    const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(lo16, 16));
+    const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(hi16, 16));
+    _mm512_storeu_ps(qlo + j, lo);
+    _mm512_storeu_ps(qscale + j, _mm512_div_ps(_mm512_sub_ps(hi, lo), _mm512_set1_ps(float(LEVELS))));
+  }
+#endif
+  for (; j < nq; ++j) {
+    const int64_t qb = qb0 + j;
+    const uint16_t lo16 = bf16_floor(qlo[j]), hi16 = bf16_ceil(qscale[j]);
+    A.bounds[2 * qb] = lo16;
+    A.bounds[2 * qb + 1] = hi16;
+    const float lo = bf16_to_f(lo16);
+    qlo[j] = lo;
+    qscale[j] = (bf16_to_f(hi16) - lo) / float(LEVELS);
+  }
+}
+
 void quantize_unit(const Args& A, Scratch& S, int64_t start, int64_t len) {
   const float* a = S.a.data();
   uint8_t* c8 = S.c8.data();
@@ -732,15 +787,7 @@ void quantize_unit(const Args& A, Scratch& S, int64_t start, int64_t len) {
       min_max(a + s, lq, keep, qlo[j], qscale[j]);
     }
   }
-  for (int64_t j = 0; j < nq; ++j) {
-    const int64_t qb = start / q + j;
-    const uint16_t lo16 = bf16_floor(qlo[j]), hi16 = bf16_ceil(qscale[j]);
-    A.bounds[2 * qb] = lo16;
-    A.bounds[2 * qb + 1] = hi16;
-    const float lo = bf16_to_f(lo16);
-    qlo[j] = lo;
-    qscale[j] = (bf16_to_f(hi16) - lo) / float(LEVELS);
-  }
+  block_bounds(A, qlo, qscale, start / q, nq);
   for (int64_t j = 0; j < nq; ++j) {
     const int64_t s = j * q, lq = s + q < len ? q : len - s;
     if (qscale[j] > 0.f) {
