@@ -147,6 +147,24 @@ def test_fp16_gradients_with_large_finite_values_are_not_skipped():
     assert opt.skipped_steps == 0 and opt.state[p]["step"] == 1
 
 
+@pytest.mark.parametrize("where", range(4))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_check_over_mixed_dtypes_finds_one_bad_element(where, bad):
+    """grads_all_finite groups its sums by dtype: a bad element in any tensor of any group counts."""
+    from microadam.optimizer import _FINITE_CHUNK, grads_all_finite
+
+    grads = [
+        torch.randn(300),
+        torch.randn(50).bfloat16(),
+        torch.randn(_FINITE_CHUNK + 7).half(),  # two fp16 chunks
+        torch.randn(3, dtype=torch.float64),
+    ]
+    assert grads_all_finite(grads)
+    g = grads[where].view(-1)
+    g[-1] = bad  # the last element: for the fp16 tensor, in its second chunk
+    assert not grads_all_finite(grads)
+
+
 # ---------------------------------------------------------------- torch.optim conventions
 
 

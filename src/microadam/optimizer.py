@@ -78,13 +78,18 @@ def grads_all_finite(grads: list[torch.Tensor]) -> bool:
     """
     if not grads:
         return True
-    sums = []
+    # Sums grouped by (device, dtype) and stacked per group: a few kernels in all rather than a
+    # conversion each (on a GPU, hundreds of tiny launches for a model of hundreds of tensors).
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in grads:
         if g.dtype == torch.float16:
-            sums += [c.sum(dtype=torch.float32) for c in g.reshape(-1).split(_FINITE_CHUNK)]
+            sums = [c.sum(dtype=torch.float32) for c in g.reshape(-1).split(_FINITE_CHUNK)]
         else:
-            sums.append(g.sum())
-    return bool(torch.isfinite(torch.stack([x.to(sums[0].device, torch.float64) for x in sums])).all())
+            sums = [g.sum()]
+        groups.setdefault((g.device, sums[0].dtype), []).extend(sums)
+    device = grads[0].device
+    flags = [torch.isfinite(torch.stack(s)).all().to(device) for s in groups.values()]
+    return bool(flags[0] if len(flags) == 1 else torch.stack(flags).all())
 
 
 def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool = True, fix: str = "") -> None:
