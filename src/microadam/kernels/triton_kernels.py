@@ -44,6 +44,7 @@ On a machine without a GPU the kernels run on CPU tensors in Triton's interprete
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -803,6 +804,23 @@ def _num_warps(elements: int) -> int:
     return max(1, min(8, _next_pow2(elements) // 512))
 
 
+@functools.lru_cache(maxsize=64)
+def _program_maps(
+    device: torch.device, groups: tuple[int, ...], blocks: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """program -> (tensor, group) for the compress kernel and program -> (tensor, block) for the
+    update kernel, as int32 tensors on ``device``. They depend on the tensors' sizes only, so they
+    are built and copied to the device once, not every step."""
+    counts_c = torch.tensor(groups)
+    counts_u = torch.tensor(blocks)
+    ids = torch.arange(len(groups))
+    tensor_c = ids.repeat_interleave(counts_c)
+    local_c = torch.arange(len(tensor_c)) - (counts_c.cumsum(0) - counts_c).repeat_interleave(counts_c)
+    tensor_u = ids.repeat_interleave(counts_u)
+    local_u = torch.arange(len(tensor_u)) - (counts_u.cumsum(0) - counts_u).repeat_interleave(counts_u)
+    return tuple(x.to(device=device, dtype=torch.int32) for x in (tensor_c, local_c, tensor_u, local_u))  # type: ignore[return-value]
+
+
 def _launch(works: list[_Work]) -> None:
     by_key: dict[tuple, list[_Work]] = {}
     for w in works:
@@ -812,16 +830,8 @@ def _launch(works: list[_Work]) -> None:
         meta_i = torch.tensor([w.ints for w in batch], dtype=torch.int64, device=device)
         meta_f = torch.tensor([w.floats for w in batch], dtype=torch.float32, device=device)
         weights = torch.tensor([list(w.weights) for w in batch], dtype=torch.float32, device=device)
-        # program -> (tensor, group) and program -> (tensor, block)
-        counts_c = torch.tensor([w.groups for w in batch])
-        counts_u = torch.tensor([w.blocks for w in batch])
-        ids = torch.arange(len(batch))
-        tensor_c = ids.repeat_interleave(counts_c)
-        local_c = torch.arange(len(tensor_c)) - (counts_c.cumsum(0) - counts_c).repeat_interleave(counts_c)
-        tensor_u = ids.repeat_interleave(counts_u)
-        local_u = torch.arange(len(tensor_u)) - (counts_u.cumsum(0) - counts_u).repeat_interleave(counts_u)
-        tensor_c, local_c, tensor_u, local_u = (
-            x.to(device=device, dtype=torch.int32) for x in (tensor_c, local_c, tensor_u, local_u)
+        tensor_c, local_c, tensor_u, local_u = _program_maps(
+            device, tuple(w.groups for w in batch), tuple(w.blocks for w in batch)
         )
         vec_slots = mp2 * kp2 * kp2 <= 4096
         # FMA contraction off: torch rounds a product before adding (see the module docstring).
