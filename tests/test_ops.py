@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from microadam.functional import step_scalars
 from microadam.layout import k_per_block, layout_for
 from microadam.ops import (
     bf16_ceil,
@@ -181,3 +183,21 @@ def test_k_per_block_avoids_float_noise():
     assert k_per_block(4096, 0.01) == 41
     assert k_per_block(5, 0.01) == 1
     assert k_per_block(64, 1.0) == 64
+
+
+def test_layout_for_takes_numpy_integers_and_refuses_floats():
+    np = pytest.importorskip("numpy")
+    a = layout_for(np.int64(1000), block_size=64, density=0.05, quant_block_size=16, window=3)
+    b = layout_for(1000, block_size=64, density=0.05, quant_block_size=16, window=3)
+    assert a == b and type(a.numel) is int  # cached layouts hold plain ints whatever was passed
+    with pytest.raises(TypeError, match="window must be an integer, got 2.5"):
+        layout_for(1000, block_size=64, density=0.05, quant_block_size=16, window=2.5)
+
+
+def test_step_scalars_read_a_tensor_lr_when_called():
+    """step_scalars caches per step; a tensor lr changed in place must not hit a stale entry."""
+    lr = torch.tensor(0.1)
+    kw = dict(step=1, window=3, beta1=0.9, beta2=0.99, weight_decay=0.5, seed=0, param_index=0)
+    first = step_scalars(lr=lr, **kw).decay
+    lr.fill_(0.2)
+    assert step_scalars(lr=lr, **kw).decay == pytest.approx(1 - 0.2 * 0.5) != first

@@ -127,7 +127,10 @@ def step_scalars(
     release: float = 0.0,
 ) -> StepScalars:
     """The :class:`StepScalars` of ``step`` (1-based) for the tensor ``param_index``."""
-    s = _shared_scalars(step, window, beta1, beta2, lr, weight_decay, release)
+    # Plain numbers for the cache key: a tensor lr (hashed by identity) could change in place.
+    s = _shared_scalars(
+        int(step), int(window), float(beta1), float(beta2), float(lr), float(weight_decay), float(release)
+    )
     return StepScalars(
         s.slots,
         s.w1,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 
 __all__ = ["Layout", "layout_for", "k_per_block", "MAX_BLOCK_SIZE"]
@@ -66,9 +67,29 @@ class Layout:
         return window_entries * (2 + 2) + (self.numel + 1) // 2 + self.num_quant_blocks * 2 * 2
 
 
-@functools.lru_cache(maxsize=4096)
 def layout_for(numel: int, *, block_size: int, density: float, quant_block_size: int, window: int) -> Layout:
     """Derive the :class:`Layout` of a tensor of ``numel`` elements (cached: asked once per tensor and step)."""
+    # Plain Python numbers as the cache key (and in the Layout): a NumPy integer would otherwise be
+    # cached and handed back to callers that passed an int.
+    return _layout_for(
+        _integer("numel", numel),
+        _integer("block_size", block_size),
+        float(density),
+        _integer("quant_block_size", quant_block_size),
+        _integer("window", window),
+    )
+
+
+def _integer(name: str, value: object) -> int:
+    """``value`` as a plain int (an int or a NumPy integer); a float or anything else is refused."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"layout_for: {name} must be an integer, got {value!r}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout_for(numel: int, block_size: int, density: float, quant_block_size: int, window: int) -> Layout:
     block = min(block_size, numel) if numel > 0 else 1
     return Layout(
         numel=numel,

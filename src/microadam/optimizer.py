@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from microadam import sharding
 from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
-from microadam.kernels import load_multi, resolve_impl
+from microadam.kernels import PartialStepError, load_multi, resolve_impl
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
 __all__ = [
@@ -489,7 +489,14 @@ class MicroAdam(Optimizer):
             microadam_step(local_tensor(p), local_tensor(g), impl=impl, **kwargs)
             state["step"] += 1
         for impl, items in batched.items():
-            multi_of[impl]([item for _, item in items])
+            try:
+                multi_of[impl]([item for _, item in items])
+            except PartialStepError as e:
+                # The call stepped every tensor but the failed ones: count those steps.
+                for i, (state, _) in enumerate(items):
+                    if i not in e.failed:
+                        state["step"] += 1
+                raise
             for state, _ in items:
                 state["step"] += 1
         return loss

@@ -19,7 +19,20 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["KERNELS", "load", "load_multi", "availability", "resolve_impl"]
+__all__ = ["KERNELS", "PartialStepError", "load", "load_multi", "availability", "resolve_impl"]
+
+
+class PartialStepError(RuntimeError):
+    """A many-tensor step failed for some of its tensors after stepping the others.
+
+    ``failed`` holds the positions (in the call's list) of the tensors that were not stepped; every
+    other tensor of the call was, so a caller that counts steps per tensor advances those.
+    """
+
+    def __init__(self, message: str, failed: list[int]) -> None:
+        super().__init__(message)
+        self.failed = failed
+
 
 # name -> (module, step function, availability function, many-tensor step function or "")
 KERNELS: dict[str, tuple[str, str, str, str]] = {

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from microadam import functional
+from microadam.kernels import PartialStepError
 from microadam.layout import Layout
 
 __all__ = ["available", "microadam_step_cpp", "microadam_step_cpp_multi"]
@@ -318,6 +319,20 @@ def _prepare(
     for name, t in tensors.items():
         if t.device.type != "cpu":
             raise ValueError(f"impl='cpp' runs on CPU tensors, but {name} is on {t.device}; use impl='torch'")
+    n = layout.numel
+    if param.numel() != n or grad.numel() != n:
+        raise ValueError(
+            f"param ({param.numel()} elements) and grad ({grad.numel()}) must both have layout.numel = {n} elements"
+        )
+    if error_rounding not in _ERROR_ROUNDINGS:
+        raise ValueError(f"Invalid error_rounding: {error_rounding!r}; use 'nearest' or 'stochastic'")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
+    B, k, q, m = layout.block, layout.k, layout.quant_block, layout.window
+    _check_state("window_indices", window_indices, torch.int16, (m, layout.num_blocks, k))
+    _check_state("window_values", window_values, torch.bfloat16, (m, layout.num_blocks, k))
+    _check_state("error_codes", error_codes, torch.uint8, ((n + 1) // 2,))
+    _check_state("error_bounds", error_bounds, torch.bfloat16, (layout.num_quant_blocks, 2))
     if param.dtype == torch.float64 or param.dtype not in _DTYPE_CODES:
         # float64 is the oracle's precision: the torch path is the reference for it, and the C++
         # code computes in float32 only.
@@ -347,20 +362,6 @@ def _prepare(
             release_scale=release_scale,
         )
         return _Pending(args=None, param=param, work_param=param, copy_back=[], keep=[], torch_step=torch_step)
-    n = layout.numel
-    if param.numel() != n or grad.numel() != n:
-        raise ValueError(
-            f"param ({param.numel()} elements) and grad ({grad.numel()}) must both have layout.numel = {n} elements"
-        )
-    if error_rounding not in _ERROR_ROUNDINGS:
-        raise ValueError(f"Invalid error_rounding: {error_rounding!r}; use 'nearest' or 'stochastic'")
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
-    B, k, q, m = layout.block, layout.k, layout.quant_block, layout.window
-    _check_state("window_indices", window_indices, torch.int16, (m, layout.num_blocks, k))
-    _check_state("window_values", window_values, torch.bfloat16, (m, layout.num_blocks, k))
-    _check_state("error_codes", error_codes, torch.uint8, ((n + 1) // 2,))
-    _check_state("error_bounds", error_bounds, torch.bfloat16, (layout.num_quant_blocks, 2))
     if n == 0:
         return None
 
@@ -404,22 +405,28 @@ def _prepare(
     return _Pending(args=a, param=param, work_param=p, copy_back=copy_back, keep=[p, g, *work, ring])
 
 
-def _step_all(pending: list[_Pending]) -> None:
-    """Step every pending tensor in one C++ call (one parallel region), then write copies back."""
+def _step_all(pending: list[_Pending | None]) -> None:
+    """Step every pending tensor: the C++ ones in one call (one parallel region), then float64 ones
+    by the torch path; then write copies back. ``None`` entries (empty tensors) need nothing.
+
+    Raises :class:`~microadam.kernels.PartialStepError` naming the positions in ``pending`` not
+    stepped when some tensors' state turned out corrupt (the others were stepped).
+    """
+    cpp = [(i, x) for i, x in enumerate(pending) if x is not None and x.args is not None]
+    failed: list[int] = []
+    if cpp:
+        lib, (sqrt_fn, sqrt_mode) = _library()
+        count = len(cpp)
+        items = (_StepArgs * count)(*(x.args for _, x in cpp))
+        bad = (ctypes.c_int32 * count)()
+        total = sum(x.args.n for _, x in cpp if x.args is not None)
+        threads = max(1, min(torch.get_num_threads(), total // _GRAIN))
+        if lib.microadam_step_cpu_multi(count, items, bad, sqrt_fn, sqrt_mode, threads):
+            failed = [cpp[j][0] for j in range(count) if bad[j]]
     for x in pending:
-        if x.torch_step is not None:
+        if x is not None and x.torch_step is not None:
             x.torch_step()
-    pending = [x for x in pending if x.args is not None]
-    if not pending:
-        return
-    lib, (sqrt_fn, sqrt_mode) = _library()
-    count = len(pending)
-    items = (_StepArgs * count)(*(x.args for x in pending if x.args is not None))
-    bad = (ctypes.c_int32 * count)()
-    total = sum(x.args.n for x in pending if x.args is not None)
-    threads = max(1, min(torch.get_num_threads(), total // _GRAIN))
-    nbad = lib.microadam_step_cpu_multi(count, items, bad, sqrt_fn, sqrt_mode, threads)
-    for x in pending:
+    for _, x in cpp:
         for orig, copy in x.copy_back:
             orig.copy_(copy)
         if x.work_param is not x.param:
@@ -428,11 +435,12 @@ def _step_all(pending: list[_Pending]) -> None:
             # Raw-pointer writes bypass autograd's version counter; bump it as an in-place op would, so
             # a graph that saved the parameter notices the update.
             torch.autograd.graph.increment_version(x.param)
-    if nbad:
-        which = [i for i in range(count) if bad[i]]
-        raise RuntimeError(
-            f"window_indices of tensor(s) {which} of this call hold an index outside its Top-K block: the "
-            "optimizer state is corrupt (loaded from a checkpoint of another layout?)"
+    if failed:
+        raise PartialStepError(
+            f"window_indices of tensor(s) {failed} of this call hold an index outside its Top-K block: the "
+            "optimizer state is corrupt (loaded from a checkpoint of another layout?); the call's other "
+            "tensors were stepped",
+            failed,
         )
 
 
@@ -492,7 +500,7 @@ def microadam_step_cpp(
         release=release,
         release_scale=release_scale,
     )
-    _step_all([pending] if pending is not None else [])
+    _step_all([pending])
 
 
 def microadam_step_cpp_multi(steps: Sequence[Mapping[str, Any]]) -> None:
@@ -500,7 +508,8 @@ def microadam_step_cpp_multi(steps: Sequence[Mapping[str, Any]]) -> None:
 
     Each item holds the arguments of one call by name (``param``, ``grad`` and the keyword
     arguments), as :func:`microadam.kernels.triton_kernels.microadam_step_triton_multi` takes them.
-    Every item is checked before any is stepped, so a bad argument changes nothing. The units of
+    Every item is checked before any is stepped, so a bad argument changes nothing (a corrupt state,
+    found while stepping, raises :class:`~microadam.kernels.PartialStepError`). The units of
     all tensors are shared out among the threads together: a model's many small tensors (biases,
     norms) cost neither a call each nor a thread each.
     """
@@ -508,4 +517,4 @@ def microadam_step_cpp_multi(steps: Sequence[Mapping[str, Any]]) -> None:
     for item in steps:
         item = dict(item)
         pending.append(_prepare(item.pop("param"), item.pop("grad"), **item))
-    _step_all([x for x in pending if x is not None])
+    _step_all(pending)
