@@ -821,15 +821,26 @@ def _program_maps(
     return tuple(x.to(device=device, dtype=torch.int32) for x in (tensor_c, local_c, tensor_u, local_u))  # type: ignore[return-value]
 
 
+def _upload(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-step table on ``device``. On CUDA it goes through pinned memory, asynchronously:
+    a copy from pageable memory first waits for the stream to drain, which would stop the host
+    from queueing the next launch while the GPU works (torch's caching host allocator keeps the
+    pinned block until the copy has run)."""
+    table = torch.tensor(rows, dtype=dtype)
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 def _launch(works: list[_Work]) -> None:
     by_key: dict[tuple, list[_Work]] = {}
     for w in works:
         by_key.setdefault(w.key, []).append(w)
     for key, batch in by_key.items():
         device, param_kind, grad_kind, rp2, cp2, tk_mode, q_mode, pairs, kp2, mp2, dt, release = key
-        meta_i = torch.tensor([w.ints for w in batch], dtype=torch.int64, device=device)
-        meta_f = torch.tensor([w.floats for w in batch], dtype=torch.float32, device=device)
-        weights = torch.tensor([list(w.weights) for w in batch], dtype=torch.float32, device=device)
+        meta_i = _upload([w.ints for w in batch], torch.int64, device)
+        meta_f = _upload([w.floats for w in batch], torch.float32, device)
+        weights = _upload([list(w.weights) for w in batch], torch.float32, device)
         tensor_c, local_c, tensor_u, local_u = _program_maps(
             device, tuple(w.groups for w in batch), tuple(w.blocks for w in batch)
         )
