@@ -9,6 +9,10 @@ needs Triton or a compiler.
 - ``"triton"``: fused Triton kernels for CUDA tensors (``microadam.kernels.triton_kernels``).
 - ``"cpp"``: a C++/OpenMP extension for CPU tensors, compiled on first use
   (``microadam.kernels.cpu``).
+
+Both fast paths also have a many-tensor entry (``KERNELS``' last field), which ``MicroAdam.step``
+uses: one call for all of a step's tensors (Triton: one launch per tile class; C++: one parallel
+region), so a model's many small tensors do not cost a call each.
 """
 
 from __future__ import annotations
