@@ -239,6 +239,38 @@ def test_portable_build_equals_torch(portable_library, monkeypatch, shape: Shape
     run_both(shape, FLAGS[2], dtype, steps=5)
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    return any(flag in line.split() for line in lines if line.startswith("flags"))
+
+
+@pytest.fixture(scope="module")
+def avx2_library():
+    """The library built for AVX2 without AVX-512 (x86-64-v3): its own hand-written AVX2 loops."""
+    if not _cpu_has("avx2"):
+        pytest.skip("this CPU has no AVX2: the x86-64-v3 build cannot run here")
+    compiler = cpu.shutil.which(cpu._COMPILER)
+    assert compiler is not None, "the tests need g++"
+    flags = (*cpu._FLAGS, "-march=x86-64-v3")
+    path = cpu._build(compiler, flags, "x86-64-v3", cpu._SOURCE.read_bytes())
+    lib = cpu.ctypes.CDLL(str(path))
+    cpu._declare(lib)
+    return lib, cpu._matching_sqrt(lib)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [pytest.param(s, d, id=f"{s.id}-{str(d)[6:]}") for s in SHAPES for d in DTYPES]
+)
+def test_avx2_build_equals_torch(avx2_library, monkeypatch, shape: Shape, dtype: torch.dtype) -> None:
+    monkeypatch.setattr(cpu, "_state", {"lib": avx2_library})
+    run_both(shape, FLAGS[1], dtype)
+    run_both(shape, FLAGS[2], dtype, steps=5)
+    run_both(shape, FLAGS[5], dtype, steps=5)
+
+
 def test_float64_runs_the_torch_path() -> None:
     lay = layout_for(300, block_size=64, density=0.05, quant_block_size=16, window=3)
     gen = torch.Generator().manual_seed(0)
