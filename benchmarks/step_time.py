@@ -350,6 +350,8 @@ def environment(argv: list[str]) -> dict[str, Any]:
         "num_threads": torch.get_num_threads(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *argv]),
+        # The C++ path's build target (microadam.kernels.cpu): "native" unless overridden.
+        "cpp_march": os.environ.get("MICROADAM_CPP_MARCH", "native"),
     }
 
 

@@ -860,7 +860,9 @@ inline void quantize_block(const Args& A, const float* a, uint8_t* c8, int64_t l
 // bf16_floor (up = false) or bf16_ceil (up = true) of 16 floats, as 16 uint32 < 2**16: the scalar
 // functions' steps lane by lane (round to nearest even, NaN to 0x7FC0, then one bf16 step toward
 // x if that went past it, with nextafter's rules at zero).
-inline __m512i bf16_round_dir16(__m512 x, bool up) {
+// UP is a template argument: the comparison predicate must be an immediate.
+template <bool up>
+inline __m512i bf16_round_dir16(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
   const __m512i one = _mm512_set1_epi32(1);
   __m512i b = _mm512_srli_epi32(
@@ -881,6 +883,28 @@ inline __m512i bf16_round_dir16(__m512 x, bool up) {
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// bf16_round_dir16 for 8 floats with AVX2 (blends instead of mask registers).
+template <bool up>
+inline __m256i bf16_round_dir8(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i one = _mm256_set1_epi32(1);
+  __m256i b = _mm256_srli_epi32(
+      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), one), _mm256_set1_epi32(0x7FFF))),
+      16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  b = _mm256_blendv_epi8(b, _mm256_set1_epi32(0x7FC0), nan);
+  const __m256 y = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
+  const __m256i past = _mm256_castps_si256(_mm256_cmp_ps(y, x, up ? _CMP_LT_OQ : _CMP_GT_OQ));
+  const __m256i zero = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7FFF)), _mm256_setzero_si256());
+  const __m256i neg = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x8000)), _mm256_set1_epi32(0x8000));
+  const __m256i plus = up ? _mm256_xor_si256(neg, _mm256_set1_epi32(-1)) : neg;
+  __m256i stepped = _mm256_blendv_epi8(_mm256_sub_epi32(b, one), _mm256_add_epi32(b, one), plus);
+  stepped = _mm256_blendv_epi8(stepped, _mm256_set1_epi32(up ? 0x0001 : 0x8001), zero);
+  return _mm256_blendv_epi8(b, stepped, past);
+}
+#endif
+
 // Bounds of quantization blocks j0 .. j0 + count of the unit from their min (qlo) and max (qscale):
 // stored as bf16 (lo, hi) pairs at bounds[2 * qb0 ..], and replaced in qlo / qscale by the float lo
 // and the scale (hi - lo) / 15 the codes are computed with.
@@ -890,14 +914,25 @@ inline void block_bounds(const Args& A, float* qlo, float* qscale, int64_t qb0, 
   // 16 blocks at a time: the scalar chain (two roundings with branches, a division) cost 0.27
   // cycles per element of the 4096-element unit, a quarter of the quantization pass.
   for (; j + 16 <= nq; j += 16) {
-    const __m512i lo16 = bf16_round_dir16(_mm512_loadu_ps(qlo + j), false);
-    const __m512i hi16 = bf16_round_dir16(_mm512_loadu_ps(qscale + j), true);
+    const __m512i lo16 = bf16_round_dir16<false>(_mm512_loadu_ps(qlo + j));
+    const __m512i hi16 = bf16_round_dir16<true>(_mm512_loadu_ps(qscale + j));
     // (lo, hi) pairs of uint16, lo first: one uint32 per block, little-endian.
     _mm512_storeu_si512(A.bounds + 2 * (qb0 + j), _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
     const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(lo16, 16));
     const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(hi16, 16));
     _mm512_storeu_ps(qlo + j, lo);
     _mm512_storeu_ps(qscale + j, _mm512_div_ps(_mm512_sub_ps(hi, lo), _mm512_set1_ps(float(LEVELS))));
+  }
+#elif defined(__AVX2__)
+  for (; j + 8 <= nq; j += 8) {
+    const __m256i lo16 = bf16_round_dir8<false>(_mm256_loadu_ps(qlo + j));
+    const __m256i hi16 = bf16_round_dir8<true>(_mm256_loadu_ps(qscale + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(A.bounds + 2 * (qb0 + j)),
+                        _mm256_or_si256(lo16, _mm256_slli_epi32(hi16, 16)));
+    const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(lo16, 16));
+    const __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(hi16, 16));
+    _mm256_storeu_ps(qlo + j, lo);
+    _mm256_storeu_ps(qscale + j, _mm256_div_ps(_mm256_sub_ps(hi, lo), _mm256_set1_ps(float(LEVELS))));
   }
 #endif
   for (; j < nq; ++j) {
