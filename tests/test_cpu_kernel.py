@@ -219,26 +219,6 @@ def test_cpp_equals_torch_bit_for_bit(shape: Shape, flags: Flags, dtype: torch.d
     run_both(shape, flags, dtype)
 
 
-@pytest.fixture(scope="module")
-def portable_library():
-    """The library built without -march=native: the plain C++ loops that a CPU without AVX-512 runs."""
-    compiler = cpu.shutil.which(cpu._COMPILER)
-    assert compiler is not None, "the tests need g++"
-    path = cpu._build(compiler, cpu._FLAGS, "", cpu._SOURCE.read_bytes())
-    lib = cpu.ctypes.CDLL(str(path))
-    cpu._declare(lib)
-    return lib, cpu._matching_sqrt(lib)
-
-
-@pytest.mark.parametrize(
-    ("shape", "dtype"), [pytest.param(s, d, id=f"{s.id}-{str(d)[6:]}") for s in SHAPES for d in DTYPES]
-)
-def test_portable_build_equals_torch(portable_library, monkeypatch, shape: Shape, dtype: torch.dtype) -> None:
-    monkeypatch.setattr(cpu, "_state", {"lib": portable_library})
-    run_both(shape, FLAGS[1], dtype)
-    run_both(shape, FLAGS[2], dtype, steps=5)
-
-
 def _cpu_has(flag: str) -> bool:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -247,15 +227,20 @@ def _cpu_has(flag: str) -> bool:
     return any(flag in line.split() for line in lines if line.startswith("flags"))
 
 
-@pytest.fixture(scope="module")
-def avx2_library():
-    """The library built for AVX2 without AVX-512 (x86-64-v3): its own hand-written AVX2 loops."""
-    if not _cpu_has("avx2"):
-        pytest.skip("this CPU has no AVX2: the x86-64-v3 build cannot run here")
+# Builds other than this CPU's own (-march=native), each with the flags that select its loops:
+# the plain C++ loops a CPU without AVX2 runs, and the AVX2 loops of a CPU without AVX-512.
+BUILDS = {"portable": ((), None), "x86-64-v3": (("-march=x86-64-v3",), "avx2")}
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def other_build(request):
+    """The library built for ``request.param`` (skipped, saying why, where this CPU cannot run it)."""
+    extra, needs = BUILDS[request.param]
+    if needs is not None and not _cpu_has(needs):
+        pytest.skip(f"this CPU has no {needs}: the {request.param} build cannot run here")
     compiler = cpu.shutil.which(cpu._COMPILER)
     assert compiler is not None, "the tests need g++"
-    flags = (*cpu._FLAGS, "-march=x86-64-v3")
-    path = cpu._build(compiler, flags, "x86-64-v3", cpu._SOURCE.read_bytes())
+    path = cpu._build(compiler, (*cpu._FLAGS, *extra), request.param if extra else "", cpu._SOURCE.read_bytes())
     lib = cpu.ctypes.CDLL(str(path))
     cpu._declare(lib)
     return lib, cpu._matching_sqrt(lib)
@@ -264,8 +249,8 @@ def avx2_library():
 @pytest.mark.parametrize(
     ("shape", "dtype"), [pytest.param(s, d, id=f"{s.id}-{str(d)[6:]}") for s in SHAPES for d in DTYPES]
 )
-def test_avx2_build_equals_torch(avx2_library, monkeypatch, shape: Shape, dtype: torch.dtype) -> None:
-    monkeypatch.setattr(cpu, "_state", {"lib": avx2_library})
+def test_other_builds_equal_torch(other_build, monkeypatch, shape: Shape, dtype: torch.dtype) -> None:
+    monkeypatch.setattr(cpu, "_state", {"lib": other_build})
     run_both(shape, FLAGS[1], dtype)
     run_both(shape, FLAGS[2], dtype, steps=5)
     run_both(shape, FLAGS[5], dtype, steps=5)

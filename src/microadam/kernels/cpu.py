@@ -423,7 +423,7 @@ def _step_all(pending: list[_Pending | None]) -> None:
         count = len(cpp)
         items = (_StepArgs * count)(*(x.args for _, x in cpp))
         bad = (ctypes.c_int32 * count)()
-        total = sum(x.args.n for _, x in cpp if x.args is not None)
+        total = sum(x.args.n for _, x in cpp)  # type: ignore[union-attr]
         threads = max(1, min(torch.get_num_threads(), total // _GRAIN))
         if lib.microadam_step_cpu_multi(count, items, bad, sqrt_fn, sqrt_mode, threads):
             failed = [cpp[j][0] for j in range(count) if bad[j]]

@@ -232,6 +232,17 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _param_pointer(mi, PARAM_KIND: tl.constexpr):
+        """The parameter's pointer from a tensor's table row, typed as its stored form (bf16 as int16)."""
+        if PARAM_KIND == 0:
+            ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float32))
+        elif PARAM_KIND == 1:
+            ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.int16))
+        else:
+            ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float16))
+        return ptr
+
+    @triton.jit
     def _load_param(ptr, mask, PARAM_KIND: tl.constexpr):
         if PARAM_KIND == 1:
             out = (tl.load(ptr, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
@@ -395,12 +406,7 @@ if triton is not None:
             # random bits, so positions outside the window get its value) and again there at the
             # window's positions (one extra rounding, with a stream of its own), where the torch
             # path rounds once.
-            if PARAM_KIND == 0:
-                param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float32))
-            elif PARAM_KIND == 1:
-                param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.int16))
-            else:
-                param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float16))
+            param_ptr = _param_pointer(mi, PARAM_KIND)
             pos = o.to(tl.int64) + base
             pv = _load_param(param_ptr + pos, in_data, PARAM_KIND)
             newp = pv * tl.load(mf + _F_CDECAY) - tl.load(mf + _F_LR) * move
@@ -478,12 +484,7 @@ if triton is not None:
         offset = tl.load(mi + _I_OFFSET)
         stoch = tl.load(mi + _I_STOCH_PAR)
         has_wd = tl.load(mi + _I_WD)
-        if PARAM_KIND == 0:
-            param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float32))
-        elif PARAM_KIND == 1:
-            param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.int16))
-        else:
-            param_ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float16))
+        param_ptr = _param_pointer(mi, PARAM_KIND)
         widx_ptr = tl.load(mi + _I_WIDX).to(tl.pointer_type(tl.int16))
         wval_ptr = tl.load(mi + _I_WVAL).to(tl.pointer_type(tl.int16))
         lr = tl.load(mf + _F_LR)
