@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -201,3 +202,11 @@ def test_step_scalars_read_a_tensor_lr_when_called():
     first = step_scalars(lr=lr, **kw).decay
     lr.fill_(0.2)
     assert step_scalars(lr=lr, **kw).decay == pytest.approx(1 - 0.2 * 0.5) != first
+
+
+def test_step_scalars_without_keys_differ_only_in_keys():
+    """keys=False (a caller that rounds nothing stochastically) skips the two hashes, nothing else."""
+    kw = dict(step=7, window=3, beta1=0.9, beta2=0.99, lr=1e-3, weight_decay=0.1, seed=5, param_index=2, release=0.5)
+    full, bare = step_scalars(**kw), step_scalars(keys=False, **kw)
+    assert (bare.err_key, bare.par_key) == (0, 0) != (full.err_key, full.par_key)
+    assert dataclasses.replace(full, err_key=0, par_key=0) == bare

@@ -197,6 +197,22 @@ def test_works_with_lr_scheduler_and_zero_grad():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_each_step_reads_each_groups_hyperparameters():
+    """Group arguments are converted once per step and group: a changed lr takes effect at the next
+    step, and tensors of two groups in one step get their own group's values (lr 0 moves nothing)."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(300))
+    opt = MicroAdam([{"params": [a], "lr": 0.0}, {"params": [b]}], lr=1e-2, block_size=64, quant_block_size=16)
+    for step in range(3):
+        a.grad, b.grad = torch.randn(300), torch.randn(300)
+        before_a, before_b = a.detach().clone(), b.detach().clone()
+        opt.step()
+        assert torch.equal(a, before_a) == (step < 2), step
+        assert not torch.equal(b, before_b), step
+        if step == 1:
+            opt.param_groups[0]["lr"] = 1e-2
+
+
 def test_training_reduces_loss_for_every_dtype():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         torch.manual_seed(0)

@@ -125,12 +125,20 @@ def step_scalars(
     seed: int,
     param_index: int,
     release: float = 0.0,
+    keys: bool = True,
 ) -> StepScalars:
-    """The :class:`StepScalars` of ``step`` (1-based) for the tensor ``param_index``."""
+    """The :class:`StepScalars` of ``step`` (1-based) for the tensor ``param_index``.
+
+    ``keys=False`` leaves ``err_key`` and ``par_key`` at 0, for a caller that rounds neither
+    stochastically: the keys are two hashes in Python per tensor and step, a quarter of the C++
+    path's host time per tensor.
+    """
     # Plain numbers for the cache key: a tensor lr (hashed by identity) could change in place.
     s = _shared_scalars(
         int(step), int(window), float(beta1), float(beta2), float(lr), float(weight_decay), float(release)
     )
+    if not keys:
+        return s
     return StepScalars(
         s.slots,
         s.w1,

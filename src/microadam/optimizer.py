@@ -45,8 +45,8 @@ class NonFiniteGradientError(FloatingPointError):
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The part of ``t`` this process holds: a DTensor's local shard (sharing its storage), else ``t``."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) and type(t).__name__ == "DTensor" else t
+    # The type name first: getattr of a missing attribute costs a caught exception, per tensor and step.
+    return t.to_local() if type(t).__name__ == "DTensor" else t
 
 
 def global_offset(t: torch.Tensor) -> int:
@@ -444,6 +444,10 @@ class MicroAdam(Optimizer):
 
         batched: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
         multi_of: dict[str, Any] = {}  # impl -> its many-tensor entry (or None), looked up once per step
+        # The group's arguments, converted once per step (id(group) -> kwargs): a model's hundreds of
+        # tensors share a few groups, and the host time per tensor is what a step of many small
+        # tensors costs.
+        group_kwargs: dict[int, dict[str, Any]] = {}
         for index, group, p, g in work:
             if group.get("dense", False):
                 self._dense_step(p, g, group, index)
@@ -451,42 +455,33 @@ class MicroAdam(Optimizer):
             state = self.state[p]
             if "step" not in state:
                 state = self._init_state(p, group)
-            beta1, beta2 = group["betas"]
-            impl = resolve_impl(group["impl"], local_tensor(p))
+            shared = group_kwargs.get(id(group))
+            if shared is None:
+                shared = group_kwargs[id(group)] = self._group_kwargs(group)
+            p_local, g_local = local_tensor(p), local_tensor(g)
+            impl = resolve_impl(group["impl"], p_local)
             kwargs = dict(
+                shared,
                 window_indices=state["window_indices"],
                 window_values=state["window_values"],
                 error_codes=state["error_codes"],
                 error_bounds=state["error_bounds"],
-                layout=self.layout(p, group),
+                layout=self._layout_of(p_local.numel(), group),
                 step=state["step"] + 1,
-                lr=float(group["lr"]),
-                beta1=float(beta1),
-                beta2=float(beta2),
-                eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]),
-                error_rounding=group["error_rounding"],
-                stochastic_param_rounding=group["stochastic_rounding"],
-                seed=group["seed"],
                 param_index=index,
-                chunk_size=group["chunk_size"],
-                position_offset=global_offset(p),
+                position_offset=global_offset(p) if p_local is not p else 0,
             )
-            if group.get("release", 0.0):
-                kwargs.update(release=float(group["release"]), release_scale=float(group["release_scale"]))
             if impl != "torch" and impl not in multi_of:
                 multi_of[impl] = load_multi(impl)
             if impl != "torch" and multi_of[impl] is not None:
                 # One launch for many tensors: small tensors do not cost a kernel launch each.
-                batched.setdefault(impl, []).append(
-                    (state, dict(param=local_tensor(p), grad=local_tensor(g), **kwargs))
-                )
+                batched.setdefault(impl, []).append((state, dict(kwargs, param=p_local, grad=g_local)))
                 continue
             # The counter advances only once the step has succeeded, so a failure (e.g. out of
             # memory) does not give the unwritten ring slot a wrong age. Parameters already
             # updated earlier in this step stay updated: retrying the whole step applies their
             # update twice; restore a checkpoint (or a Guard snapshot) instead.
-            microadam_step(local_tensor(p), local_tensor(g), impl=impl, **kwargs)
+            microadam_step(p_local, g_local, impl=impl, **kwargs)
             state["step"] += 1
         for impl, items in batched.items():
             try:
@@ -500,6 +495,25 @@ class MicroAdam(Optimizer):
             for state, _ in items:
                 state["step"] += 1
         return loss
+
+    @staticmethod
+    def _group_kwargs(group: dict[str, Any]) -> dict[str, Any]:
+        """The step arguments that every tensor of ``group`` shares, as plain numbers."""
+        beta1, beta2 = group["betas"]
+        kwargs = dict(
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            error_rounding=group["error_rounding"],
+            stochastic_param_rounding=group["stochastic_rounding"],
+            seed=group["seed"],
+            chunk_size=group["chunk_size"],
+        )
+        if group.get("release", 0.0):
+            kwargs.update(release=float(group["release"]), release_scale=float(group["release_scale"]))
+        return kwargs
 
     # ------------------------------------------------------------------ changing compression
 

@@ -250,22 +250,24 @@ def available() -> tuple[bool, str]:
 @functools.lru_cache(maxsize=64)
 def _ring_arrays(
     slots: tuple[int, ...], w1: tuple[float, ...], w2: tuple[float, ...]
-) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
-    """The ring's slots and weights of a step (:class:`~microadam.functional.StepScalars`) as C arrays.
+) -> tuple[tuple[ctypes.Array, ctypes.Array, ctypes.Array], tuple[int, int, int]]:
+    """The ring's slots and weights of a step (:class:`~microadam.functional.StepScalars`) as C arrays,
+    and their addresses.
 
     ctypes rounds a Python float to float32 to nearest, as ``torch.tensor(..., dtype=float32)`` does
     in the torch path. Cached: every parameter of a step asks for the same ones.
     """
-    return (
+    arrays = (
         (ctypes.c_int64 * len(slots))(*slots),
         (ctypes.c_float * len(w1))(*w1),
         (ctypes.c_float * len(w2))(*w2),
     )
+    return arrays, (ctypes.addressof(arrays[0]), ctypes.addressof(arrays[1]), ctypes.addressof(arrays[2]))
 
 
 def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     # The C++ side indexes raw pointers: a wrong dtype or shape would write out of bounds.
-    if t.dtype != dtype or tuple(t.shape) != shape:
+    if t.dtype != dtype or t.shape != shape:
         raise ValueError(
             f"{name} must be {dtype} of shape {shape} for this layout, got {t.dtype} of shape {tuple(t.shape)}; "
             "was the state built for another layout?"
@@ -312,17 +314,12 @@ def _prepare(
 
     Writes nothing: a float64 parameter's step by the torch path is deferred to ``torch_step``.
     """
-    tensors = dict(
-        param=param,
-        grad=grad,
-        window_indices=window_indices,
-        window_values=window_values,
-        error_codes=error_codes,
-        error_bounds=error_bounds,
-    )
-    for name, t in tensors.items():
-        if t.device.type != "cpu":
-            raise ValueError(f"impl='cpp' runs on CPU tensors, but {name} is on {t.device}; use impl='torch'")
+    states = [window_indices, window_values, error_codes, error_bounds]
+    # is_cpu rather than device.type: this runs per tensor and step, and a device object costs more.
+    if not (param.is_cpu and grad.is_cpu and all(t.is_cpu for t in states)):
+        names = ("param", "grad", "window_indices", "window_values", "error_codes", "error_bounds")
+        name, t = next((nm, t) for nm, t in zip(names, (param, grad, *states)) if not t.is_cpu)
+        raise ValueError(f"impl='cpp' runs on CPU tensors, but {name} is on {t.device}; use impl='torch'")
     n = layout.numel
     if param.numel() != n or grad.numel() != n:
         raise ValueError(
@@ -376,9 +373,10 @@ def _prepare(
     # g.to(float32) does.
     g = grad if grad.dtype in _DTYPE_CODES else grad.to(torch.float32)
     g = g.contiguous()
-    states = [window_indices, window_values, error_codes, error_bounds]
     work = [t if t.is_contiguous() else t.contiguous() for t in states]
 
+    stochastic_error = error_rounding == "stochastic"
+    stochastic_param = stochastic_param_rounding and param.dtype == torch.bfloat16
     sc = functional.step_scalars(
         step=step,
         window=m,
@@ -389,12 +387,14 @@ def _prepare(
         seed=seed,
         param_index=param_index,
         release=release,
+        keys=stochastic_error or stochastic_param,
     )
-    ring = _ring_arrays(sc.slots, sc.w1, sc.w2)
+    ring, ring_addresses = _ring_arrays(sc.slots, sc.w1, sc.w2)
     a = _StepArgs()
     a.param, a.grad = p.data_ptr(), g.data_ptr()
-    a.win_idx, a.win_val, a.codes, a.bounds = (t.data_ptr() for t in work)
-    a.slot_of_age, a.w1, a.w2 = (ctypes.addressof(x) for x in ring)
+    w_idx, w_val, codes, bounds = work
+    a.win_idx, a.win_val, a.codes, a.bounds = w_idx.data_ptr(), w_val.data_ptr(), codes.data_ptr(), bounds.data_ptr()
+    a.slot_of_age, a.w1, a.w2 = ring_addresses
     # A unit is the C++ code's task: whole Top-K blocks, whole quantization blocks, whole code bytes.
     a.n, a.block, a.k, a.qblock, a.num_blocks, a.unit = n, B, k, q, layout.num_blocks, math.lcm(B, q, 2)
     a.n_slots, a.write_slot, a.position_offset = len(sc.slots), sc.write_slot, position_offset
@@ -402,8 +402,7 @@ def _prepare(
     a.keep, a.release_scale, a.release = sc.keep, release_scale, int(release != 0)
     a.param_dtype, a.grad_dtype = _DTYPE_CODES[p.dtype], _DTYPE_CODES[g.dtype]
     a.weight_decay = int(weight_decay != 0)
-    a.stochastic_error = int(error_rounding == "stochastic")
-    a.stochastic_param = int(stochastic_param_rounding and param.dtype == torch.bfloat16)
+    a.stochastic_error, a.stochastic_param = int(stochastic_error), int(stochastic_param)
     a.err_key, a.par_key = sc.err_key, sc.par_key
     copy_back = [(orig, copy) for orig, copy in zip(states, work) if copy is not orig]
     return _Pending(args=a, param=param, work_param=p, copy_back=copy_back, keep=[p, g, *work, ring])
