@@ -717,6 +717,8 @@ def _prepare(
     g_arg = g_flat.view(torch.int16) if g_flat.dtype == torch.bfloat16 else g_flat
     p_arg = work_param.view(torch.int16) if param.dtype == torch.bfloat16 else work_param
 
+    stoch_err = error_rounding == "stochastic"
+    stoch_param = bool(stochastic_param_rounding) and param.dtype == torch.bfloat16
     sc = step_scalars(
         step=step,
         window=m,
@@ -727,13 +729,13 @@ def _prepare(
         seed=seed,
         param_index=param_index,
         release=release,
+        keys=stoch_err or stoch_param,
     )
     valid = len(sc.slots)
     mp2 = _next_pow2(m)
     # Ages 0..valid-1 in order; the kernel finds each age's slot from the write slot.
     w1 = list(sc.w1) + [0.0] * (mp2 - valid)
     w2 = list(sc.w2) + [0.0] * (mp2 - valid)
-    stoch_param = bool(stochastic_param_rounding) and param.dtype == torch.bfloat16
     ints = [0] * int(_NI)
     ints[_I_N], ints[_I_B], ints[_I_K], ints[_I_Q], ints[_I_NB] = (
         n,
@@ -746,14 +748,14 @@ def _prepare(
     ints[_I_SLOT], ints[_I_VALID], ints[_I_M] = sc.write_slot, valid, m
     ints[_I_ERRKEY], ints[_I_PARKEY] = sc.err_key, sc.par_key
     ints[_I_OFFSET] = position_offset
-    ints[_I_STOCH_ERR] = int(error_rounding == "stochastic")
+    ints[_I_STOCH_ERR] = int(stoch_err)
     ints[_I_STOCH_PAR] = int(stoch_param)
     # With release the compress kernel applies the weight decay (with the dense move) and the
     # update kernel none.
     ints[_I_WD] = int(weight_decay != 0 and not release)
     # The update kernel's rounding: the torch path's stream, or with release (where the compress
     # kernel has used that stream for the parameter's first rounding) a stream of its own.
-    ints[_I_UPDATE_KEY] = stream_key(seed, param_index, step, STREAM_MOVE) if release else sc.par_key
+    ints[_I_UPDATE_KEY] = stream_key(seed, param_index, step, STREAM_MOVE) if release and stoch_param else sc.par_key
     for col, x in zip(
         (_I_PARAM, _I_GRAD, _I_WIDX, _I_WVAL, _I_CODES, _I_BOUNDS), (p_arg, g_arg, widx, wval, codes, bounds)
     ):
