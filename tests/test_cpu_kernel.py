@@ -501,3 +501,20 @@ def test_optimizer_steps_cpu_tensors_in_one_call(monkeypatch) -> None:
         p.grad = torch.randn(p.shape)
     MicroAdam(params, lr=1e-3, impl="cpp").step()
     assert calls == [3]
+
+
+def test_kth_largest_matches_a_sort(tmp_path) -> None:
+    """The AVX-512 radix select of the k-th Top-K key, alone, against a sort on 100k random key sets
+    (the step tests reach it only with the candidate sets their gradients happen to give)."""
+    if not _cpu_has("avx512f"):
+        pytest.skip("this CPU has no AVX-512: kth_largest is not built here (the binary search runs)")
+    compiler = cpu.shutil.which(cpu._COMPILER)
+    assert compiler is not None, "the tests need g++"
+    check = Path(__file__).parent / "csrc" / "kth_largest_check.cpp"
+    main = tmp_path / "main.cpp"
+    main.write_text(f'#include "{cpu._SOURCE}"\n#include "{check}"\n')
+    exe = tmp_path / "check"
+    build = cpu._run([compiler, "-O2", "-std=c++17", "-fopenmp", "-march=native", str(main), "-o", str(exe)])
+    assert build.returncode == 0, build.stderr
+    run = cpu._run([str(exe)])
+    assert run.returncode == 0 and run.stdout.strip() == "0 wrong of 100000", run.stdout + run.stderr
