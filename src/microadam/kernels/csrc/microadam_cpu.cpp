@@ -1167,58 +1167,58 @@ void update_block(const Args& A, Scratch& S, int64_t block_start, int64_t s, int
   const bool sto = A.stochastic_param;
   const int64_t gpos = block_start + A.position_offset;
   // Without weight decay or release only the window's positions move: p - lr * u there, rounded to
-  // the parameter's dtype (its cache lines were prefetched during the previous unit). Otherwise one
-  // dense pass over the block computes the torch path's ((p [* decay]) [- lr * move]) - delta, with
-  // delta = lr * u at the window's positions and +0 elsewhere: x - (+0) is exactly x (-0 and NaN
-  // included), so positions outside the window get the torch path's value. (A dense pass for the
-  // plain float32 case too was measured slower at 16M: 12.2 against 11.4 ms a step, as it writes
-  // back every cache line.)
+  // the parameter's dtype (its cache lines were prefetched during the previous unit). Otherwise a
+  // dense pass over the block first computes the torch path's (p [* decay]) [- lr * move] in float32
+  // (into p itself for a float32 parameter, else into res), then the window's positions subtract
+  // lr * u: the torch path's last subtraction, of +0 elsewhere, which leaves x exactly x (-0 and NaN
+  // included). (A dense pass for the plain float32 case too was measured slower at 16M: 12.2 against
+  // 11.4 ms a step, as it writes back every cache line.)
   const bool dense = A.weight_decay || A.release;
-  for (int64_t j = 0; j < nu; ++j) {
-    const int32_t i = uniq[j];
-    ss[i] = 0.f;
-    done[i] = 0;
-    if (dense) {
-      sm[i] = num[j];
-    } else {
+  if (!dense) {
+    for (int64_t j = 0; j < nu; ++j) {
+      const int32_t i = uniq[j];
+      ss[i] = sm[i] = 0.f;
+      done[i] = 0;
       store_f<P>(p, block_start + i, load_f<P>(p, block_start + i) - num[j], sto,
                  sto ? hash_bits(gpos + i, A.par_key) : 0u);
-      sm[i] = 0.f;
     }
+    return;
   }
-  if (!dense) return;
   const float decay = A.decay;
   const bool has_wd = A.weight_decay, rel = A.release;
   const int64_t q = A.qblock;
   const float* inv = rel ? S.qinv.data() : nullptr;
+  float* pf = static_cast<float*>(p) + block_start;  // used for a float32 parameter only
   // Segments of the block inside one quantization block share the release scale.
   for (int64_t i0 = 0; i0 < lb;) {
     const int64_t qi = (s + i0) / q;
     const int64_t i1 = (qi + 1) * q - s < lb ? (qi + 1) * q - s : lb;
     const float iv = rel ? inv[qi] : 0.f;
     if (P == F32) {
-      float* pf = static_cast<float*>(p) + block_start;
       if (rel && has_wd) {
-        for (int64_t i = i0; i < i1; ++i) pf[i] = (pf[i] * decay - (res[i] * iv) * lr) - sm[i];
+        for (int64_t i = i0; i < i1; ++i) pf[i] = pf[i] * decay - (res[i] * iv) * lr;
       } else if (rel) {
-        for (int64_t i = i0; i < i1; ++i) pf[i] = (pf[i] - (res[i] * iv) * lr) - sm[i];
-      } else if (has_wd) {
-        for (int64_t i = i0; i < i1; ++i) pf[i] = pf[i] * decay - sm[i];
+        for (int64_t i = i0; i < i1; ++i) pf[i] = pf[i] - (res[i] * iv) * lr;
       } else {
-        for (int64_t i = i0; i < i1; ++i) pf[i] = pf[i] - sm[i];
+        for (int64_t i = i0; i < i1; ++i) pf[i] = pf[i] * decay;
       }
     } else {
-      // p [* decay] in float32, [minus the released move,] minus lr * u, into res (each element
-      // read before it is overwritten), rounded once below.
+      // Into res (each element read before it is overwritten), rounded once below.
       for (int64_t i = i0; i < i1; ++i) {
         float base = load_f<P>(p, block_start + i);
         if (has_wd) base = base * decay;
         if (rel) base = base - (res[i] * iv) * lr;
-        res[i] = base - sm[i];
+        res[i] = base;
       }
     }
-    for (int64_t i = i0; i < i1; ++i) sm[i] = 0.f;
     i0 = i1;
+  }
+  float* out = P == F32 ? pf : res;
+  for (int64_t j = 0; j < nu; ++j) {
+    const int32_t i = uniq[j];
+    ss[i] = sm[i] = 0.f;
+    done[i] = 0;
+    out[i] = out[i] - num[j];
   }
   if (P != F32) {
     for (int64_t i = 0; i < lb; ++i)
