@@ -228,22 +228,31 @@ def _cpu_has(flag: str) -> bool:
 
 
 # Builds other than this CPU's own (-march=native), each with the flags that select its loops:
-# the plain C++ loops a CPU without AVX2 runs, and the AVX2 loops of a CPU without AVX-512.
-BUILDS = {"portable": ((), None), "x86-64-v3": (("-march=x86-64-v3",), "avx2")}
+# the plain C++ loops a CPU without AVX2 runs, and the AVX2 loops of a CPU without AVX-512; and this
+# CPU's own with the phase counters of benchmarks/cpu_phases.py (which must not change a bit).
+BUILDS = {
+    "portable": ((), None),
+    "x86-64-v3": (("-march=x86-64-v3",), "avx2"),
+    "profile": ((*cpu._NATIVE, "-DMICROADAM_PROFILE"), None),
+}
+
+
+def _build(name: str):
+    """The library built as BUILDS[name] says, and its sqrt (skipped, saying why, where this CPU cannot run it)."""
+    extra, needs = BUILDS[name]
+    if needs is not None and not _cpu_has(needs):
+        pytest.skip(f"this CPU has no {needs}: the {name} build cannot run here")
+    compiler = cpu.shutil.which(cpu._COMPILER)
+    assert compiler is not None, "the tests need g++"
+    path = cpu._build(compiler, (*cpu._FLAGS, *extra), name if extra else "", cpu._SOURCE.read_bytes())
+    lib = cpu.ctypes.CDLL(str(path))
+    cpu._declare(lib)
+    return lib, cpu._matching_sqrt(lib)
 
 
 @pytest.fixture(scope="module", params=list(BUILDS))
 def other_build(request):
-    """The library built for ``request.param`` (skipped, saying why, where this CPU cannot run it)."""
-    extra, needs = BUILDS[request.param]
-    if needs is not None and not _cpu_has(needs):
-        pytest.skip(f"this CPU has no {needs}: the {request.param} build cannot run here")
-    compiler = cpu.shutil.which(cpu._COMPILER)
-    assert compiler is not None, "the tests need g++"
-    path = cpu._build(compiler, (*cpu._FLAGS, *extra), request.param if extra else "", cpu._SOURCE.read_bytes())
-    lib = cpu.ctypes.CDLL(str(path))
-    cpu._declare(lib)
-    return lib, cpu._matching_sqrt(lib)
+    return _build(request.param)
 
 
 @pytest.mark.parametrize(
@@ -518,3 +527,19 @@ def test_kth_largest_matches_a_sort(tmp_path) -> None:
     assert build.returncode == 0, build.stderr
     run = cpu._run([str(exe)])
     assert run.returncode == 0 and run.stdout.strip() == "0 wrong of 100000", run.stdout + run.stderr
+
+
+def test_profile_build_counts_every_element(monkeypatch) -> None:
+    """The phase counters (benchmarks/cpu_phases.py) see every element of a step, and time in each phase."""
+    built = _build("profile")
+    lib = built[0]
+    monkeypatch.setattr(cpu, "_state", {"lib": built})
+    counts = (cpu.ctypes.c_uint64 * (16 * 64))()
+    lib.microadam_profile_read(counts, 64)
+    p = torch.nn.Parameter(torch.randn(20000))
+    p.grad = torch.randn(20000)
+    MicroAdam([p], lr=1e-3, impl="cpp").step()
+    lib.microadam_profile_read(counts, 64)
+    rows = [counts[16 * t : 16 * t + 16] for t in range(64)]
+    assert sum(r[15] for r in rows) == 20000
+    assert all(sum(r[i] for r in rows) > 0 for i in range(7)), [sum(r[i] for r in rows) for i in range(7)]

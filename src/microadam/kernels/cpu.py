@@ -47,9 +47,13 @@ _COMPILER = "g++"
 # -ffp-contract=off: the torch path rounds every multiply and add separately; an FMA would change
 # the last bit and break bit-identity.
 _FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
+# MICROADAM_CPP_PROFILE=1 builds the per-phase counters that benchmarks/cpu_phases.py reads (a build
+# of its own: the flags are part of the cache key).
+if os.environ.get("MICROADAM_CPP_PROFILE") == "1":
+    _FLAGS += ("-DMICROADAM_PROFILE",)
 # The .cpp's AVX-512 paths (Top-K candidates, min/max, quantization, gradient decoding), which
 # -march=native enables on a CPU that has them, make the step 3x faster than a portable -O3 build
-# (measured on the 2-core AMD EPYC (Zen 4) dev machine, one core, data in cache: 1.9 vs 6.1 cycles
+# (measured on the 2-core AMD EPYC (Zen 5, CPU family 26) dev machine, one core, data in cache: 1.9 vs 6.1 cycles
 # per element); a CPU with AVX2 only gets AVX2 loops (16M step on the same machine, built with
 # -march=x86-64-v3: 13.8 ms, against 11.6 with AVX-512 and 27 for x86-64-v2). If the build for
 # this CPU does not compile, the portable build is used. MICROADAM_CPP_MARCH chooses another
@@ -167,7 +171,7 @@ def _matching_sqrt(lib: ctypes.CDLL) -> tuple[int | None, int]:
     """(MKL's address or None, SqrtMode) for the kernel's sqrt that equals torch.sqrt bit for bit.
 
     torch computes float32 sqrt on CPU with MKL's vmsSqrt where it was built with MKL (the x86
-    wheels), and it is not correctly rounded: on the Zen 4 dev machine 16% of results are 1 ulp off.
+    wheels), and it is not correctly rounded: on the Zen 5 dev machine 16% of results are 1 ulp off.
     Tried in order: the arithmetic of MKL's generic kernel replayed in C++ (what MKL runs on AMD
     CPUs; cheapest), a call to MKL, the correctly rounded sqrt (torch without MKL). Each is checked
     on 2**16 values spread over 60 binades plus zeros, subnormals and huge values, the first that

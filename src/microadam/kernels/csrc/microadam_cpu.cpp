@@ -41,6 +41,51 @@
 #include <immintrin.h>
 #endif
 
+// Phase counters for benchmarks/cpu_phases.py (built with -DMICROADAM_PROFILE by cpu.py when
+// MICROADAM_CPP_PROFILE=1; compiled out otherwise): each thread adds the time since its previous mark
+// to the phase that just ended, in TSC ticks on x86 (nanoseconds elsewhere).
+#ifdef MICROADAM_PROFILE
+#if defined(__x86_64__) || defined(__i386__)
+#include <x86intrin.h>
+static inline uint64_t profile_clock() { return __rdtsc(); }
+#else
+#include <chrono>
+static inline uint64_t profile_clock() {
+  return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+#endif
+enum { PH_LOAD, PH_TOPK, PH_RELEASE, PH_QUANT, PH_MOMENTS, PH_DIVIDE, PH_UPDATE, PH_COUNT, PH_ELEMENTS = 15 };
+static uint64_t PROFILE[64][16];
+static thread_local uint64_t PROFILE_LAST;
+static thread_local int PROFILE_THREAD;
+static inline int profile_thread() {
+#ifdef _OPENMP
+  return omp_get_thread_num() & 63;
+#else
+  return 0;
+#endif
+}
+#define PROFILE_START(len)                                                  \
+  do {                                                                      \
+    PROFILE_THREAD = profile_thread();                                      \
+    PROFILE[PROFILE_THREAD][PH_ELEMENTS] += uint64_t(len);                  \
+    PROFILE_LAST = profile_clock();                                         \
+  } while (0)
+#define PROFILE_MARK(phase)                                                 \
+  do {                                                                      \
+    const uint64_t now_ = profile_clock();                                  \
+    PROFILE[PROFILE_THREAD][phase] += now_ - PROFILE_LAST;                  \
+    PROFILE_LAST = now_;                                                    \
+  } while (0)
+#else
+#define PROFILE_START(len) \
+  do {                     \
+  } while (0)
+#define PROFILE_MARK(phase) \
+  do {                      \
+  } while (0)
+#endif
+
 namespace {
 
 enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
@@ -482,7 +527,7 @@ inline int64_t compress_candidates(const float* a, int64_t len, uint32_t t, Scra
 #ifdef __AVX512F__
   // Two passes over the 16-entry groups: their masks first, then a compress of the groups that hold
   // a candidate (about half of them). One pass that compresses every group, or that tests the mask
-  // and mispredicts, took 1700-2500 cycles per 4096-block instead of 900 (Zen 4: vpcompressd is
+  // and mispredicts, took 1700-2500 cycles per 4096-block instead of 900 (Zen 5: vpcompressd is
   // slow, and compress-to-memory microcoded, hence register compress and plain stores).
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i tv = _mm512_set1_epi32(int(t));
@@ -1144,6 +1189,7 @@ void update_block(const Args& A, Scratch& S, int64_t block_start, int64_t s, int
       done[i] = 1;
     }
   }
+  PROFILE_MARK(PH_MOMENTS);
   // Gathered into compact arrays so that the square root and the division run vectorized (a
   // scalar divss per position cost 1400 cycles per 4096-block).
   float* num = S.num.data();
@@ -1153,7 +1199,7 @@ void update_block(const Args& A, Scratch& S, int64_t block_start, int64_t s, int
     num[j] = A.c1 * sm[i];
   }
   // den = sqrt(c2 * S) + eps. torch computes float32 sqrt with the math library it was built with
-  // (MKL's vmsSqrt in x86 wheels: not correctly rounded, 1 ulp off for ~16% of inputs on Zen 4).
+  // (MKL's vmsSqrt in x86 wheels: not correctly rounded, 1 ulp off for ~16% of inputs on this Zen 5).
   torch_sqrt(root, nu, A.sqrt_mode, A.vml_sqrt);
   S.pump(16);
   const float eps = A.eps, lr = A.lr;
@@ -1166,6 +1212,7 @@ void update_block(const Args& A, Scratch& S, int64_t block_start, int64_t s, int
   void* p = A.param;
   const bool sto = A.stochastic_param;
   const int64_t gpos = block_start + A.position_offset;
+  PROFILE_MARK(PH_DIVIDE);
   // Without weight decay or release only the window's positions move: p - lr * u there, rounded to
   // the parameter's dtype (its cache lines were prefetched during the previous unit). Otherwise a
   // dense pass over the block first computes the torch path's (p [* decay]) [- lr * move] in float32
@@ -1270,20 +1317,26 @@ void run_unit(const Args& A, Scratch& S, int64_t u, int& bad) {
     S.pf_unit = u + 1;
     S.pf_tensor = A.param;
   }
+  PROFILE_START(len);
   switch (A.grad_dtype) {
     case F32: load_sum<F32>(A, S, start, len); break;
     case BF16: load_sum<BF16>(A, S, start, len); break;
     default: load_sum<F16>(A, S, start, len); break;
   }
+  PROFILE_MARK(PH_LOAD);
   topk_unit(A, S, start, len);
+  PROFILE_MARK(PH_TOPK);
   if (A.release) release_scales(A, S, len);
+  PROFILE_MARK(PH_RELEASE);
   quantize_unit(A, S, start, len);
+  PROFILE_MARK(PH_QUANT);
   switch (A.param_dtype) {
     case F32: update_unit<F32>(A, S, start, len, bad); break;
     case BF16: update_unit<BF16>(A, S, start, len, bad); break;
     default: update_unit<F16>(A, S, start, len, bad); break;
   }
   S.pump(INT64_MAX);  // whatever the phases left: the next unit needs it
+  PROFILE_MARK(PH_UPDATE);
 }
 
 }  // namespace
@@ -1426,6 +1479,18 @@ int64_t microadam_step_cpu_multi(int64_t count, const StepArgs* items, int32_t* 
   for (int64_t t = 0; t < count; ++t) nbad += bad[t];
   return nbad;
 }
+
+#ifdef MICROADAM_PROFILE
+// The counters of threads 0 .. threads - 1 ([thread][16]: the phases, then elements at 15) into out,
+// then zeroed.
+void microadam_profile_read(uint64_t* out, int threads) {
+  for (int t = 0; t < threads && t < 64; ++t)
+    for (int j = 0; j < 16; ++j) {
+      out[16 * t + j] = PROFILE[t][j];
+      PROFILE[t][j] = 0;
+    }
+}
+#endif
 
 // sqrt(in) into out as update_block computes it: Python checks a mode against torch.sqrt once,
 // when it loads the library.
