@@ -53,9 +53,9 @@ if os.environ.get("MICROADAM_CPP_PROFILE") == "1":
     _FLAGS += ("-DMICROADAM_PROFILE",)
 # The .cpp's AVX-512 paths (Top-K candidates, min/max, quantization, gradient decoding), which
 # -march=native enables on a CPU that has them, make the step 3x faster than a portable -O3 build
-# (measured on the 2-core AMD EPYC (Zen 5, CPU family 26) dev machine, one core, data in cache: 1.9 vs 6.1 cycles
-# per element); a CPU with AVX2 only gets AVX2 loops (16M step on the same machine, built with
-# -march=x86-64-v3: 13.8 ms, against 11.6 with AVX-512 and 27 for x86-64-v2). If the build for
+# (measured on the 2-core AMD EPYC (Zen 5, CPU family 26) dev machine, one core, data in cache: 1.9
+# vs 6.1 cycles per element); a CPU with AVX2 only gets AVX2 loops (16M step on the same machine,
+# docs/benchmarks.md: 11.8 ms built with -march=x86-64-v3, 9.1 with AVX-512). If the build for
 # this CPU does not compile, the portable build is used. MICROADAM_CPP_MARCH chooses another
 # target than "native" (e.g. x86-64-v3 for a cache shared by machines of several CPUs, or to
 # measure the AVX2 loops on an AVX-512 machine).
