@@ -165,6 +165,37 @@ def test_all_finite_check_over_mixed_dtypes_finds_one_bad_element(where, bad):
     assert not grads_all_finite(grads)
 
 
+def test_all_finite_check_in_cpp_agrees_with_the_torch_sums():
+    """CPU float32/bf16/fp16 gradients are checked in one C++ call; its verdict is the torch sums' on
+    finite sets, on sets with one bad element at each end of a tensor, and on finite values whose sum
+    overflows (rejected by both); a non-contiguous gradient takes the torch path alongside."""
+    from microadam.kernels import cpu
+    from microadam.optimizer import grads_all_finite
+
+    def torch_verdict(grads):
+        return all(bool(torch.isfinite(g.float().sum())) for g in grads)
+
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(n, generator=gen).to(dt) for n, dt in [(1, torch.float32), (70000, torch.float32),
+            (65, torch.bfloat16), (131073, torch.float16), (0, torch.float32)]]  # fmt: skip
+    assert cpu.all_finite(base) and torch_verdict(base) and grads_all_finite(base)
+    for i in range(4):
+        for pos in (0, -1):
+            for bad in (float("nan"), float("inf")):
+                grads = [g.clone() for g in base]
+                grads[i][pos] = bad
+                assert not cpu.all_finite(grads) and not grads_all_finite(grads), (i, pos, bad)
+    huge = [torch.full((1000,), 3e38)]  # finite, but the sum is not
+    assert not cpu.all_finite(huge) and not torch_verdict(huge)
+    strided = torch.randn(10, 10)[:, ::2]
+    strided[0, 0] = float("nan")
+    assert not grads_all_finite([torch.randn(5), strided])
+    with pytest.raises(ValueError, match="non-contiguous.*grads_all_finite"):
+        cpu.all_finite([strided])
+    with pytest.raises(ValueError, match="tensor 0 is a contiguous torch.float64"):
+        cpu.all_finite([torch.zeros(3, dtype=torch.float64)])
+
+
 # ---------------------------------------------------------------- torch.optim conventions
 
 

@@ -1492,6 +1492,72 @@ void microadam_profile_read(uint64_t* out, int threads) {
 }
 #endif
 
+// Whether every one of `count` tensors (contiguous; dtypes F32, BF16, F16) sums to a finite
+// float32: the optimizer's all-finite check (optimizer.grads_all_finite), which the torch path takes
+// as one torch.sum per tensor. A sum is finite iff no element is NaN or infinite, barring an overflow
+// of finite values, which rejects the step too (conservative; torch's sum order would meet it at
+// about the same size). One parallel region for all tensors, cut into chunks: a model's hundreds of
+// small gradients cost one call instead of a torch.sum each. Each chunk sums in 64 float32 lanes;
+// then the chunks of a tensor are added in order.
+int32_t microadam_all_finite(int64_t count, const void* const* ptrs, const int64_t* numels, const int32_t* dtypes,
+                             int num_threads) {
+  constexpr int64_t CHUNK = 1 << 16;
+  std::vector<int64_t> first(1, 0);  // first chunk of each tensor, then the total
+  for (int64_t t = 0; t < count; ++t) first.push_back(first.back() + (numels[t] + CHUNK - 1) / CHUNK);
+  const int64_t total = first.back();
+  std::vector<float> partial(size_t(total), 0.f);
+  std::vector<int64_t> owner(static_cast<size_t>(total));
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t c = first[t]; c < first[t + 1]; ++c) owner[size_t(c)] = t;
+  auto run = [&](int64_t c) {
+    const int64_t t = owner[size_t(c)];
+    const int64_t b = (c - first[t]) * CHUNK, e = b + CHUNK < numels[t] ? b + CHUNK : numels[t];
+    float acc[64] = {0.f};
+    int64_t i = b;
+    switch (dtypes[t]) {
+      case F32: {
+        const float* x = static_cast<const float*>(ptrs[t]);
+        for (; i + 64 <= e; i += 64)
+          for (int l = 0; l < 64; ++l) acc[l] += x[i + l];
+        break;
+      }
+      case BF16:
+        for (; i + 64 <= e; i += 64)
+          for (int l = 0; l < 64; ++l) acc[l] += load_f<BF16>(ptrs[t], i + l);
+        break;
+      default:
+        for (; i + 64 <= e; i += 64)
+          for (int l = 0; l < 64; ++l) acc[l] += load_f<F16>(ptrs[t], i + l);
+        break;
+    }
+    for (; i < e; ++i) {
+      const int d = dtypes[t];
+      acc[i & 63] += d == F32 ? load_f<F32>(ptrs[t], i) : d == BF16 ? load_f<BF16>(ptrs[t], i) : load_f<F16>(ptrs[t], i);
+    }
+    float sum = 0.f;
+    for (int l = 0; l < 64; ++l) sum += acc[l];
+    partial[size_t(c)] = sum;
+  };
+#ifdef _OPENMP
+  const int threads = total > 1 && num_threads > 1 ? num_threads : 1;
+  if (threads > 1) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < total; ++c) run(c);
+  } else {
+    for (int64_t c = 0; c < total; ++c) run(c);
+  }
+#else
+  (void)num_threads;
+  for (int64_t c = 0; c < total; ++c) run(c);
+#endif
+  for (int64_t t = 0; t < count; ++t) {
+    float sum = 0.f;
+    for (int64_t c = first[t]; c < first[t + 1]; ++c) sum += partial[size_t(c)];
+    if (!(sum - sum == 0.f)) return 0;  // NaN or infinite
+  }
+  return 1;
+}
+
 // sqrt(in) into out as update_block computes it: Python checks a mode against torch.sqrt once,
 // when it loads the library.
 void microadam_sqrt_probe(const float* in, float* out, int64_t n, void* vml_sqrt, int sqrt_mode) {
