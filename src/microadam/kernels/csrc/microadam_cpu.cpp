@@ -234,12 +234,44 @@ enum SqrtMode : int { SQRT_IEEE = 0, SQRT_MKL = 1, SQRT_RSQRT = 2 };
 // positive normal floats up to 0x7f7ff000 (and +0 here, whose square root is +0).
 inline bool rsqrt_sqrt(float* x, int64_t n) {
 #ifdef __SSE2__
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  // The range check 8 at a time (a scalar loop with a branch per value was a third of the phase).
+  {
+    const __m256i bias = _mm256_set1_epi32(int32_t(0x7f800000u)), limit = _mm256_set1_epi32(int32_t(0xfefff000u));
+    const __m256i zero = _mm256_setzero_si256();
+    for (; i + 8 <= n; i += 8) {
+      const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      const __m256i out = _mm256_andnot_si256(_mm256_cmpeq_epi32(u, zero),
+                                              _mm256_cmpgt_epi32(_mm256_add_epi32(u, bias), limit));
+      if (!_mm256_testz_si256(out, out)) return false;
+    }
+  }
+#endif
+  for (; i < n; ++i) {
     const uint32_t u = f2u(x[i]);
     if (u != 0 && int32_t(u + 0x7f800000u) > int32_t(0xfefff000u)) return false;
   }
+  i = 0;
+#ifdef __AVX__
+  // 8 lanes with the 256-bit rsqrtps: the same approximation per lane as the 128-bit one (checked
+  // against torch.sqrt when the library loads, and bit for bit by the tests).
+  {
+    const __m256 half = _mm256_set1_ps(0.5f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      const __m256 r = _mm256_rsqrt_ps(v);
+      const __m256 g = _mm256_mul_ps(v, r), h = _mm256_mul_ps(r, half);
+      const __m256 e = _mm256_sub_ps(half, _mm256_mul_ps(g, h));
+      const __m256 g1 = _mm256_add_ps(_mm256_mul_ps(g, e), g);
+      const __m256 h1 = _mm256_add_ps(_mm256_mul_ps(e, h), h);
+      const __m256 d = _mm256_sub_ps(v, _mm256_mul_ps(g1, g1));
+      const __m256 y = _mm256_add_ps(_mm256_mul_ps(d, h1), g1);
+      _mm256_storeu_ps(x + i, _mm256_andnot_ps(_mm256_cmp_ps(v, zero, _CMP_EQ_OQ), y));
+    }
+  }
+#endif
   const __m128 half = _mm_set1_ps(0.5f), zero = _mm_setzero_ps();
-  int64_t i = 0;
   auto step = [&](__m128 v) {
     const __m128 r = _mm_rsqrt_ps(v);
     const __m128 g = _mm_mul_ps(v, r), h = _mm_mul_ps(r, half);
