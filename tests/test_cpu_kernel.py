@@ -512,19 +512,22 @@ def test_optimizer_steps_cpu_tensors_in_one_call(monkeypatch) -> None:
     assert calls == [3]
 
 
-def test_kth_largest_matches_a_sort(tmp_path) -> None:
-    """The AVX-512 radix select of the k-th Top-K key, alone, against a sort on 100k random key sets
-    (the step tests reach it only with the candidate sets their gradients happen to give)."""
-    if not _cpu_has("avx512f"):
-        pytest.skip("this CPU has no AVX-512: kth_largest is not built here (the binary search runs)")
+@pytest.mark.parametrize("build", ["native", "portable", "x86-64-v3"])
+def test_kth_largest_matches_a_sort(tmp_path, build: str) -> None:
+    """The radix select of the k-th Top-K key, alone, against a sort on 100k random key sets (the step
+    tests reach it only with the candidate sets their gradients happen to give), in each build's loops:
+    AVX-512 here, the AVX2 ones (x86-64-v3) and the plain ones (portable)."""
+    march = {"native": list(cpu._NATIVE), "portable": [], "x86-64-v3": ["-march=x86-64-v3"]}[build]
+    if build == "x86-64-v3" and not _cpu_has("avx2"):
+        pytest.skip("this CPU has no AVX2: the x86-64-v3 build cannot run here")
     compiler = cpu.shutil.which(cpu._COMPILER)
     assert compiler is not None, "the tests need g++"
     check = Path(__file__).parent / "csrc" / "kth_largest_check.cpp"
     main = tmp_path / "main.cpp"
     main.write_text(f'#include "{cpu._SOURCE}"\n#include "{check}"\n')
     exe = tmp_path / "check"
-    build = cpu._run([compiler, "-O2", "-std=c++17", "-fopenmp", "-march=native", str(main), "-o", str(exe)])
-    assert build.returncode == 0, build.stderr
+    build_run = cpu._run([compiler, "-O2", "-std=c++17", "-fopenmp", *march, str(main), "-o", str(exe)])
+    assert build_run.returncode == 0, build_run.stderr
     run = cpu._run([str(exe)])
     assert run.returncode == 0 and run.stdout.strip() == "0 wrong of 100000", run.stdout + run.stderr
 

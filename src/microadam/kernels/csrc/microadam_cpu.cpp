@@ -647,12 +647,62 @@ inline int64_t count_ge(const uint32_t* keys, int64_t n, uint32_t v) {
   return cnt;
 }
 
+// Helpers of kth_largest: how many of src[0..n) have `bit` set, and those with it set (take) or clear
+// (!take) copied in order to dst (dst may be src: each store lands at or before what was just read).
+inline int64_t count_bit(const uint32_t* src, int64_t n, uint32_t bit) {
+  int64_t ones = 0, i = 0;
 #ifdef __AVX512F__
+  const __m512i bv = _mm512_set1_epi32(int(bit));
+  for (; i < n; i += 16) {
+    const __mmask16 valid = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    ones += __builtin_popcount(_mm512_mask_test_epi32_mask(valid, _mm512_maskz_loadu_epi32(valid, src + i), bv));
+  }
+#elif defined(__AVX2__)
+  const __m256i bv = _mm256_set1_epi32(int(bit)), zero = _mm256_setzero_si256();
+  for (; i + 8 <= n; i += 8) {
+    const __m256i x = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)), bv);
+    ones += 8 - __builtin_popcount(unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(x, zero)))));
+  }
+#endif
+  for (; i < n; ++i) ones += (src[i] & bit) != 0;
+  return ones;
+}
+
+inline int64_t keep_bit(const uint32_t* src, int64_t n, uint32_t bit, bool take, uint32_t* dst) {
+  int64_t out = 0, i = 0;
+#ifdef __AVX512F__
+  const __m512i bv = _mm512_set1_epi32(int(bit));
+  for (; i < n; i += 16) {
+    const __mmask16 valid = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512i kv = _mm512_maskz_loadu_epi32(valid, src + i);
+    const __mmask16 m = take ? _mm512_mask_test_epi32_mask(valid, kv, bv) : _mm512_mask_testn_epi32_mask(valid, kv, bv);
+    _mm512_storeu_si512(dst + out, _mm512_maskz_compress_epi32(m, kv));
+    out += __builtin_popcount(m);
+  }
+#elif defined(__AVX2__)
+  const __m256i bv = _mm256_set1_epi32(int(bit)), zero = _mm256_setzero_si256();
+  for (; i + 8 <= n; i += 8) {
+    const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    const unsigned clear = unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(kv, bv), zero))));
+    const unsigned m = take ? ~clear & 0xFFu : clear;
+    const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(LEFT_PACK[m]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + out), _mm256_permutevar8x32_epi32(kv, perm));
+    out += __builtin_popcount(m);
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t x = src[i];
+    dst[out] = x;
+    out += ((x & bit) != 0) == take;
+  }
+  return out;
+}
+
 // The k-th largest of keys[0..c) (1 <= k <= c), all in [t, mkey]: a radix select, one bit at a time
 // from the highest bit where t and mkey differ (the bits above it are the same in every key). The
-// keys that match the bits decided so far are compressed into S.skey while they fill more than one
-// vector (each bit about halves them), then held in one register as a lane mask. Per 4096-block
-// this costs about a third of the binary search over [t, mkey] it replaced (23 counts over all the
+// keys that match the bits decided so far are compressed into S.skey (each bit about halves them);
+// with AVX-512, once they fit in one register, the rest runs on a lane mask. Per 4096-block this
+// costs about a third of the binary search over [t, mkey] it replaced (23 counts over all the
 // candidates, each ending in a mispredicted branch half the time).
 inline uint32_t kth_largest(const uint32_t* keys, int64_t c, int64_t k, uint32_t t, uint32_t mkey, Scratch& S) {
   if (t == mkey) return t;
@@ -661,42 +711,30 @@ inline uint32_t kth_largest(const uint32_t* keys, int64_t c, int64_t k, uint32_t
   uint32_t* kept = S.skey.data();
   const uint32_t* src = keys;
   int64_t n = c, need = k;
-  for (; bit >= 0 && n > 16; --bit) {
-    const __m512i bv = _mm512_set1_epi32(int(1u << bit));
-    int64_t ones = 0;
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 valid = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-      ones += __builtin_popcount(_mm512_mask_test_epi32_mask(valid, _mm512_maskz_loadu_epi32(valid, src + i), bv));
-    }
+#ifdef __AVX512F__
+  constexpr int64_t IN_REGISTER = 16;
+#else
+  constexpr int64_t IN_REGISTER = 0;
+#endif
+  for (; bit >= 0 && n > IN_REGISTER; --bit) {
+    const int64_t ones = count_bit(src, n, 1u << bit);
     const bool take = ones >= need;  // the k-th largest has this bit set
     if (take) {
       prefix |= 1u << bit;
     } else {
       need -= ones;
     }
-    // Keep the keys with this bit as decided (in place after the first bit: each store lands at or
-    // before the vector just read).
-    int64_t out = 0;
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 valid = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-      const __m512i kv = _mm512_maskz_loadu_epi32(valid, src + i);
-      const __mmask16 m = take ? _mm512_mask_test_epi32_mask(valid, kv, bv) : _mm512_mask_testn_epi32_mask(valid, kv, bv);
-      _mm512_storeu_si512(kept + out, _mm512_maskz_compress_epi32(m, kv));
-      out += __builtin_popcount(m);
-    }
+    n = keep_bit(src, n, 1u << bit, take, kept);
     src = kept;
-    n = out;
     if (n == need) {
       // Every kept key is among the k largest: the k-th is the smallest of them.
-      __m512i mn = _mm512_set1_epi32(-1);
-      for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 valid = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-        mn = _mm512_min_epu32(mn, _mm512_mask_loadu_epi32(_mm512_set1_epi32(-1), valid, kept + i));
-      }
-      return _mm512_reduce_min_epu32(mn);
+      uint32_t mn = 0xFFFFFFFFu;
+      for (int64_t i = 0; i < n; ++i) mn = kept[i] < mn ? kept[i] : mn;
+      return mn;
     }
   }
   if (bit < 0) return prefix;
+#ifdef __AVX512F__
   // At most 16 keys left: one register, the live lanes as a mask, branch-free steps.
   const __mmask16 valid = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
   const __m512i kv = _mm512_maskz_loadu_epi32(valid, src);
@@ -709,9 +747,9 @@ inline uint32_t kth_largest(const uint32_t* keys, int64_t c, int64_t k, uint32_t
     need -= ones & ~int64_t(int32_t(all));
     prefix |= (1u << bit) & all;
   }
+#endif
   return prefix;
 }
-#endif
 
 // Writes the k selected block indices, ascending, to sel (k + 16 slots). Requires k < len.
 void select_topk(const float* a, int64_t len, int64_t k, uint32_t mkey, Scratch& S, int32_t* sel) {
@@ -731,24 +769,8 @@ void select_topk(const float* a, int64_t len, int64_t k, uint32_t mkey, Scratch&
     S.dist = S.dist < 0x40000000u ? S.dist * 2 : 0x80000000u;  // t reaches 0: every entry is a candidate
   }
   S.pump(len / 128);
-#ifdef __AVX512F__
   const uint32_t v = kth_largest(ckey, c, k, t, mkey, S);
   S.pump(len / 128);
-#else
-  // The k-th largest key v is the largest value with at least k keys >= it: a binary search over
-  // [t, mkey], each probe one vectorized count over the ~100 candidates.
-  uint32_t lo = t, hi = mkey;
-  while (lo < hi) {
-    const uint32_t mid = lo + (hi - lo + 1) / 2;
-    S.pump(2);
-    if (count_ge(ckey, c, mid) >= k) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  const uint32_t v = lo;
-#endif
   // Keys above v are all taken; of the keys equal to v, the `need` of lowest index (block_topk's
   // tie rule). Candidates are in index order, so the output is ascending.
   int64_t need = k - count_ge(ckey, c, v + 1);
