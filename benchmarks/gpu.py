@@ -261,6 +261,12 @@ CHECK_CASES = (
         variant="release",
         one_step=True,
     ),
+    # Quantization blocks of several Top-K blocks (powers of two): released over tile rows.
+    CheckCase(
+        "fp32-release-quant-larger",
+        ((torch.float32, dict(block_size=32, density=0.1, quant_block_size=128, weight_decay=0.1)),),
+        variant="release",
+    ),
 )
 
 

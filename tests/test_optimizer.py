@@ -39,14 +39,15 @@ BAD_ARGS = [
     (dict(release=1.5), ValueError, ["release", "1.5", "[0, 1]"]),
     (dict(release=-0.1), ValueError, ["release", "-0.1"]),
     (dict(release_scale=float("nan")), ValueError, ["release_scale", "nan"]),
-    # The Triton kernels release error feedback only where a quantization block fits in a Top-K block.
+    # The Triton kernels release error feedback where a quantization block fits in a Top-K block, or
+    # both sizes are powers of two.
     (
-        dict(release=0.5, impl="triton", block_size=64, quant_block_size=128),
+        dict(release=0.5, impl="triton", block_size=48, quant_block_size=96),
         ValueError,
-        ["release=0.5", "impl='triton'", "quant_block_size=128", "block_size=64", "impl='cpp'"],
+        ["release=0.5", "impl='triton'", "quant_block_size=96", "block_size=48", "powers of two", "impl='cpp'"],
     ),
     (
-        dict(impl="triton", block_size=64, quant_block_size=128),
+        dict(impl="triton", block_size=48, quant_block_size=96),
         ValueError,
         ["release=0.5", "impl='triton'", "variant='paper'"],
     ),

@@ -140,6 +140,42 @@ CASES = [
         release=0.5,
     ),
     Case("release-fp16", ((65,), (139,)), dtype=torch.float16, release=0.5, window=3, steps=5),
+    # Quantization blocks of several rows (powers of two): 4 rows of 16, a partial last block (139 =
+    # 2 * 64 + 11), a tensor of one partial block (7), 2 rows of 2 (the narrowest tile), bf16.
+    Case(
+        "release-quant-larger",
+        ((7,), (139,)),
+        block_size=16,
+        quant_block_size=64,
+        density=0.2,
+        window=3,
+        steps=5,
+        release=0.5,
+        weight_decay=0.1,
+    ),
+    Case(
+        "release-quant-larger-narrow",
+        ((33,),),
+        block_size=2,
+        quant_block_size=4,
+        density=0.5,
+        window=2,
+        steps=4,
+        release=0.25,
+        release_scale=2.0,
+    ),
+    Case(
+        "release-quant-larger-bf16",
+        ((139,),),
+        dtype=torch.bfloat16,
+        block_size=32,
+        quant_block_size=128,
+        density=0.1,
+        window=3,
+        steps=5,
+        release=0.5,
+        error_rounding="stochastic",
+    ),
 ]
 
 
@@ -379,6 +415,11 @@ def test_tensors_of_one_tile_class_share_a_launch(monkeypatch: pytest.MonkeyPatc
             torch.bfloat16,
             id="bf16-odd-blocks-release",
         ),
+        pytest.param(
+            dict(window=2, density=0.25, block_size=4, quant_block_size=16, weight_decay=0.1, variant="release"),
+            torch.float32,
+            id="fp32-release-quant-larger",
+        ),
     ],
 )
 def test_optimizer_with_triton_equals_reference(kwargs: dict[str, Any], dtype: torch.dtype) -> None:
@@ -526,7 +567,7 @@ from microadam.kernels import triton_kernels as tk
 
 compress = dict(prog_tensor="*i32", prog_local="*i32", meta_i="*i64", meta_f="*fp32")
 update = dict(compress, weights="*fp32")
-paper = dict(RELEASE=False, PARAM_KIND=0, LOG_CP2=3)
+paper = dict(RELEASE=False, PARAM_KIND=0, LOG_CP2=3, LOG_RP2=0)
 c = tk._compress_kernel
 variants = [
     (c, compress, dict(RP2=4, CP2=8, TK_MODE=0, Q_MODE=2, PAIRS=False, GRAD_KIND=3, RADIX_BITS=4, **paper)),
@@ -534,11 +575,14 @@ variants = [
     # Released error feedback (rows are quantization blocks), each parameter kind; the second is
     # the default layout's tile (32 quantization blocks of 128 in a Top-K block of 4096).
     (c, compress, dict(RP2=4, CP2=16, TK_MODE=1, Q_MODE=0, PAIRS=True, GRAD_KIND=1, RADIX_BITS=2,
-                       RELEASE=True, PARAM_KIND=1, LOG_CP2=4)),
+                       RELEASE=True, PARAM_KIND=1, LOG_CP2=4, LOG_RP2=2)),
     (c, compress, dict(RP2=32, CP2=128, TK_MODE=1, Q_MODE=0, PAIRS=True, GRAD_KIND=0, RADIX_BITS=2,
-                       RELEASE=True, PARAM_KIND=0, LOG_CP2=7)),
+                       RELEASE=True, PARAM_KIND=0, LOG_CP2=7, LOG_RP2=5)),
     (c, compress, dict(RP2=2, CP2=8, TK_MODE=0, Q_MODE=0, PAIRS=False, GRAD_KIND=2, RADIX_BITS=4,
-                       RELEASE=True, PARAM_KIND=2, LOG_CP2=3)),
+                       RELEASE=True, PARAM_KIND=2, LOG_CP2=3, LOG_RP2=1)),
+    # ... and a quantization block of several rows (4 Top-K blocks of 16).
+    (c, compress, dict(RP2=4, CP2=16, TK_MODE=0, Q_MODE=1, PAIRS=True, GRAD_KIND=0, RADIX_BITS=2,
+                       RELEASE=True, PARAM_KIND=1, LOG_CP2=4, LOG_RP2=2)),
     (tk._update_kernel, update, dict(KP2=4, MP2=4, DT=64, PARAM_KIND=1, VEC_SLOTS=True)),
     (tk._update_kernel, update, dict(KP2=16, MP2=4, DT=64, PARAM_KIND=2, VEC_SLOTS=False)),
     (tk._update_kernel, update, dict(KP2=8, MP2=2, DT=64, PARAM_KIND=0, VEC_SLOTS=True)),
@@ -563,7 +607,7 @@ def test_kernels_compile_for_a_gpu_without_one(tmp_path: Any) -> None:
         [sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 8" in out.stdout
+    assert "compiled 9" in out.stdout
 
 
 def _args(param: torch.Tensor, **over: Any) -> dict[str, Any]:
@@ -602,11 +646,12 @@ def test_bad_arguments_raise_value_errors() -> None:
     q = torch.zeros(100, device=DEVICE)
     with pytest.raises(ValueError, match="divide"):
         tk.microadam_step_triton(q, torch.zeros_like(q), **_args(q, layout=lay, **_zero_state(lay)))
-    # Release sums a quantization block's squares within a tile row: not for blocks of several rows.
-    lay = layout_for(100, block_size=16, density=0.1, quant_block_size=32, window=2)
+    # Release sums a quantization block's squares in tile order: not for blocks of several rows whose
+    # sizes are not powers of two.
+    lay = layout_for(100, block_size=12, density=0.1, quant_block_size=24, window=2)
     state = _zero_state(lay)
     before = {name: t.clone() for name, t in state.items()}
-    with pytest.raises(ValueError, match=r"quant_block=32 > block=16.*impl='torch'"):
+    with pytest.raises(ValueError, match=r"powers of two.*quant_block=24 > block=12.*impl='torch'"):
         tk.microadam_step_triton(q, torch.ones_like(q), **_args(q, layout=lay, **state, release=0.5))
     # Refused before anything was written.
     assert all(torch.equal(state[name], before[name]) for name in state) and not q.any()

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from microadam import sharding
 from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
-from microadam.kernels import _CPP_DTYPES, PartialStepError, _cpp_ready, load_multi, resolve_impl
+from microadam.kernels import _CPP_DTYPES, PartialStepError, _cpp_ready, load_multi, release_tiles, resolve_impl
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
 __all__ = [
@@ -200,12 +200,12 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid nonfinite: {group['nonfinite']!r}; use 'skip' or 'raise'")
     if group["impl"] not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"Invalid impl: {group['impl']!r}; use None (automatic) or one of {IMPLEMENTATIONS}")
-    if group.get("release", 0.0) and group["impl"] == "triton" and group["quant_block_size"] > group["block_size"]:
-        # The Triton compress kernel sums a quantization block's squares within one tile row.
+    if group.get("release", 0.0) and group["impl"] == "triton" and not release_tiles(b, q):
+        # The Triton compress kernel sums a quantization block's squares in its tile's index order.
         raise ValueError(
-            f"release={group['release']!r} with impl='triton' needs quant_block_size <= block_size, got "
-            f"quant_block_size={group['quant_block_size']} and block_size={group['block_size']}; use impl=None "
-            "(automatic), impl='torch' or impl='cpp', a smaller quant_block_size, or variant='paper'"
+            f"release={group['release']!r} with impl='triton' needs quant_block_size <= block_size, or both "
+            f"powers of two, got quant_block_size={q} and block_size={b}; use impl=None (automatic), "
+            "impl='torch' or impl='cpp', a smaller quant_block_size, powers of two, or variant='paper'"
         )
 
 
@@ -282,7 +282,7 @@ class MicroAdam(Optimizer):
             ``lr * release_scale * r / rms(r)`` and only ``(1 - release) * r`` is stored as the
             error: every coordinate moves every step, not only the window's, at unchanged memory.
             Measured in ``docs/results.md`` (issue 8); every ``impl`` implements it (``"triton"``
-            where ``quant_block_size <= block_size``, as by default).
+            where ``quant_block_size <= block_size``, as by default, or both are powers of two).
         release_scale: RMS of that dense move over a quantization block, in units of ``lr``
             (from ``variant``: ``1.0``, about AdamW's step size).
 

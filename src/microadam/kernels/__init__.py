@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["KERNELS", "PartialStepError", "load", "load_multi", "availability", "resolve_impl"]
+__all__ = ["KERNELS", "PartialStepError", "load", "load_multi", "availability", "release_tiles", "resolve_impl"]
 
 
 class PartialStepError(RuntimeError):
@@ -71,6 +71,17 @@ def load_multi(name: str) -> Callable[..., None] | None:
         return None
     load(name)  # raises with the reason if unavailable
     return getattr(importlib.import_module(module), multi)
+
+
+def release_tiles(block: int, quant_block: int) -> bool:
+    """Whether the Triton kernels release error feedback for this layout: a quantization block at most a
+    Top-K block (a tile row), or both powers of two (a block of several rows is then their tile in
+    index order, whose halving sum is the torch path's). The optimizer checks it when a group is built."""
+
+    def pow2(x: int) -> bool:
+        return x > 0 and x & (x - 1) == 0
+
+    return quant_block <= block or (block >= 2 and pow2(block) and pow2(quant_block))
 
 
 # Parameter dtypes the C++ path computes itself (float64 it hands back to the torch path).

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from microadam.functional import step_scalars
+from microadam.kernels import release_tiles
 from microadam.layout import Layout
 from microadam.ops.random import STREAM_MOVE, stream_key
 
@@ -270,6 +271,7 @@ if triton is not None:
         RELEASE: tl.constexpr,
         PARAM_KIND: tl.constexpr,
         LOG_CP2: tl.constexpr,
+        LOG_RP2: tl.constexpr,
     ):
         pid = tl.program_id(0)
         t = tl.load(prog_tensor + pid).to(tl.int64)
@@ -384,17 +386,30 @@ if triton is not None:
         # 3. the rest is the new error: 4-bit codes per quantization block (ops.quant.quantize_blocks).
         rest = tl.where(sel, 0.0, a)
         if RELEASE:
-            # Released error feedback (functional.release_move); rows are quantization blocks here
-            # (_tile_plan's Q_MODE 0, which _prepare requires). The sum of squares by halving: the
-            # row padded with zeros to CP2 columns (the torch path pads to the power of two of the
-            # quantization block; more zero halves add exact zeros), each level adding the row's
-            # two halves, so the sum is bit-identical.
+            # Released error feedback (functional.release_move). The sum of squares of each
+            # quantization block by halving, each level adding the two halves, as the torch path
+            # does, so that the sum is bit-identical:
+            # - Q_MODE 0: a row is a quantization block, padded with zeros to CP2 columns (the torch
+            #   path pads to the power of two of the quantization block; more zero halves add exact
+            #   zeros).
+            # - Q_MODE 1: the group is one quantization block of RP2 rows of CP2 (_prepare requires
+            #   both powers of two, so the tile is the block in index order): the rows' halves first
+            #   (element i with i + RP2 * CP2 / 2, ...), then the one row's.
             mf = meta_f + t * _NF
             sq = rest * rest
-            for lvl in tl.static_range(LOG_CP2 - 1):
-                sq = tl.reduce(tl.reshape(sq, (RP2, 2, CP2 >> (lvl + 1))), 1, _SUM)
-            total = tl.reduce(sq, 1, _SUM)
-            count = tl.reduce(in_data.to(tl.float32), 1, _SUM)
+            if Q_MODE == 0:
+                for lvl in tl.static_range(LOG_CP2 - 1):
+                    sq = tl.reduce(tl.reshape(sq, (RP2, 2, CP2 >> (lvl + 1))), 1, _SUM)
+                total = tl.reduce(sq, 1, _SUM)
+                count = tl.reduce(in_data.to(tl.float32), 1, _SUM)
+            else:
+                for lvl in tl.static_range(LOG_RP2):
+                    sq = tl.reduce(tl.reshape(sq, (2, RP2 >> (lvl + 1), CP2)), 0, _SUM)
+                for lvl in tl.static_range(LOG_CP2 - 1):
+                    sq = tl.reduce(tl.reshape(sq, (1, 2, CP2 >> (lvl + 1))), 1, _SUM)
+                # One block: its total and element count on every row.
+                total = tl.zeros([RP2], tl.float32) + tl.sum(tl.reduce(sq, 1, _SUM))
+                count = tl.zeros([RP2], tl.float32) + tl.sum(in_data.to(tl.float32))
             rms = tl.sqrt_rn(tl.div_rn(total, tl.where(count > 0, count, 1.0)))
             # torch computes `scale / rms` as rms.reciprocal() * scale.
             inv = tl.where(rms > 0, tl.div_rn(1.0, tl.where(rms > 0, rms, 1.0)) * tl.load(mf + _F_RSCALE), 0.0)
@@ -698,11 +713,12 @@ def _prepare(
         )
 
     C, R, S, G, tk_mode, q_mode = _tile_plan(layout)
-    if release and q_mode != 0:
+    if release and q_mode != 0 and not release_tiles(layout.block, layout.quant_block):
         raise ValueError(
-            f"impl='triton' releases error feedback (release={release!r}) only where a quantization block "
-            f"is at most a Top-K block, got quant_block={layout.quant_block} > block={layout.block}; use "
-            "impl='torch' or impl='cpp', a quant_block_size <= block_size, or variant='paper'"
+            f"impl='triton' releases error feedback (release={release!r}) where a quantization block is "
+            "at most a Top-K block, or both sizes are powers of two (the tile is then the block in index "
+            f"order), got quant_block={layout.quant_block} > block={layout.block}; use impl='torch' or "
+            "impl='cpp', a quant_block_size <= block_size, powers of two, or variant='paper'"
         )
     pairs = C % 2 == 0 or R == 1
     m, k = layout.window, layout.k
@@ -864,6 +880,7 @@ def _launch(works: list[_Work]) -> None:
             RELEASE=release,
             PARAM_KIND=param_kind,
             LOG_CP2=cp2.bit_length() - 1,
+            LOG_RP2=rp2.bit_length() - 1,
             num_warps=_num_warps(rp2 * cp2),
             enable_fp_fusion=False,
         )
