@@ -81,6 +81,13 @@ SHAPES = [
     Shape("big-k", (5000,), 1024, 0.25, 128, 3),
     # The optimizer's defaults on a tensor of 3 full blocks and a partial one.
     Shape("paper-defaults", (3 * 4096 + 123,), 4096, 0.01, 128, 10),
+    # Odd quantization blocks wide enough for the vector loops, which then start at odd positions:
+    # smaller and larger than the Top-K block.
+    Shape("odd-wide-quant", (500,), 34, 0.1, 17, 3),
+    Shape("odd-wide-quant-larger", (700,), 17, 0.2, 51, 3),
+    # Neither size divides the other (the functional API takes it; MicroAdam refuses it): the decode
+    # is cut at both kinds of boundary.
+    Shape("neither-divides", (1000,), 64, 0.05, 48, 3),
 ]
 
 

@@ -197,6 +197,20 @@ def test_all_finite_check_in_cpp_agrees_with_the_torch_sums():
         cpu.all_finite([torch.zeros(3, dtype=torch.float64)])
 
 
+def test_all_finite_check_never_builds_the_cpp_path(monkeypatch):
+    """A user of impl='torch' gets no g++ build from the check: it takes the C++ sums only once a step
+    has loaded the library."""
+    from microadam.kernels import cpu
+    from microadam.optimizer import grads_all_finite
+
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(cpu, "_load", lambda: pytest.fail("the all-finite check built the C++ path"))
+    bad = torch.randn(100)
+    bad[7] = float("nan")
+    assert grads_all_finite([torch.randn(100)]) and not grads_all_finite([bad])
+    assert not cpu.loaded()
+
+
 # ---------------------------------------------------------------- torch.optim conventions
 
 

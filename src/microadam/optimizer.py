@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from microadam import sharding
 from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
-from microadam.kernels import _CPP_DTYPES, PartialStepError, _cpp_ready, load_multi, release_tiles, resolve_impl
+from microadam.kernels import _CPP_DTYPES, PartialStepError, load_multi, release_tiles, resolve_impl
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
 __all__ = [
@@ -76,16 +76,17 @@ def grads_all_finite(grads: list[torch.Tensor]) -> bool:
     kernel). fp16 sums overflow at 65504, so they are taken in float32, chunk by chunk:
     ``sum(dtype=float32)`` over the whole tensor would first make a full float32 copy of it.
     Contiguous CPU tensors of float32, bfloat16 or float16 are summed in float32 in one C++ call
-    (:func:`microadam.kernels.cpu.all_finite`) where it builds: a ``torch.sum`` each costs a few
-    microseconds, most of the check for a model of many small tensors.
+    (:func:`microadam.kernels.cpu.all_finite`) once the C++ path is loaded (by a step that uses it;
+    this check never builds it): a ``torch.sum`` each costs a few microseconds, most of the check for
+    a model of many small tensors.
     """
     if not grads:
         return True
+    from microadam.kernels import cpu
+
     native = [g.is_cpu and g.dtype in _CPP_DTYPES and g.is_contiguous() for g in grads]
     rest = grads
-    if any(native) and _cpp_ready():
-        from microadam.kernels import cpu
-
+    if any(native) and cpu.loaded():
         if not cpu.all_finite([g for g, n in zip(grads, native) if n]):
             return False
         rest = [g for g, n in zip(grads, native) if not n]
@@ -204,8 +205,8 @@ def _check_group(group: dict[str, Any]) -> None:
         # The Triton compress kernel sums a quantization block's squares in its tile's index order.
         raise ValueError(
             f"release={group['release']!r} with impl='triton' needs quant_block_size <= block_size, or both "
-            f"powers of two, got quant_block_size={q} and block_size={b}; use impl=None (automatic), "
-            "impl='torch' or impl='cpp', a smaller quant_block_size, powers of two, or variant='paper'"
+            f"powers of two with block_size >= 2, got quant_block_size={q} and block_size={b}; use impl=None "
+            "(automatic), impl='torch' or impl='cpp', a smaller quant_block_size, powers of two, or variant='paper'"
         )
 
 
@@ -376,13 +377,7 @@ class MicroAdam(Optimizer):
     @staticmethod
     def layout(p: torch.Tensor, group: dict[str, Any]) -> Layout:
         """The state layout of parameter ``p`` under ``group``'s hyperparameters."""
-        return layout_for(
-            local_tensor(p).numel(),
-            block_size=group["block_size"],
-            density=group["density"],
-            quant_block_size=group["quant_block_size"],
-            window=group["window"],
-        )
+        return MicroAdam._layout_of(local_tensor(p).numel(), group)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         lay = self.layout(p, group)

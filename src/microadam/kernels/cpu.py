@@ -40,7 +40,7 @@ from microadam import functional
 from microadam.kernels import PartialStepError
 from microadam.layout import Layout
 
-__all__ = ["all_finite", "available", "microadam_step_cpp", "microadam_step_cpp_multi"]
+__all__ = ["all_finite", "available", "loaded", "microadam_step_cpp", "microadam_step_cpp_multi"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "microadam_cpu.cpp"
 _COMPILER = "g++"
@@ -244,6 +244,11 @@ def _library() -> tuple[ctypes.CDLL, tuple[int | None, int]]:
         if "error" in _state:
             raise RuntimeError(f"{_state['error']}; {_FIX}")
         return _state["lib"]  # type: ignore[return-value]
+
+
+def loaded() -> bool:
+    """Whether the library is built and loaded in this process already (builds nothing)."""
+    return "lib" in _state
 
 
 def available() -> tuple[bool, str]:

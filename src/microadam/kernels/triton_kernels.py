@@ -716,7 +716,7 @@ def _prepare(
     if release and q_mode != 0 and not release_tiles(layout.block, layout.quant_block):
         raise ValueError(
             f"impl='triton' releases error feedback (release={release!r}) where a quantization block is "
-            "at most a Top-K block, or both sizes are powers of two (the tile is then the block in index "
+            "at most a Top-K block, or both sizes are powers of two, block >= 2 (the tile is then the block in index "
             f"order), got quant_block={layout.quant_block} > block={layout.block}; use impl='torch' or "
             "impl='cpp', a quant_block_size <= block_size, powers of two, or variant='paper'"
         )

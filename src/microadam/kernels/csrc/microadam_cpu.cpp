@@ -340,7 +340,7 @@ struct Args {
 // Per-thread buffers, grown on demand and kept across calls: no allocation per block or per step.
 struct Scratch {
   std::vector<float> a;          // unit's working copy
-  std::vector<uint8_t> c8;       // unit's unpacked codes
+  std::vector<uint8_t> c8;       // the unit's new codes, one per byte, before packing
   std::vector<uint32_t> bmax;    // largest |a| bits of each Top-K block of the unit
   std::vector<uint32_t> ckey;    // Top-K candidates: |a| bits
   std::vector<uint32_t> skey;    // kth_largest's narrowing set of candidates
@@ -455,17 +455,26 @@ void load_sum(const Args& A, Scratch& S, int64_t start, int64_t len) {
   uint32_t* bmax = S.bmax.data();
   const int64_t q = A.qblock, B = A.block;
   for (int64_t b = 0; b * B < len; ++b) bmax[b] = 0;
-  // Segments of min(q, B) elements (one divides the other) lie in one quantization block and one
-  // Top-K block.
-  const int64_t seg = q < B ? q : B;
-  for (int64_t s = 0; s < len; s += seg) {
+  // Segments that lie in one quantization block and one Top-K block: cut at both kinds of boundary
+  // (the unit starts on both; the functional API takes sizes where neither divides the other).
+  for (int64_t s = 0, e = 0; s < len; s = e) {
     const int64_t qb = (start + s) / q;
+    const int64_t b = s / B;
+    e = (qb + 1) * q - start;
+    e = (b + 1) * B < e ? (b + 1) * B : e;
+    e = len < e ? len : e;
     const float lo = bf16_to_f(A.bounds[2 * qb]);
     const float hi = bf16_to_f(A.bounds[2 * qb + 1]);
     const float scale = (hi - lo) / float(LEVELS);
-    const int64_t e = s + seg < len ? s + seg : len;
     int64_t i = s;
     uint32_t m = 0;
+    if (i & 1) {
+      // An odd start (odd sizes): this element alone, so that the vector loops below read whole code
+      // bytes (the even element in the low nibble).
+      a[i] = load_f<G>(A.grad, start + i) + (float(packed[i / 2] >> 4) * scale + lo);
+      m = f2u(a[i]) & 0x7FFFFFFFu;
+      ++i;
+    }
 #ifdef __AVX512F__
     const __m512 sv = _mm512_set1_ps(scale), lv = _mm512_set1_ps(lo);
     const __m128i nib = _mm_set1_epi8(0x0F);
@@ -488,7 +497,8 @@ void load_sum(const Args& A, Scratch& S, int64_t start, int64_t len) {
       _mm512_storeu_ps(a + i, sum);
       mv = _mm512_max_epu32(mv, _mm512_and_si512(_mm512_castps_si512(sum), absmask));
     }
-    m = _mm512_reduce_max_epu32(mv);
+    const uint32_t mvec = _mm512_reduce_max_epu32(mv);
+    m = mvec > m ? mvec : m;
 #elif defined(__AVX2__) && defined(__F16C__)
     const __m256 sv = _mm256_set1_ps(scale), lv = _mm256_set1_ps(lo);
     const __m128i nib = _mm_set1_epi8(0x0F);
@@ -526,7 +536,7 @@ void load_sum(const Args& A, Scratch& S, int64_t start, int64_t len) {
       const uint32_t mt = max_key(a + m0, e - m0);
       m = mt > m ? mt : m;
     }
-    uint32_t& bm = bmax[s / B];
+    uint32_t& bm = bmax[b];
     bm = m > bm ? m : bm;
   }
 }
@@ -751,7 +761,8 @@ inline uint32_t kth_largest(const uint32_t* keys, int64_t c, int64_t k, uint32_t
   return prefix;
 }
 
-// Writes the k selected block indices, ascending, to sel (k + 16 slots). Requires k < len.
+// Writes the k selected block indices, ascending, to sel (k + 16 slots). Requires k < len and mkey
+// the largest |a| bits of the block (load_sum's S.bmax): the search assumes no key above it.
 void select_topk(const float* a, int64_t len, int64_t k, uint32_t mkey, Scratch& S, int32_t* sel) {
   S.pump(len / 64);
   if (mkey == 0) {  // all zeros: the lowest indices win
