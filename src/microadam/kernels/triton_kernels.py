@@ -407,9 +407,10 @@ if triton is not None:
                     sq = tl.reduce(tl.reshape(sq, (2, RP2 >> (lvl + 1), CP2)), 0, _SUM)
                 for lvl in tl.static_range(LOG_CP2 - 1):
                     sq = tl.reduce(tl.reshape(sq, (1, 2, CP2 >> (lvl + 1))), 1, _SUM)
-                # One block: its total and element count on every row.
-                total = tl.zeros([RP2], tl.float32) + tl.sum(tl.reduce(sq, 1, _SUM))
-                count = tl.zeros([RP2], tl.float32) + tl.sum(in_data.to(tl.float32))
+                # One block: its total and element count on every row (tl.reduce and tl.full, not
+                # tl.sum and tl.zeros: see _SUM).
+                total = tl.full([RP2], 0.0, tl.float32) + tl.reduce(tl.reduce(sq, 1, _SUM), 0, _SUM)
+                count = tl.full([RP2], 0.0, tl.float32) + tl.reduce(tl.reduce(in_data.to(tl.float32), 1, _SUM), 0, _SUM)
             rms = tl.sqrt_rn(tl.div_rn(total, tl.where(count > 0, count, 1.0)))
             # torch computes `scale / rms` as rms.reciprocal() * scale.
             inv = tl.where(rms > 0, tl.div_rn(1.0, tl.where(rms > 0, rms, 1.0)) * tl.load(mf + _F_RSCALE), 0.0)
