@@ -87,7 +87,7 @@ def grads_all_finite(grads: list[torch.Tensor]) -> bool:
     native = [g.is_cpu and g.dtype in _CPP_DTYPES and g.is_contiguous() for g in grads]
     rest = grads
     if any(native) and cpu.loaded():
-        if not cpu.all_finite([g for g, n in zip(grads, native) if n]):
+        if not cpu._all_finite([g for g, n in zip(grads, native) if n]):
             return False
         rest = [g for g, n in zip(grads, native) if not n]
         if not rest:

@@ -556,6 +556,11 @@ def all_finite(grads: Sequence[torch.Tensor]) -> bool:
                 f"{'contiguous' if g.is_contiguous() else 'non-contiguous'} {g.dtype} tensor on {g.device}; "
                 "use optimizer.grads_all_finite, which takes any"
             )
+    return _all_finite(grads)
+
+
+def _all_finite(grads: Sequence[torch.Tensor]) -> bool:
+    # all_finite without the argument checks: optimizer.grads_all_finite has picked the tensors.
     grads = [g for g in grads if g.numel()]
     if not grads:
         return True

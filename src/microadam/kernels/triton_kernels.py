@@ -233,14 +233,17 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _param_pointer(mi, PARAM_KIND: tl.constexpr):
-        """The parameter's pointer from a tensor's table row, typed as its stored form (bf16 as int16)."""
-        if PARAM_KIND == 0:
-            ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float32))
-        elif PARAM_KIND == 1:
-            ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.int16))
+    def _typed_pointer(mi, COL: tl.constexpr, KIND: tl.constexpr):
+        """Column COL of a tensor's table row (the parameter or the gradient) as a pointer to its stored
+        form: KIND 0 float32, 1 bfloat16 (as int16), 2 float16, 3 float64 (_PARAM_KINDS, _GRAD_KINDS)."""
+        if KIND == 0:
+            ptr = tl.load(mi + COL).to(tl.pointer_type(tl.float32))
+        elif KIND == 1:
+            ptr = tl.load(mi + COL).to(tl.pointer_type(tl.int16))
+        elif KIND == 2:
+            ptr = tl.load(mi + COL).to(tl.pointer_type(tl.float16))
         else:
-            ptr = tl.load(mi + _I_PARAM).to(tl.pointer_type(tl.float16))
+            ptr = tl.load(mi + COL).to(tl.pointer_type(tl.float64))
         return ptr
 
     @triton.jit
@@ -290,14 +293,7 @@ if triton is not None:
         err_key = tl.load(mi + _I_ERRKEY)
         offset = tl.load(mi + _I_OFFSET)
         stoch_err = tl.load(mi + _I_STOCH_ERR)
-        if GRAD_KIND == 0:
-            grad_ptr = tl.load(mi + _I_GRAD).to(tl.pointer_type(tl.float32))
-        elif GRAD_KIND == 1:
-            grad_ptr = tl.load(mi + _I_GRAD).to(tl.pointer_type(tl.int16))
-        elif GRAD_KIND == 2:
-            grad_ptr = tl.load(mi + _I_GRAD).to(tl.pointer_type(tl.float16))
-        else:
-            grad_ptr = tl.load(mi + _I_GRAD).to(tl.pointer_type(tl.float64))
+        grad_ptr = _typed_pointer(mi, _I_GRAD, GRAD_KIND)
         widx_ptr = tl.load(mi + _I_WIDX).to(tl.pointer_type(tl.int16))
         wval_ptr = tl.load(mi + _I_WVAL).to(tl.pointer_type(tl.int16))
         codes_ptr = tl.load(mi + _I_CODES).to(tl.pointer_type(tl.uint8))
@@ -422,7 +418,7 @@ if triton is not None:
             # random bits, so positions outside the window get its value) and again there at the
             # window's positions (one extra rounding, with a stream of its own), where the torch
             # path rounds once.
-            param_ptr = _param_pointer(mi, PARAM_KIND)
+            param_ptr = _typed_pointer(mi, _I_PARAM, PARAM_KIND)
             pos = o.to(tl.int64) + base
             pv = _load_param(param_ptr + pos, in_data, PARAM_KIND)
             newp = pv * tl.load(mf + _F_CDECAY) - tl.load(mf + _F_LR) * move
@@ -500,7 +496,7 @@ if triton is not None:
         offset = tl.load(mi + _I_OFFSET)
         stoch = tl.load(mi + _I_STOCH_PAR)
         has_wd = tl.load(mi + _I_WD)
-        param_ptr = _param_pointer(mi, PARAM_KIND)
+        param_ptr = _typed_pointer(mi, _I_PARAM, PARAM_KIND)
         widx_ptr = tl.load(mi + _I_WIDX).to(tl.pointer_type(tl.int16))
         wval_ptr = tl.load(mi + _I_WVAL).to(tl.pointer_type(tl.int16))
         lr = tl.load(mf + _F_LR)

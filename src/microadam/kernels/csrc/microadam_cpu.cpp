@@ -910,30 +910,27 @@ inline float sum_squares_v8(const float* a) {
 #endif
 
 inline float sum_squares(const float* a, int64_t len, int64_t width, float* sq) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-  if (len == width) {
-    switch (width) {
-      case 8: return sum_squares_v8<1>(a);
-      case 16: return sum_squares_v8<2>(a);
-      case 32: return sum_squares_v8<4>(a);
-      case 64: return sum_squares_v8<8>(a);
-      case 128: return sum_squares_v8<16>(a);
-      case 256: return sum_squares_v8<32>(a);
-      default: break;
-    }
-  }
-#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+  // A full block of 1 to 32 vectors: in registers (widths up to 256, as before both paths).
 #ifdef __AVX512F__
-  if (len == width) {
-    switch (width) {
-      case 16: return sum_squares_v<1>(a);
-      case 32: return sum_squares_v<2>(a);
-      case 64: return sum_squares_v<4>(a);
-      case 128: return sum_squares_v<8>(a);
-      case 256: return sum_squares_v<16>(a);
+  constexpr int64_t L = 16;
+#define MICROADAM_SUM_SQUARES sum_squares_v
+#else
+  constexpr int64_t L = 8;
+#define MICROADAM_SUM_SQUARES sum_squares_v8
+#endif
+  if (len == width && width <= 256 && width % L == 0) {
+    switch (width / L) {
+      case 1: return MICROADAM_SUM_SQUARES<1>(a);
+      case 2: return MICROADAM_SUM_SQUARES<2>(a);
+      case 4: return MICROADAM_SUM_SQUARES<4>(a);
+      case 8: return MICROADAM_SUM_SQUARES<8>(a);
+      case 16: return MICROADAM_SUM_SQUARES<16>(a);
+      case 32: return MICROADAM_SUM_SQUARES<32>(a);
       default: break;
     }
   }
+#undef MICROADAM_SUM_SQUARES
 #endif
   for (int64_t i = 0; i < len; ++i) sq[i] = a[i] * a[i];
   for (int64_t i = len; i < width; ++i) sq[i] = 0.f;
