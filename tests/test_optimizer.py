@@ -168,7 +168,7 @@ def test_all_finite_check_over_mixed_dtypes_finds_one_bad_element(where, bad):
 
 def test_all_finite_check_in_cpp_agrees_with_the_torch_sums():
     """CPU float32/bf16/fp16 gradients are checked in one C++ call; its verdict is the torch sums' on
-    finite sets, on sets with one bad element at each end of a tensor, and on finite values whose sum
+    finite sets, on sets with one bad element at either end or inside a tensor, and on finite values whose sum
     overflows (rejected by both); a non-contiguous gradient takes the torch path alongside."""
     from microadam.kernels import cpu
     from microadam.optimizer import grads_all_finite
@@ -181,7 +181,9 @@ def test_all_finite_check_in_cpp_agrees_with_the_torch_sums():
             (65, torch.bfloat16), (131073, torch.float16), (0, torch.float32)]]  # fmt: skip
     assert cpu.all_finite(base) and torch_verdict(base) and grads_all_finite(base)
     for i in range(4):
-        for pos in (0, -1):
+        n = base[i].numel()
+        # Both ends, and the middle of a chunk, where the C++ sum's two streams meet (sum_halves).
+        for pos in sorted({0, n - 1, n // 2, max(n // 2 - 1, 0), n // 3, min(65536 // 2, n - 1)}):
             for bad in (float("nan"), float("inf")):
                 grads = [g.clone() for g in base]
                 grads[i][pos] = bad
