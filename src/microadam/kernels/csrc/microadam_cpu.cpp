@@ -57,8 +57,6 @@ static inline uint64_t profile_clock() {
 #endif
 enum { PH_LOAD, PH_TOPK, PH_RELEASE, PH_QUANT, PH_MOMENTS, PH_DIVIDE, PH_UPDATE, PH_COUNT, PH_ELEMENTS = 15 };
 static uint64_t PROFILE[64][16];
-static thread_local uint64_t PROFILE_LAST;
-static thread_local int PROFILE_THREAD;
 static inline int profile_thread() {
 #ifdef _OPENMP
   return omp_get_thread_num() & 63;
@@ -66,17 +64,19 @@ static inline int profile_thread() {
   return 0;
 #endif
 }
+// The thread's last mark and row live in its scratch (S, in scope wherever a mark is), not in
+// thread-locals: each use of one costs a call to __tls_get_addr in a dlopen-ed library.
 #define PROFILE_START(len)                                                  \
   do {                                                                      \
-    PROFILE_THREAD = profile_thread();                                      \
-    PROFILE[PROFILE_THREAD][PH_ELEMENTS] += uint64_t(len);                  \
-    PROFILE_LAST = profile_clock();                                         \
+    S.prof_thread = profile_thread();                                       \
+    PROFILE[S.prof_thread][PH_ELEMENTS] += uint64_t(len);                   \
+    S.prof_last = profile_clock();                                          \
   } while (0)
 #define PROFILE_MARK(phase)                                                 \
   do {                                                                      \
     const uint64_t now_ = profile_clock();                                  \
-    PROFILE[PROFILE_THREAD][phase] += now_ - PROFILE_LAST;                  \
-    PROFILE_LAST = now_;                                                    \
+    PROFILE[S.prof_thread][phase] += now_ - S.prof_last;                    \
+    S.prof_last = now_;                                                     \
   } while (0)
 #else
 #define PROFILE_START(len) \
@@ -360,6 +360,8 @@ struct Scratch {
   uint32_t dist = 0x00800000u;   // Top-K threshold distance below the max key (adapts)
   // Cache lines still to prefetch: up to PF_MAX byte ranges, issued a few at a time by pump().
   static constexpr int PF_MAX = 32;
+  uint64_t prof_last = 0;  // PROFILE_MARK's clock and counter row (profile builds only)
+  int prof_thread = 0;
   const char* pf_ptr[PF_MAX];
   int64_t pf_left[PF_MAX];
   int64_t pf_unit = -1;  // the unit whose parameter the previous unit prefetched
