@@ -570,10 +570,13 @@ inline int64_t compress_candidates(const float* a, int64_t len, uint32_t t, Scra
   int32_t* cidx = S.cidx.data();
   int64_t c = 0, i = 0;
 #ifdef __AVX512F__
-  // Two passes over the 16-entry groups: their masks first, then a compress of the groups that hold
-  // a candidate (about half of them). One pass that compresses every group, or that tests the mask
-  // and mispredicts, took 1700-2500 cycles per 4096-block instead of 900 (Zen 5: vpcompressd is
-  // slow, and compress-to-memory microcoded, hence register compress and plain stores).
+  // Two passes over the 16-entry groups: their masks first, then a compress of the indices of the
+  // groups that hold a candidate (about half of them). One pass that compresses every group, or that
+  // tests the mask and mispredicts, took 1700-2500 cycles per 4096-block instead of 900 (Zen 5:
+  // vpcompressd is slow, and compress-to-memory microcoded, hence register compress and plain
+  // stores). The keys are read back through the indices, a scalar load each, rather than
+  // compressed too: Top-K 0.49 -> 0.46 ticks per element (1M parameters, benchmarks/cpu_phases.py;
+  // the AVX2 loop below gained nothing from the same change).
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i tv = _mm512_set1_epi32(int(t));
   uint16_t* masks = S.gmask.data();
@@ -590,12 +593,11 @@ inline int64_t compress_candidates(const float* a, int64_t len, uint32_t t, Scra
   for (int64_t j = 0; j < nl; ++j) {
     const int64_t g = groups[j];
     const __mmask16 m = masks[g];
-    const __m512i kv = _mm512_and_si512(_mm512_loadu_si512(a + 16 * g), absmask);
     const __m512i iv = _mm512_add_epi32(lane, _mm512_set1_epi32(int(16 * g)));
-    _mm512_storeu_si512(ckey + c, _mm512_maskz_compress_epi32(m, kv));
     _mm512_storeu_si512(cidx + c, _mm512_maskz_compress_epi32(m, iv));
     c += __builtin_popcount(m);
   }
+  for (int64_t j = 0; j < c; ++j) ckey[j] = f2u(a[cidx[j]]) & 0x7FFFFFFFu;
   i = 16 * ng;
 #elif defined(__AVX2__)
   // As the AVX-512 path, in groups of 8: masks first (and the list of groups holding a candidate,
