@@ -483,7 +483,8 @@ class MicroAdam(Optimizer):
                 multi_of[impl] = load_multi(impl)
             if impl != "torch" and multi_of[impl] is not None:
                 # One launch for many tensors: small tensors do not cost a kernel launch each.
-                batched.setdefault(impl, []).append((state, dict(kwargs, param=p_local, grad=g_local)))
+                kwargs["param"], kwargs["grad"] = p_local, g_local
+                batched.setdefault(impl, []).append((state, kwargs))
                 continue
             # The counter advances only once the step has succeeded, so a failure (e.g. out of
             # memory) does not give the unwritten ring slot a wrong age. Parameters already

@@ -282,6 +282,20 @@ def _ring_arrays(
     return arrays, (ctypes.addressof(arrays[0]), ctypes.addressof(arrays[1]), ctypes.addressof(arrays[2]))
 
 
+@functools.lru_cache(maxsize=256)
+def _layout_facts(layout: Layout) -> tuple[tuple[torch.Size, ...], int]:
+    """The state's shapes for ``layout`` (window indices, window values, codes, bounds) and the C++
+    code's unit of work: whole Top-K blocks, whole quantization blocks, whole code bytes."""
+    m, nb, k = layout.window, layout.num_blocks, layout.k
+    shapes = (
+        torch.Size((m, nb, k)),
+        torch.Size((m, nb, k)),
+        torch.Size(((layout.numel + 1) // 2,)),
+        torch.Size((layout.num_quant_blocks, 2)),
+    )
+    return shapes, math.lcm(layout.block, layout.quant_block, 2)
+
+
 def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     # The C++ side indexes raw pointers: a wrong dtype or shape would write out of bounds.
     if t.dtype != dtype or t.shape != shape:
@@ -331,11 +345,20 @@ def _prepare(
 
     Writes nothing: a float64 parameter's step by the torch path is deferred to ``torch_step``.
     """
-    states = [window_indices, window_values, error_codes, error_bounds]
-    # is_cpu rather than device.type: this runs per tensor and step, and a device object costs more.
-    if not (param.is_cpu and grad.is_cpu and all(t.is_cpu for t in states)):
+    # This runs per tensor and step: for a model of hundreds of small tensors its Python time is most
+    # of the step, hence is_cpu rather than device.type, one boolean expression per kind of check, and
+    # the state's expected shapes cached per layout (each check fails into a detailed message).
+    if not (
+        param.is_cpu
+        and grad.is_cpu
+        and window_indices.is_cpu
+        and window_values.is_cpu
+        and error_codes.is_cpu
+        and error_bounds.is_cpu
+    ):
         names = ("param", "grad", "window_indices", "window_values", "error_codes", "error_bounds")
-        name, t = next((nm, t) for nm, t in zip(names, (param, grad, *states)) if not t.is_cpu)
+        tensors = (param, grad, window_indices, window_values, error_codes, error_bounds)
+        name, t = next((nm, t) for nm, t in zip(names, tensors) if not t.is_cpu)
         raise ValueError(f"impl='cpp' runs on CPU tensors, but {name} is on {t.device}; use impl='torch'")
     n = layout.numel
     if param.numel() != n or grad.numel() != n:
@@ -346,11 +369,23 @@ def _prepare(
         raise ValueError(f"Invalid error_rounding: {error_rounding!r}; use 'nearest' or 'stochastic'")
     if step < 1:
         raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
+    shapes, unit = _layout_facts(layout)
+    if not (
+        window_indices.dtype is torch.int16
+        and window_values.dtype is torch.bfloat16
+        and error_codes.dtype is torch.uint8
+        and error_bounds.dtype is torch.bfloat16
+        and window_indices.shape == shapes[0]
+        and window_values.shape == shapes[1]
+        and error_codes.shape == shapes[2]
+        and error_bounds.shape == shapes[3]
+    ):
+        _check_state("window_indices", window_indices, torch.int16, tuple(shapes[0]))
+        _check_state("window_values", window_values, torch.bfloat16, tuple(shapes[1]))
+        _check_state("error_codes", error_codes, torch.uint8, tuple(shapes[2]))
+        _check_state("error_bounds", error_bounds, torch.bfloat16, tuple(shapes[3]))
+    states = (window_indices, window_values, error_codes, error_bounds)
     B, k, q, m = layout.block, layout.k, layout.quant_block, layout.window
-    _check_state("window_indices", window_indices, torch.int16, (m, layout.num_blocks, k))
-    _check_state("window_values", window_values, torch.bfloat16, (m, layout.num_blocks, k))
-    _check_state("error_codes", error_codes, torch.uint8, ((n + 1) // 2,))
-    _check_state("error_bounds", error_bounds, torch.bfloat16, (layout.num_quant_blocks, 2))
     if param.dtype == torch.float64 or param.dtype not in _DTYPE_CODES:
         # float64 is the oracle's precision: the torch path is the reference for it, and the C++
         # code computes in float32 only.
@@ -390,7 +425,15 @@ def _prepare(
     # g.to(float32) does.
     g = grad if grad.dtype in _DTYPE_CODES else grad.to(torch.float32)
     g = g.contiguous()
-    work = [t if t.is_contiguous() else t.contiguous() for t in states]
+    if (
+        window_indices.is_contiguous()
+        and window_values.is_contiguous()
+        and error_codes.is_contiguous()
+        and error_bounds.is_contiguous()
+    ):
+        work = states
+    else:
+        work = tuple(t if t.is_contiguous() else t.contiguous() for t in states)
 
     stochastic_error = error_rounding == "stochastic"
     stochastic_param = stochastic_param_rounding and param.dtype == torch.bfloat16
@@ -412,8 +455,7 @@ def _prepare(
     w_idx, w_val, codes, bounds = work
     a.win_idx, a.win_val, a.codes, a.bounds = w_idx.data_ptr(), w_val.data_ptr(), codes.data_ptr(), bounds.data_ptr()
     a.slot_of_age, a.w1, a.w2 = ring_addresses
-    # A unit is the C++ code's task: whole Top-K blocks, whole quantization blocks, whole code bytes.
-    a.n, a.block, a.k, a.qblock, a.num_blocks, a.unit = n, B, k, q, layout.num_blocks, math.lcm(B, q, 2)
+    a.n, a.block, a.k, a.qblock, a.num_blocks, a.unit = n, B, k, q, layout.num_blocks, unit
     a.n_slots, a.write_slot, a.position_offset = len(sc.slots), sc.write_slot, position_offset
     a.lr, a.c1, a.c2, a.eps, a.decay = lr, sc.c1, sc.c2, eps, sc.decay
     a.keep, a.release_scale, a.release = sc.keep, release_scale, int(release != 0)
@@ -421,7 +463,7 @@ def _prepare(
     a.weight_decay = int(weight_decay != 0)
     a.stochastic_error, a.stochastic_param = int(stochastic_error), int(stochastic_param)
     a.err_key, a.par_key = sc.err_key, sc.par_key
-    copy_back = [(orig, copy) for orig, copy in zip(states, work) if copy is not orig]
+    copy_back = [] if work is states else [(orig, copy) for orig, copy in zip(states, work) if copy is not orig]
     return _Pending(args=a, param=param, work_param=p, copy_back=copy_back, keep=[p, g, *work, ring])
 
 
@@ -533,11 +575,7 @@ def microadam_step_cpp_multi(steps: Sequence[Mapping[str, Any]]) -> None:
     all tensors are shared out among the threads together: a model's many small tensors (biases,
     norms) cost neither a call each nor a thread each.
     """
-    pending = []
-    for item in steps:
-        item = dict(item)
-        pending.append(_prepare(item.pop("param"), item.pop("grad"), **item))
-    _step_all(pending)
+    _step_all([_prepare(**item) for item in steps])
 
 
 def all_finite(grads: Sequence[torch.Tensor]) -> bool:
