@@ -456,6 +456,7 @@ class MicroAdam(Optimizer):
         # tensors share a few groups, and the host time per tensor is what a step of many small
         # tensors costs.
         group_kwargs: dict[int, dict[str, Any]] = {}
+        layouts: dict[tuple[int, int], Layout] = {}  # (id(group), numel) -> its Layout, for the same reason
         for index, group, p, g in work:
             if group.get("dense", False):
                 self._dense_step(p, g, group, index)
@@ -468,13 +469,17 @@ class MicroAdam(Optimizer):
                 shared = group_kwargs[id(group)] = self._group_kwargs(group)
             p_local, g_local = local_tensor(p), local_tensor(g)
             impl = resolve_impl(group["impl"], p_local)
+            numel = p_local.numel()
+            layout = layouts.get((id(group), numel))
+            if layout is None:
+                layout = layouts[id(group), numel] = self._layout_of(numel, group)
             kwargs = dict(
                 shared,
                 window_indices=state["window_indices"],
                 window_values=state["window_values"],
                 error_codes=state["error_codes"],
                 error_bounds=state["error_bounds"],
-                layout=self._layout_of(p_local.numel(), group),
+                layout=layout,
                 step=state["step"] + 1,
                 param_index=index,
                 position_offset=global_offset(p) if p_local is not p else 0,
