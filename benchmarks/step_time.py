@@ -15,12 +15,24 @@ least 3 for the torch.compile-based torchao optimizers, whose first step
 compiles). Every optimizer gets its parameters freshly built and freed
 before the next one, so at most one optimizer's tensors are alive at once.
 
+With ``--rounds R`` (R > 1) the optimizers of a size are instead timed in turn,
+``--steps`` steps each per round, R rounds, on one shared set of parameters
+and gradients (all optimizers alive at once). This machine's memory runs in a
+fast and a slow state that can switch within a run (fused AdamW's 16M step
+took 3.7 or 6.9 ms); timed one after the other, two optimizers can each meet a
+different state, and their ratio says more about the switch than about them.
+Interleaved, each round's ratio compares the optimizers under the same
+conditions: ``ratio_vs_fused_adamw`` is then the median of the rounds' ratios
+(each round's median step time against fused AdamW's in that round), and
+``round_ratios`` lists them all.
+
 Usage::
 
     python benchmarks/step_time.py                       # all sizes, all optimizers
     python benchmarks/step_time.py --sizes 1M --steps 10 --optimizers microadam,adamw_fused
     python benchmarks/step_time.py --sizes 200x384 --optimizers microadam,adamw_fused   # per-tensor cost
     python benchmarks/step_time.py --profile-microadam   # where MicroAdam's step time goes at 16M
+    python benchmarks/step_time.py --sizes 16M --optimizers microadam,adamw_fused --rounds 10   # interleaved
 
 Prints a Markdown table and appends one JSON line per (optimizer, size) to
 ``--out`` (default ``benchmarks/results/step_time.jsonl``).
@@ -319,6 +331,74 @@ def measure(
     return row
 
 
+def measure_interleaved(
+    specs: list[OptimizerSpec],
+    shapes: list[tuple[int, ...]],
+    steps: int,
+    warmup: int,
+    rounds: int,
+    noise: Noise = Noise(),
+    grad_sets: int = 4,
+) -> list[dict[str, Any]]:
+    """Time the optimizers in turn, ``steps`` steps each per round, on shared parameters and gradients.
+
+    Rows as :func:`measure`'s, plus ``round_medians_ms`` (each round's median step time) and, filled
+    in by the caller, ``round_ratios`` against fused AdamW's round medians.
+    """
+    params = make_params(shapes)
+    grads = GradSets(params, grad_sets)
+    numel = sum(p.numel() for p in params)
+    rows: list[dict[str, Any]] = []
+    live: list[tuple[dict[str, Any], torch.optim.Optimizer]] = []
+    for spec in specs:
+        row: dict[str, Any] = {"optimizer": spec.name, "numel": numel, "shapes": [list(s) for s in shapes]}
+        rows.append(row)
+        try:
+            opt = spec.build(params)
+            t0 = time.perf_counter()
+            opt.step()
+            row["first_step_ms"] = (time.perf_counter() - t0) * 1e3
+            for _ in range(max(warmup, spec.min_warmup) - 1):
+                grads.next()
+                opt.step()
+            row.update(warmup_steps=max(warmup, spec.min_warmup), error=None)
+            live.append((row, opt))
+        except NotInstalledError as e:
+            row["error"] = str(e)
+        except Exception as e:  # a peer failing on CPU is recorded, not fatal
+            row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    samples: dict[int, list[float]] = {id(row): [] for row, _ in live}
+    medians: dict[int, list[float]] = {id(row): [] for row, _ in live}
+    loads: dict[int, list[float]] = {id(row): [] for row, _ in live}
+    for _ in range(rounds):
+        for row, opt in live:
+            times, load, _ = time_steps(opt, steps, noise, grads)
+            samples[id(row)] += times
+            medians[id(row)].append(statistics.median(times))
+            if load is not None:
+                loads[id(row)].append(load)
+    finite = all(bool(torch.isfinite(p).all()) for p in params)
+    for row, opt in live:
+        times = sorted(samples[id(row)])
+        sbytes = state_bytes(opt)
+        row.update(
+            median_ms=statistics.median(times),
+            p10_ms=percentile(times, 10),
+            p90_ms=percentile(times, 90),
+            timed_steps=len(times),
+            rounds=rounds,
+            round_medians_ms=medians[id(row)],
+            state_bytes=sbytes,
+            bytes_per_param=sbytes / numel,
+            params_finite=finite,
+            other_procs_cores=max(loads[id(row)]) if loads[id(row)] else None,
+            grad_sets=grad_sets,
+        )
+    del live, params, grads
+    free_memory()
+    return rows
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -388,17 +468,23 @@ def run_benchmark(args: argparse.Namespace, argv: list[str], noise: Noise) -> li
     all_rows: list[dict[str, Any]] = []
     for size_text in args.sizes.split(","):
         shapes = shapes_for(size_text)
-        rows = []
-        for spec in specs:
-            row = measure(spec, shapes, args.steps, args.warmup, noise, args.grad_sets)
+        if args.rounds > 1:
+            rows = measure_interleaved(specs, shapes, args.steps, args.warmup, args.rounds, noise, args.grad_sets)
+        else:
+            rows = [measure(spec, shapes, args.steps, args.warmup, noise, args.grad_sets) for spec in specs]
+        for row in rows:
             status = row["error"] or f"median {row['median_ms']:.2f} ms"
-            print(f"[{size_text}] {spec.name}: {status}", file=sys.stderr, flush=True)
-            rows.append(row)
+            print(f"[{size_text}] {row['optimizer']}: {status}", file=sys.stderr, flush=True)
         fused = next((r for r in rows if r["optimizer"] == FUSED_NAME and not r.get("error")), None)
         with args.out.open("a") as f:
             for r in rows:
                 ok = fused is not None and r.get("median_ms") is not None
                 r["ratio_vs_fused_adamw"] = r["median_ms"] / fused["median_ms"] if ok else None
+                if ok and args.rounds > 1:
+                    # Interleaved: the median of the rounds' ratios, each under one memory state.
+                    ratios = [m / f for m, f in zip(r["round_medians_ms"], fused["round_medians_ms"])]
+                    r["round_ratios"] = ratios
+                    r["ratio_vs_fused_adamw"] = statistics.median(ratios)
                 r["size_arg"] = size_text
                 r.update(env)
                 f.write(json.dumps(r) + "\n")
@@ -451,7 +537,10 @@ def main(argv: list[str] | None = None) -> None:
         default="1M,16M,64M",
         help="comma list of parameter counts (K/M/G suffixes: one transformer block) or NxM (N vectors of M)",
     )
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per (optimizer, size)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per (optimizer, size), per round")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="> 1: time the optimizers of a size in turn, this many rounds"
+    )
     parser.add_argument(
         "--warmup", type=int, default=3, help="untimed steps first (at least MicroAdam's window, torchao's 3)"
     )
@@ -474,8 +563,8 @@ def main(argv: list[str] | None = None) -> None:
         "--grad-sets", type=int, default=4, help="sets of random gradients taken in turn, one per step (1: fixed)"
     )
     args = parser.parse_args(argv[1:])
-    if args.steps < 1 or args.warmup < 1 or args.retries < 0 or args.wait_idle < 0 or args.grad_sets < 1:
-        parser.error("--steps, --warmup and --grad-sets must be >= 1, --retries and --wait-idle >= 0")
+    if min(args.steps, args.warmup, args.grad_sets, args.rounds) < 1 or args.retries < 0 or args.wait_idle < 0:
+        parser.error("--steps, --warmup, --grad-sets and --rounds must be >= 1, --retries and --wait-idle >= 0")
 
     dynamo_config = getattr(getattr(torch, "_dynamo", None), "config", None)
     if dynamo_config is not None and hasattr(dynamo_config, "recompile_limit"):
