@@ -1,0 +1,118 @@
+"""MicroAdam's step time at two commits, alternated: did a change make the step faster?
+
+Each commit's tree is taken with ``git archive`` into a temporary folder, and short timing runs of
+the two alternate, one process each (each imports its own tree's ``microadam``; the C++ library is
+built per source hash, so both builds coexist in the cache). A run times ``--steps`` MicroAdam steps
+on the parameters of ``benchmarks/step_time.py`` (one transformer block, gradients from 4 sets in
+turn, after a full window of warm-up steps) and reports their median. Alternating runs, rather
+than timing one commit and then the other, gives both the same share of this shared machine's
+slow and fast spells.
+
+Usage::
+
+    python benchmarks/ab_step.py e864254 HEAD                     # 16M, 6 alternations
+    python benchmarks/ab_step.py HEAD~1 HEAD --sizes 16M,200x384 --rounds 4
+
+Prints a Markdown table (each round, then the medians and their ratio) and appends one JSON line per
+size to ``--out`` (default ``benchmarks/results/ab_step.jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_OUT = HERE / "results" / "ab_step.jsonl"
+
+# One timing run, in a child process whose PYTHONPATH is the commit's src folder.
+CHILD = """
+import statistics, sys, time
+sys.path.insert(0, {bench!r})
+from microadam import MicroAdam
+from step_time import GradSets, make_params, shapes_for
+params = make_params(shapes_for({size!r}))
+grads = GradSets(params, 4)
+opt = MicroAdam(params, lr=1e-4)
+for _ in range(12):
+    grads.next()
+    opt.step()
+times = []
+for _ in range({steps}):
+    grads.next()
+    t = time.perf_counter()
+    opt.step()
+    times.append(time.perf_counter() - t)
+print(statistics.median(times) * 1e3)
+"""
+
+
+def export(commit: str, into: Path) -> Path:
+    """The tree of ``commit`` under ``into``; raises with git's message for an unknown commit."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True, check=False)
+    if archive.returncode != 0:
+        error = archive.stderr.decode().strip()
+        raise SystemExit(f"git archive {commit!r} failed: {error}; pass a commit of this repository")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def time_once(tree: Path, size: str, steps: int) -> float:
+    code = CHILD.format(bench=str(HERE), size=size, steps=steps)
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    if run.returncode != 0:
+        raise SystemExit(f"a timing run of {tree} failed:\n{run.stderr[-2000:]}")
+    return float(run.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before", help="the commit to compare against (e.g. HEAD~1)")
+    parser.add_argument("after", help="the commit with the change (e.g. HEAD)")
+    parser.add_argument("--sizes", default="16M", help="comma list, as step_time.py's --sizes")
+    parser.add_argument("--rounds", type=int, default=6, help="alternations: each round times both commits")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        parser.error(f"--rounds and --steps must be >= 1, got {args.rounds} and {args.steps}")
+    stamp = dict(
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(["python", "benchmarks/ab_step.py", *(argv if argv is not None else sys.argv[1:])]),
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {c: export(c, Path(tmp) / name) for c, name in ((args.before, "before"), (args.after, "after"))}
+        for size in args.sizes.split(","):
+            size = size.strip()
+            runs: dict[str, list[float]] = {args.before: [], args.after: []}
+            print(f"\n{size}: | round | {args.before} ms | {args.after} ms |\n|---|---:|---:|")
+            for r in range(args.rounds):
+                for commit, tree in trees.items():
+                    runs[commit].append(time_once(tree, size, args.steps))
+                print(f"| {r + 1} | {runs[args.before][-1]:.2f} | {runs[args.after][-1]:.2f} |", flush=True)
+            before, after = statistics.median(runs[args.before]), statistics.median(runs[args.after])
+            print(f"| median | {before:.2f} | {after:.2f} |\n\n{args.after} / {args.before}: {after / before:.3f}")
+            rows.append(
+                dict(stamp, size=size, before=args.before, after=args.after, before_ms=runs[args.before],
+                     after_ms=runs[args.after], before_median_ms=before, after_median_ms=after, ratio=after / before)
+            )  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"\nwrote {len(rows)} rows to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
