@@ -29,6 +29,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import cpu_model  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_OUT = HERE / "results" / "ab_step.jsonl"
@@ -88,24 +93,30 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--rounds and --steps must be >= 1, got {args.rounds} and {args.steps}")
     stamp = dict(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        cpu=cpu_model(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
         command=" ".join(["python", "benchmarks/ab_step.py", *(argv if argv is not None else sys.argv[1:])]),
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {c: export(c, Path(tmp) / name) for c, name in ((args.before, "before"), (args.after, "after"))}
+        # Keyed by role, not by commit: the same commit on both sides (a noise check) is two trees.
+        trees = {
+            role: export(commit, Path(tmp) / role) for role, commit in (("before", args.before), ("after", args.after))
+        }
         for size in args.sizes.split(","):
             size = size.strip()
-            runs: dict[str, list[float]] = {args.before: [], args.after: []}
+            runs: dict[str, list[float]] = {"before": [], "after": []}
             print(f"\n{size}: | round | {args.before} ms | {args.after} ms |\n|---|---:|---:|")
             for r in range(args.rounds):
-                for commit, tree in trees.items():
-                    runs[commit].append(time_once(tree, size, args.steps))
-                print(f"| {r + 1} | {runs[args.before][-1]:.2f} | {runs[args.after][-1]:.2f} |", flush=True)
-            before, after = statistics.median(runs[args.before]), statistics.median(runs[args.after])
+                for role, tree in trees.items():
+                    runs[role].append(time_once(tree, size, args.steps))
+                print(f"| {r + 1} | {runs['before'][-1]:.2f} | {runs['after'][-1]:.2f} |", flush=True)
+            before, after = statistics.median(runs["before"]), statistics.median(runs["after"])
             print(f"| median | {before:.2f} | {after:.2f} |\n\n{args.after} / {args.before}: {after / before:.3f}")
             rows.append(
-                dict(stamp, size=size, before=args.before, after=args.after, before_ms=runs[args.before],
-                     after_ms=runs[args.after], before_median_ms=before, after_median_ms=after, ratio=after / before)
+                dict(stamp, size=size, before=args.before, after=args.after, before_ms=runs["before"],
+                     after_ms=runs["after"], before_median_ms=before, after_median_ms=after, ratio=after / before)
             )  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
