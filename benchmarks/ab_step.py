@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
             runs: dict[str, list[float]] = {"before": [], "after": []}
             print(f"\n{size}: | round | {args.before} ms | {args.after} ms |\n|---|---:|---:|")
             for r in range(args.rounds):
-                for role, tree in trees.items():
-                    runs[role].append(time_once(tree, size, args.steps))
+                # Each commit goes first in every other round: no systematic head start for either.
+                for role in ("before", "after") if r % 2 == 0 else ("after", "before"):
+                    runs[role].append(time_once(trees[role], size, args.steps))
                 print(f"| {r + 1} | {runs['before'][-1]:.2f} | {runs['after'][-1]:.2f} |", flush=True)
             before, after = statistics.median(runs["before"]), statistics.median(runs["after"])
             print(f"| median | {before:.2f} | {after:.2f} |\n\n{args.after} / {args.before}: {after / before:.3f}")
@@ -118,10 +119,10 @@ def main(argv: list[str] | None = None) -> None:
                 dict(stamp, size=size, before=args.before, after=args.after, before_ms=runs["before"],
                      after_ms=runs["after"], before_median_ms=before, after_median_ms=after, ratio=after / before)
             )  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+            # Written as each size ends: a later failure keeps what was measured.
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
     print(f"\nwrote {len(rows)} rows to {args.out}")
 
 

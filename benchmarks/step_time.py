@@ -371,8 +371,13 @@ def measure_interleaved(
     medians: dict[int, list[float]] = {id(row): [] for row, _ in live}
     loads: dict[int, list[float]] = {id(row): [] for row, _ in live}
     for _ in range(rounds):
-        for row, opt in live:
-            times, load, _ = time_steps(opt, steps, noise, grads)
+        for row, opt in list(live):
+            try:
+                times, load, _ = time_steps(opt, steps, noise, grads)
+            except Exception as e:  # recorded, and the others go on (as in measure)
+                row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                live.remove((row, opt))
+                continue
             samples[id(row)] += times
             medians[id(row)].append(statistics.median(times))
             if load is not None:

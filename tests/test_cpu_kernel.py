@@ -407,6 +407,19 @@ def test_state_of_another_layout_is_refused() -> None:
         cpu.microadam_step_cpp(torch.zeros(100), torch.zeros(100), **_small_args(100, error_rounding="up"))
 
 
+@pytest.mark.parametrize("beta2", [-0.0, -0.5])
+def test_beta2_with_a_sign_bit_is_refused_and_changes_nothing(beta2: float) -> None:
+    """The C++ step marks an unseen position by the sign of its second-moment sum (update_block):
+    weights beta2**age with a sign bit would count a position twice, so the call is refused, before
+    anything is written, with the torch path named as the way out."""
+    args = _small_args(100, beta2=beta2)
+    param, before = torch.randn(100), {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    saved = param.clone()
+    with pytest.raises(ValueError, match=r"impl='cpp' needs beta2 >= \+0.*use impl='torch'"):
+        cpu.microadam_step_cpp(param, torch.randn(100), **args)
+    assert torch.equal(param, saved) and all(torch.equal(args[k], v) for k, v in before.items())
+
+
 def test_corrupt_window_indices_raise() -> None:
     args = _small_args(100)
     args["window_indices"][0, 1, 0] = 60  # block 1 holds 36 elements

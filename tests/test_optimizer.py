@@ -19,6 +19,7 @@ BAD_ARGS = [
     (dict(weight_decay=-0.1), ValueError, ["weight_decay", "-0.1"]),
     (dict(betas=(1.0, 0.999)), ValueError, ["beta", "index 0", "1.0"]),
     (dict(betas=(0.9, -0.1)), ValueError, ["beta", "index 1", "-0.1"]),
+    (dict(betas=(0.9, -0.0)), ValueError, ["beta", "index 1", "-0.0", "use 0.0"]),
     (dict(betas=(0.9,)), ValueError, ["betas"]),
     (dict(density=0.0), ValueError, ["density", "0.0"]),
     (dict(density=1.5), ValueError, ["density", "1.5"]),

@@ -166,6 +166,9 @@ def _check_group(group: dict[str, Any]) -> None:
             b = b.item()
         if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b!r}; it must be in [0, 1)")
+        if math.copysign(1.0, b) < 0:
+            # -0.0 passes the range test, but the C++ step's second-moment sums need weights >= +0.
+            raise ValueError(f"Invalid beta parameter at index {i}: {b!r}; it must be in [0, 1): use 0.0, not -0.0")
     density = group["density"]
     if isinstance(density, bool) or not isinstance(density, (int, float)):
         raise TypeError(f"density must be a number, got {type(density).__name__} {density!r}")

@@ -369,6 +369,11 @@ def _prepare(
         raise ValueError(f"Invalid error_rounding: {error_rounding!r}; use 'nearest' or 'stochastic'")
     if step < 1:
         raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
+    if math.copysign(1.0, beta2) < 0:
+        # The C++ step marks a position not yet seen by the sign bit of its second-moment sum, which
+        # starts at -0 and turns +0 or positive at the first term: that needs terms (v * v) * beta2**age
+        # >= +0. MicroAdam refuses such betas; the functional API's torch path takes them.
+        raise ValueError(f"impl='cpp' needs beta2 >= +0 (not -0.0 or negative), got {beta2!r}; use impl='torch'")
     shapes, unit = _layout_facts(layout)
     if not (
         window_indices.dtype is torch.int16

@@ -1249,7 +1249,9 @@ void update_block(const Args& A, Scratch& S, int64_t block_start, int64_t s, int
   // -0 rather than +0: -0 + x is x exactly for every x, as +0 + x is for the x >= +0 added here, so the
   // sums are unchanged, and a set sign bit means "not seen yet" (a byte array of flags, read and
   // written per entry and cleared per position, cost 0.05 more TSC ticks per element of the step:
-  // moments and update 0.67 against 0.62 at 1M parameters, benchmarks/cpu_phases.py).
+  // moments and update 0.67 against 0.62 at 1M parameters, benchmarks/cpu_phases.py). It needs the
+  // terms (v * v) * w2 >= +0 or NaN: kernels/cpu.py refuses a beta2 with a sign bit (-0.0 or
+  // negative), whose odd powers would keep a sum at -0 or take it below zero.
   int64_t nu = 0;
   for (int64_t age = 0; age < A.n_slots; ++age) {
     const int64_t off = (A.slot_of_age[age] * A.num_blocks + b) * k;
