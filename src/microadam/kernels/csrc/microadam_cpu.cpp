@@ -784,7 +784,10 @@ void select_topk(const float* a, int64_t len, int64_t k, uint32_t mkey, Scratch&
     t = mkey > S.dist ? mkey - S.dist : 0;
     c = compress_candidates(a, len, t, S);
     if (c >= k) break;
-    S.dist = S.dist < 0x40000000u ? S.dist * 2 : 0x80000000u;  // t reaches 0: every entry is a candidate
+    // Half as far again (then 0: every entry a candidate). Doubling overshot: 145 candidates per
+    // try on average against 113, Top-K 0.445 -> 0.411 ticks per element at 1M parameters, with the
+    // same retries (15% of blocks); growing by a quarter gained nothing more.
+    S.dist = S.dist < 0x40000000u ? S.dist + S.dist / 2 : 0x80000000u;
   }
   S.pump(len / 128);
   const uint32_t v = kth_largest(ckey, c, k, t, mkey, S);
