@@ -4,7 +4,7 @@
 pass over all of them before any state is written. For contiguous CPU gradients of float32,
 bfloat16 or float16 it is one C++ call (``microadam.kernels.cpu.all_finite``); otherwise, and here
 as the peer, a ``torch.sum`` per tensor. This script alternates the two in one process, in rounds
-of ``--steps`` MicroAdam steps each (the check's switch is ``optimizer._cpp_ready``), and times
+of ``--steps`` MicroAdam steps each (the check's switch is ``microadam.kernels.cpu.loaded``), and times
 the check alone (on the step's gradients, before the step) and the whole step.
 
 Usage::
@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from microadam import MicroAdam, optimizer  # noqa: E402
+from microadam.kernels import cpu  # noqa: E402
 from step_time import GradSets, cpu_model, make_params, shapes_for  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "finite_check.jsonl"
@@ -44,7 +45,7 @@ def measure(size: str, rounds: int, steps: int) -> list[dict[str, Any]]:
     for _ in range(12):  # a full window
         grads.next()
         opt.step()
-    real = optimizer._cpp_ready
+    real = cpu.loaded
     if not real():
         raise RuntimeError("the C++ path does not build here, so there is no C++ check to time")
     check_s: dict[str, list[float]] = {c: [] for c in CHECKS}
@@ -52,7 +53,7 @@ def measure(size: str, rounds: int, steps: int) -> list[dict[str, Any]]:
     try:
         for _ in range(rounds):
             for check in CHECKS:
-                optimizer._cpp_ready = real if check == "cpp" else (lambda: False)
+                cpu.loaded = real if check == "cpp" else (lambda: False)
                 for _ in range(steps):
                     grads.next()
                     current = [p.grad for p in params]
@@ -63,7 +64,7 @@ def measure(size: str, rounds: int, steps: int) -> list[dict[str, Any]]:
                     opt.step()
                     step_s[check].append(time.perf_counter() - t)
     finally:
-        optimizer._cpp_ready = real
+        cpu.loaded = real
     return [
         dict(
             size=size,

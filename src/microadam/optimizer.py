@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from microadam import sharding
 from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
-from microadam.kernels import _CPP_DTYPES, PartialStepError, load_multi, release_tiles, resolve_impl
+from microadam.kernels import PartialStepError, load_multi, release_tiles, resolve_impl
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
 __all__ = [
@@ -84,12 +84,25 @@ def grads_all_finite(grads: list[torch.Tensor]) -> bool:
         return True
     from microadam.kernels import cpu
 
-    native = [g.is_cpu and g.dtype in _CPP_DTYPES and g.is_contiguous() for g in grads]
     rest = grads
-    if any(native) and cpu.loaded():
-        if not cpu._all_finite([g for g, n in zip(grads, native) if n]):
+    if cpu.loaded():
+        # One pass: the C++ call's addresses, sizes and dtype codes, and the rest for the torch sums.
+        ptrs: list[int] = []
+        numels: list[int] = []
+        codes: list[int] = []
+        rest = []
+        for g in grads:
+            code = cpu._DTYPE_CODES.get(g.dtype)
+            if code is not None and g.is_cpu and g.is_contiguous():
+                n = g.numel()
+                if n:
+                    ptrs.append(g.data_ptr())
+                    numels.append(n)
+                    codes.append(code)
+            else:
+                rest.append(g)
+        if not cpu._all_finite_raw(ptrs, numels, codes):
             return False
-        rest = [g for g, n in zip(grads, native) if not n]
         if not rest:
             return True
     # Sums grouped by (device, dtype) and stacked per group: a few kernels in all rather than a

@@ -603,14 +603,27 @@ def all_finite(grads: Sequence[torch.Tensor]) -> bool:
 
 
 def _all_finite(grads: Sequence[torch.Tensor]) -> bool:
-    # all_finite without the argument checks: optimizer.grads_all_finite has picked the tensors.
+    # all_finite after its argument checks.
     grads = [g for g in grads if g.numel()]
-    if not grads:
+    return _all_finite_raw(
+        [g.data_ptr() for g in grads], [g.numel() for g in grads], [_DTYPE_CODES[g.dtype] for g in grads]
+    )
+
+
+def _all_finite_raw(ptrs: list[int], numels: list[int], codes: list[int]) -> bool:
+    # The C++ check of non-empty tensors given by address, element count and dtype code
+    # (_DTYPE_CODES), as optimizer.grads_all_finite collects them in one pass over the gradients.
+    count = len(ptrs)
+    if not count:
         return True
     lib, _ = _library()
-    count = len(grads)
-    ptrs = (ctypes.c_void_p * count)(*(g.data_ptr() for g in grads))
-    numels = (ctypes.c_int64 * count)(*(g.numel() for g in grads))
-    dtypes = (ctypes.c_int32 * count)(*(_DTYPE_CODES[g.dtype] for g in grads))
     threads = max(1, min(torch.get_num_threads(), sum(numels) // _GRAIN))
-    return bool(lib.microadam_all_finite(count, ptrs, numels, dtypes, threads))
+    return bool(
+        lib.microadam_all_finite(
+            count,
+            (ctypes.c_void_p * count)(*ptrs),
+            (ctypes.c_int64 * count)(*numels),
+            (ctypes.c_int32 * count)(*codes),
+            threads,
+        )
+    )
