@@ -86,22 +86,8 @@ def grads_all_finite(grads: list[torch.Tensor]) -> bool:
 
     rest = grads
     if cpu.loaded():
-        # One pass: the C++ call's addresses, sizes and dtype codes, and the rest for the torch sums.
-        ptrs: list[int] = []
-        numels: list[int] = []
-        codes: list[int] = []
-        rest = []
-        for g in grads:
-            code = cpu._DTYPE_CODES.get(g.dtype)
-            if code is not None and g.is_cpu and g.is_contiguous():
-                n = g.numel()
-                if n:
-                    ptrs.append(g.data_ptr())
-                    numels.append(n)
-                    codes.append(code)
-            else:
-                rest.append(g)
-        if not cpu._all_finite_raw(ptrs, numels, codes):
+        native, rest = cpu.native_finite_args(grads)
+        if not cpu.finite_native(native):
             return False
         if not rest:
             return True

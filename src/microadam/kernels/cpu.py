@@ -40,7 +40,15 @@ from microadam import functional
 from microadam.kernels import PartialStepError
 from microadam.layout import Layout
 
-__all__ = ["all_finite", "available", "loaded", "microadam_step_cpp", "microadam_step_cpp_multi"]
+__all__ = [
+    "all_finite",
+    "available",
+    "finite_native",
+    "loaded",
+    "microadam_step_cpp",
+    "microadam_step_cpp_multi",
+    "native_finite_args",
+]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "microadam_cpu.cpp"
 _COMPILER = "g++"
@@ -592,27 +600,43 @@ def all_finite(grads: Sequence[torch.Tensor]) -> bool:
     The torch path's check is a ``torch.sum`` per tensor: for a model of hundreds of small tensors
     that is most of its cost, here one parallel region.
     """
-    for i, g in enumerate(grads):
-        if not g.is_cpu or g.dtype not in _DTYPE_CODES or not g.is_contiguous():
-            raise ValueError(
-                f"all_finite takes contiguous CPU tensors of float32, bfloat16 or float16; tensor {i} is a "
-                f"{'contiguous' if g.is_contiguous() else 'non-contiguous'} {g.dtype} tensor on {g.device}; "
-                "use optimizer.grads_all_finite, which takes any"
-            )
-    return _all_finite(grads)
+    native, rest = native_finite_args(grads)
+    if rest:
+        g = rest[0]
+        i = next(j for j, x in enumerate(grads) if x is g)
+        raise ValueError(
+            f"all_finite takes contiguous CPU tensors of float32, bfloat16 or float16; tensor {i} is a "
+            f"{'contiguous' if g.is_contiguous() else 'non-contiguous'} {g.dtype} tensor on {g.device}; "
+            "use optimizer.grads_all_finite, which takes any"
+        )
+    return finite_native(native)
 
 
-def _all_finite(grads: Sequence[torch.Tensor]) -> bool:
-    # all_finite after its argument checks.
-    grads = [g for g in grads if g.numel()]
-    return _all_finite_raw(
-        [g.data_ptr() for g in grads], [g.numel() for g in grads], [_DTYPE_CODES[g.dtype] for g in grads]
-    )
+def native_finite_args(
+    grads: Sequence[torch.Tensor],
+) -> tuple[tuple[list[int], list[int], list[int]], list[torch.Tensor]]:
+    """The C++ check's arguments for the contiguous CPU float32/bfloat16/float16 tensors of ``grads``
+    (addresses, sizes and dtype codes of the non-empty ones), and the other tensors, in one pass."""
+    ptrs: list[int] = []
+    numels: list[int] = []
+    codes: list[int] = []
+    rest: list[torch.Tensor] = []
+    for g in grads:
+        code = _DTYPE_CODES.get(g.dtype)
+        if code is not None and g.is_cpu and g.is_contiguous():
+            n = g.numel()
+            if n:
+                ptrs.append(g.data_ptr())
+                numels.append(n)
+                codes.append(code)
+        else:
+            rest.append(g)
+    return (ptrs, numels, codes), rest
 
 
-def _all_finite_raw(ptrs: list[int], numels: list[int], codes: list[int]) -> bool:
-    # The C++ check of non-empty tensors given by address, element count and dtype code
-    # (_DTYPE_CODES), as optimizer.grads_all_finite collects them in one pass over the gradients.
+def finite_native(args: tuple[list[int], list[int], list[int]]) -> bool:
+    """The C++ check on :func:`native_finite_args`'s arguments (builds the library if needed)."""
+    ptrs, numels, codes = args
     count = len(ptrs)
     if not count:
         return True
