@@ -8,10 +8,18 @@ turn, after a full window of warm-up steps) and reports their median. Alternatin
 than timing one commit and then the other, gives both the same share of this shared machine's
 slow and fast spells.
 
+``--what triton-host`` times instead the host side of a ``impl="triton"`` step: the Python work
+that a GPU waits for after the step's all-finite check has synchronized it (checks, the tensors'
+table rows, the tables). It runs under ``TRITON_INTERPRET=1`` on CPU tensors shaped like a LLaMA
+stack of ``benchmarks/gpu.py`` (``--sizes 125M,1.3B``: 111 and 219 tensors; zeros, bf16), with the
+two kernel launches replaced by no-ops and the all-finite check by ``True``: the launches and the
+check are a GPU's and are not in it.
+
 Usage::
 
     python benchmarks/ab_step.py e864254 HEAD                     # 16M, 6 alternations
     python benchmarks/ab_step.py HEAD~1 HEAD --sizes 16M,200x384 --rounds 4
+    python benchmarks/ab_step.py HEAD~1 HEAD --what triton-host --sizes 125M,1.3B
 
 Prints a Markdown table (each round, then the medians and their ratio) and appends one JSON line per
 size to ``--out`` (default ``benchmarks/results/ab_step.jsonl``).
@@ -39,7 +47,7 @@ REPO = HERE.parent
 DEFAULT_OUT = HERE / "results" / "ab_step.jsonl"
 
 # One timing run, in a child process whose PYTHONPATH is the commit's src folder.
-CHILD = """
+CHILD_STEP = """
 import statistics, sys, time
 sys.path.insert(0, {bench!r})
 from microadam import MicroAdam
@@ -59,6 +67,39 @@ for _ in range({steps}):
 print(statistics.median(times) * 1e3)
 """
 
+CHILD_TRITON_HOST = """
+import os, statistics, sys, time
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, {bench!r})
+import torch
+from microadam import MicroAdam
+from microadam.kernels import triton_kernels as tk
+from gpu import SIZES
+
+class NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+tk._compress_kernel = tk._update_kernel = NoLaunch()
+params = []
+for shape in SIZES[{size!r}].shapes():
+    p = torch.nn.Parameter(torch.zeros(shape, dtype=torch.bfloat16))
+    p.grad = torch.zeros(shape, dtype=torch.bfloat16)
+    params.append(p)
+opt = MicroAdam(params, lr=1e-4, impl="triton")
+opt._all_finite = lambda grads: True
+for _ in range(12):
+    opt.step()
+times = []
+for _ in range({steps}):
+    t = time.perf_counter()
+    opt.step()
+    times.append(time.perf_counter() - t)
+print(statistics.median(times) * 1e3)
+"""
+
+CHILDREN = {"step": CHILD_STEP, "triton-host": CHILD_TRITON_HOST}
+
 
 def export(commit: str, into: Path) -> Path:
     """The tree of ``commit`` under ``into``; raises with git's message for an unknown commit."""
@@ -71,8 +112,8 @@ def export(commit: str, into: Path) -> Path:
     return into
 
 
-def time_once(tree: Path, size: str, steps: int) -> float:
-    code = CHILD.format(bench=str(HERE), size=size, steps=steps)
+def time_once(tree: Path, size: str, steps: int, what: str = "step") -> float:
+    code = CHILDREN[what].format(bench=str(HERE), size=size, steps=steps)
     env = dict(os.environ, PYTHONPATH=str(tree / "src"))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     if run.returncode != 0:
@@ -84,19 +125,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", help="the commit to compare against (e.g. HEAD~1)")
     parser.add_argument("after", help="the commit with the change (e.g. HEAD)")
-    parser.add_argument("--sizes", default="16M", help="comma list, as step_time.py's --sizes")
+    parser.add_argument("--what", choices=sorted(CHILDREN), default="step", help="what to time (see above)")
+    parser.add_argument(
+        "--sizes", help="comma list: step_time.py's --sizes (default 16M), or gpu.py's stacks for triton-host (125M)"
+    )
     parser.add_argument("--rounds", type=int, default=6, help="alternations: each round times both commits")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         parser.error(f"--rounds and --steps must be >= 1, got {args.rounds} and {args.steps}")
+    if args.sizes is None:
+        args.sizes = "125M" if args.what == "triton-host" else "16M"
     stamp = dict(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         cpu=cpu_model(),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         command=" ".join(["python", "benchmarks/ab_step.py", *(argv if argv is not None else sys.argv[1:])]),
+        what=args.what,
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             for r in range(args.rounds):
                 # Each commit goes first in every other round: no systematic head start for either.
                 for role in ("before", "after") if r % 2 == 0 else ("after", "before"):
-                    runs[role].append(time_once(trees[role], size, args.steps))
+                    runs[role].append(time_once(trees[role], size, args.steps, args.what))
                 print(f"| {r + 1} | {runs['before'][-1]:.2f} | {runs['after'][-1]:.2f} |", flush=True)
             before, after = statistics.median(runs["before"]), statistics.median(runs["after"])
             print(f"| median | {before:.2f} | {after:.2f} |\n\n{args.after} / {args.before}: {after / before:.3f}")

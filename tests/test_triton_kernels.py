@@ -390,6 +390,82 @@ def test_tensors_of_one_tile_class_share_a_launch(monkeypatch: pytest.MonkeyPatc
         assert_close(item["param"], ref["param"])
 
 
+def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_prepare builds a tensor's steady table row once and reuses it while its inputs stay the same.
+
+    Step by step the inputs change the way training changes them: the learning rate (a scheduler),
+    the gradient's dtype and contiguity, each state tensor replaced by a copy at a new address (a
+    checkpoint load), the parameter replaced by a new tensor and by a transposed view (stepped in a
+    contiguous copy), the release switched off, weight decay and stochastic rounding switched on;
+    the row cache holds 3 rows here, so it is also emptied when full. Each step starts the torch
+    path (with a correctly rounded sqrt) from the kernels' parameter, so the state must match bit
+    for bit and the parameter too, except where the release rounds it twice (see
+    _assert_rounded_twice_at_window): a row built from stale inputs fails one of these.
+    """
+    if DEVICE != "cpu":
+        pytest.skip("bit-equality with the torch path is a CPU claim (scatter_add order on CUDA)")
+    monkeypatch.setattr(tk, "_MAX_STATICS", 3)
+    tk._STATICS.clear()
+    gen = torch.Generator().manual_seed(3)
+    shape = (9, 14)
+    lay = layout_for(126, block_size=32, density=0.1, quant_block_size=8, window=3)
+    p = torch.randn(shape, generator=gen).to(torch.bfloat16).to(DEVICE)
+    state, ref_state = _zero_state(lay), _zero_state(lay)
+    hyper = dict(
+        lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, error_rounding="nearest",
+        stochastic_param_rounding=False, seed=5, release=0.5, release_scale=1.0,
+    )  # fmt: skip
+    changes = [
+        {},
+        dict(lr=3e-3),
+        dict(grad_dtype=torch.float32),
+        dict(grad_t=True),
+        *(dict(new_state=name) for name in state),
+        dict(new_param=True),
+        dict(param_t=True),
+        dict(new_param=True),
+        dict(release=0.0),
+        dict(weight_decay=5.0),  # lr * weight_decay above a bf16 unit: visible
+        dict(error_rounding="stochastic"),
+        dict(stochastic_param_rounding=True),
+    ]
+    retired = []  # replaced tensors stay alive: a new tensor must not get the old one's address
+    for step, change in enumerate(changes, start=1):
+        hyper.update({k: v for k, v in change.items() if k in hyper})
+        g = torch.randn(shape, generator=gen, dtype=change.get("grad_dtype", torch.bfloat16)).to(DEVICE)
+        if change.get("grad_t"):
+            g = g.t().contiguous().t()
+            assert not g.is_contiguous()
+        if "new_state" in change:
+            retired.append(state[change["new_state"]])
+            state = {name: t.clone() if name == change["new_state"] else t for name, t in state.items()}
+        if change.get("new_param"):
+            retired.append(p)
+            p = p.contiguous().clone()
+        if change.get("param_t"):
+            p = p.t().contiguous().t()
+            assert not p.is_contiguous()
+        before, ref = p.clone(), p.clone()
+        kw = dict(layout=lay, step=step, param_index=2, **hyper)
+        with mock.patch.object(torch.Tensor, "sqrt", _correctly_rounded_sqrt):
+            microadam_step(ref, g.clone(), **ref_state, **kw, impl="torch")
+        tk.microadam_step_triton_multi([dict(param=p, grad=g, **state, **kw)])
+        where = f"step {step} ({change})"
+        _assert_states_equal(ref_state, state, lay.numel, where)
+        if hyper["release"]:
+            _assert_rounded_twice_at_window(p, ref, before, state, lay, where)
+        else:
+            diff = (p.reshape(-1).view(torch.int16) != ref.reshape(-1).view(torch.int16)).nonzero().flatten()
+            assert diff.numel() == 0, f"parameter bits differ at {where}, positions {diff[:5].tolist()}"
+        assert len(tk._STATICS) <= 3
+    # The checks hold for a row served from the cache too, and a refused step writes nothing.
+    kept = {name: t.clone() for name, t in state.items()}
+    short = torch.randn(lay.numel - 1, generator=gen).to(torch.bfloat16).to(DEVICE)
+    with pytest.raises(ValueError, match="layout.numel=126 but param has 126 and grad 125"):
+        tk.microadam_step_triton_multi([dict(param=p, grad=short, **state, **kw)])
+    _assert_states_equal(kept, state, lay.numel, "after a refused step")
+
+
 # ---------------------------------------------------------------- through the optimizer
 
 

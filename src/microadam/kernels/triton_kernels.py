@@ -56,7 +56,7 @@ import torch
 from microadam.functional import step_scalars
 from microadam.kernels import release_tiles
 from microadam.layout import Layout
-from microadam.ops.random import STREAM_MOVE, stream_key
+from microadam.ops.random import STREAM_ERROR, STREAM_MOVE, STREAM_PARAM, stream_key
 
 try:
     import triton
@@ -684,9 +684,158 @@ def _prepare(
 ) -> _Work | None:
     # chunk_size bounds the torch path's temporaries; the kernels keep theirs in registers.
     del chunk_size
-    n = layout.numel
-    if n == 0:
+    if layout.numel == 0:
         return None
+    # The host time per tensor is what a step of a model of hundreds of tensors costs on a GPU that
+    # waits for it (the all-finite check has synchronized), so the part of a tensor's table row that
+    # does not change between steps is built once (_static) and looked up by every input it is
+    # computed from (the fingerprint), then this step's columns are filled in.
+    p_contig = param.is_contiguous()
+    fingerprint = (
+        param.data_ptr() if p_contig else -1,
+        param.dtype,
+        param.device,
+        param.numel(),
+        grad.dtype,
+        grad.device,
+        grad.numel(),
+        window_indices.data_ptr(),
+        window_values.data_ptr(),
+        error_codes.data_ptr(),
+        error_bounds.data_ptr(),
+        window_indices.is_contiguous()
+        and window_values.is_contiguous()
+        and error_codes.is_contiguous()
+        and error_bounds.is_contiguous(),
+        layout,
+        error_rounding,
+        bool(stochastic_param_rounding),
+        position_offset,
+        bool(release),
+        weight_decay != 0,
+    )
+    st = _STATICS.get(fingerprint)
+    if st is None:
+        st = _static(
+            param,
+            grad,
+            window_indices=window_indices,
+            window_values=window_values,
+            error_codes=error_codes,
+            error_bounds=error_bounds,
+            layout=layout,
+            weight_decay=weight_decay,
+            error_rounding=error_rounding,
+            stochastic_param_rounding=stochastic_param_rounding,
+            position_offset=position_offset,
+            release=release,
+        )
+        if len(_STATICS) >= _MAX_STATICS:
+            _STATICS.clear()
+        _STATICS[fingerprint] = st
+
+    # keys=False: the shared part only (cached per step); the random streams' keys are below.
+    sc = step_scalars(
+        step=step,
+        window=st.window,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        param_index=param_index,
+        release=release,
+        keys=False,
+    )
+    ints = st.ints.copy()
+    ints[_H_SLOT] = sc.write_slot
+    ints[_H_VALID] = len(sc.slots)
+    if st.stoch_err:
+        ints[_H_ERRKEY] = stream_key(seed, param_index, step, STREAM_ERROR)
+    if st.stoch_param:
+        par_key = ints[_H_PARKEY] = stream_key(seed, param_index, step, STREAM_PARAM)
+        # The update kernel's rounding: the torch path's stream, or with release (where the compress
+        # kernel has used that stream for the parameter's first rounding) a stream of its own.
+        ints[_H_UPDATE_KEY] = stream_key(seed, param_index, step, STREAM_MOVE) if release else par_key
+    g_flat = grad if grad.is_contiguous() else grad.reshape(-1).contiguous()
+    ints[_H_GRAD] = g_flat.data_ptr()
+    work_param = param
+    if not p_contig:
+        work_param = param.contiguous()
+        ints[_H_PARAM] = work_param.data_ptr()
+    # float32 in the table: torch rounds a Python scalar to the tensor's float32 before multiplying.
+    floats = [lr, 1.0 if release else sc.decay, sc.c1, sc.c2, eps, sc.decay, sc.keep, release_scale]
+    return _Work(
+        key=st.key,
+        ints=ints,
+        floats=floats,
+        weights=_age_weights(sc.w1, sc.w2, st.mp2),
+        groups=st.groups,
+        blocks=st.blocks,
+        keep=[work_param, g_flat],
+        copy_back=(param, work_param) if work_param is not param else None,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _age_weights(w1: tuple[float, ...], w2: tuple[float, ...], mp2: int) -> tuple[list[float], list[float]]:
+    # Ages 0..valid-1 in order, padded to the kernel's power of two; the kernel finds each age's
+    # slot from the write slot. Shared by every tensor of a step (the lists are only read).
+    return list(w1) + [0.0] * (mp2 - len(w1)), list(w2) + [0.0] * (mp2 - len(w2))
+
+
+# Host-side copies of the per-step columns: indexing a list with a tl.constexpr goes through its
+# __index__, a Python call per access.
+_H_SLOT, _H_VALID, _H_ERRKEY, _H_PARKEY, _H_UPDATE_KEY, _H_GRAD, _H_PARAM = (
+    int(c) for c in (_I_SLOT, _I_VALID, _I_ERRKEY, _I_PARKEY, _I_UPDATE_KEY, _I_GRAD, _I_PARAM)
+)
+# The float columns in the order _prepare lists them.
+assert [int(c) for c in (_F_LR, _F_DECAY, _F_C1, _F_C2, _F_EPS, _F_CDECAY, _F_KEEP, _F_RSCALE)] == list(range(8))
+
+
+@dataclass
+class _Static:
+    """The part of one tensor's step that is the same every step (see _prepare)."""
+
+    key: tuple  # the launch it joins: tile shape and dtypes
+    ints: list[int]  # its int table row, this step's columns still to fill
+    groups: int
+    blocks: int
+    window: int
+    mp2: int
+    stoch_err: bool
+    stoch_param: bool
+
+
+# fingerprint -> _Static. Every input of _static is in the fingerprint (pointers included: a new
+# tensor at a reused address gets the same row, which is then right for it too), so an entry is
+# never stale, only unused; the dict is emptied when full rather than tracking which.
+_STATICS: dict[tuple, _Static] = {}
+_MAX_STATICS = 1 << 14
+
+
+def _static(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    window_indices: torch.Tensor,
+    window_values: torch.Tensor,
+    error_codes: torch.Tensor,
+    error_bounds: torch.Tensor,
+    layout: Layout,
+    weight_decay: float,
+    error_rounding: str,
+    stochastic_param_rounding: bool,
+    position_offset: int,
+    release: float,
+) -> _Static:
+    """Check one tensor's arguments and build the steady part of its table row.
+
+    The checks are those whose inputs are in _prepare's fingerprint. The state tensors' devices are
+    not (only their addresses): CUDA's unified addressing gives every device and the host disjoint
+    addresses, so an address that passed the device check once stays on that device.
+    """
+    n = layout.numel
     if param.dtype not in _PARAM_KINDS:
         raise TypeError(
             f"impl='triton' supports float32, bfloat16 and float16 parameters, got {param.dtype}; "
@@ -719,36 +868,15 @@ def _prepare(
         )
     pairs = C % 2 == 0 or R == 1
     m, k = layout.window, layout.k
-    work_param = param if param.is_contiguous() else param.contiguous()
-    g_flat = grad.reshape(-1)
-    if not g_flat.is_contiguous():
-        g_flat = g_flat.contiguous()
-    widx = _flat(window_indices, "window_indices")
-    wval = _flat(window_values, "window_values").view(torch.int16)
-    codes = _flat(error_codes, "error_codes")
-    bounds = _flat(error_bounds, "error_bounds").view(torch.int16)
-    g_arg = g_flat.view(torch.int16) if g_flat.dtype == torch.bfloat16 else g_flat
-    p_arg = work_param.view(torch.int16) if param.dtype == torch.bfloat16 else work_param
-
+    state_ptrs = [
+        _flat(window_indices, "window_indices").data_ptr(),
+        _flat(window_values, "window_values").data_ptr(),
+        _flat(error_codes, "error_codes").data_ptr(),
+        _flat(error_bounds, "error_bounds").data_ptr(),
+    ]
     stoch_err = error_rounding == "stochastic"
     stoch_param = bool(stochastic_param_rounding) and param.dtype == torch.bfloat16
-    sc = step_scalars(
-        step=step,
-        window=m,
-        beta1=beta1,
-        beta2=beta2,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        param_index=param_index,
-        release=release,
-        keys=stoch_err or stoch_param,
-    )
-    valid = len(sc.slots)
     mp2 = _next_pow2(m)
-    # Ages 0..valid-1 in order; the kernel finds each age's slot from the write slot.
-    w1 = list(sc.w1) + [0.0] * (mp2 - valid)
-    w2 = list(sc.w2) + [0.0] * (mp2 - valid)
     ints = [0] * int(_NI)
     ints[_I_N], ints[_I_B], ints[_I_K], ints[_I_Q], ints[_I_NB] = (
         n,
@@ -758,25 +886,16 @@ def _prepare(
         layout.num_blocks,
     )
     ints[_I_C], ints[_I_R], ints[_I_S], ints[_I_G] = C, R, S, G
-    ints[_I_SLOT], ints[_I_VALID], ints[_I_M] = sc.write_slot, valid, m
-    ints[_I_ERRKEY], ints[_I_PARKEY] = sc.err_key, sc.par_key
+    ints[_I_M] = m
     ints[_I_OFFSET] = position_offset
     ints[_I_STOCH_ERR] = int(stoch_err)
     ints[_I_STOCH_PAR] = int(stoch_param)
     # With release the compress kernel applies the weight decay (with the dense move) and the
     # update kernel none.
     ints[_I_WD] = int(weight_decay != 0 and not release)
-    # The update kernel's rounding: the torch path's stream, or with release (where the compress
-    # kernel has used that stream for the parameter's first rounding) a stream of its own.
-    ints[_I_UPDATE_KEY] = stream_key(seed, param_index, step, STREAM_MOVE) if release and stoch_param else sc.par_key
-    for col, x in zip(
-        (_I_PARAM, _I_GRAD, _I_WIDX, _I_WVAL, _I_CODES, _I_BOUNDS), (p_arg, g_arg, widx, wval, codes, bounds)
-    ):
-        ints[col] = x.data_ptr()
-    floats = [0.0] * int(_NF)
-    floats[_F_LR], floats[_F_DECAY], floats[_F_EPS] = lr, 1.0 if release else sc.decay, eps
-    floats[_F_C1], floats[_F_C2] = sc.c1, sc.c2
-    floats[_F_CDECAY], floats[_F_KEEP], floats[_F_RSCALE] = sc.decay, sc.keep, release_scale
+    # A non-contiguous parameter is stepped in a contiguous copy, whose address _prepare fills in.
+    ints[_I_PARAM] = param.data_ptr() if param.is_contiguous() else 0
+    ints[_I_WIDX], ints[_I_WVAL], ints[_I_CODES], ints[_I_BOUNDS] = state_ptrs
     key = (
         device,
         _PARAM_KINDS[param.dtype],
@@ -791,15 +910,15 @@ def _prepare(
         min(1024, _next_pow2(layout.block)),
         bool(release),
     )
-    return _Work(
+    return _Static(
         key=key,
         ints=ints,
-        floats=floats,
-        weights=(w1, w2),
         groups=-(-n // G),
         blocks=layout.num_blocks,
-        keep=[p_arg, g_arg],
-        copy_back=(param, work_param) if work_param is not param else None,
+        window=m,
+        mp2=mp2,
+        stoch_err=stoch_err,
+        stoch_param=stoch_param,
     )
 
 
@@ -981,8 +1100,5 @@ def microadam_step_triton_multi(steps: Sequence[Mapping[str, Any]]) -> None:
         ])
     """
     _check_available()
-    works = []
-    for item in steps:
-        item = dict(item)
-        works.append(_prepare(item.pop("param"), item.pop("grad"), **item))
+    works = [_prepare(**item) for item in steps]
     _launch([w for w in works if w is not None])
