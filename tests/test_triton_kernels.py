@@ -396,7 +396,8 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
     Step by step the inputs change the way training changes them: the learning rate (a scheduler),
     the gradient's dtype and contiguity, each state tensor replaced by a copy at a new address (a
     checkpoint load), the parameter replaced by a new tensor and by a transposed view (stepped in a
-    contiguous copy), the release switched off, weight decay and stochastic rounding switched on;
+    contiguous copy), the release switched off, weight decay and stochastic rounding switched on,
+    the seed and the tensor's index changed (both in its random streams' key);
     the row cache holds 3 rows here, so it is also emptied when full. Each step starts the torch
     path (with a correctly rounded sqrt) from the kernels' parameter, so the state must match bit
     for bit and the parameter too, except where the release rounds it twice (see
@@ -413,7 +414,7 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
     state, ref_state = _zero_state(lay), _zero_state(lay)
     hyper = dict(
         lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, error_rounding="nearest",
-        stochastic_param_rounding=False, seed=5, release=0.5, release_scale=1.0,
+        stochastic_param_rounding=False, seed=5, param_index=2, release=0.5, release_scale=1.0,
     )  # fmt: skip
     changes = [
         {},
@@ -428,6 +429,8 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
         dict(weight_decay=5.0),  # lr * weight_decay above a bf16 unit: visible
         dict(error_rounding="stochastic"),
         dict(stochastic_param_rounding=True),
+        dict(seed=6),
+        dict(param_index=3),
     ]
     retired = []  # replaced tensors stay alive: a new tensor must not get the old one's address
     for step, change in enumerate(changes, start=1):
@@ -446,7 +449,7 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
             p = p.t().contiguous().t()
             assert not p.is_contiguous()
         before, ref = p.clone(), p.clone()
-        kw = dict(layout=lay, step=step, param_index=2, **hyper)
+        kw = dict(layout=lay, step=step, **hyper)
         with mock.patch.object(torch.Tensor, "sqrt", _correctly_rounded_sqrt):
             microadam_step(ref, g.clone(), **ref_state, **kw, impl="torch")
         tk.microadam_step_triton_multi([dict(param=p, grad=g, **state, **kw)])

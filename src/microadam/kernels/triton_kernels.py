@@ -44,7 +44,9 @@ On a machine without a GPU the kernels run on CPU tensors in Triton's interprete
 
 from __future__ import annotations
 
+import array
 import functools
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -56,7 +58,7 @@ import torch
 from microadam.functional import step_scalars
 from microadam.kernels import release_tiles
 from microadam.layout import Layout
-from microadam.ops.random import STREAM_ERROR, STREAM_MOVE, STREAM_PARAM, stream_key
+from microadam.ops.random import STREAM_ERROR, STREAM_MOVE, STREAM_PARAM, _mix32_cached, _mix32_int, _param_key
 
 try:
     import triton
@@ -77,11 +79,15 @@ _GRAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.floa
 _col = tl.constexpr if triton is not None else int
 # integers (int64)
 _I_N, _I_B, _I_K, _I_Q, _I_NB, _I_C, _I_R, _I_S, _I_G = (_col(i) for i in range(9))
-_I_SLOT, _I_VALID, _I_M, _I_ERRKEY, _I_PARKEY, _I_OFFSET, _I_STOCH_ERR, _I_STOCH_PAR, _I_WD = (
+_I_SLOT, _I_VALID, _I_M, _I_PKEY, _I_STEPMIX, _I_OFFSET, _I_STOCH_ERR, _I_STOCH_PAR, _I_WD = (
     _col(i) for i in range(9, 18)
 )
 _I_PARAM, _I_GRAD, _I_WIDX, _I_WVAL, _I_CODES, _I_BOUNDS = (_col(i) for i in range(18, 24))
-_I_UPDATE_KEY = _col(24)  # the update kernel's parameter stream (see _prepare)
+# The random streams' keys are computed in the kernels from ops.random.stream_key's cached parts: the
+# tensor's key (PKEY), the step's mix (STEPMIX) and the stream's mix (a constant below, or for the
+# update kernel's parameter stream this column: see _static); a Python hash per tensor and step
+# would cost more host time than the rest of its row.
+_I_UPDATE_STREAM = _col(24)
 _NI = _col(25)
 # floats (float32: torch rounds a Python scalar to the tensor's float32 before multiplying, so the
 # kernel must see the same float32 numbers)
@@ -90,6 +96,9 @@ _F_LR, _F_DECAY, _F_C1, _F_C2, _F_EPS = (_col(i) for i in range(5))
 # the error feedback (1 - release), and the move's RMS in units of lr.
 _F_CDECAY, _F_KEEP, _F_RSCALE = (_col(i) for i in range(5, 8))
 _NF = _col(8)
+# The compress kernel's two random streams (ops.random), mixed as stream_key mixes them.
+_MIX_ERROR = _col(_mix32_int(STREAM_ERROR))
+_MIX_PARAM = _col(_mix32_int(STREAM_PARAM))
 
 
 def available() -> tuple[bool, str]:
@@ -206,14 +215,26 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
-    def _hash_bits(pos, key):
-        """ops.random.hash_bits in uint32 arithmetic (the int64-with-masks original wraps the same way)."""
-        x = ((pos + key) & 0xFFFFFFFF).to(tl.uint32)
+    def _mix32(x):
+        """ops.random._mix32_int of uint32 ``x`` in uint32 arithmetic (the int64-with-masks original wraps
+        the same way)."""
         x = x ^ (x >> 16)
         x = x * 0x045D9F3B
         x = x ^ (x >> 16)
         x = x * 0x045D9F3B
         return x ^ (x >> 16)
+
+    @triton.jit
+    def _hash_bits(pos, key):
+        """ops.random.hash_bits."""
+        return _mix32(((pos + key) & 0xFFFFFFFF).to(tl.uint32))
+
+    @triton.jit
+    def _stream_key(pkey, step_mix, stream_mix):
+        """ops.random.stream_key from its parts, as int64: the tensor's key and the step's mix as int64
+        values below 2**32, the stream's mix a uint32 or a constant."""
+        key = _mix32((pkey ^ step_mix).to(tl.uint32))
+        return _mix32(key ^ stream_mix).to(tl.int64)
 
     @triton.jit
     def _round_param(x, pos, par_key, stoch, PARAM_KIND: tl.constexpr):
@@ -290,7 +311,9 @@ if triton is not None:
         S = tl.load(mi + _I_S)
         G = tl.load(mi + _I_G)
         write_slot = tl.load(mi + _I_SLOT)
-        err_key = tl.load(mi + _I_ERRKEY)
+        pkey = tl.load(mi + _I_PKEY)
+        step_mix = tl.load(mi + _I_STEPMIX)
+        err_key = _stream_key(pkey, step_mix, _MIX_ERROR)
         offset = tl.load(mi + _I_OFFSET)
         stoch_err = tl.load(mi + _I_STOCH_ERR)
         grad_ptr = _typed_pointer(mi, _I_GRAD, GRAD_KIND)
@@ -423,7 +446,7 @@ if triton is not None:
             pv = _load_param(param_ptr + pos, in_data, PARAM_KIND)
             newp = pv * tl.load(mf + _F_CDECAY) - tl.load(mf + _F_LR) * move
             stoch_par = tl.load(mi + _I_STOCH_PAR)
-            par_key = tl.load(mi + _I_PARKEY)
+            par_key = _stream_key(pkey, step_mix, _MIX_PARAM)
             tl.store(param_ptr + pos, _round_param(newp, pos + offset, par_key, stoch_par, PARAM_KIND), mask=in_data)
             keep = tl.load(mf + _F_KEEP)
             # keep == 0 stores exact zeros (rest * 0 would give -0 for negative entries).
@@ -492,7 +515,8 @@ if triton is not None:
         write_slot = tl.load(mi + _I_SLOT)
         n_valid = tl.load(mi + _I_VALID).to(tl.int32)
         m = tl.load(mi + _I_M)
-        par_key = tl.load(mi + _I_UPDATE_KEY)
+        update_stream = tl.load(mi + _I_UPDATE_STREAM).to(tl.uint32)
+        par_key = _stream_key(tl.load(mi + _I_PKEY), tl.load(mi + _I_STEPMIX), update_stream)
         offset = tl.load(mi + _I_OFFSET)
         stoch = tl.load(mi + _I_STOCH_PAR)
         has_wd = tl.load(mi + _I_WD)
@@ -618,7 +642,7 @@ class _Work:
     key: tuple
     ints: list[int]
     floats: list[float]
-    weights: tuple[list[float], list[float]]
+    weights: list[float]  # the table row of _age_weights
     groups: int
     blocks: int
     keep: list[torch.Tensor] = field(default_factory=list)
@@ -710,6 +734,8 @@ def _prepare(
         layout,
         error_rounding,
         bool(stochastic_param_rounding),
+        seed,
+        param_index,
         position_offset,
         bool(release),
         weight_decay != 0,
@@ -727,6 +753,8 @@ def _prepare(
             weight_decay=weight_decay,
             error_rounding=error_rounding,
             stochastic_param_rounding=stochastic_param_rounding,
+            seed=seed,
+            param_index=param_index,
             position_offset=position_offset,
             release=release,
         )
@@ -750,13 +778,8 @@ def _prepare(
     ints = st.ints.copy()
     ints[_H_SLOT] = sc.write_slot
     ints[_H_VALID] = len(sc.slots)
-    if st.stoch_err:
-        ints[_H_ERRKEY] = stream_key(seed, param_index, step, STREAM_ERROR)
-    if st.stoch_param:
-        par_key = ints[_H_PARKEY] = stream_key(seed, param_index, step, STREAM_PARAM)
-        # The update kernel's rounding: the torch path's stream, or with release (where the compress
-        # kernel has used that stream for the parameter's first rounding) a stream of its own.
-        ints[_H_UPDATE_KEY] = stream_key(seed, param_index, step, STREAM_MOVE) if release else par_key
+    if st.stoch_err or st.stoch_param:
+        ints[_H_STEPMIX] = _mix32_cached(step)
     g_flat = grad if grad.is_contiguous() else grad.reshape(-1).contiguous()
     ints[_H_GRAD] = g_flat.data_ptr()
     work_param = param
@@ -778,17 +801,16 @@ def _prepare(
 
 
 @functools.lru_cache(maxsize=256)
-def _age_weights(w1: tuple[float, ...], w2: tuple[float, ...], mp2: int) -> tuple[list[float], list[float]]:
-    # Ages 0..valid-1 in order, padded to the kernel's power of two; the kernel finds each age's
-    # slot from the write slot. Shared by every tensor of a step (the lists are only read).
-    return list(w1) + [0.0] * (mp2 - len(w1)), list(w2) + [0.0] * (mp2 - len(w2))
+def _age_weights(w1: tuple[float, ...], w2: tuple[float, ...], mp2: int) -> list[float]:
+    # beta1**age then beta2**age for ages 0..valid-1 in order, each padded to the kernel's power of
+    # two; the kernel finds each age's slot from the write slot. Shared by every tensor of a step
+    # (the list is only read).
+    return [*w1, *[0.0] * (mp2 - len(w1)), *w2, *[0.0] * (mp2 - len(w2))]
 
 
 # Host-side copies of the per-step columns: indexing a list with a tl.constexpr goes through its
 # __index__, a Python call per access.
-_H_SLOT, _H_VALID, _H_ERRKEY, _H_PARKEY, _H_UPDATE_KEY, _H_GRAD, _H_PARAM = (
-    int(c) for c in (_I_SLOT, _I_VALID, _I_ERRKEY, _I_PARKEY, _I_UPDATE_KEY, _I_GRAD, _I_PARAM)
-)
+_H_SLOT, _H_VALID, _H_STEPMIX, _H_GRAD, _H_PARAM = (int(c) for c in (_I_SLOT, _I_VALID, _I_STEPMIX, _I_GRAD, _I_PARAM))
 # The float columns in the order _prepare lists them.
 assert [int(c) for c in (_F_LR, _F_DECAY, _F_C1, _F_C2, _F_EPS, _F_CDECAY, _F_KEEP, _F_RSCALE)] == list(range(8))
 
@@ -826,6 +848,8 @@ def _static(
     weight_decay: float,
     error_rounding: str,
     stochastic_param_rounding: bool,
+    seed: int,
+    param_index: int,
     position_offset: int,
     release: float,
 ) -> _Static:
@@ -890,6 +914,11 @@ def _static(
     ints[_I_OFFSET] = position_offset
     ints[_I_STOCH_ERR] = int(stoch_err)
     ints[_I_STOCH_PAR] = int(stoch_param)
+    if stoch_err or stoch_param:
+        ints[_I_PKEY] = _param_key(seed, param_index)
+    # The update kernel's rounding: the torch path's stream, or with release (where the compress
+    # kernel has used that stream for the parameter's first rounding) a stream of its own.
+    ints[_I_UPDATE_STREAM] = _mix32_int(STREAM_MOVE if release else STREAM_PARAM)
     # With release the compress kernel applies the weight decay (with the dense move) and the
     # update kernel none.
     ints[_I_WD] = int(weight_decay != 0 and not release)
@@ -956,12 +985,17 @@ def _program_maps(
     return tuple(x.to(device=device, dtype=torch.int32) for x in (tensor_c, local_c, tensor_u, local_u))  # type: ignore[return-value]
 
 
+_ARRAY_CODES = {torch.int64: "q", torch.float32: "f"}
+
+
 def _upload(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small per-step table on ``device``. On CUDA it goes through pinned memory, asynchronously:
     a copy from pageable memory first waits for the stream to drain, which would stop the host
     from queueing the next launch while the GPU works (torch's caching host allocator keeps the
     pinned block until the copy has run)."""
-    table = torch.tensor(rows, dtype=dtype)
+    # One flat array, then a view: about half the time of torch.tensor on the nested lists.
+    flat = array.array(_ARRAY_CODES[dtype], itertools.chain.from_iterable(rows))
+    table = torch.frombuffer(flat, dtype=dtype).view(len(rows), -1)
     if device.type != "cuda":
         return table.to(device)
     return table.pin_memory().to(device, non_blocking=True)
@@ -975,7 +1009,7 @@ def _launch(works: list[_Work]) -> None:
         device, param_kind, grad_kind, rp2, cp2, tk_mode, q_mode, pairs, kp2, mp2, dt, release = key
         meta_i = _upload([w.ints for w in batch], torch.int64, device)
         meta_f = _upload([w.floats for w in batch], torch.float32, device)
-        weights = _upload([list(w.weights) for w in batch], torch.float32, device)
+        weights = _upload([w.weights for w in batch], torch.float32, device)
         tensor_c, local_c, tensor_u, local_u = _program_maps(
             device, tuple(w.groups for w in batch), tuple(w.blocks for w in batch)
         )
