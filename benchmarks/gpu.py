@@ -469,8 +469,35 @@ def run_check_case(case: CheckCase, device: torch.device) -> dict[str, Any]:
     return row
 
 
+def check_all_finite(device: torch.device) -> dict[str, Any]:
+    """``optimizer.grads_all_finite`` on the device (one multi-tensor norm per dtype there): 40
+    gradients of three dtypes are finite; one NaN, Inf or -Inf anywhere makes them not."""
+    from microadam.optimizer import grads_all_finite
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    grads = [torch.randn(1 + 997 * i, generator=gen, device=device).to(dtypes[i % 3]) for i in range(40)]
+    failures = []
+    if not grads_all_finite(grads):
+        failures.append("finite gradients were found not finite")
+    for i, pos, bad in [(0, 0, "nan"), (7, -1, "inf"), (20, 5000, "-inf"), (38, 12345, "nan"), (39, -1, "inf")]:
+        g = grads[i].view(-1)
+        kept = g[pos].clone()
+        g[pos] = float(bad)
+        if grads_all_finite(grads):
+            failures.append(f"{bad} at element {pos} of gradient {i} ({g.dtype}) was missed")
+        g[pos] = kept
+    return {"phase": "check", "case": "all-finite check", "ok": not failures, "failures": failures, "notes": []}
+
+
 def run_checks(device: torch.device, log: Callable[[str], None]) -> list[dict[str, Any]]:
     rows = []
+    try:
+        rows.append(check_all_finite(device))
+    except Exception as e:
+        rows.append({"phase": "check", "case": "all-finite check", "ok": False, "failures": [f"raised {_err(e)}"]})
+        log(traceback.format_exc())
+    log(f"[check] all-finite check: {'ok' if rows[-1]['ok'] else 'FAILED: ' + rows[-1]['failures'][0]}")
     for case in CHECK_CASES:
         try:
             row = run_check_case(case, device)

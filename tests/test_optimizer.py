@@ -149,22 +149,39 @@ def test_fp16_gradients_with_large_finite_values_are_not_skipped():
     assert opt.skipped_steps == 0 and opt.state[p]["step"] == 1
 
 
-@pytest.mark.parametrize("where", range(4))
+@pytest.mark.parametrize("where", range(7))
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_all_finite_check_over_mixed_dtypes_finds_one_bad_element(where, bad):
-    """grads_all_finite groups its sums by dtype: a bad element in any tensor of any group counts."""
+def test_all_finite_check_over_mixed_dtypes_finds_one_bad_element(where, bad, monkeypatch):
+    """grads_all_finite groups its reductions by dtype (one multi-tensor norm each, chunked float32 sums
+    for fp16): a bad element in any tensor of any group counts. The C++ check is switched off here, so
+    that every tensor takes the torch reductions."""
+    from microadam.kernels import cpu
     from microadam.optimizer import _FINITE_CHUNK, grads_all_finite
 
+    monkeypatch.setattr(cpu, "loaded", lambda: False)
     grads = [
         torch.randn(300),
         torch.randn(50).bfloat16(),
         torch.randn(_FINITE_CHUNK + 7).half(),  # two fp16 chunks
         torch.randn(3, dtype=torch.float64),
+        torch.randn(2, 40),  # a second float32 tensor, 2-D: the group's norm covers each
+        torch.randn(0),  # empty
+        torch.randn(9).bfloat16(),
     ]
     assert grads_all_finite(grads)
+    if where == 5:  # nothing to spoil in the empty tensor: spoil the first element of the first
+        where, index = 0, 0
+    else:
+        index = -1  # the last element: for the fp16 tensor, in its second chunk
     g = grads[where].view(-1)
-    g[-1] = bad  # the last element: for the fp16 tensor, in its second chunk
+    g[index] = bad
     assert not grads_all_finite(grads)
+    # The GPU's reduction (one multi-tensor norm per dtype), run here on the CPU tensors.
+    from microadam.optimizer import _finite_flag
+
+    for dtype in {t.dtype for t in grads}:
+        group = [t for t in grads if t.dtype == dtype]
+        assert bool(_finite_flag(group, multi_tensor=True)) == (grads[where].dtype != dtype), dtype
 
 
 def test_all_finite_check_in_cpp_agrees_with_the_torch_sums():

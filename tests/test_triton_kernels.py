@@ -469,6 +469,41 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
     _assert_states_equal(kept, state, lay.numel, "after a refused step")
 
 
+def test_one_launch_for_tensors_at_different_steps_and_hyperparameters() -> None:
+    """Tensors of one tile class share a launch even where their per-step columns differ: a tensor
+    added later (another step count, so another ring slot and random-stream key), another param
+    group's learning rate and betas, a non-contiguous parameter stepped in a copy. Each row must
+    carry its own numbers: state bit-equal to the torch path, parameters within the tolerance."""
+    gen = torch.Generator().manual_seed(11)
+    lay = layout_for(60, block_size=64, density=0.05, quant_block_size=16, window=3)
+    base = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, error_rounding="stochastic",
+                stochastic_param_rounding=True, seed=1, release=0.5, release_scale=1.0)  # fmt: skip
+    # (first step, hyperparameters, transposed parameter)
+    tensors = [(1, {}, False), (3, {}, False), (1, dict(lr=3e-3, beta1=0.8), False), (2, {}, True)]
+    params, refs, states, ref_states = [], [], [], []
+    for _, _, transposed in tensors:
+        p = torch.randn(6, 10, generator=gen)
+        p = p.t().contiguous().t() if transposed else p
+        params.append(p)
+        refs.append(p.clone())
+        states.append(_zero_state(lay))
+        ref_states.append(_zero_state(lay))
+    for step in range(1, 5):
+        items = []
+        for i, (first, hyper, _) in enumerate(tensors):
+            g = torch.randn(6, 10, generator=gen)
+            kw = dict(base, lr=1e-2, layout=lay, step=step + first - 1, param_index=i)
+            kw.update(hyper)
+            microadam_step(refs[i], g.clone(), **ref_states[i], **kw, impl="torch")
+            items.append(dict(param=params[i], grad=g, **states[i], **kw))
+        tk.microadam_step_triton_multi(items)
+        for i in range(len(tensors)):
+            where = f"step {step}, tensor {i}"
+            _assert_states_equal(ref_states[i], states[i], lay.numel, where)
+            assert_close(params[i], refs[i], torch.float32)
+    assert not params[3].is_contiguous()
+
+
 # ---------------------------------------------------------------- through the optimizer
 
 

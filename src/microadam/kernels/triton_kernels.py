@@ -50,12 +50,12 @@ import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from microadam.functional import step_scalars
+from microadam.functional import StepScalars, step_scalars
 from microadam.kernels import release_tiles
 from microadam.layout import Layout
 from microadam.ops.random import STREAM_ERROR, STREAM_MOVE, STREAM_PARAM, _mix32_cached, _mix32_int, _param_key
@@ -637,15 +637,16 @@ def _next_pow2(x: int) -> int:
 
 @dataclass
 class _Work:
-    """One tensor's step, ready to launch: its table rows and the tensors they point into."""
+    """One tensor's step, ready to launch: its steady row and this step's columns (see _launch)."""
 
-    key: tuple
-    ints: list[int]
-    floats: list[float]
-    weights: list[float]  # the table row of _age_weights
-    groups: int
-    blocks: int
-    keep: list[torch.Tensor] = field(default_factory=list)
+    static: _Static
+    scalars: StepScalars  # this step's numbers, one object for the tensors of a group and step
+    step_mix: int
+    grad_ptr: int
+    param_ptr: int  # a contiguous copy's address; 0: the parameter's own, in the steady row
+    floats: tuple[float, ...]  # the float row, one object for the tensors of a group and step
+    weights: list[float]  # the row of _age_weights, likewise shared
+    keep: tuple[torch.Tensor, torch.Tensor]  # what the kernels read, alive until they are queued
     copy_back: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -775,29 +776,28 @@ def _prepare(
         release=release,
         keys=False,
     )
-    ints = st.ints.copy()
-    ints[_H_SLOT] = sc.write_slot
-    ints[_H_VALID] = len(sc.slots)
-    if st.stoch_err or st.stoch_param:
-        ints[_H_STEPMIX] = _mix32_cached(step)
     g_flat = grad if grad.is_contiguous() else grad.reshape(-1).contiguous()
-    ints[_H_GRAD] = g_flat.data_ptr()
-    work_param = param
-    if not p_contig:
-        work_param = param.contiguous()
-        ints[_H_PARAM] = work_param.data_ptr()
-    # float32 in the table: torch rounds a Python scalar to the tensor's float32 before multiplying.
-    floats = [lr, 1.0 if release else sc.decay, sc.c1, sc.c2, eps, sc.decay, sc.keep, release_scale]
+    work_param = param if p_contig else param.contiguous()
     return _Work(
-        key=st.key,
-        ints=ints,
-        floats=floats,
+        static=st,
+        scalars=sc,
+        step_mix=_mix32_cached(step),
+        grad_ptr=g_flat.data_ptr(),
+        param_ptr=0 if p_contig else work_param.data_ptr(),
+        floats=_float_row(lr, bool(release), sc.c1, sc.c2, eps, sc.decay, sc.keep, release_scale),
         weights=_age_weights(sc.w1, sc.w2, st.mp2),
-        groups=st.groups,
-        blocks=st.blocks,
-        keep=[work_param, g_flat],
-        copy_back=(param, work_param) if work_param is not param else None,
+        keep=(work_param, g_flat),
+        copy_back=None if p_contig else (param, work_param),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _float_row(
+    lr: float, release: bool, c1: float, c2: float, eps: float, decay: float, keep: float, release_scale: float
+) -> tuple[float, ...]:
+    # The float columns (_F_*), float32 in the table: torch rounds a Python scalar to the tensor's
+    # float32 before multiplying. Cached so that the tensors of a group share one object per step.
+    return (lr, 1.0 if release else decay, c1, c2, eps, decay, keep, release_scale)
 
 
 @functools.lru_cache(maxsize=256)
@@ -811,6 +811,7 @@ def _age_weights(w1: tuple[float, ...], w2: tuple[float, ...], mp2: int) -> list
 # Host-side copies of the per-step columns: indexing a list with a tl.constexpr goes through its
 # __index__, a Python call per access.
 _H_SLOT, _H_VALID, _H_STEPMIX, _H_GRAD, _H_PARAM = (int(c) for c in (_I_SLOT, _I_VALID, _I_STEPMIX, _I_GRAD, _I_PARAM))
+_H_STEP_COLUMNS = [_H_SLOT, _H_VALID, _H_STEPMIX]
 # The float columns in the order _prepare lists them.
 assert [int(c) for c in (_F_LR, _F_DECAY, _F_C1, _F_C2, _F_EPS, _F_CDECAY, _F_KEEP, _F_RSCALE)] == list(range(8))
 
@@ -985,34 +986,78 @@ def _program_maps(
     return tuple(x.to(device=device, dtype=torch.int32) for x in (tensor_c, local_c, tensor_u, local_u))  # type: ignore[return-value]
 
 
-_ARRAY_CODES = {torch.int64: "q", torch.float32: "f"}
+def _table(rows: Sequence[Sequence[int | float]], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU table of equal-length rows: the same row for all when they are one object (a group's
+    tensors in a step), else one flat array (about half the time of torch.tensor on nested lists)."""
+    first = rows[0]
+    if all(r is first for r in rows):
+        return torch.tensor(first, dtype=dtype).expand(len(rows), -1).contiguous()
+    flat = array.array("q" if dtype == torch.int64 else "f", itertools.chain.from_iterable(rows))
+    return torch.frombuffer(flat, dtype=dtype).view(len(rows), -1)
 
 
-def _upload(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small per-step table on ``device``. On CUDA it goes through pinned memory, asynchronously:
+def _upload(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small per-step CPU table on ``device``. On CUDA it goes through pinned memory, asynchronously:
     a copy from pageable memory first waits for the stream to drain, which would stop the host
     from queueing the next launch while the GPU works (torch's caching host allocator keeps the
     pinned block until the copy has run)."""
-    # One flat array, then a view: about half the time of torch.tensor on the nested lists.
-    flat = array.array(_ARRAY_CODES[dtype], itertools.chain.from_iterable(rows))
-    table = torch.frombuffer(flat, dtype=dtype).view(len(rows), -1)
     if device.type != "cuda":
         return table.to(device)
     return table.pin_memory().to(device, non_blocking=True)
 
 
+@dataclass
+class _Batch:
+    """The steady tables of a launch's tensors, built once for that list of _Static rows."""
+
+    statics: tuple[_Static, ...]  # held, so that their ids (the key of _BATCHES) stay theirs
+    ints: torch.Tensor  # the steady int rows; _launch fills in this step's columns in a copy
+    maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # _program_maps
+
+
+# (id of each _Static of a launch, device) -> its _Batch; emptied when full.
+_BATCHES: dict[tuple, _Batch] = {}
+_MAX_BATCHES = 64
+
+
+def _int_table(batch: list[_Work], device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The int table of a launch (on ``device``) and its program maps.
+
+    Per step only a few columns change, and for a group's tensors they hold the same values: the
+    steady rows are cached per list of tensors and copied, then those columns are filled with one
+    write each (a row per tensor only for the gradients' addresses, and where tensors differ).
+    """
+    statics = tuple(w.static for w in batch)
+    key = (tuple(map(id, statics)), device)
+    entry = _BATCHES.get(key)
+    if entry is None:
+        if len(_BATCHES) >= _MAX_BATCHES:
+            _BATCHES.clear()
+        maps = _program_maps(device, tuple(st.groups for st in statics), tuple(st.blocks for st in statics))
+        entry = _BATCHES[key] = _Batch(statics, _table([st.ints for st in statics], torch.int64), maps)
+    table = entry.ints.clone()
+    first = batch[0]
+    if all(w.scalars is first.scalars and w.step_mix == first.step_mix for w in batch):
+        table[:, _H_STEP_COLUMNS] = torch.tensor([first.scalars.write_slot, len(first.scalars.slots), first.step_mix])
+    else:
+        rows = [(w.scalars.write_slot, len(w.scalars.slots), w.step_mix) for w in batch]
+        table[:, _H_STEP_COLUMNS] = torch.tensor(rows)
+    table[:, _H_GRAD] = torch.tensor([w.grad_ptr for w in batch])
+    for i, w in enumerate(batch):
+        if w.param_ptr:
+            table[i, _H_PARAM] = w.param_ptr
+    return _upload(table, device), entry.maps
+
+
 def _launch(works: list[_Work]) -> None:
     by_key: dict[tuple, list[_Work]] = {}
     for w in works:
-        by_key.setdefault(w.key, []).append(w)
+        by_key.setdefault(w.static.key, []).append(w)
     for key, batch in by_key.items():
         device, param_kind, grad_kind, rp2, cp2, tk_mode, q_mode, pairs, kp2, mp2, dt, release = key
-        meta_i = _upload([w.ints for w in batch], torch.int64, device)
-        meta_f = _upload([w.floats for w in batch], torch.float32, device)
-        weights = _upload([w.weights for w in batch], torch.float32, device)
-        tensor_c, local_c, tensor_u, local_u = _program_maps(
-            device, tuple(w.groups for w in batch), tuple(w.blocks for w in batch)
-        )
+        meta_i, (tensor_c, local_c, tensor_u, local_u) = _int_table(batch, device)
+        meta_f = _upload(_table([w.floats for w in batch], torch.float32), device)
+        weights = _upload(_table([w.weights for w in batch], torch.float32), device)
         vec_slots = mp2 * kp2 * kp2 <= 4096
         # FMA contraction off: torch rounds a product before adding (see the module docstring).
         _compress_kernel[(len(tensor_c),)](
