@@ -751,7 +751,12 @@ def check_table(rows: list[dict[str, Any]]) -> str:
         diffs = r.get("max_param_diff") or {}
         diff = " / ".join(f"{v:.2g}" for v in diffs.values())
         sizes = r.get("state_bytes") or {}
-        sb = " = ".join(f"{v:,}" for v in sizes.values()) if len(set(sizes.values())) == 1 else str(sizes)
+        if not sizes:  # a check of something else than a step (the all-finite check)
+            sb = ""
+        elif len(set(sizes.values())) == 1:
+            sb = " = ".join(f"{v:,}" for v in sizes.values())
+        else:
+            sb = str(sizes)
         first = r["failures"][0].replace("|", "/") if r["failures"] else ""
         lines.append(
             f"| {r['case']} | {r.get('steps', '')} | {'PASS' if r['ok'] else 'FAIL'} | {diff} | {sb} | {first} |"
