@@ -470,23 +470,31 @@ def run_check_case(case: CheckCase, device: torch.device) -> dict[str, Any]:
 
 
 def check_all_finite(device: torch.device) -> dict[str, Any]:
-    """``optimizer.grads_all_finite`` on the device (one multi-tensor norm per dtype there): 40
-    gradients of three dtypes are finite; one NaN, Inf or -Inf anywhere makes them not."""
+    """``optimizer.grads_all_finite`` on the device (one multi-tensor norm per dtype there): 300
+    gradients of three dtypes, every 20th one empty and every 50th non-contiguous, are finite; one
+    NaN, Inf or -Inf anywhere (the first, after an empty one, non-contiguous, the very last) makes them
+    not; finite values that overflow the reduction (3e38 twice) are confirmed finite."""
     from microadam.optimizer import grads_all_finite
 
     gen = torch.Generator(device=device).manual_seed(1)
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    grads = [torch.randn(1 + 997 * i, generator=gen, device=device).to(dtypes[i % 3]) for i in range(40)]
+    grads = []
+    for i in range(300):
+        n = 0 if i % 20 == 0 else 1 + 997 * i
+        g = torch.randn(n, 2, generator=gen, device=device)[:, 0] if i % 50 == 7 else torch.randn(n, device=device)
+        grads.append(g.to(dtypes[i % 3]) if i % 50 != 7 else g)
     failures = []
     if not grads_all_finite(grads):
         failures.append("finite gradients were found not finite")
-    for i, pos, bad in [(0, 0, "nan"), (7, -1, "inf"), (20, 5000, "-inf"), (38, 12345, "nan"), (39, -1, "inf")]:
-        g = grads[i].view(-1)
+    for i, pos, bad in [(1, 0, "nan"), (21, -1, "inf"), (57, 5000, "-inf"), (157, -1, "nan"), (299, -1, "inf")]:
+        g = grads[i]
         kept = g[pos].clone()
-        g[pos] = float(bad)
+        g[pos] = float(bad)  # in place: non-contiguous ones stay so
         if grads_all_finite(grads):
             failures.append(f"{bad} at element {pos} of gradient {i} ({g.dtype}) was missed")
         g[pos] = kept
+    if not grads_all_finite([*grads, torch.full((2,), 3e38, device=device)]):
+        failures.append("finite values that overflow a sum were found not finite")
     return {"phase": "check", "case": "all-finite check", "ok": not failures, "failures": failures, "notes": []}
 
 

@@ -208,6 +208,7 @@ def test_all_finite_check_in_cpp_agrees_with_the_torch_sums():
                 assert not cpu.all_finite(grads) and not grads_all_finite(grads), (i, pos, bad)
     huge = [torch.full((1000,), 3e38)]  # finite, but the sum is not
     assert not cpu.all_finite(huge) and not torch_verdict(huge)
+    assert grads_all_finite(huge)  # the failed fast check is confirmed element by element
     strided = torch.randn(10, 10)[:, ::2]
     strided[0, 0] = float("nan")
     assert not grads_all_finite([torch.randn(5), strided])
@@ -215,6 +216,44 @@ def test_all_finite_check_in_cpp_agrees_with_the_torch_sums():
         cpu.all_finite([strided])
     with pytest.raises(ValueError, match="tensor 0 is a contiguous torch.float64"):
         cpu.all_finite([torch.zeros(3, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("multi_tensor", [True, False], ids=["gpu-reduction", "cpu-reduction"])
+def test_all_finite_verdict_is_exact_with_either_reduction(monkeypatch, multi_tensor):
+    """_finite_flag's two reductions (a GPU's: one multi-tensor norm over pieces of the contiguous
+    non-empty tensors, sums for the others; a CPU's: a sum each), forced here on CPU tensors with
+    pieces of 64: one NaN or Inf anywhere among 151 tensors, empty and non-contiguous ones among
+    them, is found; finite values that overflow the reduction are confirmed finite."""
+    from microadam import optimizer as om
+    from microadam.kernels import cpu
+
+    monkeypatch.setattr(cpu, "loaded", lambda: False)
+    monkeypatch.setattr(om, "_NORM_PIECE", 64)
+    monkeypatch.setattr(om, "_MULTI_TENSOR_NORM", True)
+    reduce = om._finite_flag
+    monkeypatch.setattr(
+        om, "_finite_flag", lambda group, multi_tensor_=None, **_: reduce(group, multi_tensor=multi_tensor)
+    )
+    gen = torch.Generator().manual_seed(2)
+    grads = []
+    for i in range(150):
+        n = 0 if i % 25 == 0 else 1 + (i * 37) % 300
+        g = torch.randn(n, 2, generator=gen)[:, 0] if i % 40 == 7 else torch.randn(n, generator=gen)
+        grads.append(g.bfloat16() if i % 3 == 0 else g)
+    grads.append(torch.randn(1, generator=gen))
+    assert not grads[7].is_contiguous() and grads[25].numel() == 0
+    assert om.grads_all_finite(grads)
+    # first element; non-contiguous tensors; the last piece of the tensor after an empty one; a last piece; size 1
+    for i, pos in [(1, 0), (7, -1), (47, 3), (51, -1), (149, -1), (150, 0)]:
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            kept = grads[i][pos].clone()
+            grads[i][pos] = bad  # in place: a clone of a non-contiguous tensor would be contiguous
+            assert not om.grads_all_finite(grads), (i, pos, bad)
+            grads[i][pos] = kept
+    for big in ([3e38, 3e38], [3e38, -3e38]):  # the sum, or the sum of absolute values, overflows
+        t = torch.tensor(big)
+        assert om.grads_all_finite([*grads, t]), big
+    assert not bool(reduce([torch.tensor([3e38, 3e38])], multi_tensor=multi_tensor))  # what is confirmed
 
 
 def test_all_finite_check_never_builds_the_cpp_path(monkeypatch):

@@ -337,9 +337,9 @@ def test_single_tensor_entry_point_through_functional(case: Case) -> None:
     _run_against_torch(dataclasses.replace(case, steps=case.window + 1), multi=False)
 
 
-def test_tensors_of_one_tile_class_share_a_launch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small tensors of one tile class cost one launch of each kernel, not two per tensor."""
-    launches = []
+def _count_launches(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The grid of every kernel launch from now on, in order (the kernels still run)."""
+    launches: list[Any] = []
 
     class Counting:
         def __init__(self, kernel: Any) -> None:
@@ -351,6 +351,12 @@ def test_tensors_of_one_tile_class_share_a_launch(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(tk, "_compress_kernel", Counting(tk._compress_kernel))
     monkeypatch.setattr(tk, "_update_kernel", Counting(tk._update_kernel))
+    return launches
+
+
+def test_tensors_of_one_tile_class_share_a_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small tensors of one tile class cost one launch of each kernel, not two per tensor."""
+    launches = _count_launches(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     # Sizes 40..60 with block_size=64 are single blocks of one tile class (64 columns, k <= 2).
     sizes = [40, 45, 50, 55, 60, 63]
@@ -397,11 +403,14 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
     the gradient's dtype and contiguity, each state tensor replaced by a copy at a new address (a
     checkpoint load), the parameter replaced by a new tensor and by a transposed view (stepped in a
     contiguous copy), the release switched off, weight decay and stochastic rounding switched on,
-    the seed and the tensor's index changed (both in its random streams' key);
+    the seed, the tensor's index (both in its random streams' key) and its position offset changed,
+    the parameter's bits viewed as float16 and back;
     the row cache holds 3 rows here, so it is also emptied when full. Each step starts the torch
     path (with a correctly rounded sqrt) from the kernels' parameter, so the state must match bit
     for bit and the parameter too, except where the release rounds it twice (see
-    _assert_rounded_twice_at_window): a row built from stale inputs fails one of these.
+    _assert_rounded_twice_at_window): a row built from stale inputs fails one of these. (The
+    fingerprint's other inputs, the devices and the layout, cannot change alone: a layout comes with
+    its own state tensors.)
     """
     if DEVICE != "cpu":
         pytest.skip("bit-equality with the torch path is a CPU claim (scatter_add order on CUDA)")
@@ -414,7 +423,7 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
     state, ref_state = _zero_state(lay), _zero_state(lay)
     hyper = dict(
         lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, error_rounding="nearest",
-        stochastic_param_rounding=False, seed=5, param_index=2, release=0.5, release_scale=1.0,
+        stochastic_param_rounding=False, seed=5, param_index=2, release=0.5, release_scale=1.0, position_offset=0,
     )  # fmt: skip
     changes = [
         {},
@@ -431,6 +440,9 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
         dict(stochastic_param_rounding=True),
         dict(seed=6),
         dict(param_index=3),
+        dict(position_offset=1000),
+        dict(view=torch.float16),  # the parameter's bits as another dtype, at the same address
+        dict(view=torch.bfloat16),
     ]
     retired = []  # replaced tensors stay alive: a new tensor must not get the old one's address
     for step, change in enumerate(changes, start=1):
@@ -445,6 +457,8 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
         if change.get("new_param"):
             retired.append(p)
             p = p.contiguous().clone()
+        if "view" in change:
+            p = p.view(change["view"])
         if change.get("param_t"):
             p = p.t().contiguous().t()
             assert not p.is_contiguous()
@@ -469,11 +483,14 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
     _assert_states_equal(kept, state, lay.numel, "after a refused step")
 
 
-def test_one_launch_for_tensors_at_different_steps_and_hyperparameters() -> None:
+def test_one_launch_for_tensors_at_different_steps_and_hyperparameters(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors of one tile class share a launch even where their per-step columns differ: a tensor
     added later (another step count, so another ring slot and random-stream key), another param
     group's learning rate and betas, a non-contiguous parameter stepped in a copy. Each row must
     carry its own numbers: state bit-equal to the torch path, parameters within the tolerance."""
+    if DEVICE != "cpu":
+        pytest.skip("bit-equality with the torch path is a CPU claim (scatter_add order on CUDA)")
+    launches = _count_launches(monkeypatch)
     gen = torch.Generator().manual_seed(11)
     lay = layout_for(60, block_size=64, density=0.05, quant_block_size=16, window=3)
     base = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, error_rounding="stochastic",
@@ -501,6 +518,8 @@ def test_one_launch_for_tensors_at_different_steps_and_hyperparameters() -> None
             where = f"step {step}, tensor {i}"
             _assert_states_equal(ref_states[i], states[i], lay.numel, where)
             assert_close(params[i], refs[i], torch.float32)
+        assert launches == [(len(tensors),), (len(tensors),)], launches  # one of each kernel, all four
+        launches.clear()
     assert not params[3].is_contiguous()
 
 

@@ -71,15 +71,15 @@ def global_offset(t: torch.Tensor) -> int:
 def grads_all_finite(grads: list[torch.Tensor]) -> bool:
     """True iff every element of every tensor is finite; a few reductions and a single host sync.
 
-    A sum (or, on a GPU, a sum of absolute values: :func:`_finite_flag`) is finite iff every element
-    is, barring an overflow of finite values: float32 and float64 cannot reach it (> 3e38), nor bf16
-    (same range, summed in float32 inside the kernel). fp16 sums overflow at 65504, so they are
-    taken in float32, chunk by chunk: ``sum(dtype=float32)`` over the whole tensor would first make
-    a full float32 copy of it.
+    The fast check sums: a sum is finite if every element is, and NaN or Inf anywhere makes it so.
+    Finite values can overflow a sum too (two elements of 2e38 in float32), so a failed fast check
+    is confirmed element by element (:func:`_exactly_finite`, only on such a step): the verdict is
+    exact. fp16 is summed in float32, chunk by chunk (its own sums would overflow at 65504, and
+    ``sum(dtype=float32)`` over the whole tensor would first make a full float32 copy of it).
     Contiguous CPU tensors of float32, bfloat16 or float16 are summed in float32 in one C++ call
     (:func:`microadam.kernels.cpu.all_finite`) once the C++ path is loaded (by a step that uses it;
     this check never builds it): a ``torch.sum`` each costs a few microseconds, most of the check for
-    a model of many small tensors.
+    a model of many small tensors. On a GPU: :func:`_finite_flag`.
     """
     if not grads:
         return True
@@ -89,7 +89,7 @@ def grads_all_finite(grads: list[torch.Tensor]) -> bool:
     if cpu.loaded():
         native, rest = cpu.native_finite_args(grads)
         if not cpu.finite_native(native):
-            return False
+            return _exactly_finite(grads)
         if not rest:
             return True
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -97,25 +97,54 @@ def grads_all_finite(grads: list[torch.Tensor]) -> bool:
         groups.setdefault((g.device, g.dtype), []).append(g)
     flags = [_finite_flag(group, multi_tensor=device.type != "cpu") for (device, _), group in groups.items()]
     device = rest[0].device
-    return bool(flags[0] if len(flags) == 1 else torch.stack([f.to(device) for f in flags]).all())
+    if bool(flags[0] if len(flags) == 1 else torch.stack([f.to(device) for f in flags]).all()):
+        return True
+    return _exactly_finite(rest)
+
+
+# The multi-tensor norm on a GPU needs torch >= 2.6: before it, pytorch/pytorch#140066 (fixed by
+# #140103) dropped chunks after an empty tensor, so a NaN there could go unseen.
+_MULTI_TENSOR_NORM = torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)
+# Pieces of at most 2**30 elements for it: a tensor of more than 2**31 made the foreach kernels
+# index out of bounds (pytorch/pytorch#169930).
+_NORM_PIECE = 2**30
 
 
 def _finite_flag(group: list[torch.Tensor], *, multi_tensor: bool) -> torch.Tensor:
-    """A 0-d bool tensor: whether every element of ``group`` (tensors of one device and dtype) is finite.
+    """A 0-d bool tensor, True if every element of ``group`` (tensors of one device and dtype) is finite;
+    False may also be an overflow of finite values (see :func:`grads_all_finite`).
 
-    ``multi_tensor``: one multi-tensor reduction (``torch._foreach_norm(group, 1)``, the sum of absolute
-    values per tensor) instead of a sum per tensor. On a GPU that is a few kernel launches where the
-    sums cost one each, a millisecond of host time for a model of hundreds of tensors, during which
-    the GPU waits (the check ends in a sync). On a CPU the per-tensor sums are faster (measured:
-    ``benchmarks/finite_check.py``, 16M: 1.5 ms, against 4.0 ms for the norms).
+    ``multi_tensor`` (a GPU): one multi-tensor reduction (``torch._foreach_norm(pieces, 1)``, the sum of
+    absolute values per piece) instead of a sum per tensor: a few kernel launches where the sums
+    cost one each, a millisecond of host time for a model of hundreds of tensors, during which the
+    GPU waits (the check ends in a sync). Empty tensors are left out and large ones cut in pieces
+    (see _MULTI_TENSOR_NORM, _NORM_PIECE); non-contiguous ones are summed alone (a piece would be a
+    copy). On a CPU the per-tensor sums are faster (``benchmarks/finite_check.py`` at 16M: 1.5 ms,
+    against 4.0 ms for the norms).
     """
     if group[0].dtype == torch.float16:
         sums = [c.sum(dtype=torch.float32) for g in group for c in g.reshape(-1).split(_FINITE_CHUNK)]
-    elif multi_tensor:
-        sums = list(torch._foreach_norm(group, 1))
+    elif multi_tensor and _MULTI_TENSOR_NORM:
+        pieces = [c for g in group if g.is_contiguous() and g.numel() for c in g.view(-1).split(_NORM_PIECE)]
+        sums = [g.sum() for g in group if not g.is_contiguous()]
+        if pieces:
+            sums += list(torch._foreach_norm(pieces, 1))
+        if not sums:  # only empty tensors
+            return torch.ones((), dtype=torch.bool, device=group[0].device)
     else:
         sums = [g.sum() for g in group]
     return torch.isfinite(torch.stack(sums)).all()
+
+
+def _exactly_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every element is finite, element by element: the confirmation of a failed fast check,
+    so a step whose finite gradients only overflowed a sum is not skipped (nor reported as NaN/Inf).
+    Large tensors go in pieces, to bound the boolean temporary."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        for c in g.reshape(-1).split(_FINITE_CHUNK):
+            flags.setdefault(g.device, []).append(torch.isfinite(c).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool = True, fix: str = "") -> None:
