@@ -24,6 +24,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import dataclasses  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
 import zlib  # noqa: E402
 from typing import Any  # noqa: E402
 from unittest import mock  # noqa: E402
@@ -521,6 +522,32 @@ def test_one_launch_for_tensors_at_different_steps_and_hyperparameters(monkeypat
         assert launches == [(len(tensors),), (len(tensors),)], launches  # one of each kernel, all four
         launches.clear()
     assert not params[3].is_contiguous()
+
+
+def test_each_launch_has_its_tensors_gpu_made_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton launches on the current CUDA device: each launch key's kernels run inside
+    ``torch.cuda.device`` of that key's device (tensors of a model split over GPUs), CPU ones outside."""
+    entered: list[Any] = []
+
+    class Guard:
+        def __init__(self, device: torch.device) -> None:
+            self.device = device
+
+        def __enter__(self) -> None:
+            entered.append(self.device)
+
+        def __exit__(self, *exc: Any) -> None:
+            entered.append(None)
+
+    launched = []
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(tk, "_launch_batch", lambda key, batch: launched.append((str(key[0]), str(entered[-1]))))
+
+    def work(device: str) -> Any:
+        return types.SimpleNamespace(static=types.SimpleNamespace(key=(torch.device(device), 0)), copy_back=None)
+
+    tk._launch([work("cuda:1"), work("cuda:0"), work("cpu"), work("cuda:1")])
+    assert launched == [("cuda:1", "cuda:1"), ("cuda:0", "cuda:0"), ("cpu", "None")]
 
 
 # ---------------------------------------------------------------- through the optimizer

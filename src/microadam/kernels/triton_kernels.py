@@ -1054,49 +1054,61 @@ def _launch(works: list[_Work]) -> None:
     for w in works:
         by_key.setdefault(w.static.key, []).append(w)
     for key, batch in by_key.items():
-        device, param_kind, grad_kind, rp2, cp2, tk_mode, q_mode, pairs, kp2, mp2, dt, release = key
-        meta_i, (tensor_c, local_c, tensor_u, local_u) = _int_table(batch, device)
-        meta_f = _upload(_table([w.floats for w in batch], torch.float32), device)
-        weights = _upload(_table([w.weights for w in batch], torch.float32), device)
-        vec_slots = mp2 * kp2 * kp2 <= 4096
-        # FMA contraction off: torch rounds a product before adding (see the module docstring).
-        _compress_kernel[(len(tensor_c),)](
-            tensor_c,
-            local_c,
-            meta_i,
-            meta_f,
-            RP2=rp2,
-            CP2=cp2,
-            TK_MODE=tk_mode,
-            Q_MODE=q_mode,
-            PAIRS=pairs,
-            GRAD_KIND=grad_kind,
-            RADIX_BITS=_radix_bits(rp2 * cp2),
-            RELEASE=release,
-            PARAM_KIND=param_kind,
-            LOG_CP2=cp2.bit_length() - 1,
-            LOG_RP2=rp2.bit_length() - 1,
-            num_warps=_num_warps(rp2 * cp2),
-            enable_fp_fusion=False,
-        )
-        _update_kernel[(len(tensor_u),)](
-            tensor_u,
-            local_u,
-            meta_i,
-            meta_f,
-            weights,
-            KP2=kp2,
-            MP2=mp2,
-            DT=dt,
-            PARAM_KIND=param_kind,
-            VEC_SLOTS=vec_slots,
-            num_warps=_num_warps(max(dt, mp2 * kp2 * kp2 if vec_slots else kp2 * kp2)),
-            enable_fp_fusion=False,
-        )
+        device = key[0]
+        if device.type == "cuda":
+            # Triton launches on the current device and its current stream: tensors on another GPU
+            # (a model split over several, e.g. device_map="auto") need theirs made current.
+            with torch.cuda.device(device):
+                _launch_batch(key, batch)
+        else:
+            _launch_batch(key, batch)
     for w in works:
         if w.copy_back is not None:
             param, work_param = w.copy_back
             param.copy_(work_param.view(param.shape))
+
+
+def _launch_batch(key: tuple, batch: list[_Work]) -> None:
+    """Both kernels for tensors of one launch key (one device, tile shape and dtypes)."""
+    device, param_kind, grad_kind, rp2, cp2, tk_mode, q_mode, pairs, kp2, mp2, dt, release = key
+    meta_i, (tensor_c, local_c, tensor_u, local_u) = _int_table(batch, device)
+    meta_f = _upload(_table([w.floats for w in batch], torch.float32), device)
+    weights = _upload(_table([w.weights for w in batch], torch.float32), device)
+    vec_slots = mp2 * kp2 * kp2 <= 4096
+    # FMA contraction off: torch rounds a product before adding (see the module docstring).
+    _compress_kernel[(len(tensor_c),)](
+        tensor_c,
+        local_c,
+        meta_i,
+        meta_f,
+        RP2=rp2,
+        CP2=cp2,
+        TK_MODE=tk_mode,
+        Q_MODE=q_mode,
+        PAIRS=pairs,
+        GRAD_KIND=grad_kind,
+        RADIX_BITS=_radix_bits(rp2 * cp2),
+        RELEASE=release,
+        PARAM_KIND=param_kind,
+        LOG_CP2=cp2.bit_length() - 1,
+        LOG_RP2=rp2.bit_length() - 1,
+        num_warps=_num_warps(rp2 * cp2),
+        enable_fp_fusion=False,
+    )
+    _update_kernel[(len(tensor_u),)](
+        tensor_u,
+        local_u,
+        meta_i,
+        meta_f,
+        weights,
+        KP2=kp2,
+        MP2=mp2,
+        DT=dt,
+        PARAM_KIND=param_kind,
+        VEC_SLOTS=vec_slots,
+        num_warps=_num_warps(max(dt, mp2 * kp2 * kp2 if vec_slots else kp2 * kp2)),
+        enable_fp_fusion=False,
+    )
 
 
 def _check_available() -> None:
