@@ -645,7 +645,7 @@ class _Work:
     grad_ptr: int
     param_ptr: int  # a contiguous copy's address; 0: the parameter's own, in the steady row
     floats: tuple[float, ...]  # the float row, one object for the tensors of a group and step
-    weights: list[float]  # the row of _age_weights, likewise shared
+    weights: tuple[float, ...]  # the row of _age_weights, likewise shared
     keep: tuple[torch.Tensor, torch.Tensor]  # what the kernels read, alive until they are queued
     copy_back: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -801,11 +801,10 @@ def _float_row(
 
 
 @functools.lru_cache(maxsize=256)
-def _age_weights(w1: tuple[float, ...], w2: tuple[float, ...], mp2: int) -> list[float]:
+def _age_weights(w1: tuple[float, ...], w2: tuple[float, ...], mp2: int) -> tuple[float, ...]:
     # beta1**age then beta2**age for ages 0..valid-1 in order, each padded to the kernel's power of
-    # two; the kernel finds each age's slot from the write slot. Shared by every tensor of a step
-    # (the list is only read).
-    return [*w1, *[0.0] * (mp2 - len(w1)), *w2, *[0.0] * (mp2 - len(w2))]
+    # two; the kernel finds each age's slot from the write slot. Shared by every tensor of a step.
+    return (*w1, *[0.0] * (mp2 - len(w1)), *w2, *[0.0] * (mp2 - len(w2)))
 
 
 # Host-side copies of the per-step columns: indexing a list with a tl.constexpr goes through its
@@ -821,7 +820,7 @@ class _Static:
     """The part of one tensor's step that is the same every step (see _prepare)."""
 
     key: tuple  # the launch it joins: tile shape and dtypes
-    ints: list[int]  # its int table row, this step's columns still to fill
+    ints: tuple[int, ...]  # its int table row, this step's columns still to fill (in a copy)
     groups: int
     blocks: int
     window: int
@@ -942,7 +941,7 @@ def _static(
     )
     return _Static(
         key=key,
-        ints=ints,
+        ints=tuple(ints),
         groups=-(-n // G),
         blocks=layout.num_blocks,
         window=m,
