@@ -476,6 +476,9 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
             diff = (p.reshape(-1).view(torch.int16) != ref.reshape(-1).view(torch.int16)).nonzero().flatten()
             assert diff.numel() == 0, f"parameter bits differ at {where}, positions {diff[:5].tolist()}"
         assert len(tk._STATICS) <= 3
+        # The launches' cached tables (and their device maps) hold current rows only.
+        live = {id(st) for st in tk._STATICS.values()}
+        assert all(id(st) in live for batch in tk._BATCHES.values() for st in batch.statics)
     # The checks hold for a row served from the cache too, and a refused step writes nothing.
     kept = {name: t.clone() for name, t in state.items()}
     short = torch.randn(lay.numel - 1, generator=gen).to(torch.bfloat16).to(DEVICE)

@@ -760,7 +760,10 @@ def _prepare(
             release=release,
         )
         if len(_STATICS) >= _MAX_STATICS:
+            # The launches' cached tables hold the rows, and their program maps device memory: they
+            # go too (rebuilt at the next launch).
             _STATICS.clear()
+            _BATCHES.clear()
         _STATICS[fingerprint] = st
 
     # keys=False: the shared part only (cached per step); the random streams' keys are below.
@@ -833,7 +836,7 @@ class _Static:
 # tensor at a reused address gets the same row, which is then right for it too), so an entry is
 # never stale, only unused; the dict is emptied when full rather than tracking which.
 _STATICS: dict[tuple, _Static] = {}
-_MAX_STATICS = 1 << 14
+_MAX_STATICS = 1 << 16  # tensors; a mixture-of-experts model may have tens of thousands
 
 
 def _static(
@@ -968,13 +971,13 @@ def _num_warps(elements: int) -> int:
     return max(1, min(8, _next_pow2(elements) // 512))
 
 
-@functools.lru_cache(maxsize=64)
 def _program_maps(
     device: torch.device, groups: tuple[int, ...], blocks: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """program -> (tensor, group) for the compress kernel and program -> (tensor, block) for the
     update kernel, as int32 tensors on ``device``. They depend on the tensors' sizes only, so they
-    are built and copied to the device once, not every step."""
+    are built and copied to the device once per launch's list of tensors (kept in _BATCHES), not
+    every step."""
     counts_c = torch.tensor(groups)
     counts_u = torch.tensor(blocks)
     ids = torch.arange(len(groups))
@@ -1014,7 +1017,8 @@ class _Batch:
     maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # _program_maps
 
 
-# (id of each _Static of a launch, device) -> its _Batch; emptied when full.
+# (id of each _Static of a launch, device) -> its _Batch; emptied when full (a step has one launch
+# per tile class and dtypes: a handful). The only cache of the program maps, which are device memory.
 _BATCHES: dict[tuple, _Batch] = {}
 _MAX_BATCHES = 64
 
