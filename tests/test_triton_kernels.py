@@ -417,6 +417,7 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
         pytest.skip("bit-equality with the torch path is a CPU claim (scatter_add order on CUDA)")
     monkeypatch.setattr(tk, "_MAX_STATICS", 3)
     tk._STATICS.clear()
+    tk._BATCHES.clear()
     gen = torch.Generator().manual_seed(3)
     shape = (9, 14)
     lay = layout_for(126, block_size=32, density=0.1, quant_block_size=8, window=3)
