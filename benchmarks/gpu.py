@@ -22,8 +22,13 @@ One script for one call on a lent H200, under 5 minutes, ending with tables. Two
    random gradients, a warm-up (at least ``window`` steps for MicroAdam, so the ring is full and
    the kernels compiled; 3 for the others), then timed steps (at least ``--steps``, more while
    within ``--time-box`` seconds) with CUDA events around each ``opt.step()`` from an idle
-   device: the median and the minimum. One more step after ``reset_peak_memory_stats()`` gives
-   the transient memory (peak allocated during the step minus allocated just before it).
+   device: the median and the minimum; also the host's own time of those calls (``host ms``), and
+   on a GPU the step's cost after 20 ms of other GPU work queued before it (``after queued work
+   ms``, 5 steps, ``Clock.queued_ms``), as in a training loop that calls ``step()`` while the
+   backward pass still runs: an optimizer that only queues kernels costs its kernels there, one
+   that syncs first (MicroAdam's all-finite check) its host work after the sync as well. One more
+   step after ``reset_peak_memory_stats()`` gives the transient memory (peak allocated during the
+   step minus allocated just before it).
    MicroAdam (triton) and fused AdamW run first, largest size first, then the slower torch path
    (seconds a step at 1.3B) and the peers, smallest first: if ``--budget-s`` (default 270 s)
    runs out, the targets are measured and the rest is cut short or marked skipped.
@@ -105,6 +110,9 @@ TOLERANCES = {
     torch.bfloat16: dict(rtol=2**-7, atol=1e-5),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# GPU work queued before each of the 'after queued work' steps (Clock.queued_ms), in ms.
+QUEUED_BUSY_MS = 20.0
+QUEUED_STEPS = 5
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -579,25 +587,56 @@ OPTIMIZERS = (
 
 class Clock:
     """Step times from an idle device: CUDA events on a GPU (the step's span on the stream,
-    host-side work inside the step included), ``perf_counter`` on CPU."""
+    host-side work inside the step included), ``perf_counter`` on CPU; and the host's own time of
+    the ``opt.step()`` call."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.host_ms: list[float] = []
         if device.type == "cuda":
             self.start = torch.cuda.Event(enable_timing=True)
+            self.mid = torch.cuda.Event(enable_timing=True)
             self.end = torch.cuda.Event(enable_timing=True)
+        self._sleep_cycles: int | None = None
 
     def step_ms(self, opt: torch.optim.Optimizer) -> float:
         if self.device.type != "cuda":
             t0 = time.perf_counter()
             opt.step()
-            return (time.perf_counter() - t0) * 1e3
+            ms = (time.perf_counter() - t0) * 1e3
+            self.host_ms.append(ms)
+            return ms
         torch.cuda.synchronize(self.device)
         self.start.record()
+        t0 = time.perf_counter()
         opt.step()
+        self.host_ms.append((time.perf_counter() - t0) * 1e3)
         self.end.record()
         self.end.synchronize()
         return self.start.elapsed_time(self.end)
+
+    def queued_ms(self, opt: torch.optim.Optimizer, busy_ms: float = QUEUED_BUSY_MS) -> float | None:
+        """The step's span on the GPU after ``busy_ms`` of other work queued before it (as a training
+        loop calls ``step()`` while the backward pass still runs): from the end of that work to the
+        step's end. An optimizer that only queues kernels costs its kernels here; one that syncs
+        first costs its host work after the sync as well. None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        if self._sleep_cycles is None:  # calibrate torch.cuda._sleep (spins for clock cycles)
+            torch.cuda.synchronize(self.device)
+            self.start.record()
+            torch.cuda._sleep(10_000_000)
+            self.end.record()
+            self.end.synchronize()
+            self._sleep_cycles = max(1, int(10_000_000 * busy_ms / max(self.start.elapsed_time(self.end), 1e-3)))
+        torch.cuda.synchronize(self.device)
+        self.start.record()
+        torch.cuda._sleep(self._sleep_cycles)
+        self.mid.record()
+        opt.step()
+        self.end.record()
+        self.end.synchronize()
+        return self.mid.elapsed_time(self.end)
 
 
 def _transient_step(opt: torch.optim.Optimizer, device: torch.device) -> tuple[int | None, int | None, int | None]:
@@ -663,6 +702,14 @@ def measure(
                 break
             times.append(clock.step_ms(opt))
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        queued: list[float] = []
+        try:
+            for _ in range(QUEUED_STEPS if device.type == "cuda" else 0):
+                queued.append(clock.queued_ms(opt))  # type: ignore[arg-type]
+        except Exception as e:  # an extra number: its failure must not cost the row
+            row["queued_error"] = _err(e)
+        row["queued_median_ms"] = statistics.median(queued) if queued else None
+        row["host_median_ms"] = statistics.median(clock.host_ms[-len(times) :])
         transient, retained, step_peak = _transient_step(opt, device)
         sbytes = state_bytes(opt)
         row.update(
@@ -776,17 +823,19 @@ def results_table(rows: list[dict[str, Any]], sizes: list[str], dtypes: list[str
     names = [s.name for s in OPTIMIZERS]
     rows = sorted(rows, key=lambda r: (sizes.index(r["size"]), dtypes.index(r["dtype"]), names.index(r["optimizer"])))
     lines = [
-        "| size | params | dtype | optimizer | median ms | min ms | x fused AdamW | timed steps | first step s "
-        "| transient MiB | transient % params | peak MiB | state MiB | bytes/param |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| size | params | dtype | optimizer | median ms | min ms | x fused AdamW | host ms | after queued work ms "
+        "| timed steps | first step s | transient MiB | transient % params | peak MiB | state MiB | bytes/param |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         head = f"| {r['size']} | {r['numel'] / 1e6:.1f}M | {r['dtype']} | {r['optimizer']} "
         if r["error"]:
-            lines.append(head + f"| {r['error'].replace('|', '/')} | | | | | | | | | |")
+            lines.append(head + f"| {r['error'].replace('|', '/')} | | | | | | | | | | | |")
             continue
+        queued = _f(r.get("queued_median_ms"), 3) if r.get("queued_median_ms") is not None else "n/a"
         lines.append(
             head + f"| {_f(r['median_ms'], 3)} | {_f(r['min_ms'], 3)} | {_f(r['ratio_vs_fused_adamw'])} "
+            f"| {_f(r.get('host_median_ms'), 3)} | {queued} "
             f"| {r['timed_steps']} | {_f(r['first_step_s'], 1)} | {_mib(r['transient_bytes'])} "
             f"| {_f(r['transient_pct'], 3) if r['transient_pct'] is not None else 'n/a'} | {_mib(r['peak_bytes'])} "
             f"| {_mib(r['state_bytes'])} | {r['bytes_per_param']:.3f} |"
