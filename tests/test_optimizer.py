@@ -131,6 +131,58 @@ def test_nonfinite_gradient_skips_whole_step_and_warns_once(bad):
     assert all(s["step"] == 4 for s in opt.state.values())
 
 
+def test_many_tensor_steps_are_prepared_before_the_all_finite_check(monkeypatch):
+    """Tensors of the C++ path whose state exists are checked and prepared before the all-finite
+    check (on a GPU, the host's work then overlaps the backward pass it waits for); new states after
+    it. A skipped first step leaves no state entry behind, and a skipped later step changes nothing
+    though it was prepared."""
+    from microadam.kernels import cpu
+
+    if not cpu.available()[0]:
+        pytest.skip("the C++ path does not build here")
+    order = []
+    prepare = cpu.prepare_many
+    monkeypatch.setattr(cpu, "prepare_many", lambda steps: order.append(("prepare", len(steps))) or prepare(steps))
+    model = torch.nn.Linear(30, 20)
+    opt = MicroAdam(model.parameters(), lr=1e-3, impl="cpp")
+    check = opt._all_finite
+    opt._all_finite = lambda grads: order.append("check") or check(grads)
+    model(torch.randn(8, 30)).square().mean().backward()
+    model.weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert order == ["check"] and len(opt.state) == 0  # nothing to prepare yet, no state created
+    order.clear()
+    model.weight.grad[0, 0] = 0.0
+    opt.step()
+    assert order == ["check", ("prepare", 2)]  # new states: after the check
+    order.clear()
+    before = _snapshot(model, opt)
+    model.weight.grad[0, 0] = float("inf")
+    opt.step()
+    assert order == [("prepare", 2), "check"]  # prepared first, then skipped: nothing written
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
+    assert opt.skipped_steps == 2
+
+
+def test_a_bad_state_raises_before_any_tensor_of_the_step_is_written():
+    """Every many-tensor item is checked before any tensor moves, the torch path's included: a
+    corrupt state in one C++ tensor leaves the other group's torch-path tensor where it was."""
+    from microadam.kernels import cpu
+
+    if not cpu.available()[0]:
+        pytest.skip("the C++ path does not build here")
+    a, b = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(60))
+    opt = MicroAdam([{"params": [a], "impl": "torch"}, {"params": [b], "impl": "cpp"}], lr=1e-2)
+    a.grad, b.grad = torch.randn(50), torch.randn(60)
+    opt.step()
+    opt.state[b]["error_bounds"] = opt.state[b]["error_bounds"].float()
+    kept = a.detach().clone()
+    with pytest.raises(ValueError, match="error_bounds must be torch.bfloat16"):
+        opt.step()
+    assert torch.equal(a, kept) and opt.state[a]["step"] == 1
+
+
 def test_nonfinite_raise_policy_raises_and_changes_nothing():
     model, opt = _trained(nonfinite="raise")
     before = _snapshot(model, opt)

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from microadam import sharding
 from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
-from microadam.kernels import PartialStepError, load_multi, release_tiles, resolve_impl
+from microadam.kernels import PartialStepError, load_phases, release_tiles, resolve_impl
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
 __all__ = [
@@ -469,6 +469,32 @@ class MicroAdam(Optimizer):
                 loss = closure()
 
         work = self._gradients()
+        # The group's arguments, converted once per step (id(group) -> kwargs), and each (group, size)
+        # layout looked up once: a model's hundreds of tensors share a few groups, and the host time
+        # per tensor is what a step of many small tensors costs.
+        group_kwargs: dict[int, dict[str, Any]] = {}
+        layouts: dict[tuple[int, int], Layout] = {}
+        phases_of: dict[str, Any] = {}  # impl -> its (prepare, run), or None, looked up once per step
+        # Tensors of a many-tensor implementation whose state exists are prepared (checked, their
+        # arguments built, nothing written) before the all-finite check: on a GPU the host waits at
+        # the check for the GPU to finish the backward pass, and work done before it overlaps that.
+        batched: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        prepared: dict[str, list[Any]] = {}
+        later = []
+        for item in work:
+            index, group, p, g = item
+            state = self.state.get(p)  # .get: a skipped step must not leave empty entries behind
+            if group.get("dense", False) or not state or "step" not in state:
+                later.append(item)
+                continue
+            impl, kwargs = self._step_args(index, group, p, g, state, group_kwargs, layouts, phases_of)
+            if phases_of.get(impl) is None:
+                later.append(item)
+                continue
+            batched.setdefault(impl, []).append((state, kwargs))
+        for impl, items in batched.items():
+            prepared[impl] = phases_of[impl][0]([kwargs for _, kwargs in items])
+
         finite = self._all_finite([local_tensor(g) for _, _, _, g in work])
         if any(type(p).__name__ == "DTensor" for _, _, p, _ in work) and torch.distributed.is_initialized():
             # Sharded: each rank sees its shard's gradients only; all must skip, or none.
@@ -494,56 +520,40 @@ class MicroAdam(Optimizer):
                 self._warned_nonfinite = True
             return loss
 
-        batched: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-        multi_of: dict[str, Any] = {}  # impl -> its many-tensor entry (or None), looked up once per step
-        # The group's arguments, converted once per step (id(group) -> kwargs): a model's hundreds of
-        # tensors share a few groups, and the host time per tensor is what a step of many small
-        # tensors costs.
-        group_kwargs: dict[int, dict[str, Any]] = {}
-        layouts: dict[tuple[int, int], Layout] = {}  # (id(group), numel) -> its Layout, for the same reason
-        for index, group, p, g in work:
+        # New states, dense fallbacks and the torch path, after the check (which the state of a
+        # skipped step must not see created). Everything is checked before anything is written.
+        immediate = []
+        late: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        for index, group, p, g in later:
             if group.get("dense", False):
-                self._dense_step(p, g, group, index)
+                immediate.append((None, index, group, p, g, None))
                 continue
             state = self.state[p]
             if "step" not in state:
                 state = self._init_state(p, group)
-            shared = group_kwargs.get(id(group))
-            if shared is None:
-                shared = group_kwargs[id(group)] = self._group_kwargs(group)
-            p_local, g_local = local_tensor(p), local_tensor(g)
-            impl = resolve_impl(group["impl"], p_local)
-            numel = p_local.numel()
-            layout = layouts.get((id(group), numel))
-            if layout is None:
-                layout = layouts[id(group), numel] = self._layout_of(numel, group)
-            kwargs = dict(
-                shared,
-                window_indices=state["window_indices"],
-                window_values=state["window_values"],
-                error_codes=state["error_codes"],
-                error_bounds=state["error_bounds"],
-                layout=layout,
-                step=state["step"] + 1,
-                param_index=index,
-                position_offset=global_offset(p) if p_local is not p else 0,
-            )
-            if impl != "torch" and impl not in multi_of:
-                multi_of[impl] = load_multi(impl)
-            if impl != "torch" and multi_of[impl] is not None:
-                # One launch for many tensors: small tensors do not cost a kernel launch each.
-                kwargs["param"], kwargs["grad"] = p_local, g_local
-                batched.setdefault(impl, []).append((state, kwargs))
+            impl, kwargs = self._step_args(index, group, p, g, state, group_kwargs, layouts, phases_of)
+            if phases_of.get(impl) is None:
+                immediate.append((state, index, group, p, g, (impl, kwargs)))
+            else:
+                late.setdefault(impl, []).append((state, kwargs))
+        for impl, items in late.items():
+            prepared.setdefault(impl, []).extend(phases_of[impl][0]([kwargs for _, kwargs in items]))
+            batched.setdefault(impl, []).extend(items)
+        for state, index, group, p, g, args in immediate:
+            if args is None:
+                self._dense_step(p, g, group, index)
                 continue
+            impl, kwargs = args
             # The counter advances only once the step has succeeded, so a failure (e.g. out of
             # memory) does not give the unwritten ring slot a wrong age. Parameters already
             # updated earlier in this step stay updated: retrying the whole step applies their
             # update twice; restore a checkpoint (or a Guard snapshot) instead.
-            microadam_step(p_local, g_local, impl=impl, **kwargs)
+            microadam_step(local_tensor(p), local_tensor(g), impl=impl, **kwargs)
             state["step"] += 1
         for impl, items in batched.items():
             try:
-                multi_of[impl]([item for _, item in items])
+                # One call for many tensors: small tensors do not cost a kernel launch each.
+                phases_of[impl][1](prepared[impl])
             except PartialStepError as e:
                 # The call stepped every tensor but the failed ones: count those steps.
                 for i, (state, _) in enumerate(items):
@@ -553,6 +563,45 @@ class MicroAdam(Optimizer):
             for state, _ in items:
                 state["step"] += 1
         return loss
+
+    def _step_args(
+        self,
+        index: int,
+        group: dict[str, Any],
+        p: torch.Tensor,
+        g: torch.Tensor,
+        state: dict[str, Any],
+        group_kwargs: dict[int, dict[str, Any]],
+        layouts: dict[tuple[int, int], Layout],
+        phases_of: dict[str, Any],
+    ) -> tuple[str, dict[str, Any]]:
+        """The implementation of one tensor's step and its arguments (with ``param`` and ``grad``, the
+        local shards, for a many-tensor implementation), using and filling the step's caches."""
+        shared = group_kwargs.get(id(group))
+        if shared is None:
+            shared = group_kwargs[id(group)] = self._group_kwargs(group)
+        p_local = local_tensor(p)
+        impl = resolve_impl(group["impl"], p_local)
+        numel = p_local.numel()
+        layout = layouts.get((id(group), numel))
+        if layout is None:
+            layout = layouts[id(group), numel] = self._layout_of(numel, group)
+        kwargs = dict(
+            shared,
+            window_indices=state["window_indices"],
+            window_values=state["window_values"],
+            error_codes=state["error_codes"],
+            error_bounds=state["error_bounds"],
+            layout=layout,
+            step=state["step"] + 1,
+            param_index=index,
+            position_offset=global_offset(p) if p_local is not p else 0,
+        )
+        if impl != "torch" and impl not in phases_of:
+            phases_of[impl] = load_phases(impl)
+        if phases_of.get(impl) is not None:
+            kwargs["param"], kwargs["grad"] = p_local, local_tensor(g)
+        return impl, kwargs
 
     @staticmethod
     def _group_kwargs(group: dict[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,12 @@ needs Triton or a compiler.
 - ``"cpp"``: a C++/OpenMP extension for CPU tensors, compiled on first use
   (``microadam.kernels.cpu``).
 
-Both fast paths also have a many-tensor entry (``KERNELS``' last field), which ``MicroAdam.step``
-uses: one call for all of a step's tensors (Triton: one launch per tile class; C++: one parallel
-region), so a model's many small tensors do not cost a call each.
+Both fast paths also have a many-tensor entry (``KERNELS``' fourth field): one call for all of a
+step's tensors (Triton: one launch per tile class; C++: one parallel region), so a model's many
+small tensors do not cost a call each. ``MicroAdam.step`` uses it in its two phases (the last two
+fields, :func:`load_phases`): ``prepare`` checks every tensor's arguments and builds what the
+call needs, writing nothing; ``run`` steps them. The optimizer prepares before its all-finite
+check, whose result a GPU makes the host wait for, so that the host's work overlaps the GPU's.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["KERNELS", "PartialStepError", "load", "load_multi", "availability", "release_tiles", "resolve_impl"]
+__all__ = [
+    "KERNELS",
+    "PartialStepError",
+    "load",
+    "load_multi",
+    "load_phases",
+    "availability",
+    "release_tiles",
+    "resolve_impl",
+]
 
 
 class PartialStepError(RuntimeError):
@@ -38,16 +50,31 @@ class PartialStepError(RuntimeError):
         self.failed = failed
 
 
-# name -> (module, step function, availability function, many-tensor step function or "")
-KERNELS: dict[str, tuple[str, str, str, str]] = {
-    "triton": ("microadam.kernels.triton_kernels", "microadam_step_triton", "available", "microadam_step_triton_multi"),
-    "cpp": ("microadam.kernels.cpu", "microadam_step_cpp", "available", "microadam_step_cpp_multi"),
+# name -> (module, step function, availability function, many-tensor step function or "", its two
+# phases: prepare and run, or "")
+KERNELS: dict[str, tuple[str, str, str, str, str, str]] = {
+    "triton": (
+        "microadam.kernels.triton_kernels",
+        "microadam_step_triton",
+        "available",
+        "microadam_step_triton_multi",
+        "prepare_many",
+        "run_prepared",
+    ),
+    "cpp": (
+        "microadam.kernels.cpu",
+        "microadam_step_cpp",
+        "available",
+        "microadam_step_cpp_multi",
+        "prepare_many",
+        "run_prepared",
+    ),
 }
 
 
 def availability(name: str) -> tuple[bool, str]:
     """``(True, "")`` if implementation ``name`` can run here, else ``(False, why and how to fix)``."""
-    module, _, check, _ = KERNELS[name]
+    module, _, check, _, _, _ = KERNELS[name]
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
@@ -60,17 +87,30 @@ def load(name: str) -> Callable[..., None]:
     ok, why = availability(name)
     if not ok:
         raise RuntimeError(why)
-    module, fn, _, _ = KERNELS[name]
+    module, fn, _, _, _, _ = KERNELS[name]
     return getattr(importlib.import_module(module), fn)
 
 
 def load_multi(name: str) -> Callable[..., None] | None:
     """The many-tensor step function of ``name`` (one call for a list of per-tensor argument dicts), or None."""
-    module, _, _, multi = KERNELS[name]
+    module, _, _, multi, _, _ = KERNELS[name]
     if not multi:
         return None
     load(name)  # raises with the reason if unavailable
     return getattr(importlib.import_module(module), multi)
+
+
+def load_phases(name: str) -> tuple[Callable[..., list], Callable[[list], None]] | None:
+    """``(prepare, run)`` of ``name``'s many-tensor step, or None: ``run(prepare(items))`` is
+    ``load_multi(name)(items)``. ``prepare`` checks every item and raises on a bad one before
+    anything is written; it writes nothing, so its result may be dropped (a skipped step). ``run``
+    steps the prepared items (or raises :class:`PartialStepError` naming those it could not)."""
+    module, _, _, _, prepare, run = KERNELS[name]
+    if not prepare:
+        return None
+    load(name)  # raises with the reason if unavailable
+    mod = importlib.import_module(module)
+    return getattr(mod, prepare), getattr(mod, run)
 
 
 def release_tiles(block: int, quant_block: int) -> bool:

@@ -41,6 +41,8 @@ from microadam.kernels import PartialStepError
 from microadam.layout import Layout
 
 __all__ = [
+    "prepare_many",
+    "run_prepared",
     "all_finite",
     "available",
     "finite_native",
@@ -588,7 +590,18 @@ def microadam_step_cpp_multi(steps: Sequence[Mapping[str, Any]]) -> None:
     all tensors are shared out among the threads together: a model's many small tensors (biases,
     norms) cost neither a call each nor a thread each.
     """
-    _step_all([_prepare(**item) for item in steps])
+    run_prepared(prepare_many(steps))
+
+
+def prepare_many(steps: Sequence[Mapping[str, Any]]) -> list[_Pending | None]:
+    """The first phase of :func:`microadam_step_cpp_multi`: every item checked and its C++ arguments
+    built; nothing is written (a non-contiguous tensor's contiguous copy is made here)."""
+    return [_prepare(**item) for item in steps]
+
+
+def run_prepared(pending: list[_Pending | None]) -> None:
+    """The second phase of :func:`microadam_step_cpp_multi`: step what :func:`prepare_many` built."""
+    _step_all(pending)
 
 
 def all_finite(grads: Sequence[torch.Tensor]) -> bool:

@@ -70,7 +70,7 @@ except ImportError as _e:  # the optional extra is missing; available() says how
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["available", "microadam_step_triton", "microadam_step_triton_multi"]
+__all__ = ["available", "microadam_step_triton", "microadam_step_triton_multi", "prepare_many", "run_prepared"]
 
 _PARAM_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _GRAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -1193,6 +1193,16 @@ def microadam_step_triton_multi(steps: Sequence[Mapping[str, Any]]) -> None:
             for i, p in enumerate(params)
         ])
     """
+    run_prepared(prepare_many(steps))
+
+
+def prepare_many(steps: Sequence[Mapping[str, Any]]) -> list[_Work | None]:
+    """The first phase of :func:`microadam_step_triton_multi`: every item checked and its table rows
+    built; nothing is written or launched (a non-contiguous tensor's contiguous copy is made here)."""
     _check_available()
-    works = [_prepare(**item) for item in steps]
+    return [_prepare(**item) for item in steps]
+
+
+def run_prepared(works: list[_Work | None]) -> None:
+    """The second phase of :func:`microadam_step_triton_multi`: launch what :func:`prepare_many` built."""
     _launch([w for w in works if w is not None])
