@@ -166,8 +166,8 @@ def test_many_tensor_steps_are_prepared_before_the_all_finite_check(monkeypatch)
 
 
 def test_a_bad_state_raises_before_any_tensor_of_the_step_is_written():
-    """Every many-tensor item is checked before any tensor moves, the torch path's included: a
-    corrupt state in one C++ tensor leaves the other group's torch-path tensor where it was."""
+    """Every many-tensor item is checked before any tensor moves, a torch-path one included: a corrupt
+    state in one C++ tensor leaves the other group's torch-path tensor where it was."""
     from microadam.kernels import cpu
 
     if not cpu.available()[0]:
@@ -181,6 +181,34 @@ def test_a_bad_state_raises_before_any_tensor_of_the_step_is_written():
     with pytest.raises(ValueError, match="error_bounds must be torch.bfloat16"):
         opt.step()
     assert torch.equal(a, kept) and opt.state[a]["step"] == 1
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_a_bad_state_in_a_step_that_is_skipped_anyway_is_not_raised_yet(nonfinite):
+    """The prepare phase runs before the all-finite check, but its errors wait for the check's
+    verdict, as when they came after it: a step with a NaN gradient is skipped (or raises
+    NonFiniteGradientError), whatever else is wrong with it; the next finite step raises the error."""
+    from microadam.kernels import cpu
+
+    if not cpu.available()[0]:
+        pytest.skip("the C++ path does not build here")
+    b = torch.nn.Parameter(torch.randn(60))
+    opt = MicroAdam([b], lr=1e-2, impl="cpp", nonfinite=nonfinite)
+    b.grad = torch.randn(60)
+    opt.step()
+    opt.state[b]["error_bounds"] = opt.state[b]["error_bounds"].float()
+    b.grad[3] = float("nan")
+    if nonfinite == "skip":
+        with pytest.warns(RuntimeWarning, match="skipped"):
+            opt.step()
+        assert opt.skipped_steps == 1
+    else:
+        with pytest.raises(NonFiniteGradientError):
+            opt.step()
+    b.grad[3] = 0.0
+    with pytest.raises(ValueError, match="error_bounds must be torch.bfloat16"):
+        opt.step()
+    assert opt.state[b]["step"] == 1
 
 
 def test_nonfinite_raise_policy_raises_and_changes_nothing():

@@ -612,6 +612,23 @@ def test_optimizer_with_triton_equals_reference(kwargs: dict[str, Any], dtype: t
         assert_state_matches_reference(opt, f, ref, i)
 
 
+def test_a_new_tensor_the_kernels_refuse_raises_before_any_tensor_moves() -> None:
+    """A tensor whose state is created in this step is prepared after the all-finite check, but
+    still before any tensor is written: a float64 parameter new to a Triton group raises its
+    TypeError with the torch-path tensor of the other group unmoved."""
+    a = torch.nn.Parameter(torch.randn(40))
+    opt = MicroAdam([{"params": [a], "impl": "torch"}], lr=1e-2)
+    a.grad = torch.randn(40)
+    opt.step()
+    d = torch.nn.Parameter(torch.randn(30, dtype=torch.float64))
+    opt.add_param_group({"params": [d], "impl": "triton"})
+    a.grad, d.grad = torch.randn(40), torch.randn(30, dtype=torch.float64)
+    kept = a.detach().clone()
+    with pytest.raises(TypeError, match="float64"):
+        opt.step()
+    assert torch.equal(a, kept) and opt.state[a]["step"] == 1
+
+
 @pytest.mark.parametrize("variant", ["paper", "release"])
 def test_tiny_model_trains_the_same_with_triton_and_torch(variant: str) -> None:
     def model() -> torch.nn.Module:

@@ -480,20 +480,26 @@ class MicroAdam(Optimizer):
         # the check for the GPU to finish the backward pass, and work done before it overlaps that.
         batched: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
         prepared: dict[str, list[Any]] = {}
-        later = []
-        for item in work:
-            index, group, p, g = item
-            state = self.state.get(p)  # .get: a skipped step must not leave empty entries behind
-            if group.get("dense", False) or not state or "step" not in state:
-                later.append(item)
-                continue
-            impl, kwargs = self._step_args(index, group, p, g, state, group_kwargs, layouts, phases_of)
-            if phases_of.get(impl) is None:
-                later.append(item)
-                continue
-            batched.setdefault(impl, []).append((state, kwargs))
-        for impl, items in batched.items():
-            prepared[impl] = phases_of[impl][0]([kwargs for _, kwargs in items])
+        later: list[tuple[int, dict[str, Any], torch.Tensor, torch.Tensor, Any]] = []  # (..., (impl, kwargs) or None)
+        # An error here (a bad state, a missing implementation) is raised only once the check has
+        # decided the step is taken, as before the two phases: a step skipped for a NaN stays
+        # skipped, and under FSDP2 a rank does not leave the others waiting in the flag's all_reduce.
+        early_error: Exception | None = None
+        try:
+            for index, group, p, g in work:
+                state = self.state.get(p)  # .get: a skipped step must not leave empty entries behind
+                if group.get("dense", False) or not state or "step" not in state:
+                    later.append((index, group, p, g, None))
+                    continue
+                impl, kwargs = self._step_args(index, group, p, g, state, group_kwargs, layouts, phases_of)
+                if phases_of.get(impl) is None:
+                    later.append((index, group, p, g, (impl, kwargs)))
+                    continue
+                batched.setdefault(impl, []).append((state, kwargs))
+            for impl, items in batched.items():
+                prepared[impl] = phases_of[impl][0]([kwargs for _, kwargs in items])
+        except Exception as e:
+            early_error = e
 
         finite = self._all_finite([local_tensor(g) for _, _, _, g in work])
         if any(type(p).__name__ == "DTensor" for _, _, p, _ in work) and torch.distributed.is_initialized():
@@ -519,16 +525,22 @@ class MicroAdam(Optimizer):
                 )
                 self._warned_nonfinite = True
             return loss
+        if early_error is not None:
+            raise early_error
 
         # New states, dense fallbacks and the torch path, after the check (which the state of a
-        # skipped step must not see created). Everything is checked before anything is written.
+        # skipped step must not see created). Every many-tensor item is checked before any tensor
+        # is written; a torch-path tensor checks its own arguments as it steps.
         immediate = []
         late: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-        for index, group, p, g in later:
+        for index, group, p, g, args in later:
             if group.get("dense", False):
                 immediate.append((None, index, group, p, g, None))
                 continue
             state = self.state[p]
+            if args is not None:  # built before the check (a torch-path tensor with state)
+                immediate.append((state, index, group, p, g, args))
+                continue
             if "step" not in state:
                 state = self._init_state(p, group)
             impl, kwargs = self._step_args(index, group, p, g, state, group_kwargs, layouts, phases_of)
