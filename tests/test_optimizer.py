@@ -311,9 +311,7 @@ def test_all_finite_verdict_is_exact_with_either_reduction(monkeypatch, multi_te
     monkeypatch.setattr(om, "_NORM_PIECE", 64)
     monkeypatch.setattr(om, "_MULTI_TENSOR_NORM", True)
     reduce = om._finite_flag
-    monkeypatch.setattr(
-        om, "_finite_flag", lambda group, multi_tensor_=None, **_: reduce(group, multi_tensor=multi_tensor)
-    )
+    monkeypatch.setattr(om, "_finite_flag", lambda group, **_: reduce(group, multi_tensor=multi_tensor))
     gen = torch.Generator().manual_seed(2)
     grads = []
     for i in range(150):
