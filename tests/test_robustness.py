@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import microadam.optimizer as optimizer_module
-from microadam import MicroAdam
+from microadam import MicroAdam, PartialStepError
 from microadam.guard import Guard, GuardPolicy
 from microadam.reference import ReferenceMicroAdam
 
@@ -90,10 +90,29 @@ def test_a_corrupt_tensor_in_a_batched_step_counts_the_others():
     opt.state[b]["window_indices"][0, 0, 0] = 9
     a_before = a.detach().clone()
     a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
-    with pytest.raises(RuntimeError, match=r"tensor\(s\) \[1\].*corrupt"):
+    with pytest.raises(PartialStepError, match=r"parameter\(s\) \[1\].*corrupt") as raised:
         opt.step()
+    assert raised.value.failed == [1]
     assert opt.state[a]["step"] == 5 and not torch.equal(a.detach(), a_before)
     assert opt.state[b]["step"] == 4
+
+
+def test_a_corrupt_tensor_is_named_by_its_parameter_index_when_new_states_join():
+    """New states join the many-tensor call after the existing ones, so positions in the call differ
+    from parameter indices; the error names the parameter."""
+    (a, b), opt = _trained()
+    c = torch.nn.Parameter(torch.randn(9))
+    opt.param_groups[0]["params"].insert(0, c)  # c: index 0, no state yet; a: 1, b: 2
+    for group in opt.param_groups:
+        group["impl"] = "cpp"
+    opt.state[b]["window_indices"][0, 0, 0] = 9
+    a_before = a.detach().clone()
+    a.grad, b.grad, c.grad = torch.randn_like(a), torch.randn_like(b), torch.randn_like(c)
+    with pytest.raises(PartialStepError, match=r"parameter\(s\) \[2\].*corrupt") as raised:
+        opt.step()
+    assert raised.value.failed == [2]
+    assert opt.state[c]["step"] == 1 and opt.state[a]["step"] == 5 and opt.state[b]["step"] == 4
+    assert not torch.equal(a.detach(), a_before)
 
 
 def test_a_refused_param_group_leaves_no_trace():

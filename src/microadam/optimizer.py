@@ -562,18 +562,30 @@ class MicroAdam(Optimizer):
             # update twice; restore a checkpoint (or a Guard snapshot) instead.
             microadam_step(local_tensor(p), local_tensor(g), impl=impl, **kwargs)
             state["step"] += 1
+        failed: list[int] = []  # parameter indices (param_groups order) a many-tensor call could not step
         for impl, items in batched.items():
+            bad: set[int] = set()
             try:
                 # One call for many tensors: small tensors do not cost a kernel launch each.
                 phases_of[impl][1](prepared[impl])
             except PartialStepError as e:
-                # The call stepped every tensor but the failed ones: count those steps.
-                for i, (state, _) in enumerate(items):
-                    if i not in e.failed:
-                        state["step"] += 1
-                raise
-            for state, _ in items:
-                state["step"] += 1
+                # The call stepped every tensor but the failed ones (positions in the call, which
+                # follow no order a user knows: new states join at the end); the other
+                # implementations' calls still run, so that only the corrupt tensors miss the step.
+                bad = set(e.failed)
+                failed.extend(items[i][1]["param_index"] for i in bad)
+            for i, (state, _) in enumerate(items):
+                if i not in bad:
+                    state["step"] += 1
+        if failed:
+            failed.sort()
+            raise PartialStepError(
+                f"the state of parameter(s) {failed} (their positions in param_groups order) is corrupt: "
+                "window_indices hold an index outside its Top-K block (loaded from a checkpoint of another "
+                "layout?). Every other parameter was stepped; restore a checkpoint (or a Guard snapshot), or "
+                "drop those parameters' state to restart them",
+                failed,
+            )
         return loss
 
     def _step_args(

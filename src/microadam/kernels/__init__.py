@@ -42,7 +42,9 @@ class PartialStepError(RuntimeError):
     """A many-tensor step failed for some of its tensors after stepping the others.
 
     ``failed`` holds the positions (in the call's list) of the tensors that were not stepped; every
-    other tensor of the call was, so a caller that counts steps per tensor advances those.
+    other tensor of the call was, so a caller that counts steps per tensor advances those. Raised by
+    :meth:`MicroAdam.step <microadam.MicroAdam.step>`, ``failed`` holds parameter indices instead, in
+    ``param_groups`` order.
     """
 
     def __init__(self, message: str, failed: list[int]) -> None:
