@@ -412,6 +412,9 @@ def run_check_case(case: CheckCase, device: torch.device) -> dict[str, Any]:
     row: dict[str, Any] = {"phase": "check", "case": case.name, "steps": 0, "failures": [], "notes": []}
     failures: list[str] = row["failures"]
     ref = _make_runner("torch", case, init, device, "torch")
+    # The same path again from the same start: a deterministic step gives the same bits (on CUDA the
+    # window's repeated positions are summed by index_put_(accumulate=True), not by atomics).
+    again = _make_runner("torch-again", case, init, device, "torch")
     cpu = _make_runner("cpu-torch", case, init, torch.device("cpu"), "torch")
     fast = [_make_runner("triton", case, init, device, "triton")]
     if len(case.groups) == 1:
@@ -427,6 +430,14 @@ def run_check_case(case: CheckCase, device: torch.device) -> dict[str, Any]:
         prev = [p.detach().clone() for p in ref.params] if case.one_step else None
         ref.step(grads)
         cpu.step(grads)
+        if "torch-again" not in dead:
+            again.step(grads)
+            for i, (p_ref, p) in enumerate(zip(ref.params, again.params)):
+                differ = _param_diff(p_ref, p)[2]
+                if differ:
+                    failures.append(f"torch path run twice, step {step} param {i}: {differ} elements differ")
+                    dead.add("torch-again")
+                    break
         for r in fast:
             if r.name in dead:
                 continue

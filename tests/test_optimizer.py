@@ -40,6 +40,10 @@ BAD_ARGS = [
     (dict(release=1.5), ValueError, ["release", "1.5", "[0, 1]"]),
     (dict(release=-0.1), ValueError, ["release", "-0.1"]),
     (dict(release_scale=float("nan")), ValueError, ["release_scale", "nan"]),
+    # The random streams hash 32-bit words: seed 2**32 would repeat seed 0's bits.
+    (dict(seed=2**32), ValueError, ["seed", "4294967296", "[0, 2**32)"]),
+    (dict(seed=-1), ValueError, ["seed", "-1", "[0, 2**32)"]),
+    (dict(seed=1.0), TypeError, ["seed", "1.0"]),
     # The Triton kernels release error feedback where a quantization block fits in a Top-K block, or
     # both sizes are powers of two.
     (
@@ -477,8 +481,156 @@ def test_state_lives_on_the_parameter_device():
     assert all(v.device == p.device for v in st.values() if isinstance(v, torch.Tensor))
 
 
+# ---------------------------------------------------------------- torch.optim conventions
+
+
+def _named_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 2))
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = 3) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        model(torch.randn(4, 6, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_named_parameters_are_accepted_like_torch_optimizers():
+    """model.named_parameters() (or (name, tensor) pairs in a group) steps exactly as the plain
+    parameters; torch >= 2.6 keeps the names in the group and the checkpoint."""
+    plain, named = _named_model(), _named_model()
+    opt_plain = MicroAdam(plain.parameters(), lr=1e-2, block_size=8, density=0.25)
+    opt_named = MicroAdam(named.named_parameters(), lr=1e-2, block_size=8, density=0.25)
+    _train(plain, opt_plain)
+    _train(named, opt_named)
+    for a, b in zip(plain.parameters(), named.parameters()):
+        assert torch.equal(a, b)
+    if "param_names" in opt_named.param_groups[0]:
+        assert opt_named.param_groups[0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    twin = _named_model()
+    reloaded = MicroAdam(twin.named_parameters(), lr=1e-2, block_size=8, density=0.25)
+    reloaded.load_state_dict(opt_named.state_dict())
+    assert reloaded.state[twin[0].weight]["step"] == 3
+    grouped = MicroAdam([dict(params=list(_named_model().named_parameters()))], lr=1e-2)
+    assert len(grouped.param_groups[0]["params"]) == 4
+
+
+def test_a_set_of_parameters_is_refused_as_torch_does():
+    ps = {torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))}
+    with pytest.raises(TypeError, match="set.*list"):
+        MicroAdam([dict(params=ps)], lr=1e-3)
+    with pytest.raises(TypeError, match="set.*list"):
+        MicroAdam(ps, lr=1e-3)
+
+
+def test_numpy_scalar_hyperparameters_are_accepted_as_numbers():
+    np = pytest.importorskip("numpy")
+    a, b = _named_model(), _named_model()
+    # Values exact in float32, so np.float32 and Python floats are the same numbers.
+    opt_a = MicroAdam(a.parameters(), lr=2**-6, betas=(0.5, 0.75), window=4, density=0.25, block_size=8)
+    opt_b = MicroAdam(
+        b.parameters(),
+        lr=np.float32(2**-6),
+        betas=(np.float32(0.5), np.float64(0.75)),
+        window=np.int64(4),
+        density=np.float64(0.25),
+        block_size=np.int32(8),
+    )
+    group = opt_b.param_groups[0]
+    assert type(group["lr"]) is float and type(group["window"]) is int and type(group["betas"][0]) is float
+    _train(a, opt_a)
+    _train(b, opt_b)
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="density"):
+        opt_b.add_param_group(dict(params=[torch.nn.Parameter(torch.zeros(2))], density=np.float32(2.0)))
+
+
+def test_an_empty_state_entry_is_not_saved_and_loads():
+    """Reading optimizer.state[p] of a parameter never stepped leaves {} (a defaultdict): the
+    checkpoint must still load, as AdamW's does."""
+    a, b = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(10))
+    opt = MicroAdam([a, b], lr=1e-2)
+    a.grad = torch.randn(10)
+    opt.step()
+    assert opt.state[b].get("step") is None  # leaves an empty entry behind
+    sd = opt.state_dict()
+    assert set(sd["state"]) == {0}
+    fresh = MicroAdam([a, b], lr=1e-2)
+    fresh.load_state_dict(sd)
+    assert b not in fresh.state and fresh.state[a]["step"] == 1
+    sd["state"][1] = {}  # as saved before this fix
+    fresh.load_state_dict(sd)
+    assert b not in fresh.state
+
+
+def test_copies_keep_the_count_of_skipped_steps():
+    import copy
+    import pickle
+
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = MicroAdam([p], lr=1e-3)
+    p.grad = torch.full((10,), float("nan"))
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    opt.step()
+    assert opt.skipped_steps == 2
+    assert copy.deepcopy(opt).skipped_steps == 2
+    assert pickle.loads(pickle.dumps(opt)).skipped_steps == 2
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+@pytest.mark.parametrize("edit", [dict(window=5), dict(window=20), dict(density=0.2)])
+def test_a_state_of_another_layout_is_refused_by_every_path(impl, edit):
+    """Editing window or density in param_groups (instead of reconfigure) leaves a state of the old
+    layout: every path refuses it before writing, naming reconfigure."""
+    if impl == "cpp":
+        from microadam.kernels import availability
+
+        if not availability("cpp")[0]:
+            pytest.fail("the C++ path must build on the test machines: " + availability("cpp")[1])
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = MicroAdam([p], lr=1e-2, impl=impl, block_size=100, quant_block_size=50, density=0.1)
+    for _ in range(3):
+        p.grad = torch.randn(1000)
+        opt.step()
+    opt.param_groups[0].update(edit)
+    before = p.detach().clone()
+    state_before = {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    p.grad = torch.randn(1000)
+    with pytest.raises(ValueError, match="another layout.*reconfigure"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and opt.state[p]["step"] == 3
+    assert all(torch.equal(v, opt.state[p][k]) for k, v in state_before.items())
+
+
+def test_cpp_path_is_available_under_a_float64_default_dtype():
+    """The C++ path's sqrt probe reads its buffers as float32, whatever torch's default dtype."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_default_dtype(torch.float64)\n"
+        "from microadam.kernels import availability\n"
+        "ok, why = availability('cpp'); assert ok, why\n"
+        "from microadam import MicroAdam\n"
+        "ps = [torch.nn.Parameter(torch.randn(300, dtype=torch.float32)) for _ in range(2)]\n"
+        "a, b = MicroAdam([ps[0]], lr=1e-2, impl='cpp'), MicroAdam([ps[1]], lr=1e-2, impl='torch')\n"
+        "ps[1].data.copy_(ps[0].data)\n"
+        "for _ in range(3):\n"
+        "    g = torch.randn(300, dtype=torch.float32); ps[0].grad = g.clone(); ps[1].grad = g.clone()\n"
+        "    a.step(); b.step()\n"
+        "assert torch.equal(ps[0], ps[1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_import_is_cheap_and_public_api():
-    assert set(microadam.__all__) >= {"MicroAdam", "state_bytes", "NonFiniteGradientError"}
+    assert set(microadam.__all__) >= {"MicroAdam", "state_bytes", "NonFiniteGradientError", "PartialStepError"}
     assert "Top-" in MicroAdam.__doc__ and "Example" in MicroAdam.__doc__
 
 

@@ -836,6 +836,15 @@ def test_bad_arguments_raise_value_errors() -> None:
         tk.microadam_step_triton(q, torch.ones_like(q), **_args(q, layout=lay, **state, release=0.5))
     # Refused before anything was written.
     assert all(torch.equal(state[name], before[name]) for name in state) and not q.any()
+    # A state of another layout (e.g. window edited in param_groups): the kernels index raw pointers,
+    # so it is refused, not read or written out of bounds.
+    lay = layout_for(100, block_size=10, density=0.1, quant_block_size=5, window=2)
+    # (Every tensor of the other layout differs in shape: window, k, elements, quantization blocks.)
+    for name, other in _zero_state(layout_for(98, block_size=10, density=0.2, quant_block_size=10, window=4)).items():
+        state = {**_zero_state(lay), name: other}
+        with pytest.raises(ValueError, match=f"{name}.*another layout.*reconfigure"):
+            tk.microadam_step_triton(q, torch.ones_like(q), **_args(q, layout=lay, **state))
+    assert not q.any()
 
 
 def test_empty_tensor_is_a_no_op() -> None:

@@ -174,6 +174,60 @@ def _shared_scalars(
     )
 
 
+# dtype of each state tensor; their shapes come from the layout (state_shapes).
+STATE_DTYPES = {
+    "window_indices": torch.int16,
+    "window_values": torch.bfloat16,
+    "error_codes": torch.uint8,
+    "error_bounds": torch.bfloat16,
+}
+
+
+def state_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
+    """The shape of each state tensor of a tensor with ``layout``."""
+    m, nb, k = layout.window, layout.num_blocks, layout.k
+    return {
+        "window_indices": (m, nb, k),
+        "window_values": (m, nb, k),
+        "error_codes": ((layout.numel + 1) // 2,),
+        "error_bounds": (layout.num_quant_blocks, 2),
+    }
+
+
+def check_state(layout: Layout, **state: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless each state tensor has its dtype and ``layout``'s shape.
+
+    Every path checks before it writes: the C++ and Triton kernels index raw pointers (a wrong shape
+    writes out of bounds), and the torch path would read a ring of another window as this one's."""
+    shapes = state_shapes(layout)
+    for name, t in state.items():
+        dtype, shape = STATE_DTYPES[name], shapes[name]
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"{name} must be {dtype} of shape {shape} for this layout (window={layout.window}, "
+                f"{layout.num_blocks} blocks of k={layout.k}, quantization blocks of {layout.quant_block}), got "
+                f"{got}: the state was built for another layout. Change window or density with "
+                "MicroAdam.reconfigure(), not by editing param_groups, and load checkpoints into an optimizer "
+                "built with the same settings"
+            )
+
+
+def _add_at(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``out[index] += values``, repeated indices summed in a fixed order on every device.
+
+    A position held in several window slots repeats in ``index``. On CPU a 1-D ``scatter_add_``
+    adds in index order, which is age order here (what the reference and the C++ path do). On CUDA
+    it adds with atomics, in an order that changes from run to run: DDP replicas would drift apart
+    by ulps, and reruns would not repeat. ``index_put_(accumulate=True)`` is CUDA's deterministic
+    sum (a stable sort, then each position's terms in order; torch's own deterministic mode routes
+    1-D ``scatter_add_`` to it), at the price of that sort."""
+    if out.device.type == "cpu":
+        out.scatter_add_(0, index, values)
+    else:
+        out.index_put_((index,), values, accumulate=True)
+
+
 def microadam_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -251,6 +305,13 @@ def microadam_step(
         )
         return
     n = layout.numel
+    check_state(
+        layout,
+        window_indices=window_indices,
+        window_values=window_values,
+        error_codes=error_codes,
+        error_bounds=error_bounds,
+    )
     if n == 0:
         return
     cd = compute_dtype(param.dtype)
@@ -337,8 +398,8 @@ def microadam_step(
         win_val = window_values[slot_idx, b0:b1].to(cd)
         pos = (win_idx + (torch.arange(nbc, device=device) * B)[None, :, None]).view(-1)
         sm, ss = scratch_m[: nbc * B], scratch_s[: nbc * B]
-        sm.scatter_add_(0, pos, (win_val * w1[:, None, None]).view(-1))
-        ss.scatter_add_(0, pos, (win_val * win_val * w2[:, None, None]).view(-1))
+        _add_at(sm, pos, (win_val * w1[:, None, None]).view(-1))
+        _add_at(ss, pos, (win_val * win_val * w2[:, None, None]).view(-1))
         den = (c2 * ss[pos]).sqrt() + eps
         # den == 0 only with eps == 0 at a position whose entries are all zero: no move, not 0/0.
         u = torch.where(den > 0, c1 * sm[pos] / den, 0.0)

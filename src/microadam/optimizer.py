@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -187,6 +188,27 @@ def resolve_variant(variant: str, release: float | None, release_scale: float | 
     )
 
 
+_SET_ERROR = (
+    "params is a set, whose order changes between runs (and with it each tensor's random-rounding stream "
+    "and its id in a checkpoint); pass a list, e.g. list(model.parameters())"
+)
+
+
+def _plain_numbers(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with NumPy scalars (``np.float32(1e-3)``, ``np.int64(10)``) as Python numbers, as torch's
+    optimizers accept them; tensors (a tensor lr) and everything else are kept as they are."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, numbers.Number) and type(v) not in (bool, int, float) and hasattr(v, "item"):
+            return v.item()
+        return v
+
+    out = {k: (v if k == "params" else plain(v)) for k, v in group.items()}
+    if isinstance(out.get("betas"), (tuple, list)):
+        out["betas"] = tuple(plain(b) for b in out["betas"])
+    return out
+
+
 def _check_group(group: dict[str, Any]) -> None:
     """Validate one param group's hyperparameters; raise naming the argument and the value."""
     _check_number("lr", group["lr"], low=0.0)
@@ -216,8 +238,11 @@ def _check_group(group: dict[str, Any]) -> None:
     if not 0.0 < density <= 1.0:
         raise ValueError(f"Invalid density: {density!r}; it must be in (0, 1], e.g. 0.01 keeps 1% per block")
     seed = group["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise TypeError(f"seed must be a non-negative int, got {type(seed).__name__} {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int in [0, 2**32), got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**32:
+        # The random streams hash 32-bit words: a larger seed would repeat a smaller one's bits.
+        raise ValueError(f"Invalid seed: {seed}; it must be in [0, 2**32) (e.g. seed % 2**32)")
     for name in ("window", "block_size", "quant_block_size", "chunk_size"):
         v = group[name]
         if isinstance(v, bool) or not isinstance(v, int):
@@ -385,12 +410,18 @@ class MicroAdam(Optimizer):
             # Set by fallback_to_adamw(): the group then runs dense AdamW on fp32 moments.
             dense=False,
         )
+        defaults = _plain_numbers(defaults)
         _check_group(defaults)
+        if isinstance(params, (set, frozenset)):
+            # torch takes a set here (and refuses one in a group); its order changes between runs,
+            # and with it each tensor's random-rounding stream and id in the checkpoint.
+            raise TypeError(_SET_ERROR)
         super().__init__(params, defaults)
         self.skipped_steps = 0
         self._warned_nonfinite = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group = _plain_numbers(param_group)
         if "variant" in param_group:
             # A group may name a variant too: it stands for its (release, release_scale).
             param_group = dict(param_group)
@@ -402,16 +433,30 @@ class MicroAdam(Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_group(merged)
         params = param_group["params"]
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(_SET_ERROR)
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for p in params:
+        for item in params:
+            # (name, tensor) pairs, as from model.named_parameters(): torch (>= 2.6) keeps the names.
+            p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(
+                    f"MicroAdam optimizes tensors, got {type(p).__name__} in params; pass model.parameters() "
+                    "or model.named_parameters()"
+                )
             if p.is_complex():
                 raise TypeError(
                     f"MicroAdam does not support complex parameters (got {p.dtype}, shape {tuple(p.shape)}); "
-                    "pass torch.view_as_real(p) as a real parameter instead"
+                    "store the parameter as a real tensor with a last dimension of 2 (real, imaginary) and "
+                    "view it with torch.view_as_complex in forward, or optimize it with torch.optim.AdamW"
                 )
             if not p.is_floating_point():
                 raise TypeError(f"MicroAdam needs floating-point parameters, got {p.dtype}")
         super().add_param_group({**param_group, "params": params})
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps defaults, state and param_groups only; a copy also keeps its count of skipped steps.
+        return {**super().__getstate__(), "skipped_steps": self.skipped_steps}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -836,7 +881,9 @@ class MicroAdam(Optimizer):
         hold whole blocks this gathers over the mesh, so every rank must call it.
         """
         sd = super().state_dict()
-        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        # An empty entry (left by reading optimizer.state[p] of a parameter never stepped: state is a
+        # defaultdict) is no state: it is not saved.
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items() if v}
         params = [p for g in self.param_groups for p in g["params"]]
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for k in sorted(sd["state"], key=str):
@@ -920,6 +967,8 @@ class MicroAdam(Optimizer):
             if pid not in id_map:
                 raise ValueError(f"the loaded state has an entry for parameter {pid!r}, which no group lists")
             p = id_map[pid]
+            if isinstance(saved, dict) and not saved:
+                continue  # no state (an empty entry, as older versions saved): the parameter starts fresh
             new_state[p] = self._checked_param_state(pid, p, saved, group_of[id(p)])
         self.__setstate__({"state": new_state, "param_groups": param_groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

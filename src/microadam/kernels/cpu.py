@@ -192,8 +192,10 @@ def _matching_sqrt(lib: ctypes.CDLL) -> tuple[int | None, int]:
     matches every bit is used; tests/test_cpu_kernel.py checks the choice over the whole range.
     """
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(2**16, generator=gen) * torch.exp2(torch.randint(-30, 30, (2**16,), generator=gen).float())
-    specials = torch.tensor([0.0, 1e-40, 1e-45, 1.17e-38, 3.0e38, 3.4e38, 1.0, 2.0, 4.0])
+    # float32 explicitly: the probe reads the buffers as float, whatever torch's default dtype is.
+    x = torch.rand(2**16, generator=gen, dtype=torch.float32)
+    x = x * torch.exp2(torch.randint(-30, 30, (2**16,), generator=gen).float())
+    specials = torch.tensor([0.0, 1e-40, 1e-45, 1.17e-38, 3.0e38, 3.4e38, 1.0, 2.0, 4.0], dtype=torch.float32)
     # Two batches: with the specials (which send a whole call of the replay to MKL) and without
     # them (every value on the replay's own path, which is the step's usual case).
     batches = [torch.cat([x, specials]), x[(x >= 2**-126) & (x <= 3.0e38)]]
@@ -306,15 +308,6 @@ def _layout_facts(layout: Layout) -> tuple[tuple[torch.Size, ...], int]:
     return shapes, math.lcm(layout.block, layout.quant_block, 2)
 
 
-def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    # The C++ side indexes raw pointers: a wrong dtype or shape would write out of bounds.
-    if t.dtype != dtype or t.shape != shape:
-        raise ValueError(
-            f"{name} must be {dtype} of shape {shape} for this layout, got {t.dtype} of shape {tuple(t.shape)}; "
-            "was the state built for another layout?"
-        )
-
-
 @dataclass
 class _Pending:
     """One tensor's step, checked and ready for the C++ call, and what to do after it."""
@@ -395,10 +388,14 @@ def _prepare(
         and error_codes.shape == shapes[2]
         and error_bounds.shape == shapes[3]
     ):
-        _check_state("window_indices", window_indices, torch.int16, tuple(shapes[0]))
-        _check_state("window_values", window_values, torch.bfloat16, tuple(shapes[1]))
-        _check_state("error_codes", error_codes, torch.uint8, tuple(shapes[2]))
-        _check_state("error_bounds", error_bounds, torch.bfloat16, tuple(shapes[3]))
+        # The C++ side indexes raw pointers: a wrong dtype or shape would write out of bounds.
+        functional.check_state(
+            layout,
+            window_indices=window_indices,
+            window_values=window_values,
+            error_codes=error_codes,
+            error_bounds=error_bounds,
+        )
     states = (window_indices, window_values, error_codes, error_bounds)
     B, k, q, m = layout.block, layout.k, layout.quant_block, layout.window
     if param.dtype == torch.float64 or param.dtype not in _DTYPE_CODES:

@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from microadam.functional import StepScalars, step_scalars
+from microadam.functional import StepScalars, check_state, step_scalars
 from microadam.kernels import release_tiles
 from microadam.layout import Layout
 from microadam.ops.random import STREAM_ERROR, STREAM_MOVE, STREAM_PARAM, _mix32_cached, _mix32_int, _param_key
@@ -893,6 +893,14 @@ def _static(
             f"order), got quant_block={layout.quant_block} > block={layout.block}; use impl='torch' or "
             "impl='cpp', a quant_block_size <= block_size, powers of two, or variant='paper'"
         )
+    # The kernels index raw pointers: a state of another layout would be read and written out of bounds.
+    check_state(
+        layout,
+        window_indices=window_indices,
+        window_values=window_values,
+        error_codes=error_codes,
+        error_bounds=error_bounds,
+    )
     pairs = C % 2 == 0 or R == 1
     m, k = layout.window, layout.k
     state_ptrs = [
