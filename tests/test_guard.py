@@ -274,3 +274,315 @@ def test_training_killed_mid_checkpoint_resumes_from_the_last_good_one(tmp_path)
     # Nothing was lost: the resumed run is the clean run, bit for bit.
     for a, b in zip(model.parameters(), clean.parameters()):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- lower_lr and the schedulers
+
+_S = torch.optim.lr_scheduler
+
+
+class _OwnScheduler(_S.LRScheduler):
+    """A scheduler the guard cannot know: it keeps its peak outside base_lrs."""
+
+    def __init__(self, optimizer, peak):
+        self.peak = peak
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        return [self.peak * 0.9**self.last_epoch for _ in self.optimizer.param_groups]
+
+
+SCHEDULERS = {
+    "LambdaLR": lambda o: _S.LambdaLR(o, lambda i: 1 / (1 + i)),
+    "MultiplicativeLR": lambda o: _S.MultiplicativeLR(o, lambda i: 0.95),
+    "StepLR": lambda o: _S.StepLR(o, 2, 0.5),
+    "MultiStepLR": lambda o: _S.MultiStepLR(o, [3, 6]),
+    "ExponentialLR": lambda o: _S.ExponentialLR(o, 0.9),
+    "LinearLR": lambda o: _S.LinearLR(o, 0.1, 1.0, 5),
+    "ConstantLR": lambda o: _S.ConstantLR(o, 0.5, 4),
+    "PolynomialLR": lambda o: _S.PolynomialLR(o, 12, 2.0),
+    # eta_min > 0: the recursive cosine reads it, so it must scale with the lr.
+    "CosineAnnealingLR": lambda o: _S.CosineAnnealingLR(o, 8, eta_min=2e-4),
+    "CosineAnnealingWarmRestarts": lambda o: _S.CosineAnnealingWarmRestarts(o, 4, eta_min=2e-4),
+    "CyclicLR": lambda o: _S.CyclicLR(o, 1e-4, 1e-3, step_size_up=3, cycle_momentum=False),
+    "OneCycleLR": lambda o: _S.OneCycleLR(o, max_lr=1e-2, total_steps=20),
+    "SequentialLR": lambda o: _S.SequentialLR(o, [_S.LinearLR(o, 0.5, 1.0, 3), _S.ExponentialLR(o, 0.9)], [3]),
+    "ChainedScheduler": lambda o: _S.ChainedScheduler([_S.ExponentialLR(o, 0.9), _S.CyclicLR(o, 1e-4, 1e-3, 2)]),
+    # A constant metric: the lr halves every step down to min_lr, which must scale too.
+    "ReduceLROnPlateau": lambda o: _S.ReduceLROnPlateau(o, factor=0.5, patience=0, min_lr=1e-4),
+}
+
+
+def _schedule(name, actions=(), rollback_to=None, steps=12):
+    """The lr at every step of a scheduler; ``actions`` maps a step to the guard actions taken there."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # no grads: step() changes nothing
+    sched = SCHEDULERS[name](opt)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=10**6), scheduler=sched)
+    lrs = []
+    for step in range(1, steps + 1):
+        opt.step()
+        if step == rollback_to:
+            guard.take_snapshot()
+        sched.step(1.0) if name == "ReduceLROnPlateau" else sched.step()
+        if step in actions:
+            guard._act("test", {}, actions[step])
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_lower_lr_stays_in_force_whatever_the_scheduler(name):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a known scheduler: no warning
+        plain = _schedule(name)
+        lowered = _schedule(name, {2: ("lower_lr",)})
+    # Every torch schedule is linear in its lrs: every later lr is exactly half the unlowered one.
+    assert lowered[:1] == plain[:1]
+    assert lowered[1:] == pytest.approx([0.5 * lr for lr in plain[1:]], rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["OneCycleLR", "SequentialLR", "CyclicLR", "CosineAnnealingLR"])
+def test_lower_lr_survives_a_rollback_to_a_snapshot_taken_before_it(name):
+    plain = _schedule(name)
+    # Snapshot inside step 2 (before its scheduler step, as guard.step() takes it), lower at step 4,
+    # roll back at step 6: the schedule goes back to its first position and replays from there at half the lr.
+    lowered = _schedule(name, {4: ("lower_lr",), 6: ("rollback",)}, rollback_to=2)
+    assert lowered[5:] == pytest.approx([0.5 * lr for lr in plain[:7]], rel=1e-9)
+
+
+def test_lower_lr_with_an_unknown_scheduler_warns_and_says_so_in_the_event():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    sched = _OwnScheduler(opt, peak=1e-3)
+    with pytest.warns(UserWarning, match="lower_lr can scale only base_lrs of _OwnScheduler"):
+        guard = Guard(model, opt, GuardPolicy(), scheduler=sched)
+    event = guard._act("test", {}, ("lower_lr",))
+    assert event.result["scheduler_unknown"] == ["_OwnScheduler"]
+    # No warning when the policy never lowers the lr.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Guard(model, opt, GuardPolicy(on_spike=("rollback",)), scheduler=sched)
+
+
+# ---------------------------------------------------------------- resume, checkpoints, logs
+
+
+def _loop(model, opt, sched, guard, x, y, steps, start=0):
+    gen = torch.Generator().manual_seed(7)
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(x), (32,), generator=gen)
+        if step <= start:
+            continue  # the data stream advanced to where the checkpoint was taken
+        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        sched.step()
+
+
+def test_resume_from_guard_last_restores_the_step_and_continues_bit_for_bit(tmp_path):
+    # An impossible reference from step 9 on, logged only: the log shows the step the guard thinks it is at.
+    ref = [(0, 100.0), (8, 100.0), (9, 1e-9), (20, 1e-9)]
+
+    def policy(log):
+        return GuardPolicy(snapshot_every=5, checkpoint_dir=str(tmp_path / "ck"), log_path=str(tmp_path / log),
+                           reference_curve=ref, spike_window=2, warmup=2, patience=1,
+                           on_behind_reference=("none",))  # fmt: skip
+
+    def fresh():
+        model, x, y = _task(0)
+        opt = MicroAdam(model.parameters(), **KW)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 / (1 + 0.1 * i)), x, y
+
+    model, opt, sched, x, y = fresh()
+    _loop(model, opt, sched, Guard(model, opt, policy("full.jsonl"), scheduler=sched), x, y, 12)
+    full = [p.detach().clone() for p in model.parameters()]
+    full_steps = [json.loads(r)["step"] for r in (tmp_path / "full.jsonl").read_text().splitlines()]
+    assert full_steps == [9, 10, 11, 12]
+
+    (tmp_path / "ck" / "guard-last.pt").unlink()
+    model, opt, sched, x, y = fresh()
+    _loop(model, opt, sched, Guard(model, opt, policy("a.jsonl"), scheduler=sched), x, y, 7)  # "killed" at 7
+    assert load_checkpoint(tmp_path / "ck" / "guard-last.pt")["guard"]["step"] == 5
+
+    model, opt, sched, x, y = fresh()
+    guard = Guard(model, opt, policy("b.jsonl"), scheduler=sched, resume=True)
+    assert guard.step_count == 5
+    # The checkpoint was written inside step 5's guard.step(), before that step's scheduler.step():
+    # finish that step (docs/operations.md, runbook), then continue with step 6.
+    sched.step()
+    _loop(model, opt, sched, guard, x, y, 12, start=5)
+    resumed_steps = [json.loads(r)["step"] for r in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert resumed_steps == full_steps
+    for a, b in zip(full, model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_start_step_and_resume_arguments_are_checked(tmp_path):
+    model, _, _ = _task()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert Guard(model, opt, start_step=40).step_count == 40
+    with pytest.raises(ValueError, match="start_step must be >= 0.*-1"):
+        Guard(model, opt, start_step=-1)
+    with pytest.raises(ValueError, match="checkpoint_dir, which is None"):
+        Guard(model, opt, resume=True)
+    with pytest.raises(FileNotFoundError, match="no guard checkpoint at .*nothing.pt; pass resume=False"):
+        Guard(model, opt, resume=tmp_path / "nothing.pt")
+    with pytest.raises(ValueError, match="start_step or resume, not both"):
+        Guard(model, opt, start_step=3, resume=True)
+
+
+def test_checkpoint_on_disk_follows_rollbacks_and_compression_changes(tmp_path):
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=5, checkpoint_dir=str(tmp_path), max_density=0.4))
+    for _ in range(10):
+        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+        guard.step(torch.tensor(1.0))
+        opt.zero_grad()
+    at_5 = [p.detach().clone() for p in guard._snapshots[-2]["model"].values()]
+    guard._act("loss_spike", {}, ("rollback", "lower_lr"))  # back to step 10
+    guard._act("loss_spike", {}, ("rollback", "lower_lr"))  # the step-10 snapshot was damaged: to step 5
+    ckpt = load_checkpoint(tmp_path / "guard-last.pt")
+    assert all(torch.equal(a, b) for a, b in zip(at_5, ckpt["model"].values()))  # not step 10's weights
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == opt.param_groups[0]["lr"] == KW["lr"] / 4
+    assert ckpt["guard"]["lr_scale"] == 0.25 and ckpt["guard"]["rollbacks"] == 2
+    guard._act("error_drift", {}, ("raise_density",))
+    assert load_checkpoint(tmp_path / "guard-last.pt")["optimizer"]["param_groups"][0]["density"] == 0.2
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no step is ever taken
+def test_the_event_that_raises_is_logged(tmp_path):
+    log = tmp_path / "events.jsonl"
+
+    def nan_always(step, model, opt, loss, sched):
+        return torch.tensor(float("nan"))
+
+    policy = GuardPolicy(patience=1, max_rollbacks=2, log_path=str(log))
+    with pytest.raises(RuntimeError, match="rolled back 3 times"):
+        _train(10, policy, nan_always)
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["actions"] for r in rows] == [["rollback"]] * 3
+    assert "rolled back 3 times" in rows[-1]["result"]["raised"]
+
+    log2 = tmp_path / "raise.jsonl"
+    with pytest.raises(RuntimeError, match="nonfinite at step 1"):
+        _train(5, GuardPolicy(on_nonfinite=("raise",), log_path=str(log2)), nan_always)
+    (row,) = [json.loads(x) for x in log2.read_text().splitlines()]
+    assert row["event"] == "nonfinite" and row["actions"] == ["raise"] and "raised" in row["result"]
+
+
+def test_at_the_cap_the_acting_events_own_actions_decide_the_fallback():
+    model, _, _ = _task()
+    # Density already at the cap. The spike's list has no fallback: raise_density falls back itself,
+    # whatever on_error_drift says.
+    opt = MicroAdam(model.parameters(), **(KW | {"density": 0.1}))
+    policy = GuardPolicy(
+        max_density=0.1, on_spike=("raise_density",), on_error_drift=("raise_density", "fallback_adamw")
+    )
+    event = Guard(model, opt, policy)._act("loss_spike", {}, policy.on_spike)
+    assert event.result["at_cap"] and opt.param_groups[0]["dense"] is True
+    # The spike's list falls back next: raise_density leaves it to that action (one fallback, logged once).
+    opt = MicroAdam(model.parameters(), **(KW | {"density": 0.1}))
+    policy = GuardPolicy(max_density=0.1, on_spike=("raise_density", "fallback_adamw"))
+    event = Guard(model, opt, policy)._act("loss_spike", {}, policy.on_spike)
+    assert "at_cap" not in event.result and event.result["fallback"] == "dense AdamW"
+
+
+def test_rollback_restores_python_and_numpy_random_streams(tmp_path):
+    import random
+
+    np = pytest.importorskip("numpy")
+    model, _, _ = _task()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    random.seed(1)
+    random.gauss(0, 1)  # leaves the second normal of the pair cached
+    np.random.seed(0)
+    np.random.standard_normal()  # numpy caches one too
+    guard = Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path)))
+    first = ([random.gauss(0, 1) for _ in range(3)], np.random.standard_normal(3).tolist())
+    guard.rollback()
+    assert ([random.gauss(0, 1) for _ in range(3)], np.random.standard_normal(3).tolist()) == first
+    # The same through the checkpoint on disk, loaded with weights_only.
+    Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path)), resume=True)
+    assert ([random.gauss(0, 1) for _ in range(3)], np.random.standard_normal(3).tolist()) == first
+
+
+def test_grad_scaler_through_guard_step_survives_skipped_steps():
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    guard = Guard(model, opt, GuardPolicy(patience=100))
+    for step in range(1, 9):
+        loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+        scaler.scale(loss).backward()
+        if step in (3, 4):
+            next(model.parameters()).grad[0, 0] = float("inf")  # an fp16-style overflow
+        guard.step(loss, scaler=scaler)  # unscale_, check, scaler.step, scaler.update
+        opt.zero_grad()
+    assert [e.step for e in guard.events] == [3, 4]
+    assert scaler.get_scale() == 2.0**8  # halved on each overflow the scaler saw through unscale_
+    assert all(s["step"] == 6 for s in opt.state.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_failed_or_killed_write_leaves_no_temp_file_behind(tmp_path, monkeypatch):
+    path = tmp_path / "guard-last.pt"
+    save_atomic({"i": torch.tensor(0)}, path)
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            save_atomic({"i": torch.tensor(1)}, path)
+    assert sorted(os.listdir(tmp_path)) == ["guard-last.pt"] and int(load_checkpoint(path)["i"]) == 0
+
+    # A writer killed mid-write (its process is gone) left its temp file; a live writer's stays.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for pid in (gone.pid, live.pid):
+            (tmp_path / f".guard-last.pt.tmp-{pid}").write_bytes(b"partial")
+        save_atomic({"i": torch.tensor(2)}, path)
+        assert sorted(os.listdir(tmp_path)) == [f".guard-last.pt.tmp-{live.pid}", "guard-last.pt"]
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"warmup": 0}, ValueError, "warmup must be >= 1 .*got 0"),
+        ({"patience": 1.5}, TypeError, "patience must be an int"),
+        ({"window_step": 0}, ValueError, "window_step must be >= 1"),
+        ({"max_window": 0}, ValueError, "max_window must be >= 1"),
+        ({"density_factor": 1.0}, ValueError, "density_factor must be > 1.*got 1.0"),
+        ({"max_density": 0.0}, ValueError, r"max_density must be in \(0, 1\].*got 0.0"),
+        ({"max_density": 1.5}, ValueError, r"max_density must be in \(0, 1\].*got 1.5"),
+        ({"spike_factor": 1.0}, ValueError, "spike_factor must be > 1"),
+        ({"spike_min_delta": -0.1}, ValueError, "spike_min_delta must be >= 0.*-0.1"),
+        ({"reference_margin": -0.1}, ValueError, "reference_margin must be >= 0"),
+        ({"spike_factor": float("nan")}, ValueError, "spike_factor must be finite"),
+        ({"lr_factor": "0.5"}, TypeError, "lr_factor must be a number.*str"),
+        ({"max_error_ratio": 0.0}, ValueError, "max_error_ratio must be > 0 or None"),
+        ({"max_error_ratio": 0.1, "min_error_ratio": 0.2}, ValueError, r"min_error_ratio \(0.2\) must be below"),
+        ({"on_spike": "rollback"}, TypeError, r"on_spike must be a tuple.*\('rollback',\)"),
+        ({"reference_curve": [(0, 1.0), (10, float("nan"))]}, ValueError, r"reference_curve\[1\]"),
+        ({"reference_curve": []}, ValueError, "reference_curve is empty"),
+        ({"log_path": 3}, TypeError, "log_path must be a path"),
+    ],
+)
+def test_every_policy_field_is_checked(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GuardPolicy(**kwargs)

@@ -28,18 +28,22 @@ CPU memory every ``snapshot_every`` healthy steps (a snapshot copies the model a
 the optimizer state: with MicroAdam about 1.23x the fp32 weights' bytes, against 3x
 with AdamW; ``keep_snapshots`` of them) and, with ``checkpoint_dir``, written to disk
 atomically (write to a temporary file, fsync, rename): a crash mid-write leaves
-the previous checkpoint intact. Every event is one JSONL line.
+the previous checkpoint intact. Every event is one JSONL line, the one that raises
+``RuntimeError`` included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import random
 import statistics
+import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,12 +62,14 @@ class GuardPolicy:
 
     Attributes:
         snapshot_every: healthy steps between snapshots of the last good state.
-        checkpoint_dir: also write each snapshot there atomically (``guard-last.pt``).
+        checkpoint_dir: also write each snapshot there atomically (``guard-last.pt``), and rewrite it
+            after every action that changes the state the run continues from (a rollback, lower_lr,
+            raise_density, raise_window, fallback_adamw).
         patience: consecutive non-finite steps (or reference-curve misses) before escalating.
         spike_factor, spike_min_delta, spike_window, warmup: a loss above ``spike_factor`` times
             the median of the last ``spike_window`` losses, and above it by at least
-            ``spike_min_delta`` (loss units), is a spike; not checked in the first ``warmup`` steps.
-            and above every loss in that window. The absolute floor and the new-high rule matter
+            ``spike_min_delta`` (loss units), and above every loss in that window, is a spike; not
+            checked in the first ``warmup`` (>= 1) steps. The absolute floor and the new-high rule matter
             near convergence, where per-batch noise is several times the median (measured: without
             them the digits demo in ``examples/guard_demo.py`` rolled back on noise after its loss
             fell below 0.1).
@@ -75,8 +81,10 @@ class GuardPolicy:
             record's ``loss_curve``); the mean of the last ``spike_window`` losses may exceed the
             reference's by at most ``reference_margin`` (relative).
         on_nonfinite, on_spike, on_error_drift, on_behind_reference: the actions, in order.
-        lr_factor: ``lower_lr`` multiplies every group's lr (and a scheduler's base lrs) by it.
-        density_factor, max_density, window_step, max_window: how far compression may be relaxed.
+        lr_factor: ``lower_lr`` multiplies every group's lr, and every lr the scheduler computes
+            from, by it (see :class:`Guard`'s ``scheduler``).
+        density_factor, max_density, window_step, max_window: how far compression may be relaxed
+            (``density_factor > 1``, ``0 < max_density <= 1``, ``window_step >= 1``).
         keep_snapshots: snapshots kept; repeated rollbacks with no new snapshot in between go
             one snapshot further back each time.
         max_rollbacks: more rollbacks than this raises ``RuntimeError`` (a run that keeps failing
@@ -112,31 +120,102 @@ class GuardPolicy:
 
     def __post_init__(self) -> None:
         for name in ("on_nonfinite", "on_spike", "on_error_drift", "on_behind_reference"):
-            actions = tuple(getattr(self, name))
+            value = getattr(self, name)
+            if isinstance(value, str):  # ("skip") is a string, not a tuple: a common slip
+                raise TypeError(f"{name} must be a tuple of actions, got the string {value!r}; write ({value!r},)")
+            actions = tuple(value)
             bad = [a for a in actions if a not in ACTIONS]
             if bad:
                 raise ValueError(f"{name}: unknown action {bad[0]!r}; choose from {sorted(ACTIONS)}")
             setattr(self, name, actions)
-        for name in (
-            "snapshot_every",
-            "patience",
-            "spike_window",
-            "error_check_every",
-            "max_rollbacks",
-            "keep_snapshots",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.lr_factor < 1:
-            raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
+        for name in ("checkpoint_dir", "log_path"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, os.PathLike)):
+                    raise TypeError(f"{name} must be a path (str) or None, got {type(value).__name__} {value!r}")
+                setattr(self, name, os.fspath(value))
+        why = {
+            "snapshot_every": "healthy steps between snapshots",
+            "patience": "events in a row before escalating",
+            "spike_window": "losses the median is taken over",
+            # The spike check compares a loss with the median of earlier ones: with warmup=0 the
+            # first step has none (statistics.median of nothing raises).
+            "warmup": "steps before spikes are checked; the first check needs an earlier loss",
+            "error_check_every": "steps between error-feedback checks",
+            "window_step": "slots added by raise_window",
+            "max_window": "the window raise_window may reach",
+            "max_rollbacks": "rollbacks before the guard asks for a person",
+            "keep_snapshots": "snapshots kept",
+        }
+        for name, meaning in why.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int ({meaning}), got {type(value).__name__} {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1 ({meaning}), got {value}; use 1 or more")
+        for name in ("spike_factor", "spike_min_delta", "reference_margin", "lr_factor", "density_factor",
+                     "max_density", "max_error_ratio", "min_error_ratio"):  # fmt: skip
+            value = getattr(self, name)
+            if value is None and name in ("max_error_ratio", "min_error_ratio"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
         if self.spike_factor <= 1:
-            raise ValueError(f"spike_factor must be > 1, got {self.spike_factor}")
+            raise ValueError(
+                f"spike_factor must be > 1 (a spike is a loss this many times the median), got {self.spike_factor}"
+            )
+        for name in ("spike_min_delta", "reference_margin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (a margin in loss units or relative), got {getattr(self, name)}")
+        if not 0 < self.lr_factor < 1:
+            raise ValueError(f"lr_factor must be in (0, 1) (lower_lr multiplies the lr by it), got {self.lr_factor}")
+        if self.density_factor <= 1:
+            raise ValueError(
+                f"density_factor must be > 1 (raise_density multiplies the density by it), got {self.density_factor}"
+            )
+        if not 0 < self.max_density <= 1:
+            raise ValueError(f"max_density must be in (0, 1] (a fraction of the coordinates), got {self.max_density}")
+        if self.max_error_ratio is not None and self.max_error_ratio <= 0:
+            raise ValueError(f"max_error_ratio must be > 0 or None (off), got {self.max_error_ratio}")
+        if self.min_error_ratio is not None:
+            if self.min_error_ratio < 0:
+                raise ValueError(f"min_error_ratio must be >= 0 or None (off), got {self.min_error_ratio}")
+            if self.max_error_ratio is not None and self.min_error_ratio >= self.max_error_ratio:
+                raise ValueError(
+                    f"min_error_ratio ({self.min_error_ratio}) must be below max_error_ratio ({self.max_error_ratio}), "
+                    "else the density would be raised and lowered on the same measurement"
+                )
         if self.auto_density is not None:
-            lo, hi = self.auto_density
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"auto_density must be (min, max) with 0 < min <= max <= 1, got {self.auto_density}")
+            try:
+                lo, hi = self.auto_density
+                ok = 0 < lo <= hi <= 1
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"auto_density must be (min, max) with 0 < min <= max <= 1, got {self.auto_density!r}")
+            self.auto_density = (lo, hi)
             if self.max_error_ratio is None:
                 raise ValueError("auto_density needs max_error_ratio (and optionally min_error_ratio) to steer by")
+        if self.reference_curve is not None:
+            curve = []
+            for i, point in enumerate(self.reference_curve):
+                try:
+                    step, loss = point
+                    ok = all(not isinstance(v, bool) and isinstance(v, (int, float)) for v in (step, loss))
+                    ok = ok and step >= 0 and math.isfinite(step) and math.isfinite(loss)
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise ValueError(
+                        f"reference_curve[{i}] must be a (step, loss) pair with step >= 0 and a finite loss, "
+                        f"got {point!r}"
+                    )
+                curve.append((step, loss))
+            if not curve:
+                raise ValueError("reference_curve is empty; pass None to turn the reference check off")
+            self.reference_curve = curve
 
 
 @dataclass
@@ -149,15 +228,24 @@ class GuardEvent:
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` that never leaves a half-written file at ``path``: temp file, fsync, rename."""
+    """``torch.save`` that never leaves a half-written file at ``path``: temp file, fsync, rename.
+
+    A write that fails removes its temp file; temp files left by writers killed mid-write (their
+    process id no longer runs on this machine) are removed after the next successful write.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -166,6 +254,38 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             os.close(fd)
     except OSError:  # pragma: no cover - some filesystems refuse directory fsync
         pass
+    _remove_stale_temps(path)
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _writer_gone(pid: int) -> bool:
+    """Whether the process that wrote a temp file (named by its pid) can no longer finish it."""
+    if pid == os.getpid():
+        return True  # this process's own temp file was just renamed: any other one is a leftover
+    if os.name != "posix":  # pragma: no cover - no signal-0 probe: keep what may be another writer's
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove ``path``'s temp files whose writer is gone (a SIGKILL or power loss mid-write leaves them)."""
+    prefix = _tmp_prefix(path)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            pid = entry.name[len(prefix) :]
+            # A live writer's temp file must stay: removing it would fail that writer's rename.
+            if entry.name.startswith(prefix) and pid.isdigit() and _writer_gone(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -183,6 +303,98 @@ def _to_cpu(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
+def _scheduler_anchors(scheduler: Any) -> tuple[list[tuple[Any, str]], set[str], list[str]]:
+    """Where ``scheduler`` keeps the learning rates it computes the next one from.
+
+    Returns ``(attributes, group_keys, unknown)``: the ``(object, name)`` attributes holding lrs
+    (lists or scalars), the param-group keys holding lrs besides ``lr``, and the names of
+    schedulers whose anchors the guard does not know (only their ``base_lrs`` are scaled).
+
+    Every torch schedule is linear in its lrs, so scaling all of them (and the groups' current lr)
+    scales every later lr by the same factor. Scaling ``base_lrs`` alone is not enough: OneCycleLR
+    reads ``initial_lr``/``max_lr``/``min_lr`` from the groups, CyclicLR its ``max_lrs``, the cosine
+    schedules ``eta_min``, and SequentialLR/ChainedScheduler hand the step to children that keep
+    their own ``base_lrs`` (measured: each undid a 0.5x ``lower_lr`` within a few steps).
+    """
+    from torch.optim import lr_scheduler as S
+
+    base_only = (S.LambdaLR, S.MultiplicativeLR, S.StepLR, S.MultiStepLR, S.ConstantLR, S.LinearLR,
+                 S.ExponentialLR, S.PolynomialLR)  # fmt: skip
+    attrs: list[tuple[Any, str]] = []
+    keys: set[str] = {"initial_lr"}  # LRScheduler's own record of the starting lr
+    unknown: list[str] = []
+
+    def visit(sched: Any) -> None:
+        attrs.append((sched, "_last_lr"))  # what get_last_lr() reports until the next step
+        if isinstance(sched, (S.SequentialLR, S.ChainedScheduler)):
+            for child in sched._schedulers:
+                visit(child)
+        elif isinstance(sched, base_only):
+            attrs.append((sched, "base_lrs"))
+        elif isinstance(sched, (S.CosineAnnealingLR, S.CosineAnnealingWarmRestarts)):
+            attrs.extend([(sched, "base_lrs"), (sched, "eta_min")])
+        elif isinstance(sched, S.CyclicLR):
+            attrs.extend([(sched, "base_lrs"), (sched, "max_lrs")])
+        elif isinstance(sched, S.OneCycleLR):
+            keys.update(("max_lr", "min_lr"))
+        elif isinstance(sched, S.ReduceLROnPlateau):
+            attrs.extend([(sched, "min_lrs"), (sched, "default_min_lr")])
+        else:
+            attrs.append((sched, "base_lrs"))
+            unknown.append(type(sched).__name__)
+
+    if scheduler is not None:
+        visit(scheduler)
+    return attrs, keys, unknown
+
+
+def _scale_lr(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> list[str]:
+    """Multiply every lr of ``optimizer``'s groups and of ``scheduler`` by ``factor``; return the
+    scheduler types it could not vouch for (see :func:`_scheduler_anchors`)."""
+    attrs, keys, unknown = _scheduler_anchors(scheduler)
+    for group in optimizer.param_groups:
+        for key in ("lr", *sorted(keys)):
+            if key not in group:
+                continue
+            if isinstance(group[key], torch.Tensor):  # a tensor lr (capturable, fused) keeps its identity
+                group[key].mul_(factor)
+            else:
+                group[key] = group[key] * factor
+    seen: set[tuple[int, str]] = set()
+    for obj, name in attrs:
+        value = getattr(obj, name, None)
+        if (id(obj), name) in seen or value is None or isinstance(value, bool):
+            continue
+        seen.add((id(obj), name))
+        if isinstance(value, (list, tuple)):
+            setattr(obj, name, [v * factor for v in value])
+        elif isinstance(value, (int, float, torch.Tensor)):
+            setattr(obj, name, value * factor)
+    return unknown
+
+
+def _numpy_rng_state() -> dict[str, Any] | None:
+    """numpy's global RNG (``np.random.*``), if numpy is already imported (the guard never imports it).
+
+    Stored as tensors and numbers so that ``load_checkpoint`` (``weights_only=True``) reads it back.
+    Generators a program owns (``np.random.default_rng``) are its own to restore.
+    """
+    np = sys.modules.get("numpy")
+    if np is None:
+        return None
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    if kind != "MT19937":  # pragma: no cover - the legacy global RNG is always MT19937
+        return None
+    keys = torch.from_numpy(keys.astype(np.int64))
+    return {"keys": keys, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    np = sys.modules["numpy"]
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
+
+
 class Guard:
     """Watch a training run through its loss and its optimizer; act on degradation.
 
@@ -190,8 +402,24 @@ class Guard:
         model: the module being trained.
         optimizer: any torch optimizer; compression actions need :class:`~microadam.MicroAdam`.
         policy: a :class:`GuardPolicy` (default: skip non-finite steps, roll back on spikes).
-        scheduler: an LR scheduler whose base lrs ``lower_lr`` should scale too.
+        scheduler: the LR scheduler; a rollback restores it with the optimizer, and ``lower_lr``
+            scales every lr it computes from (every ``torch.optim.lr_scheduler`` type,
+            SequentialLR and ChainedScheduler through their children, and the LambdaLR-based
+            Hugging Face schedules; for any other type only its ``base_lrs``, with a warning).
+        start_step: the number of steps already done when the guard starts (a resumed run: Trainer's
+            ``global_step``), so that ``reference_curve`` is read at the right step. Default 0.
+        resume: ``True`` (``checkpoint_dir/guard-last.pt``) or a path to a guard checkpoint: first
+            restore the model, optimizer, scheduler, RNG states and the guard's counters (step,
+            recent losses, rollbacks, lr scale) from it. Default ``False``: a new run.
+
+    A new guard writes its first snapshot to ``checkpoint_dir`` at once: to continue a run from
+    that directory, pass ``resume``, or load ``guard-last.pt`` before constructing the guard.
     """
+
+    # Actions after which the on-disk checkpoint is rewritten: the run continues from a state that
+    # differs from the last one written (a rollback restores an older one, the others change lr,
+    # density, window or the update rule), and the runbook tells people to reload from disk.
+    _CHANGES_STATE = frozenset({"rollback", "lower_lr", "raise_density", "raise_window", "fallback_adamw"})
 
     def __init__(
         self,
@@ -199,10 +427,20 @@ class Guard:
         optimizer: torch.optim.Optimizer,
         policy: GuardPolicy | None = None,
         scheduler: Any = None,
+        *,
+        start_step: int | None = None,
+        resume: bool | str | os.PathLike[str] = False,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.policy = policy or GuardPolicy()
-        self.step_count = 0
+        if start_step is not None:
+            if isinstance(start_step, bool) or not isinstance(start_step, int):
+                raise TypeError(f"start_step must be an int (steps already done), got {type(start_step).__name__}")
+            if start_step < 0:
+                raise ValueError(f"start_step must be >= 0 (steps already done), got {start_step}")
+            if resume is not False:
+                raise ValueError("pass start_step or resume, not both: resume takes the step from the checkpoint")
+        self.step_count = start_step or 0
         self.losses: deque[float] = deque(maxlen=self.policy.spike_window)
         self.nonfinite_run = 0
         self.behind_run = 0
@@ -214,18 +452,36 @@ class Guard:
         self._healthy_since_snapshot = 0
         self._pending_loss: float | None = None
         self._pending_drift: dict[str, Any] | None = None
+        p = self.policy
+        unknown = _scheduler_anchors(scheduler)[2]
+        if unknown and any(
+            "lower_lr" in a for a in (p.on_nonfinite, p.on_spike, p.on_error_drift, p.on_behind_reference)
+        ):
+            warnings.warn(
+                f"Guard: lower_lr can scale only base_lrs of {', '.join(unknown)} (it knows every "
+                "torch.optim.lr_scheduler type and Hugging Face's LambdaLR-based schedules); if it computes "
+                "its lr from anything else, its next step undoes the lowering. Pass a known scheduler, or "
+                "drop 'lower_lr' from the policy's actions.",
+                stacklevel=2,
+            )
+        if resume is not False:
+            self._resume(resume)
         self.take_snapshot()
 
     # ------------------------------------------------------------ snapshots
 
     def _state(self) -> dict[str, Any]:
+        py = random.getstate()
         return {
             "model": _to_cpu(self.model.state_dict()),
             "optimizer": _to_cpu(self.optimizer.state_dict()),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": list(random.getstate()[1]),
+                "python": list(py[1]),
+                # random.gauss() caches its second normal: without it a restored stream differs.
+                "python_gauss_next": py[2],
+                "numpy": _numpy_rng_state(),
             },
             "scheduler": _to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
             "guard": {
@@ -236,24 +492,20 @@ class Guard:
             },
         }
 
+    def _write_checkpoint(self, state: dict[str, Any]) -> None:
+        if self.policy.checkpoint_dir:
+            save_atomic(state, Path(self.policy.checkpoint_dir) / "guard-last.pt")
+
     def take_snapshot(self) -> None:
         """Remember the current state as the last good one (and write it to disk if configured)."""
         snap = self._state()
         self._snapshots.append(snap)
         self._healthy_since_snapshot = 0
         self._rolled_back_since_snapshot = False
-        if self.policy.checkpoint_dir:
-            save_atomic(snap, Path(self.policy.checkpoint_dir) / "guard-last.pt")
+        self._write_checkpoint(snap)
 
-    def rollback(self) -> int:
-        """Restore the last good snapshot in place; return the step it was taken at."""
-        # A second rollback before any new snapshot means the newest one was already damaged
-        # (a too-high learning rate degrades the weights for a while before the loss spikes):
-        # drop it and go one further back.
-        if self._rolled_back_since_snapshot and len(self._snapshots) > 1:
-            self._snapshots.pop()
-        snap = self._snapshots[-1]
-        self._rolled_back_since_snapshot = True
+    def _restore(self, snap: dict[str, Any]) -> None:
+        """Load a snapshot's model, optimizer, scheduler and RNG states in place."""
         self.model.load_state_dict(snap["model"])
         # The snapshot may predate a change of density, window or a fallback: restore the
         # configuration it was taken under before its state (load_state_dict checks they agree).
@@ -265,21 +517,53 @@ class Guard:
         # The scheduler goes back with the optimizer, so the learning rate and the schedule's
         # position stay consistent (a chainable scheduler computes the next lr from the current
         # one: restoring only the optimizer's lr would offset it for good).
-        if snap["scheduler"] is not None:
-            self.scheduler.load_state_dict(snap["scheduler"])
+        if snap["scheduler"] is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(_to_cpu(snap["scheduler"]))
+        rng = snap["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate((random.getstate()[0], tuple(rng["python"]), rng.get("python_gauss_next")))
+        if rng.get("numpy") is not None and "numpy" in sys.modules:
+            _set_numpy_rng_state(rng["numpy"])
+
+    def _resume(self, resume: bool | str | os.PathLike[str]) -> None:
+        if resume is True:
+            if not self.policy.checkpoint_dir:
+                raise ValueError(
+                    "resume=True reads guard-last.pt from the policy's checkpoint_dir, which is None; "
+                    "set GuardPolicy(checkpoint_dir=...) or pass resume=<path to the checkpoint>"
+                )
+            path = Path(self.policy.checkpoint_dir) / "guard-last.pt"
+        elif isinstance(resume, (str, os.PathLike)):
+            path = Path(resume)
+        else:
+            raise TypeError(f"resume must be False, True or a path, got {type(resume).__name__} {resume!r}")
+        if not path.is_file():
+            raise FileNotFoundError(f"resume: no guard checkpoint at {path}; pass resume=False to start a new run")
+        ckpt = load_checkpoint(path)
+        self._restore(ckpt)
+        saved = ckpt["guard"]
+        self.step_count = int(saved["step"])
+        self.losses = deque(saved["losses"], maxlen=self.policy.spike_window)
+        self.rollbacks = int(saved["rollbacks"])
+        self.lr_scale = float(saved["lr_scale"])
+
+    def rollback(self) -> int:
+        """Restore the last good snapshot in place; return the step it was taken at."""
+        # A second rollback before any new snapshot means the newest one was already damaged
+        # (a too-high learning rate degrades the weights for a while before the loss spikes):
+        # drop it and go one further back.
+        if self._rolled_back_since_snapshot and len(self._snapshots) > 1:
+            self._snapshots.pop()
+        snap = self._snapshots[-1]
+        self._rolled_back_since_snapshot = True
+        self._restore(snap)
         # lower_lr decisions taken since the snapshot stay in force (else each rollback would
         # undo them and halving again would never compound).
         rescale = self.lr_scale / snap["guard"]["lr_scale"]
         if rescale != 1.0:
-            for g in self.optimizer.param_groups:
-                g["lr"] = g["lr"] * rescale
-            if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
-                self.scheduler.base_lrs = [lr * rescale for lr in self.scheduler.base_lrs]
-        torch.set_rng_state(snap["rng"]["torch"])
-        if snap["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(snap["rng"]["cuda"])
-        state = random.getstate()
-        random.setstate((state[0], tuple(snap["rng"]["python"]), state[2]))
+            _scale_lr(self.optimizer, self.scheduler, rescale)
         self.losses = deque(snap["guard"]["losses"], maxlen=self.policy.spike_window)
         self._healthy_since_snapshot = 0  # the restored state earns a new snapshot only by healthy steps
         self.rollbacks += 1
@@ -302,24 +586,34 @@ class Guard:
 
     def _act(self, event: str, seen: dict[str, Any], actions: tuple[str, ...]) -> GuardEvent:
         result: dict[str, Any] = {}
-        for action in actions:
-            if action == "rollback":
-                result["rolled_back_to_step"] = self.rollback()
-            elif action == "lower_lr":
-                self.lr_scale *= self.policy.lr_factor
-                for g in self.optimizer.param_groups:
-                    g["lr"] = g["lr"] * self.policy.lr_factor
-                if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
-                    self.scheduler.base_lrs = [lr * self.policy.lr_factor for lr in self.scheduler.base_lrs]
-                result["lr"] = [g["lr"] for g in self.optimizer.param_groups]
-            elif action in ("raise_density", "raise_window"):
-                result.update(self._relax(action))
-            elif action == "fallback_adamw":
-                result.update(self._fallback())
-            elif action == "raise":
-                raise RuntimeError(f"guard: {event} at step {self.step_count}: {seen}")
+        try:
+            for i, action in enumerate(actions):
+                if action == "rollback":
+                    result["rolled_back_to_step"] = self.rollback()
+                elif action == "lower_lr":
+                    self.lr_scale *= self.policy.lr_factor
+                    unknown = _scale_lr(self.optimizer, self.scheduler, self.policy.lr_factor)
+                    result["lr"] = [float(g["lr"]) for g in self.optimizer.param_groups]
+                    if unknown:
+                        result["scheduler_unknown"] = unknown  # only its base_lrs were scaled
+                elif action in ("raise_density", "raise_window"):
+                    result.update(self._relax(action, actions[i + 1 :]))
+                elif action == "fallback_adamw":
+                    result.update(self._fallback())
+                elif action == "raise":
+                    raise RuntimeError(
+                        f"guard: {event} at step {self.step_count}: {seen} (the policy's 'raise' action)"
+                        + (f"; event log at {self.policy.log_path}" if self.policy.log_path else "")
+                    )
+        except Exception as e:
+            # The event that stops the run is the one a person most needs to find in the log.
+            result["raised"] = f"{type(e).__name__}: {e}"
+            self._log(GuardEvent(self.step_count, event, seen, list(actions), result))
+            raise
         ev = GuardEvent(self.step_count, event, seen, list(actions), result)
         self._log(ev)
+        if self._CHANGES_STATE.intersection(actions):
+            self._write_checkpoint(self._state())
         return ev
 
     def _microadam(self) -> Any:
@@ -327,11 +621,12 @@ class Guard:
 
         return self.optimizer if isinstance(self.optimizer, MicroAdam) else None
 
-    def _relax(self, action: str) -> dict[str, Any]:
+    def _relax(self, action: str, next_actions: tuple[str, ...] = ()) -> dict[str, Any]:
         """Raise each compressed group's density (or window) from its own value, up to the cap.
 
         When every group is already at the cap, compression cannot be relaxed further: the
-        groups fall back to dense AdamW (logged), unless the policy's own next action is that.
+        groups fall back to dense AdamW (logged), unless a later action of the acting event's
+        own list (``next_actions``) is that.
         """
         from microadam.memory import state_bytes
 
@@ -356,7 +651,7 @@ class Guard:
                     opt.reconfigure(window=new_w, groups=[i])
                     changed[f"group{i}_window"] = new_w
         if not changed:
-            if "fallback_adamw" in self.policy.on_error_drift:
+            if "fallback_adamw" in next_actions:
                 return {"note": "at the cap; the next action falls back"}
             return {"at_cap": True, **self._fallback()}
         return {**changed, "state_bytes": state_bytes(opt)}
@@ -416,12 +711,29 @@ class Guard:
                 return l0 + (l1 - l0) * (step - s0) / max(1, s1 - s0)
         return None  # past the reference's end: nothing to compare with
 
-    def step(self, loss: torch.Tensor | float) -> GuardEvent | None:
-        """Check this step's loss and gradients, then step the optimizer or act. Returns the event, if any."""
+    def step(self, loss: torch.Tensor | float, scaler: Any = None) -> GuardEvent | None:
+        """Check this step's loss and gradients, then step the optimizer or act. Returns the event, if any.
+
+        With a ``torch.amp.GradScaler`` (after ``scaler.scale(loss).backward()``), pass it as
+        ``scaler``: the guard unscales the gradients, checks them, steps through
+        ``scaler.step(optimizer)`` and calls ``scaler.update()``, on a skipped step too. Do not call
+        ``scaler.unscale_`` yourself then (it may run once per step); a loop that clips gradients
+        follows the pattern in ``docs/operations.md`` instead.
+        """
+        if scaler is not None:
+            # The guard must judge the true gradients, and scaler.update() needs the inf check that
+            # unscale_ records: on a step the guard skips, scaler.step() never runs and update()
+            # raises "No inf checks were recorded prior to update" without it.
+            scaler.unscale_(self.optimizer)
         go, event = self.before_step(loss)
         if go:
-            self.optimizer.step()
+            if scaler is not None:
+                scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
             event = self.after_step() or event
+        if scaler is not None:
+            scaler.update()
         return event
 
     def before_step(self, loss: torch.Tensor | float | None) -> tuple[bool, GuardEvent | None]:

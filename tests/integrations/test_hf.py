@@ -123,3 +123,27 @@ def test_real_minilm_trains_under_trainer(tmp_path):
     )  # fmt: skip
     out = trainer.train()
     assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
+
+
+def test_guard_callback_counts_on_from_the_resumed_global_step(tmp_path):
+    # An impossible reference from step 4 on (logged only): the events name the steps the guard counts.
+    def callback(name):
+        ref = [(0, 100.0), (3, 100.0), (4, 1e-9), (6, 1e-9)]
+        policy = GuardPolicy(reference_curve=ref, spike_window=1, warmup=1, patience=1,
+                             on_behind_reference=("none",), log_path=str(tmp_path / name))  # fmt: skip
+        return GuardCallback(policy)
+
+    def trainer(out, cb):
+        return transformers.Trainer(
+            model=_tiny_bert(), args=_args(tmp_path / out), train_dataset=_Data(),
+            optimizer_cls_and_kwargs=(MicroAdam, KW), callbacks=[cb],
+        )  # fmt: skip
+
+    trainer("a", callback("full.jsonl")).train()  # writes checkpoint-3
+    cb = callback("resumed.jsonl")
+    resumed = trainer("b", cb)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert cb.guard.step_count == resumed.state.global_step == 6
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed.jsonl").read_text().splitlines()]
+    # Step 4 is not judged: the loss window (spike_window=1) refills with the first resumed step.
+    assert steps == [5, 6]

@@ -81,3 +81,68 @@ def test_guard_callback_skips_a_nan_step(tmp_path):
     opt = trainer.optimizers[0]
     assert all(s["step"] == 7 for s in opt.state.values())  # 8 batches, one skipped
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _Recorder(Regressor):
+    """Records each training_step's loss as training_step computes it (before Lightning scales it)."""
+
+    def __init__(self, nan_at=(), scheduler: bool = False) -> None:
+        super().__init__()
+        self.nan_at, self.seen, self.scheduler = set(nan_at), [], scheduler
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.seen.append(float(loss.detach()))
+        return loss * float("nan") if self.calls in self.nan_at else loss
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        if not self.scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_guard_callback_judges_the_mean_unscaled_loss_over_accumulated_micro_batches(tmp_path):
+    model = _Recorder()
+    cb = GuardCallback(GuardPolicy(spike_window=100))
+    _trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2, callbacks=[cb]).fit(model, _loader())
+    pairs = [(a + b) / 2 for a, b in zip(model.seen[::2], model.seen[1::2])]
+    assert cb.guard.step_count == 4 and list(cb.guard.losses) == pytest.approx(pairs, rel=1e-6)
+
+
+def test_guard_callback_keeps_the_scheduler_level_with_the_optimizer_after_a_rollback(tmp_path):
+    # Batches 5-7 non-finite: skip, skip, roll back (patience 3) to the snapshot of step 4.
+    model = _Recorder(nan_at=(5, 6, 7), scheduler=True)
+    cb = GuardCallback(GuardPolicy(snapshot_every=4, patience=3))
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[cb])
+    trainer.fit(model, _loader())
+    assert [e.actions for e in cb.guard.events] == [["skip"], ["skip"], ["rollback"]]
+    steps = {s["step"] for s in trainer.optimizers[0].state.values()}
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    # 4 steps, the rollback to step 4, then batch 8 is the 5th: the schedule is at the same point.
+    # The two skipped steps still advanced Lightning's scheduler, and the rollback took them back.
+    assert steps == {5} and sched.last_epoch == 5
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-3 * 0.9**5)
+
+
+def test_guard_callback_counts_on_from_the_resumed_global_step(tmp_path):
+    # An impossible reference from step 10 on (logged only): the events name the steps the guard counts.
+    ref = [(0, 100.0), (9, 100.0), (10, 1e-9), (100, 1e-9)]
+
+    def callback(name):
+        return GuardCallback(GuardPolicy(reference_curve=ref, spike_window=1, warmup=1, patience=1,
+                                         on_behind_reference=("none",), log_path=str(tmp_path / name)))  # fmt: skip
+
+    t = _trainer(tmp_path / "a", max_epochs=1)
+    t.fit(Regressor(), _loader())
+    ckpt = tmp_path / "a.ckpt"
+    t.save_checkpoint(ckpt)
+    cb = callback("resumed.jsonl")
+    t2 = _trainer(tmp_path / "b", max_epochs=2, enable_checkpointing=False, callbacks=[cb])
+    t2.fit(Regressor(), _loader(), ckpt_path=str(ckpt))
+    assert cb.guard.step_count == t2.global_step == 16
+    events = [json.loads(x)["step"] for x in (tmp_path / "resumed.jsonl").read_text().splitlines()]
+    assert events == list(range(10, 17))

@@ -60,7 +60,11 @@ class GuardCallback(TrainerCallback):
         model, optimizer = kwargs["model"], kwargs["optimizer"]
         # accelerate wraps the optimizer; the guard needs the real one (compression actions, state).
         optimizer = getattr(optimizer, "optimizer", optimizer)
-        self.guard = Guard(model, optimizer, self.policy, scheduler=kwargs.get("lr_scheduler"))
+        # After resume_from_checkpoint, global_step is the step resumed from: the guard counts on
+        # from it, so reference_curve is read at the run's real step.
+        self.guard = Guard(
+            model, optimizer, self.policy, scheduler=kwargs.get("lr_scheduler"), start_step=state.global_step
+        )
         self._hook = model.register_forward_hook(self._capture)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

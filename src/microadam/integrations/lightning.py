@@ -23,6 +23,7 @@ MicroAdam's own (integer state kept exact).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -45,34 +46,74 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
 
 
 class GuardCallback(pl.Callback):
-    """Run a :class:`~microadam.guard.Guard` inside a Lightning ``Trainer`` (automatic optimization)."""
+    """Run a :class:`~microadam.guard.Guard` inside a Lightning ``Trainer`` (automatic optimization).
+
+    The guard judges the mean training loss over the micro-batches of each optimizer step
+    (Lightning divides each one by ``accumulate_grad_batches``; the callback multiplies it back).
+    After a resume (``fit(ckpt_path=...)``) its step count starts at ``trainer.global_step``.
+    """
 
     def __init__(self, policy: GuardPolicy | None = None) -> None:
         self.policy = policy or GuardPolicy()
         self.guard: Guard | None = None
         self._went = False
+        self._stepped = False  # an optimizer step (taken or skipped) ends this batch
+        self._losses: list[float] = []
+        self._interval = "step"
+        self._schedule_after_rollback: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         configs = getattr(trainer, "lr_scheduler_configs", None) or []
         scheduler = configs[0].scheduler if configs else None
-        self.guard = Guard(pl_module, _unwrap(trainer.optimizers[0]), self.policy, scheduler=scheduler)
+        self._interval = configs[0].interval if configs else "step"
+        self.guard = Guard(
+            pl_module, _unwrap(trainer.optimizers[0]), self.policy, scheduler=scheduler, start_step=trainer.global_step
+        )
+
+    def _schedule_state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        assert self.guard is not None and self.guard.scheduler is not None
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.guard.optimizer.param_groups]
+        return copy.deepcopy(self.guard.scheduler.state_dict()), copy.deepcopy(groups)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         assert self.guard is not None, "on_train_start creates the guard"
-        go, _ = self.guard.before_step(None)
-        self._went = go
+        go, event = self.guard.before_step(None)
+        self._went, self._stepped = go, True
         if not go:
             for group in _unwrap(optimizer).param_groups:
                 for p in group["params"]:
                     p.grad = None
+        # Lightning steps a per-step scheduler after this batch whatever the guard did. Its
+        # snapshots are taken after that step (in on_train_batch_end), so a rollback here restores
+        # a scheduler level with the optimizer, and Lightning's step would put it one ahead for the
+        # rest of the run: remember the restored schedule and put it back after Lightning's step.
+        rolled_back = event is not None and "rollback" in event.actions
+        if rolled_back and self.guard.scheduler is not None and self._interval == "step":
+            self._schedule_after_rollback = self._schedule_state()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.guard is None or not self._went:
+        if self.guard is None:
             return
-        # Once per optimizer step: with gradient accumulation this hook runs for every micro-batch.
-        self._went = False
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            self.guard.observe_loss(loss)
+            # Lightning divided the loss by accumulate_grad_batches (for backward); the guard compares
+            # losses with a reference curve and with each other, in the loss's own units.
+            self._losses.append(float(loss.detach()) * trainer.accumulate_grad_batches)
+        if not self._stepped:  # a micro-batch inside an accumulation window
+            return
+        self._stepped = False
+        losses, self._losses = self._losses, []
+        if self._schedule_after_rollback is not None:
+            sched_state, groups = self._schedule_after_rollback
+            self._schedule_after_rollback = None
+            assert self.guard.scheduler is not None
+            self.guard.scheduler.load_state_dict(sched_state)
+            for group, saved in zip(self.guard.optimizer.param_groups, groups):
+                group.update(saved)
+        if not self._went:
+            return
+        self._went = False
+        if losses:
+            self.guard.observe_loss(sum(losses) / len(losses))
         else:
             self.guard.after_step()
