@@ -54,6 +54,17 @@ BAD_PLANS = [
     (lambda p: p.update(optimizers={"microadam": {"lr": -1}}), ["'optimizers.microadam.lr'", "> 0"]),
     (lambda p: p.update(optimizers={"adamx": {}}), ["'optimizers.adamx'", "unknown optimizer"]),
     (lambda p: p["stages"][1].update(name="small"), ["stage names repeat"]),
+    (lambda p: p["stages"][0].update(eval_every=-5), ["'stages[0].eval_every'", ">= 0", "-5"]),
+    (lambda p: p["criteria"].update(max_metric_drop=math.nan), ["'criteria.max_metric_drop'", "nan"]),
+    (lambda p: p.update(optimizers={"microadam": {"lr": math.nan}}), ["'optimizers.microadam.lr'", "nan"]),
+    # Optimizer arguments are tried on a tiny model: a typo or a bad value stops the plan, not every run.
+    (lambda p: p.update(optimizers={"microadam": {"densty": 0.01}}), ["'optimizers.microadam.densty'", "densty"]),
+    (lambda p: p.update(optimizers={"microadam": {"density": 5.0}}), ["'optimizers.microadam.density'", "5.0"]),
+    (lambda p: p.update(optimizers={"v": {"optimizer": "adamw", "betas": [0.9, 2.0]}}), ["'optimizers.v.betas'"]),
+    (lambda p: p.update(device="gpu"), ["'device'", "'gpu'", "'cuda'"]),
+    (lambda p: p.update(task_options={"foo": 1}), ["'task_options.foo'", "hidden"]),
+    (lambda p: p.update(task="charlm", task_options={"d_model": 10, "n_heads": 3}), ["'task_options'", "divisible"]),
+    (lambda p: p.update(name="../../elsewhere"), ["'name'", "'../../elsewhere'"]),
 ]
 
 
@@ -82,13 +93,16 @@ def test_toml_plan_file_errors(tmp_path):
     assert load_plan(good).stages[0].steps == 3
 
 
-def _row(opt, seed, metric, state, step_time, stage="small", higher=True):
+def _row(opt, seed, metric, state, step_time, stage="small", higher=True, plan=None):
+    """A synthetic record of ``plan``'s run (DIGITS_PLAN's by default: the key ignores the criteria)."""
+    plan = plan or parse_plan(DIGITS_PLAN)
+    key = plan.run_key(next(s for s in plan.stages if s.name == stage), opt, seed)
     return {
-        "kind": "run", "status": "ok", "stage": stage, "optimizer": opt, "seed": seed, "label": opt,
+        "kind": "run", "run_key": key, "status": "ok", "stage": stage, "optimizer": opt, "seed": seed, "label": opt,
         "metric": "accuracy" if higher else "val_loss", "higher_is_better": higher,
         "metrics": {"accuracy" if higher else "val_loss": metric}, "state_bytes": state, "bytes_per_param": 1.0,
         "peak_memory_bytes": 100, "step_time_median_s": step_time, "optimizer_step_median_s": 0.001,
-        "total_time_s": 1.0, "final_train_loss": 0.5, "lr": 1e-3,
+        "total_time_s": 1.0, "final_train_loss": 0.5, "lr": 1e-3, "loss_curve": [[1, 1.0], [2, 0.5]],
     }  # fmt: skip
 
 
@@ -243,3 +257,236 @@ def test_lr_schedule_key_is_checked_and_kept_out_of_old_fingerprints():
         parse_plan({**base, "lr_schedule": "step"})
     assert parse_plan({**base, "lr_schedule": "constant"}).fingerprint() == parse_plan(base).fingerprint()
     assert parse_plan({**base, "lr_schedule": "cosine"}).fingerprint() != parse_plan(base).fingerprint()
+
+
+# ---------------------------------------------------------------- audit fixes (A1-A7)
+
+
+def test_report_and_verdict_read_only_the_current_plans_runs():
+    """A1: the plan was edited (other seeds) and rerun into the same --out. The records of the old
+    seeds stay in the file but must not enter the report's means or the verdict."""
+    from microadam.bench.report import render_html, render_markdown
+
+    bar = {"max_metric_drop": 0.5, "max_state_ratio": 0.2, "max_step_time_ratio": 2.0}
+    old = parse_plan(DIGITS_PLAN | {"criteria": bar})
+    new_data = copy.deepcopy(DIGITS_PLAN) | {"criteria": bar}
+    new_data["stages"][0]["seeds"] = [2, 3]
+    new = parse_plan(new_data)
+    records = [_row("adamw", s, 0.80, 8000, 0.01, plan=old) for s in (0, 1)]
+    records += [_row("microadam", s, 0.50, 900, 0.01, plan=old) for s in (0, 1)]  # failed the old plan
+    records += [_row("adamw", s, 0.80, 8000, 0.01, plan=new) for s in (2, 3)]
+    records += [_row("microadam", s, 0.80, 900, 0.01, plan=new) for s in (2, 3)]
+    # The runner judges the new plan's rows alone, and passes the candidate.
+    assert judge_stage(new, new.stages[0], records[4:])["microadam"]["passed"]
+    assert final_verdict(new, records)["microadam"].startswith("PASS through stage 'small'")
+    md = render_markdown(new, records)
+    assert "| MicroAdam" not in md  # labels in synthetic rows are the names
+    micro = [line for line in md.splitlines() if line.startswith("| microadam | 0.001")]
+    assert len(micro) == 1 and "80.00 ± 0.00" in micro[0], micro
+    assert "FAIL" not in md and "65.00" not in md
+    assert "FAIL" not in render_html(new, records)
+    # The old plan still reads its own runs.
+    assert final_verdict(old, records)["microadam"].startswith("FAIL at stage 'small'")
+
+
+def _key_mutations():
+    """(mutation of DIGITS_PLAN, whether the run key of (small, microadam, seed 0) must change)."""
+    return [
+        (lambda p: p.update(lr_schedule="cosine"), True),
+        (lambda p: p.update(lr_schedule="linear"), True),
+        (lambda p: p.update(task_options={"hidden": 32}), True),
+        (lambda p: p["stages"][0].update(steps=5), True),
+        (lambda p: p["stages"][0].update(batch_size=16), True),
+        (lambda p: p["stages"][0].update(train_examples=500), True),
+        (lambda p: p["stages"][0].update(eval_examples=50), True),
+        (lambda p: p["stages"][0].update(eval_every=2), True),
+        (lambda p: p.update(optimizers={"microadam": {"lr": 1e-2}}), True),
+        (lambda p: p.update(optimizers={"microadam": {"density": 0.05}}), True),
+        (lambda p: p.update(device="cuda"), True),  # from "auto" on a machine without CUDA
+        # Settings that judge runs or name things without changing them:
+        (lambda p: p.update(name="renamed"), False),
+        (lambda p: p.update(device="cpu"), False),  # what "auto" is without CUDA
+        (lambda p: p["criteria"].update(max_metric_drop=0.1), False),
+        (lambda p: p.update(candidates=["microadam", "adafactor"]), False),
+        (lambda p: p["stages"][0].update(seeds=[0, 5]), False),
+        (lambda p: p.update(optimizers={"adamw": {"lr": 1e-2}}), False),
+        (lambda p: p.update(lr_schedule="constant"), False),
+    ]
+
+
+@pytest.mark.parametrize("mutate,changes", _key_mutations(), ids=[str(i) for i in range(len(_key_mutations()))])
+def test_run_key_changes_exactly_with_what_shapes_the_run(mutate, changes, monkeypatch):
+    """A2: a resumed compare reuses a record under the same key, so every setting that can change
+    the run (the lr schedule included) is in the key, and nothing that only judges or names it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = copy.deepcopy(DIGITS_PLAN)
+    before = parse_plan(data)
+    mutate(data)
+    after = parse_plan(data)
+    key = [p.run_key(p.stages[0], "microadam", 0) for p in (before, after)]
+    assert (key[0] != key[1]) == changes
+
+
+def test_auto_device_keys_runs_by_the_device_it_resolves_to(monkeypatch):
+    """A2: "auto" is the GPU on one machine and the CPU on another; their runs are not the same."""
+    keys = {}
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        for device in ("auto", "cpu", "cuda"):
+            plan = parse_plan(DIGITS_PLAN | {"device": device})
+            keys[cuda, device] = plan.run_key(plan.stages[0], "adamw", 0)
+    assert keys[False, "auto"] == keys[False, "cpu"] == keys[True, "cpu"]
+    assert keys[True, "auto"] == keys[True, "cuda"] == keys[False, "cuda"] != keys[False, "auto"]
+
+
+def test_records_of_constant_lr_cpu_plans_keep_their_keys():
+    """Adding lr_schedule and the device kind to the key must not orphan the records made before
+    (the key below is what the code before that change gave this run)."""
+    plan = parse_plan(DIGITS_PLAN | {"device": "cpu"})
+    assert plan.run_key(plan.stages[0], "microadam", 0) == "9f19fbc338256094"
+
+
+def test_a_row_appended_after_a_torn_line_is_kept(tmp_path):
+    """A3: a killed writer leaves a fragment without a newline; the next row must not be glued to it."""
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"kind": "plan"}\n{"kind": "run", "sta')
+    runner._append(path, {"kind": "run", "run_key": "k", "status": "ok"})
+    runner._append(path, {"kind": "run", "run_key": "k2", "status": "ok"})
+    rows = runner.read_records(path)
+    assert [r.get("run_key") for r in rows] == [None, "k", "k2"]
+
+
+def _failed(row, how):
+    if how == "error":
+        return {k: row[k] for k in ("kind", "run_key", "stage", "optimizer", "seed", "label")} | {
+            "status": "error", "message": "RuntimeError: out of memory"}  # fmt: skip
+    if how == "diverged":
+        return row | {"diverged_at": 7, "metrics": {"accuracy": 0.1}}
+    return row | {"metrics": {"accuracy": math.nan}}  # a non-finite metric without a non-finite loss
+
+
+# (who fails on seed 1, how, what the report says of that seed; more words the verdict must hold)
+SEED_FAILURES = [
+    ("microadam", "error", "seed 1 error: RuntimeError: out of memory", ["FAIL at stage 'small'"]),
+    ("microadam", "diverged", "seed 1 diverged (non-finite loss at step 7)", ["FAIL at stage 'small'"]),
+    ("microadam", "nan", "seed 1 ended with accuracy = nan", ["FAIL at stage 'small'"]),
+    ("adamw", "error", "seed 1 error: RuntimeError: out of memory", ["INVALID at stage 'small'", "baseline adamw"]),
+    ("adamw", "diverged", "seed 1 diverged", ["INVALID at stage 'small'", "baseline adamw", "rerun"]),
+]
+
+
+@pytest.mark.parametrize("who,how,what,words", SEED_FAILURES, ids=[f"{w}-{h}" for w, h, *_ in SEED_FAILURES])
+def test_a_failed_or_diverged_seed_decides_the_stage(who, how, what, words):
+    """A4: the mean of the surviving seeds would pass; one failed seed of the candidate fails it, and
+    one of the baseline leaves nothing to compare with. The report says which seed and what."""
+    from microadam.bench.report import render_markdown
+
+    plan = parse_plan(DIGITS_PLAN | {"criteria": {"max_metric_drop": 0.5}})
+    rows = [_row(name, seed, 0.80, 8000 if name == "adamw" else 900, 0.01) for name in ("adamw", "microadam")
+            for seed in (0, 1)]  # fmt: skip
+    rows = [_failed(r, how) if (r["optimizer"], r["seed"]) == (who, 1) else r for r in rows]
+    j = judge_stage(plan, plan.stages[0], rows)["microadam"]
+    assert not j["passed"] and j.get("invalid", False) == (who == "adamw")
+    verdict = final_verdict(plan, rows)["microadam"]
+    for w in [what, *words]:
+        assert w in verdict, (w, verdict)
+    md = render_markdown(plan, rows)
+    # Synthetic labels are the names: the optimizer's row of the stage table, then its verdict row.
+    verdict_row = [line for line in md.splitlines() if line.startswith("| microadam | ")][-1]
+    assert f"| {'INVALID' if who == 'adamw' else 'FAIL'} |" in verdict_row and what in verdict_row
+    assert what in next(line for line in md.splitlines() if line.startswith(f"| {who} | "))
+
+
+def test_a_crashing_seed_stops_the_candidate_in_a_real_run(tmp_path, monkeypatch):
+    """A4, through the runner: the failed candidate is not run in the next stage."""
+    real_run_one = runner.run_one
+
+    def run_one(plan, stage, optimizer, seed, *a, **k):
+        if optimizer == "microadam" and seed == 1:
+            raise RuntimeError("simulated out of memory")
+        return real_run_one(plan, stage, optimizer, seed, *a, **k)
+
+    monkeypatch.setattr(runner, "run_one", run_one)
+    plan = parse_plan(DIGITS_PLAN)
+    records = runner.run_plan(plan, tmp_path, log=lambda _: None)
+    assert {r["stage"] for r in records if r.get("kind") == "run"} == {"small"}
+    assert final_verdict(plan, records)["microadam"] == (
+        "FAIL at stage 'small': seed 1 error: RuntimeError: simulated out of memory"
+    )
+
+
+def test_bad_device_and_missing_gpu_stop_the_run_before_anything_is_written(tmp_path, monkeypatch):
+    """A5: device is checked before the records file (and its plan header) is written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PlanError, match="'cuda' was asked for but CUDA is not available"):
+        runner.run_plan(parse_plan(DIGITS_PLAN | {"device": "cuda"}), tmp_path / "a", log=lambda _: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(PlanError, match="'cuda:7'.*1 CUDA device.*'cuda:0'"):
+        runner.run_plan(parse_plan(DIGITS_PLAN | {"device": "cuda:7"}), tmp_path / "b", log=lambda _: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_optimizer_arguments_the_dummy_cannot_judge_are_left_to_the_run(monkeypatch):
+    """A5: an optimizer that does not build on the tiny model even without arguments (another model
+    or device needed) is not refused for its arguments: the check must not reject good plans."""
+    from microadam.bench import optimizers
+
+    spec = optimizers.OPTIMIZERS["adafactor"]
+
+    def picky(model, lr, **kw):
+        if isinstance(model, torch.nn.Linear):
+            raise AssertionError("needs a transformer")
+        return torch.optim.Adafactor(model.parameters(), lr=lr, **kw)
+
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "adafactor", optimizers.OptimizerSpec(
+        spec.name, spec.label, spec.module, spec.install, picky))  # fmt: skip
+    plan = parse_plan(DIGITS_PLAN | {"optimizers": {"adafactor": {"beta2_decay": -0.8}}})
+    assert plan.overrides("adafactor") == {"beta2_decay": -0.8}
+
+
+@pytest.mark.parametrize("how", ["not_installed", "error"])
+def test_runs_that_did_not_finish_are_tried_again_on_resume(how, tmp_path, monkeypatch):
+    """A6: a not-installed optimizer, or a run that failed, is run once the cause is gone."""
+    from microadam.bench import optimizers
+
+    data = copy.deepcopy(DIGITS_PLAN)
+    data["stages"] = data["stages"][:1]
+    plan = parse_plan(data)
+    with monkeypatch.context() as m:
+        if how == "not_installed":
+            m.setattr(optimizers.OptimizerSpec, "installed", lambda self: self.name != "microadam")
+        else:
+            m.setattr(runner, "run_one", lambda plan, stage, opt, *a, **k: (_ for _ in ()).throw(OSError("disk")))
+        first = runner.run_plan(plan, tmp_path, log=lambda _: None)
+    assert {r["status"] for r in first if r.get("optimizer") == "microadam"} == {how}
+    records = runner.run_plan(plan, tmp_path, log=lambda _: None)
+    latest = [r for r in records if r.get("kind") == "run"][-2:]
+    assert [(r["optimizer"], r["status"]) for r in latest] == [("microadam", "ok")] * 2
+    assert final_verdict(plan, records)["microadam"].startswith("PASS")
+
+
+def test_report_gives_the_training_examples_actually_used(tmp_path):
+    """A7: a task caps train_examples at the size of its data; the report says so."""
+    from microadam.bench.report import render_markdown
+
+    data = copy.deepcopy(DIGITS_PLAN)
+    data["stages"] = [data["stages"][0] | {"steps": 2, "seeds": [0], "train_examples": 10_000_000}]
+    plan = parse_plan(data)
+    records = runner.run_plan(plan, tmp_path, log=lambda _: None)
+    md = render_markdown(plan, records)
+    # scikit-learn's 1,797 digits, 80% of them for training.
+    assert "train examples 1437 (the plan asked for 10000000" in md and "eval examples 100," in md
+
+
+def test_an_epoch_with_no_full_batch_is_an_error_not_a_hang():
+    """batch_size above the training subset made every epoch empty, and the batch iterator spin forever."""
+    from microadam.bench.tasks.base import endless
+
+    def no_batches(epoch):
+        if epoch > 3:
+            raise RuntimeError("still looking for a batch after 4 empty epochs")
+        return iter([])
+
+    with pytest.raises(ValueError, match="batch_size is larger than the training subset"):
+        next(endless(no_batches))

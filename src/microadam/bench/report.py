@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from microadam.bench.spec import Plan
-from microadam.bench.verdict import final_verdict, judge_stage, summarize
+from microadam.bench.verdict import final_verdict, judge_stage, select_runs, summarize
 
 __all__ = ["render_markdown", "render_html", "write_reports"]
 
@@ -31,10 +31,24 @@ def _metric_cell(s: dict[str, Any]) -> str:
     return f"{scale * s['metric_mean']:.{digits}f} ± {scale * s['metric_std']:.{digits}f}"
 
 
-def _stage_tables(plan: Plan, records: list[dict[str, Any]]) -> list[str]:
+def _examples(asked: int | None, rows: list[dict[str, Any]], key: str) -> str:
+    """The subset size a stage used: a task caps what the plan asks at the size of its data, and
+    the report gives the number the runs actually had."""
+    used = sorted({r["info"][key] for r in rows if isinstance(r.get("info"), dict) and key in r["info"]})
+    if not used:
+        return str(asked or "all")
+    text = "/".join(str(n) for n in used)
+    if asked is None:
+        return f"{text} (all)"
+    if used != [asked]:
+        return f"{text} (the plan asked for {asked}: more than the data has)"
+    return text
+
+
+def _stage_tables(plan: Plan, selected: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines: list[str] = []
     for stage in plan.stages:
-        rows = [r for r in records if r.get("kind") == "run" and r.get("stage") == stage.name]
+        rows = selected.get(stage.name, [])
         if not rows:
             lines += [f"### Stage '{stage.name}': not run", ""]
             continue
@@ -42,9 +56,11 @@ def _stage_tables(plan: Plan, records: list[dict[str, Any]]) -> list[str]:
         first = next((s for s in summary.values() if s["status"] == "ok"), None)
         metric = first["metric"] if first else "metric"
         unit = " (%)" if metric == "accuracy" else ""
+        ok_rows = [r for r in rows if r.get("status") == "ok"]
         lines += [
             f"### Stage '{stage.name}': {stage.steps} steps x batch {stage.batch_size}, "
-            f"train examples {stage.train_examples or 'all'}, seeds {list(stage.seeds)}"
+            f"train examples {_examples(stage.train_examples, ok_rows, 'train_examples')}, "
+            f"eval examples {_examples(stage.eval_examples, ok_rows, 'eval_examples')}, seeds {list(stage.seeds)}"
             + ("" if plan.lr_schedule == "constant" else f", lr decayed to 0 ({plan.lr_schedule})"),
             "",
             f"| optimizer | lr | {metric}{unit} mean ± std | final train loss | state | bytes/param | "
@@ -53,9 +69,9 @@ def _stage_tables(plan: Plan, records: list[dict[str, Any]]) -> list[str]:
         ]
         for _name, s in summary.items():
             if s["status"] != "ok":
-                lines.append(f"| {s['label']} | | {s['status']}: {s.get('message', '')} | | | | | | | |")
+                lines.append(f"| {s['label']} | | {'; '.join(s['failures'])} | | | | | | | |")
                 continue
-            div = f" (diverged: seeds {s['diverged']})" if s["diverged"] else ""
+            div = f" (failed: {'; '.join(s['failures'])})" if s["failures"] else ""
             lines.append(
                 f"| {s['label']} | {s['lr']:g} | {_metric_cell(s)}{div} | {s['final_train_loss']:.4f} | "
                 f"{_fmt_bytes(s['state_bytes'])} | {s['bytes_per_param']:.3f} | {_fmt_bytes(s['peak_memory_bytes'])} | "
@@ -73,15 +89,17 @@ def _stage_tables(plan: Plan, records: list[dict[str, Any]]) -> list[str]:
                     for ch in j["criteria"]
                     if ch["limit"] is not None
                 ) or j.get("reason", "")
-                lines.append(f"| {cand} | {'PASS' if j['passed'] else 'FAIL'} | {details} |")
+                word = "PASS" if j["passed"] else "INVALID" if j.get("invalid") else "FAIL"
+                lines.append(f"| {cand} | {word} | {details} |")
             lines.append("")
     return lines
 
 
 def render_markdown(plan: Plan, records: list[dict[str, Any]]) -> str:
-    """The report as Markdown."""
+    """The report as Markdown, from the records of this plan's runs only (see ``select_runs``)."""
     c = plan.criteria
-    env = next((r["env"] for r in records if r.get("kind") == "run" and "env" in r), {})
+    selected = select_runs(plan, records)
+    env = next((r["env"] for rows in selected.values() for r in rows if "env" in r), {})
     header = next((r for r in records if r.get("kind") == "plan"), {})
     lines = [
         f"# microadam compare: {plan.name}",
@@ -102,7 +120,7 @@ def render_markdown(plan: Plan, records: list[dict[str, Any]]) -> str:
     for cand, v in final_verdict(plan, records).items():
         lines.append(f"- **{cand}**: {v}")
     lines += ["", "## Stages", ""]
-    lines += _stage_tables(plan, records)
+    lines += _stage_tables(plan, selected)
     if env:
         lines += [
             "## Machine",
@@ -246,7 +264,7 @@ def _markdown_to_html(md: str) -> str:
 def render_html(plan: Plan, records: list[dict[str, Any]]) -> str:
     """A self-contained HTML page: the Markdown report plus inline SVG plots, no external assets."""
     body = [_markdown_to_html(render_markdown(plan, records)), "<h2>Plots</h2>"]
-    runs = [r for r in records if r.get("kind") == "run" and r.get("status") == "ok"]
+    runs = [r for rows in select_runs(plan, records).values() for r in rows if r.get("status") == "ok"]
     names = list(dict.fromkeys(r["optimizer"] for r in runs))
     color = {n: COLORS[i % len(COLORS)] for i, n in enumerate(names)}
     for stage in plan.stages:

@@ -31,11 +31,17 @@ WARMUP_STEPS = 2  # excluded from step-time medians (first-step allocation, torc
 
 
 def resolve_device(name: str) -> torch.device:
+    """The plan's ``device`` on this machine; a PlanError if it is not here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PlanError(f"plan key 'device': {name!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PlanError(
+            f"plan key 'device': {name!r} was asked for but this machine has {torch.cuda.device_count()} "
+            f"CUDA device(s); use 'cuda:0' to 'cuda:{torch.cuda.device_count() - 1}', 'cuda' or 'auto'"
+        )
     return dev
 
 
@@ -53,8 +59,15 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
+    # A writer killed mid-line leaves a fragment with no newline: the row must start on a line of
+    # its own, or it is glued to the fragment and lost when the file is read back.
+    torn = False
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            torn = f.read(1) != b"\n"
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
         f.flush()
 
 
@@ -191,30 +204,40 @@ def run_plan(
     on_stage_done: Callable[[Stage, list[dict[str, Any]]], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run every stage of ``plan`` (resuming from ``out_dir/records.jsonl``); return all records."""
+    """Run every stage of ``plan`` (resuming from ``out_dir/records.jsonl``); return all records.
+
+    The records file may also hold runs of earlier versions of the plan (other seeds, settings):
+    they are kept, but only runs under this plan's run keys are reused and judged.
+    """
     from microadam.bench.verdict import judge_stage
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     records_path = out_dir / "records.jsonl"
     records = read_records(records_path)
     header = next((r for r in records if r.get("kind") == "plan"), None)
-    if header is None:
-        # The plan, with its acceptance bar, is written before any run starts.
-        header = {"kind": "plan", "plan": plan.to_dict(), "fingerprint": plan.fingerprint(), "date": time.ctime()}
-        _append(records_path, header)
-        records.append(header)
-    elif header["plan"]["criteria"] != plan.to_dict()["criteria"] or header["plan"]["baseline"] != plan.baseline:
+    if header is not None and (
+        header["plan"]["criteria"] != plan.to_dict()["criteria"] or header["plan"]["baseline"] != plan.baseline
+    ):
         raise PlanError(
             f"{records_path} was started with another acceptance bar or baseline ({header['plan']['criteria']}, "
             f"baseline {header['plan']['baseline']!r}); the bar is fixed before the run. Use a new --out directory"
         )
+    # Everything that can stop the run is checked before anything is written.
+    device = resolve_device(plan.device)
     task = get_task(plan.task, **plan.task_options)
     try:
         task.check()
     except MissingDependency as e:
         raise MissingDependency(f"task {plan.task!r} cannot run here: {e}") from e
-    device = resolve_device(plan.device)
-    done = {r["run_key"]: r for r in records if r.get("kind") == "run" and r.get("status") in ("ok", "not_installed")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if header is None:
+        # The plan, with its acceptance bar, is written before any run starts.
+        header = {"kind": "plan", "plan": plan.to_dict(), "fingerprint": plan.fingerprint(), "date": time.ctime()}
+        _append(records_path, header)
+        records.append(header)
+    # Only finished runs are reused: a run that failed or whose optimizer was not installed is
+    # tried again, so installing the package or fixing the cause and rerunning is enough.
+    done = {r["run_key"]: r for r in records if r.get("kind") == "run" and r.get("status") == "ok"}
+    last_try = {r["run_key"]: r for r in records if r.get("kind") == "run" and "run_key" in r}
     alive = list(plan.candidates)
     for si, stage in enumerate(plan.stages):
         if not alive:
@@ -233,6 +256,8 @@ def run_plan(
                 log(f"  [{i + 1}/{len(todo)}] {opt_name} seed {seed}: recorded earlier, not rerun")
                 continue
             label = f"  [{i + 1}/{len(todo)}] {stage.name} {opt_name} seed {seed}"
+            if key in last_try:
+                log(f"{label}: tried again (last time {last_try[key]['status']}: {last_try[key].get('message', '')})")
             spec = get_spec(plan.base_optimizer(opt_name))
             failed = dict(kind="run", run_key=key, stage=stage.name, optimizer=opt_name, seed=seed, label=spec.label)
             if not spec.installed():
@@ -258,6 +283,8 @@ def run_plan(
         for cand, result in judgement.items():
             if not result["passed"] and cand in alive:
                 alive.remove(cand)
+                if result.get("reason"):
+                    log(f"  {cand}: {'INVALID' if result.get('invalid') else 'FAIL'}: {result['reason']}")
         if on_stage_done:
             on_stage_done(stage, stage_rows)
     return records

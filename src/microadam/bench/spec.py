@@ -8,13 +8,15 @@ what was expected.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Criteria", "Plan", "PlanError", "Stage", "QUICK_PLAN", "load_plan", "parse_plan"]
+__all__ = ["Criteria", "Plan", "PlanError", "Stage", "QUICK_PLAN", "device_kind", "load_plan", "parse_plan"]
 
 
 class PlanError(ValueError):
@@ -84,7 +86,17 @@ class Plan:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
     def run_key(self, stage: Stage, optimizer: str, seed: int) -> str:
-        """Identity of one run: changes whenever anything that shapes that run changes."""
+        """Identity of one run: changes whenever a setting of the plan that shapes that run changes.
+
+        A resumed ``compare`` reuses a record only under the same key, and the report and the
+        verdict read only the records under the current plan's keys. Everything that can change a
+        run's result is here: the task and its options, the stage (its name, steps, batch, data and
+        evaluation subsets, evaluation interval), the optimizer with its arguments, the seed, the
+        lr schedule and the kind of device ``device`` resolves to on this machine ("auto" is CUDA
+        on one machine and the CPU on another). The criteria, the plan's name and the other
+        optimizers are not: they judge or name runs without changing them. Nor is the code's
+        version: after changing an optimizer, use a new output folder.
+        """
         what = dict(
             task=self.task,
             task_options=self.task_options,
@@ -92,9 +104,21 @@ class Plan:
             optimizer=optimizer,
             overrides=self.optimizers.get(optimizer, {}),
             seed=seed,
-            device=self.device,
+            device=device_kind(self.device),
         )
+        # Left out when constant, so records made before lr_schedule existed keep their keys.
+        if self.lr_schedule != "constant":
+            what["lr_schedule"] = self.lr_schedule
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def device_kind(device: str) -> str:
+    """``"cpu"`` or ``"cuda"``: the kind of device the plan's ``device`` runs on, here ("auto" resolved)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
 
 
 # The built-in plan: `microadam compare` with no argument. Sized for <= 5 minutes on 2 CPU
@@ -184,8 +208,10 @@ def parse_plan(data: dict[str, Any]) -> Plan:
             )
         if "lr" in table:
             _expect(table["lr"], (int, float), f"optimizers.{name}.lr", "a number")
-            if table["lr"] <= 0:
-                raise PlanError(f"{_where('optimizers.' + name + '.lr')}: expected a number > 0, got {table['lr']}")
+            if not (math.isfinite(table["lr"]) and table["lr"] > 0):
+                raise PlanError(
+                    f"{_where('optimizers.' + name + '.lr')}: expected a finite number > 0, got {table['lr']}"
+                )
     known = set(OPTIMIZERS) | set(optimizers)
     baseline = _expect(data["baseline"], str, "baseline", "an optimizer name")
     candidates = _expect(data["candidates"], list, "candidates", "a list of optimizer names")
@@ -219,6 +245,11 @@ def parse_plan(data: dict[str, Any]) -> Plan:
             raise PlanError(f"{_where(p + 'seeds')}: seeds repeat: {seeds!r}")
         eval_every = s.get("eval_every", 0)
         _expect(eval_every, int, p + "eval_every", "an integer >= 0")
+        if eval_every < 0:
+            raise PlanError(
+                f"{_where(p + 'eval_every')}: expected an integer >= 0 (every this many steps; 0: only at the end), "
+                f"got {eval_every}"
+            )
         stages.append(
             Stage(
                 name=_expect(s.get("name", f"stage{i + 1}"), str, p + "name", "a string"),
@@ -240,19 +271,30 @@ def parse_plan(data: dict[str, Any]) -> Plan:
     crit = {}
     for key, value in crit_raw.items():
         _expect(value, (int, float), f"criteria.{key}", "a number")
-        if value < 0:
+        # NaN compares false with everything: "value <= nan" would fail every candidate.
+        if math.isnan(value) or value < 0:
             raise PlanError(f"{_where('criteria.' + key)}: expected a number >= 0, got {value}")
         crit[key] = float(value)
     defaults = asdict(Criteria())
     criteria = Criteria(**{**defaults, **crit}) if crit_raw else Criteria()
 
     task_options = _expect(data.get("task_options", {}), dict, "task_options", "a table")
+    _check_task_options(task, task_options)
     device = _expect(data.get("device", "auto"), str, "device", "'auto', 'cpu' or 'cuda'")
+    _check_device(device)
+    for name, table in optimizers.items():
+        base = table.get("optimizer", name)
+        kwargs = {k: v for k, v in table.items() if k not in ("optimizer", "lr")}
+        _check_optimizer_args(name, base, float(table.get("lr", 1e-3)), kwargs)
     lr_schedule = _expect(data.get("lr_schedule", "constant"), str, "lr_schedule", f"one of {LR_SCHEDULES}")
     if lr_schedule not in LR_SCHEDULES:
         raise PlanError(f"{_where('lr_schedule')}: unknown schedule {lr_schedule!r}; expected one of {LR_SCHEDULES}")
+    name = _expect(data.get("name", "plan"), str, "name", "a string")
+    # The name is the default output folder (runs/<name>): it must not climb out of it.
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise PlanError(f"{_where('name')}: expected a folder name without '/' or '\\', got {name!r}")
     return Plan(
-        name=_expect(data.get("name", "plan"), str, "name", "a string"),
+        name=name,
         task=task,
         baseline=baseline,
         candidates=tuple(candidates),
@@ -263,6 +305,84 @@ def parse_plan(data: dict[str, Any]) -> Plan:
         device=device,
         lr_schedule=lr_schedule,
     )
+
+
+def _check_task_options(task: str, options: dict[str, Any]) -> None:
+    """Each ``[task_options]`` key must be an argument of the task's constructor, which must accept the values."""
+    from microadam.bench.tasks import task_class
+
+    cls = task_class(task)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = [
+            n
+            for n, p in params.items()
+            if n != "self" and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        ]
+        for key in options:
+            if key not in accepted:
+                raise PlanError(
+                    f"{_where('task_options.' + key)}: the {task} task has no option {key!r}; "
+                    + (f"expected one of {', '.join(accepted)}" if accepted else "it takes no options")
+                )
+    try:
+        cls(**options)
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"{_where('task_options')}: the {task} task rejects {options}: {e}") from e
+
+
+def _check_device(device: str) -> None:
+    """The device must be one the runner knows how to time and measure: the CPU or a CUDA GPU.
+    Whether a GPU is there is checked when the run starts (a plan may be read on another machine)."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise PlanError(
+            f"{_where('device')}: unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N' "
+            '(e.g. device = "cuda" for the first GPU)'
+        )
+
+
+def _check_optimizer_args(name: str, base: str, lr: float, kwargs: dict[str, Any]) -> None:
+    """Build ``base`` with ``kwargs`` on a tiny model, so a misspelt or out-of-range argument stops the
+    plan here instead of failing every run of that optimizer after the baseline's.
+
+    The dummy decides only when the optimizer builds on it without the arguments: one that needs
+    another kind of model or device (or is not installed) is left to its runs, which record the error.
+    """
+    import torch
+
+    from microadam.bench.optimizers import build_optimizer, get_spec
+
+    spec = get_spec(base)
+    if not kwargs or not spec.installed():
+        return
+
+    def failure(kw: dict[str, Any]) -> Exception | None:
+        try:
+            build_optimizer(base, torch.nn.Linear(4, 4), lr, **kw)
+        except Exception as e:  # third-party constructors raise anything: TypeError, ValueError, AssertionError...
+            return e
+        return None
+
+    if failure({}) is not None or (error := failure(kwargs)) is None:
+        return
+    for key, value in kwargs.items():
+        if (e := failure({key: value})) is not None:
+            raise PlanError(
+                f"{_where(f'optimizers.{name}.{key}')}: {spec.label} rejects {key} = {value!r} "
+                f"({type(e).__name__}: {e}); correct or remove it"
+            ) from e
+    raise PlanError(
+        f"{_where('optimizers.' + name)}: {spec.label} rejects these arguments together: {kwargs} "
+        f"({type(error).__name__}: {error}); correct or remove one of them"
+    ) from error
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -8,7 +8,7 @@ from typing import Any
 
 from microadam.bench.spec import Plan, Stage
 
-__all__ = ["judge_stage", "summarize", "final_verdict"]
+__all__ = ["judge_stage", "summarize", "final_verdict", "select_runs"]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -18,8 +18,36 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _failure(r: dict[str, Any]) -> str | None:
+    """Why a run cannot count (it failed, diverged or ended with a non-finite metric), or None."""
+    if r.get("status") != "ok":
+        message = r.get("message")
+        return r.get("status", "error") + (f": {message}" if message else "")
+    if "diverged_at" in r:
+        return f"diverged (non-finite loss at step {r['diverged_at']})"
+    value = r["metrics"].get(r["metric"])
+    if value is None or not math.isfinite(value):
+        return f"ended with {r['metric']} = {value}"
+    return None
+
+
+def _failures(rows: list[dict[str, Any]]) -> list[str]:
+    """One sentence per distinct failure, with the seeds it hit: "seeds 0, 1 not_installed: ..."."""
+    seeds: dict[str, list[int]] = {}
+    for r in rows:
+        why = _failure(r)
+        if why is not None:
+            seeds.setdefault(why, []).append(r["seed"])
+    return [f"seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))} {why}" for why, s in seeds.items()]
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per optimizer: mean and spread over seeds of every measured quantity."""
+    """Per optimizer: mean and spread over seeds of every measured quantity.
+
+    ``failures`` lists the seeds that cannot count (failed, diverged, non-finite metric), one
+    sentence each; the means are over the other seeds, for the report only: a stage where any
+    seed of an optimizer fails is not judged on means (see :func:`judge_stage`).
+    """
     out: dict[str, dict[str, Any]] = {}
     by_opt: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -27,6 +55,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for name, rs in by_opt.items():
         ok = [r for r in rs if r.get("status") == "ok"]
         entry: dict[str, Any] = {"label": rs[0].get("label", name), "runs": len(ok), "seeds": [r["seed"] for r in ok]}
+        entry["failures"] = _failures(rs)
         if not ok:
             entry["status"] = rs[0].get("status", "error")
             entry["message"] = rs[0].get("message", "")
@@ -76,12 +105,20 @@ def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[st
         c = summary.get(cand)
         if c is None:
             continue
-        if c["status"] != "ok":
-            result[cand] = {"passed": False, "reason": f"{c['status']}: {c.get('message', '')}", "criteria": []}
+        if c["failures"]:
+            # Means over the surviving seeds would hide the failure (an optimizer that crashes or
+            # diverges on one seed in three is not adopted on the other two).
+            result[cand] = {"passed": False, "reason": "; ".join(c["failures"]), "criteria": []}
             continue
-        if base is None or base["status"] != "ok":
-            msg = base.get("message", "") if base else "not run"
-            result[cand] = {"passed": False, "reason": f"the baseline has no result ({msg})", "criteria": []}
+        if base is None or base["failures"]:
+            why = "; ".join(base["failures"]) if base else "not run"
+            result[cand] = {
+                "passed": False,
+                "invalid": True,
+                "reason": f"no valid comparison: the baseline {plan.baseline} has no result for every seed ({why}); "
+                "fix the baseline's runs and rerun (failed runs are tried again)",
+                "criteria": [],
+            }
             continue
         crit = plan.criteria
         if c["higher_is_better"]:
@@ -126,13 +163,39 @@ def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[st
     return result
 
 
+def select_runs(plan: Plan, records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Stage name -> the records of that stage that the runner judges for ``plan``.
+
+    The same selection as :func:`microadam.bench.runner.run_plan`: only runs under this plan's run
+    keys (a records file may also hold an earlier version of the plan: other seeds, another lr
+    schedule), the latest record of each (a failed run is tried again on resume), and only for
+    the candidates still in at each stage. A stage that no candidate reached is left out.
+    """
+    latest = {r["run_key"]: r for r in records if r.get("kind") == "run" and "run_key" in r}
+    alive = list(plan.candidates)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for stage in plan.stages:
+        if not alive:
+            break
+        keys = [plan.run_key(stage, name, seed) for name in [plan.baseline, *alive] for seed in stage.seeds]
+        out[stage.name] = rows = [latest[k] for k in keys if k in latest]
+        for cand, j in judge_stage(plan, stage, rows).items():
+            if not j["passed"]:
+                alive.remove(cand)
+    return out
+
+
 def final_verdict(plan: Plan, records: list[dict[str, Any]]) -> dict[str, str]:
-    """One sentence per candidate: adopted after all stages, or the stage and criterion where it failed."""
+    """One sentence per candidate: adopted after all stages, or the stage and criterion where it failed.
+
+    Only the records of this plan's runs count (see :func:`select_runs`).
+    """
+    selected = select_runs(plan, records)
     verdict = {}
     for cand in plan.candidates:
         verdict[cand] = "not run"
         for stage in plan.stages:
-            rows = [r for r in records if r.get("kind") == "run" and r.get("stage") == stage.name]
+            rows = selected.get(stage.name, [])
             if not any(r["optimizer"] == cand for r in rows):
                 break
             j = judge_stage(plan, stage, rows).get(cand)
@@ -140,7 +203,8 @@ def final_verdict(plan: Plan, records: list[dict[str, Any]]) -> dict[str, str]:
                 break
             if not j["passed"]:
                 failed = [ch["detail"] for ch in j["criteria"] if not ch["passed"]] or [j.get("reason", "")]
-                verdict[cand] = f"FAIL at stage '{stage.name}': " + "; ".join(failed)
+                word = "INVALID" if j.get("invalid") else "FAIL"
+                verdict[cand] = f"{word} at stage '{stage.name}': " + "; ".join(failed)
                 break
             verdict[cand] = f"PASS through stage '{stage.name}'"
         else:

@@ -11,7 +11,7 @@ import importlib
 
 from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload
 
-__all__ = ["TASKS", "MissingDependency", "Task", "TaskSize", "Workload", "get_task"]
+__all__ = ["TASKS", "MissingDependency", "Task", "TaskSize", "Workload", "get_task", "task_class"]
 
 # name -> "module:attribute"
 TASKS = {
@@ -24,10 +24,14 @@ TASKS = {
 }
 
 
-def get_task(name: str, **options: object) -> Task:
-    """Build the task ``name`` with its options (the plan's ``[task]`` table)."""
+def task_class(name: str) -> type[Task]:
+    """The class of task ``name`` (its module imported, none of its optional dependencies)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     module, attr = TASKS[name].split(":")
-    cls = getattr(importlib.import_module(module), attr)
-    return cls(**options)
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_task(name: str, **options: object) -> Task:
+    """Build the task ``name`` with its options (the plan's ``[task_options]`` table)."""
+    return task_class(name)(**options)

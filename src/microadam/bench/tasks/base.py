@@ -88,7 +88,17 @@ def endless(make_epoch: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
     """Repeat epochs forever; ``make_epoch(epoch)`` yields one shuffled epoch."""
     epoch = 0
     while True:
-        yield from make_epoch(epoch)
+        batches = 0
+        for batch in make_epoch(epoch):
+            batches += 1
+            yield batch
+        if not batches:
+            # Epochs drop their last partial batch: with fewer examples than one batch, every epoch
+            # is empty and this loop would spin forever without yielding.
+            raise ValueError(
+                "an epoch has no full batch: batch_size is larger than the training subset; "
+                "lower batch_size or raise train_examples"
+            )
         epoch += 1
 
 
