@@ -97,11 +97,51 @@ def test_learning_rate_spike_is_rolled_back_and_lowered():
     assert not unguarded < 10 * clean, "the sabotage must really hurt an unguarded run"
     guarded, guard, opt = _train(400, GuardPolicy(snapshot_every=20, spike_factor=3.0), spike)
     spikes = [e for e in guard.events if e.event == "loss_spike"]
-    assert spikes and spikes[0].actions == ["rollback", "lower_lr"]
+    # The first spike is observed (spike_patience=2); the second in a row rolls back.
+    assert len(spikes) >= 2 and spikes[0].actions == ["none"] and spikes[1].actions == ["rollback", "lower_lr"]
+    assert spikes[1].step == spikes[0].step + 1 and spikes[1].seen["consecutive"] == 2
     # Recovered: within 50% of the clean run's loss (measured: 25% with the default variant, 8.5% with
     # variant="paper"; the unguarded run ends ~1000x worse). The rest of the run continues at 1.1x
     # the original lr from the snapshot of step 140, so it cannot end where the clean run does.
     assert abs(guarded - clean) <= 0.5 * clean, (guarded, clean, [(e.step, e.result) for e in guard.events])
+
+
+def _scripted_guard(losses: list[float], policy: GuardPolicy) -> tuple[Guard, list[int], torch.nn.Module]:
+    """A guard fed a fixed loss sequence over real steps; returns it, the steps whose update went
+    ahead, and the model."""
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    guard = Guard(model, opt, policy)
+    taken = []
+    for i, value in enumerate(losses, start=1):
+        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        guard.step(torch.tensor(value))
+        opt.zero_grad()
+        if not all(torch.equal(a, b) for a, b in zip(before, model.parameters())):
+            taken.append(i)
+    return guard, taken, model
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_one_outlier_batch_is_observed_and_a_run_of_them_acts(patience):
+    """A loss spike acts at the spike_patience-th in a row; an outlier batch before that is logged
+    with action "none", its step goes ahead, and the weights after it are not snapshotted."""
+    healthy = [1.0 + 0.01 * (i % 3) for i in range(30)]
+    policy = GuardPolicy(snapshot_every=1, spike_patience=patience, on_spike=("rollback",), warmup=5)
+    # One outlier, then healthy: never acts unless patience is 1.
+    guard, taken, _ = _scripted_guard([*healthy, 9.0, *healthy[:5]], policy)
+    spikes = [e for e in guard.events if e.event == "loss_spike"]
+    assert len(spikes) == 1 and spikes[0].step == 31 and spikes[0].seen["consecutive"] == 1
+    assert spikes[0].actions == (["rollback"] if patience == 1 else ["none"])
+    assert (31 in taken) == (patience > 1) and guard.rollbacks == (patience == 1)
+    # A run of outliers: the patience-th acts, rolling back to the snapshot before the first.
+    guard, taken, _ = _scripted_guard([*healthy, 9.0, 9.5, 9.7, *healthy[:3]], policy)
+    spikes = [e for e in guard.events if e.event == "loss_spike"]
+    assert [e.seen["consecutive"] for e in spikes[:patience]] == list(range(1, patience + 1))
+    assert spikes[patience - 1].actions == ["rollback"] and spikes[patience - 1].step == 30 + patience
+    # Steps 31 .. 30 + patience - 1 went ahead but were not known healthy: no snapshot holds them.
+    assert spikes[patience - 1].result["rolled_back_to_step"] == 30
 
 
 def test_rollback_restores_model_and_optimizer_exactly():
