@@ -63,7 +63,8 @@ class GuardPolicy:
 
     Attributes:
         snapshot_every: healthy steps between snapshots of the last good state.
-        checkpoint_dir: also write each snapshot there atomically (``guard-last.pt``), and rewrite it
+        checkpoint_dir: also write each snapshot there atomically (``guard-last.pt``; one
+            ``guard-last.rank<r>.pt`` per rank when several run), and rewrite it
             after every action that changes the state the run continues from (a rollback, lower_lr,
             raise_density, raise_window, fallback_adamw).
         patience: consecutive non-finite steps (or reference-curve misses) before escalating.
@@ -96,7 +97,8 @@ class GuardPolicy:
             one snapshot further back each time.
         max_rollbacks: more rollbacks than this raises ``RuntimeError`` (a run that keeps failing
             needs a person).
-        log_path: the JSONL event log.
+        log_path: the JSONL event log (written by rank 0 when several ranks run: they take the
+            same decisions).
     """
 
     snapshot_every: int = 100
@@ -417,7 +419,7 @@ class Guard:
             Hugging Face schedules; for any other type only its ``base_lrs``, with a warning).
         start_step: the number of steps already done when the guard starts (a resumed run: Trainer's
             ``global_step``), so that ``reference_curve`` is read at the right step. Default 0.
-        resume: ``True`` (``checkpoint_dir/guard-last.pt``) or a path to a guard checkpoint: first
+        resume: ``True`` (this process's :meth:`checkpoint_path`) or a path to a guard checkpoint: first
             restore the model, optimizer, scheduler, RNG states and the guard's counters (step,
             recent losses, rollbacks, lr scale) from it. Default ``False``: a new run.
 
@@ -502,9 +504,21 @@ class Guard:
             },
         }
 
+    def checkpoint_path(self) -> Path | None:
+        """Where this process writes (and ``resume=True`` reads) its checkpoint: ``guard-last.pt`` in
+        ``checkpoint_dir``, or ``guard-last.rank<r>.pt`` when several ranks run (each holds its own
+        shard's model and optimizer state under FSDP, so one shared file would hold one rank's)."""
+        if not self.policy.checkpoint_dir:
+            return None
+        name = "guard-last.pt"
+        if self._distributed() and torch.distributed.get_world_size() > 1:
+            name = f"guard-last.rank{torch.distributed.get_rank()}.pt"
+        return Path(self.policy.checkpoint_dir) / name
+
     def _write_checkpoint(self, state: dict[str, Any]) -> None:
-        if self.policy.checkpoint_dir:
-            save_atomic(state, Path(self.policy.checkpoint_dir) / "guard-last.pt")
+        path = self.checkpoint_path()
+        if path is not None:
+            save_atomic(state, path)
 
     def take_snapshot(self) -> None:
         """Remember the current state as the last good one (and write it to disk if configured)."""
@@ -544,7 +558,8 @@ class Guard:
                     "resume=True reads guard-last.pt from the policy's checkpoint_dir, which is None; "
                     "set GuardPolicy(checkpoint_dir=...) or pass resume=<path to the checkpoint>"
                 )
-            path = Path(self.policy.checkpoint_dir) / "guard-last.pt"
+            path = self.checkpoint_path()
+            assert path is not None
         elif isinstance(resume, (str, os.PathLike)):
             path = Path(resume)
         else:
@@ -590,7 +605,8 @@ class Guard:
 
     def _log(self, event: GuardEvent) -> None:
         self.events.append(event)
-        if self.policy.log_path:
+        # Every rank takes the same decisions on the same values: rank 0 writes the one log.
+        if self.policy.log_path and (not self._distributed() or torch.distributed.get_rank() == 0):
             row = asdict(event) | {"time": time.time()}
             with open(self.policy.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -1,0 +1,81 @@
+"""The guard under DDP (2 processes, gloo, CPU): one decision for all ranks, one log, a checkpoint per rank.
+
+A NaN on one rank only and a loss spike seen on one rank only must make every rank act alike (a rank
+that skipped while another stepped would leave the replicas apart for good); each rank writes and
+resumes from its own checkpoint file (under FSDP each holds a different shard), and the event log
+is written once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from microadam import MicroAdam
+from microadam.guard import Guard, GuardPolicy
+
+from .launch import spawn
+
+pytestmark = pytest.mark.distributed
+
+STEPS, BATCH = 24, 16
+
+
+def _setup(folder: str, resume: bool = False) -> tuple[torch.nn.Module, MicroAdam, Guard]:
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+    )
+    opt = MicroAdam(model.parameters(), lr=3e-3, density=0.05, block_size=256, quant_block_size=32)
+    policy = GuardPolicy(snapshot_every=5, warmup=3, checkpoint_dir=f"{folder}/ckpt", log_path=f"{folder}/events.jsonl")
+    return model, opt, Guard(model, opt, policy, resume=resume)
+
+
+def _worker(rank: int, world: int, folder: str) -> None:
+    model, opt, guard = _setup(folder)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(STEPS, 2 * BATCH, 20, generator=g), torch.randint(0, 3, (STEPS, 2 * BATCH), generator=g)
+    for s in range(1, STEPS + 1):
+        xb, yb = x[s - 1, rank * BATCH : (rank + 1) * BATCH], y[s - 1, rank * BATCH : (rank + 1) * BATCH]
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        if s == 8 and rank == 1:  # after the all-reduce: only this rank sees it
+            next(model.parameters()).grad[0, 0] = float("nan")
+        if s in (15, 16) and rank == 0:  # a spike that only rank 0's batch shows, twice in a row
+            loss = loss.detach() * 1000
+        guard.step(loss)
+        opt.zero_grad()
+    out = {
+        "params": [p.detach().clone() for p in model.module.parameters()],
+        "events": [(e.step, e.event, e.actions) for e in guard.events],
+        "step": guard.step_count,
+        "path": str(guard.checkpoint_path()),
+    }
+    torch.save(out, f"{folder}/rank{rank}.pt")
+
+
+def _resume_worker(rank: int, world: int, folder: str) -> None:
+    model, opt, guard = _setup(folder, resume=True)
+    saved = torch.load(f"{folder}/ckpt/guard-last.rank{rank}.pt", weights_only=True)
+    assert guard.step_count == saved["guard"]["step"]
+    for a, b in zip(model.state_dict().values(), saved["model"].values()):
+        assert torch.equal(a, b)
+
+
+def test_every_rank_takes_the_same_decisions_and_keeps_its_own_checkpoint(tmp_path: Path) -> None:
+    spawn(_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["events"] == r1["events"]
+    kinds = [(step, event, actions) for step, event, actions in r0["events"]]
+    assert (8, "nonfinite", ["skip"]) in kinds
+    assert (15, "loss_spike", ["none"]) in kinds and (16, "loss_spike", ["rollback", "lower_lr"]) in kinds
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"])), "the replicas drifted apart"
+    ckpt = tmp_path / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["guard-last.rank0.pt", "guard-last.rank1.pt"]
+    assert r0["path"].endswith("guard-last.rank0.pt") and r1["path"].endswith("guard-last.rank1.pt")
+    rows = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["event"], r["actions"]) for r in rows] == [tuple(e) for e in r0["events"]]
+    spawn(_resume_worker, str(tmp_path))
