@@ -4,7 +4,10 @@ Each measurement runs in a fresh subprocess: allocate the parameter, its gradien
 state, record the peak RSS, take one step, record it again. The difference is what the step
 allocated at its peak beyond the long-lived tensors. Prints a table and writes JSONL.
 
-    python benchmarks/transient_memory.py --numel 64M --chunks 262144,1048576,4194304
+    python benchmarks/transient_memory.py --numel 64M --chunks 262144,1048576,4194304 --impls torch,cpp
+
+Each implementation is named (``impl=``): on CPU ``impl=None`` picks the C++ path, whose buffers are
+per thread, while the torch path's scale with ``chunk_size``.
 """
 
 from __future__ import annotations
@@ -20,18 +23,26 @@ import time
 import torch
 
 
-def _measure(numel: int, chunk: int, dtype: str, error_rounding: str) -> dict:
+def _measure(numel: int, chunk: int, dtype: str, error_rounding: str, impl: str, variant: str) -> dict:
     from microadam import MicroAdam
 
     dt = getattr(torch, dtype)
     p = torch.nn.Parameter(torch.randn(numel, dtype=dt))
     p.grad = torch.randn(numel, dtype=dt)
-    opt = MicroAdam([p], lr=1e-4, chunk_size=chunk, error_rounding=error_rounding)
+    opt = MicroAdam([p], lr=1e-4, chunk_size=chunk, error_rounding=error_rounding, impl=impl, variant=variant)
     opt._init_state(p, opt.param_groups[0])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     opt.step()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(numel=numel, chunk=chunk, dtype=dtype, error_rounding=error_rounding, transient_bytes=after - before)
+    return dict(
+        numel=numel,
+        chunk=chunk,
+        dtype=dtype,
+        error_rounding=error_rounding,
+        impl=impl,
+        variant=variant,
+        transient_bytes=after - before,
+    )
 
 
 def _parse(n: str) -> int:
@@ -44,40 +55,47 @@ def main() -> None:
     ap.add_argument("--numel", default="64M")
     ap.add_argument("--chunks", default="262144,1048576,4194304")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--impls", default="torch,cpp", help="implementations to measure (impl=)")
+    ap.add_argument("--variant", default="release", help="MicroAdam variant (release: the default; paper)")
     ap.add_argument("--out", default="benchmarks/results/transient_memory.jsonl")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        numel, chunk, dtype, rounding = args.child.split(":")
-        print(json.dumps(_measure(int(numel), int(chunk), dtype, rounding)))
+        numel, chunk, dtype, rounding, impl, variant = args.child.split(":")
+        print(json.dumps(_measure(int(numel), int(chunk), dtype, rounding, impl, variant)))
         return
     numel = _parse(args.numel)
     rows = []
-    print("| numel | dtype | error rounding | chunk | transient MB | bytes per chunk element |")
-    print("|---|---|---|---|---|---|")
-    for dtype in args.dtypes.split(","):
-        for rounding in ("nearest", "stochastic"):
-            for chunk in (_parse(c) for c in args.chunks.split(",")):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", f"{numel}:{chunk}:{dtype}:{rounding}"],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                row.update(
-                    torch=torch.__version__,
-                    python=platform.python_version(),
-                    machine=platform.machine(),
-                    threads=torch.get_num_threads(),
-                    date=time.strftime("%Y-%m-%d"),
-                    command=" ".join(sys.argv),
-                )
-                rows.append(row)
-                print(
-                    f"| {numel:,} | {dtype} | {rounding} | {chunk:,} | {row['transient_bytes'] / 2**20:.1f} | "
-                    f"{row['transient_bytes'] / chunk:.1f} |"
-                )
+    print("| impl | numel | dtype | error rounding | chunk | transient MB | bytes per chunk element |")
+    print("|---|---|---|---|---|---|---|")
+    cases = [
+        (impl, dtype, rounding, chunk)
+        for impl in args.impls.split(",")
+        for dtype in args.dtypes.split(",")
+        for rounding in ("nearest", "stochastic")
+        for chunk in (_parse(c) for c in args.chunks.split(","))
+    ]
+    for impl, dtype, rounding, chunk in cases:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", f"{numel}:{chunk}:{dtype}:{rounding}:{impl}:{args.variant}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row.update(
+            torch=torch.__version__,
+            python=platform.python_version(),
+            machine=platform.machine(),
+            threads=torch.get_num_threads(),
+            date=time.strftime("%Y-%m-%d"),
+            command=" ".join(sys.argv),
+        )
+        rows.append(row)
+        print(
+            f"| {impl} | {numel:,} | {dtype} | {rounding} | {chunk:,} | {row['transient_bytes'] / 2**20:.1f} | "
+            f"{row['transient_bytes'] / chunk:.1f} |"
+        )
     with open(args.out, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -340,8 +340,9 @@ class MicroAdam(Optimizer):
             compiled with g++ on first use), or ``None`` (default: chosen per tensor by
             :func:`microadam.kernels.resolve_impl`). All give the same state bit for bit; an
             unavailable one raises ``RuntimeError`` saying why at the first step.
-        chunk_size: elements processed at once, bounding transient memory to
-            about 60-130 bytes per chunk element (default ``2**20``; ``docs/algorithm.md``).
+        chunk_size: elements the torch path processes at once, bounding its transient memory to
+            about 95-180 bytes per chunk element (default ``2**20``; ``docs/algorithm.md``); the C++
+            path's buffers do not depend on it.
         variant: ``"release"`` (default) or ``"paper"``: named settings of the two arguments below.
             ``"release"`` is ``release=0.5, release_scale=1.0``, chosen on two tasks and confirmed on
             two others (``docs/results.md``); ``"paper"`` is the paper's algorithm exactly
