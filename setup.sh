@@ -8,8 +8,12 @@ cd "$(dirname "$0")"
 extras="tasks"
 [ "${1:-}" = "--test" ] && extras="test"
 python3 -m venv .venv
-# A CPU build of torch: any torch >= 2.4 works; install a CUDA build first to use a GPU.
-.venv/bin/pip install -q "torch==2.13.0"
+# torch 2.13.0 unless .venv already has a torch (any >= 2.4 works): to use a GPU, create .venv and
+# install your CUDA build of torch into it first. (On this project's machines pip serves a CPU wheel
+# of 2.13.0; plain PyPI on Linux serves a CUDA build.)
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  .venv/bin/pip install -q "torch==2.13.0"
+fi
 .venv/bin/pip install -q -e ".[$extras]"
 if command -v apt-get >/dev/null 2>&1; then
   sudo=""

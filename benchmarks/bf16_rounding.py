@@ -190,6 +190,7 @@ def train(
     data: Data,
     hidden: int,
     seed: int,
+    variant: str,
 ) -> dict[str, torch.Tensor]:
     """Train one arm; return its final weights as float32 (exact copies of the stored values)."""
     model = make_model(hidden).to(arm.param_dtype)
@@ -200,6 +201,7 @@ def train(
         weight_decay=setting.weight_decay,
         stochastic_rounding=arm.stochastic_rounding,
         seed=seed,
+        variant=variant,
     )
     x_all = data.x_train.to(arm.compute_dtype)
     upcast = arm.compute_dtype != arm.param_dtype
@@ -284,6 +286,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="finetune:3e-05:0.01",
         help="setting 'name:lr:wd' also run with bf16 storage and float32 compute ('' for none)",
     )
+    parser.add_argument(
+        "--variant",
+        default="release",
+        help="MicroAdam variant (release: the default since 2026-11-30; the recorded run of 2026-11-28 was paper)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bf16_rounding.jsonl"))
     args = parser.parse_args(argv)
@@ -319,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 ref: torch.Tensor | None = None
                 for arm in arms:
                     t0 = time.perf_counter()
-                    final = train(arm, setting, init, batches, data, args.hidden, seed)
+                    final = train(arm, setting, init, batches, data, args.hidden, seed, args.variant)
                     seconds = time.perf_counter() - t0
                     loss, acc = evaluate(final, data, args.hidden)
                     w = flat(final)
@@ -334,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "compute_dtype": str(arm.compute_dtype).removeprefix("torch."),
                         "stochastic_rounding": arm.stochastic_rounding if arm.param_dtype == torch.bfloat16 else None,
                         "seed": seed,
+                        "variant": args.variant,
                         "lr": setting.lr,
                         "weight_decay": setting.weight_decay,
                         "steps": setting.steps,
