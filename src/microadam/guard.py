@@ -75,7 +75,7 @@ class GuardPolicy:
             spike in a row; an earlier one is logged (action ``none``), its step goes ahead, and its
             loss stays out of the history. A single outlier batch is common near convergence
             (measured: the healthy run of ``examples/guard_demo.py --no-faults`` had 4 batches at 18x
-            to 440x the median, e.g. 0.108 against 0.006, none followed by another; with patience 1
+            to 480x the median, e.g. 0.108 against 0.006, none followed by another; with patience 1
             the first was rolled back and the lr halved for nothing), while weights that a bad step
             has damaged keep the loss up on the next batch as well. The absolute floor and the new-high rule matter
             near convergence, where per-batch noise is several times the median (measured: without
