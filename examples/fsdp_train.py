@@ -19,6 +19,7 @@ import argparse
 import gc
 import os
 import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -60,15 +61,20 @@ class LM(torch.nn.Module):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="the step to train up to, counted from 0 (with --resume too)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ckpt", default="fsdp-ckpt")
-    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="continue from --ckpt (saved at any world size)")
     args = ap.parse_args()
+    if args.resume and not os.path.isfile(os.path.join(args.ckpt, ".metadata")):
+        # Checked before the process group starts: every rank sees the same folder and stops, and
+        # rank 0 alone says why, instead of one dcp.load traceback per rank.
+        _fail(f"--resume: --ckpt {args.ckpt!r} holds no checkpoint (no .metadata file); give the folder a "
+              "run saved with --ckpt, or leave out --resume to start from step 0")  # fmt: skip
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
@@ -79,6 +85,13 @@ def main() -> None:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _fail(message: str) -> None:
+    """Stop every rank with exit status 2; rank 0 prints ``message`` (torchrun sets RANK)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def train(args: argparse.Namespace, cuda: bool) -> None:
@@ -102,6 +115,13 @@ def train(args: argparse.Namespace, cuda: bool) -> None:
         dcp.load(state, checkpoint_id=args.ckpt)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         start = int(state["step"])
+        if args.steps <= start:
+            # Training would do nothing, and the save below would write step --steps over the
+            # checkpoint: a later --resume would redo steps already taken. All ranks read the same step.
+            _fail(
+                f"--steps {args.steps} does not go beyond step {start} of the checkpoint in {args.ckpt!r}; "
+                f"--steps is the step to train up to, so pass more than {start}"
+            )
         if rank == 0:
             print(f"resumed from {args.ckpt} at step {start}", flush=True)
 

@@ -93,6 +93,79 @@ def test_toml_plan_file_errors(tmp_path):
     assert load_plan(good).stages[0].steps == 3
 
 
+def _write_plan(path, data):
+    """``data`` (a plan dict) as a TOML plan file at ``path``."""
+    lines = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, (dict, list)) or k == "candidates"]
+    for table in ("criteria", "task_options"):
+        lines += [f"[{table}]"] + [f"{k} = {json.dumps(v)}" for k, v in data.get(table, {}).items()]
+    for s in data["stages"]:
+        lines += ["[[stages]]"] + [f"{k} = {json.dumps(v)}" for k, v in s.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _one_line_error(capsys, argv):
+    """Run the CLI; it must exit 2 with one line on stderr (no traceback). Return that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# (what goes wrong with the plan path or --out, words the one-line error must hold)
+BAD_PATHS = [
+    ("plan is a directory", ["is a directory", "plan"]),
+    ("plan is not UTF-8", ["not UTF-8", "save it as UTF-8"]),
+    ("--out is a file", ["--out", "is a file"]),
+    ("--out under a file", ["--out", "cannot be created"]),
+]
+
+
+@pytest.mark.parametrize("case,words", BAD_PATHS, ids=[c for c, _ in BAD_PATHS])
+def test_bad_plan_path_or_out_is_a_one_line_error(case, words, tmp_path, capsys):
+    plan = _write_plan(tmp_path / "plan.toml", DIGITS_PLAN)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    argv = {
+        "plan is a directory": ["compare", str(tmp_path)],
+        "plan is not UTF-8": ["compare", str(tmp_path / "latin1.toml")],
+        "--out is a file": ["compare", str(plan), "--out", str(afile)],
+        "--out under a file": ["compare", str(plan), "--out", str(afile / "sub")],
+    }[case]
+    (tmp_path / "latin1.toml").write_bytes('name = "caf\u00e9"\n'.encode("latin-1"))
+    err = _one_line_error(capsys, argv)
+    for w in words:
+        assert w in err, (w, err)
+    assert afile.read_text() == ""
+
+
+# (whose runs crash, extra flags, exit code): INVALID (nothing compared) exits 3 even without
+# --strict; FAIL is a verdict reached, 0, or 1 with --strict.
+EXIT_CODES = [
+    (("adamw", "microadam"), [], 3),
+    (("adamw", "microadam"), ["--strict"], 3),
+    (("adamw",), [], 3),
+    (("microadam",), [], 0),
+    (("microadam",), ["--strict"], 1),
+]
+
+
+@pytest.mark.parametrize("crash,flags,code", EXIT_CODES, ids=[f"{'+'.join(c)}{''.join(f)}" for c, f, _ in EXIT_CODES])
+def test_compare_exit_code_says_whether_a_verdict_was_reached(crash, flags, code, tmp_path, monkeypatch):
+    real_run_one = runner.run_one
+
+    def run_one(plan, stage, optimizer, seed, *a, **k):
+        if optimizer in crash:
+            raise ValueError("label_column='label' is not a column of train_file='x.csv'")
+        return real_run_one(plan, stage, optimizer, seed, *a, **k)
+
+    monkeypatch.setattr(runner, "run_one", run_one)
+    data = copy.deepcopy(DIGITS_PLAN)
+    data["stages"] = [data["stages"][0] | {"seeds": [0]}]
+    plan = _write_plan(tmp_path / "plan.toml", data)
+    assert main(["compare", str(plan), "--out", str(tmp_path / "out"), *flags]) == code
+
+
 def _row(opt, seed, metric, state, step_time, stage="small", higher=True, plan=None):
     """A synthetic record of ``plan``'s run (DIGITS_PLAN's by default: the key ignores the criteria)."""
     plan = plan or parse_plan(DIGITS_PLAN)
@@ -372,6 +445,14 @@ SEED_FAILURES = [
     ("microadam", "nan", "seed 1 ended with accuracy = nan", ["FAIL at stage 'small'"]),
     ("adamw", "error", "seed 1 error: RuntimeError: out of memory", ["INVALID at stage 'small'", "baseline adamw"]),
     ("adamw", "diverged", "seed 1 diverged", ["INVALID at stage 'small'", "baseline adamw", "rerun"]),
+    # Both fail (a shared cause: a missing model, no label column): nothing was compared, so INVALID,
+    # and the candidate's own failure is still named.
+    (
+        "both",
+        "error",
+        "seed 1 error: RuntimeError: out of memory",
+        ["INVALID at stage 'small'", "baseline adamw", "microadam's own runs: seed 1 error"],
+    ),
 ]
 
 
@@ -384,17 +465,20 @@ def test_a_failed_or_diverged_seed_decides_the_stage(who, how, what, words):
     plan = parse_plan(DIGITS_PLAN | {"criteria": {"max_metric_drop": 0.5}})
     rows = [_row(name, seed, 0.80, 8000 if name == "adamw" else 900, 0.01) for name in ("adamw", "microadam")
             for seed in (0, 1)]  # fmt: skip
-    rows = [_failed(r, how) if (r["optimizer"], r["seed"]) == (who, 1) else r for r in rows]
+    failing = ("adamw", "microadam") if who == "both" else (who,)
+    rows = [_failed(r, how) if r["optimizer"] in failing and r["seed"] == 1 else r for r in rows]
+    invalid = "adamw" in failing
     j = judge_stage(plan, plan.stages[0], rows)["microadam"]
-    assert not j["passed"] and j.get("invalid", False) == (who == "adamw")
+    assert not j["passed"] and j.get("invalid", False) == invalid
     verdict = final_verdict(plan, rows)["microadam"]
     for w in [what, *words]:
         assert w in verdict, (w, verdict)
     md = render_markdown(plan, rows)
     # Synthetic labels are the names: the optimizer's row of the stage table, then its verdict row.
     verdict_row = [line for line in md.splitlines() if line.startswith("| microadam | ")][-1]
-    assert f"| {'INVALID' if who == 'adamw' else 'FAIL'} |" in verdict_row and what in verdict_row
-    assert what in next(line for line in md.splitlines() if line.startswith(f"| {who} | "))
+    assert f"| {'INVALID' if invalid else 'FAIL'} |" in verdict_row and what in verdict_row
+    for name in failing:
+        assert what in next(line for line in md.splitlines() if line.startswith(f"| {name} | "))
 
 
 def test_a_crashing_seed_stops_the_candidate_in_a_real_run(tmp_path, monkeypatch):

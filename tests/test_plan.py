@@ -256,6 +256,7 @@ FAMILIES = [
     ),
     dict(BERT, architectures=["BertModel"]),
     dict(BERT, architectures=["BertForSequenceClassification"], id2label={"0": "a", "1": "b", "2": "c"}),
+    dict(BERT, tie_word_embeddings=False),  # untied: its own decoder weight and (transformers 5) decoder bias
 ]
 
 
@@ -283,6 +284,71 @@ def test_unknown_architecture_is_built_on_the_meta_device(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     with pytest.raises(ImportError, match=r"gpt_neox.*pip install transformers"):
         load_model(path)
+
+
+MIXTRAL = dict(
+    model_type="mixtral",
+    architectures=["MixtralForCausalLM"],
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    max_position_embeddings=256,
+    num_local_experts=4,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.mark.skipif(transformers is None, reason="transformers is not installed: these configs are counted with it")
+@pytest.mark.parametrize("left_out", [(), ("vocab_size",), ("vocab_size", "num_local_experts")])
+def test_fields_transformers_filled_in_are_named(tmp_path, left_out):
+    """A config counted through transformers takes its defaults for missing fields: the plan says which."""
+    config = {k: v for k, v in MIXTRAL.items() if k not in left_out}
+    spec = load_model(str(_write_config(tmp_path, config)))
+    notes = [n for n in spec.notes if "transformers' defaults" in n]
+    if not left_out:
+        assert notes == []
+        return
+    built = transformers.AutoConfig.for_model(**config)
+    assert notes == [
+        "fields the config does not give were taken from transformers' defaults: "
+        + ", ".join(f"{k}={getattr(built, k)!r}" for k in left_out)
+        + "; add them to the config if the model differs"
+    ]
+    assert notes[0] in format_plan(plan_memory(spec))
+
+
+@pytest.mark.skipif(transformers is None, reason="transformers is not installed: it decides which types exist")
+@pytest.mark.parametrize("model_type, close", [("lama", "llama"), ("no-such-model-xyz", "no close match")])
+def test_unknown_model_type_error_is_short_and_suggests(tmp_path, model_type, close):
+    path = _write_config(tmp_path, dict(LLAMA, model_type=model_type, architectures=["X"]))
+    with pytest.raises(ValueError) as info:
+        load_model(str(path))
+    message = str(info.value)
+    # transformers' own message lists all 800+ types (about 10,000 characters).
+    assert len(message) < 400 and close in message and "CONFIG_MAPPING" in message, message
+
+
+# (a field, a bad value): each divides or sizes a tensor, so it must be a positive int.
+BAD_SIZES = [
+    ("num_attention_heads", 0),
+    ("num_attention_heads", -4),
+    ("hidden_size", 0),
+    ("num_key_value_heads", 0),
+    ("head_dim", -1),
+    ("vocab_size", 0),
+    ("intermediate_size", 1.5),
+]
+
+
+@pytest.mark.parametrize("key, value", BAD_SIZES, ids=[f"{k}={v}" for k, v in BAD_SIZES])
+def test_non_positive_sizes_name_the_field(tmp_path, key, value):
+    for config in (LLAMA, MIXTRAL):  # counted by hand; through transformers
+        path = _write_config(tmp_path, dict(config, **{key: value}))
+        with pytest.raises(ValueError, match=rf"{key} must be a positive int, got {value!r}"):
+            load_model(str(path))
 
 
 def test_hub_name_loads_with_autoconfig_and_fails_clearly_offline(monkeypatch):
@@ -359,6 +425,30 @@ def test_safetensors_folder_with_shards_and_config(tmp_path):
     spec = load_model(tmp_path)
     assert (spec.kind, spec.num_params, spec.hidden_size, spec.num_layers) == ("safetensors", 96 * 64, 64, 3)
     assert "Stored as BF16" in format_plan(plan_memory(spec))
+
+
+def _index(folder, weight_map):
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_safetensors_index_decides_which_files_count(tmp_path):
+    """A consolidated copy beside indexed shards is not counted twice; the index file can be passed too."""
+    write_safetensors(tmp_path / "model-00001-of-00002.safetensors", {"a.weight": ("BF16", [64, 64])})
+    write_safetensors(tmp_path / "model-00002-of-00002.safetensors", {"b.weight": ("BF16", [32, 64])})
+    write_safetensors(
+        tmp_path / "consolidated.safetensors", {"a.weight": ("BF16", [64, 64]), "b.weight": ("BF16", [32, 64])}
+    )
+    _index(tmp_path, {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"})
+    folder = load_model(tmp_path)
+    assert folder.num_params == 96 * 64 and any("named by model.safetensors.index.json" in n for n in folder.notes)
+    assert load_model(str(tmp_path / "model.safetensors.index.json")).num_params == 96 * 64
+    _index(tmp_path, {})  # names no shard: every file is read, as without an index
+    assert load_model(tmp_path).num_params == 2 * 96 * 64
+    with pytest.raises(ValueError, match="empty weight_map.*pass the folder"):
+        load_model(str(tmp_path / "model.safetensors.index.json"))
+    _index(tmp_path, {"a.weight": "model-00001-of-00009.safetensors"})
+    with pytest.raises(ValueError, match=r"not beside it: \['model-00001-of-00009.safetensors'\]"):
+        load_model(tmp_path)
 
 
 def test_corrupt_safetensors_is_a_value_error(tmp_path):
@@ -551,6 +641,8 @@ def test_cli_prints_what_the_api_returns(capsys):
         (["plan", "7e9", "--gpu", "TPUv5"], "Unknown gpu: 'TPUv5'.*H100-80GB"),
         (["plan", "--max-model"], "--max-model needs --gpu"),
         (["plan", "7e9", "--density", "2"], "density: 2.0"),
+        (["plan", "--max-model", "--gpu", "24GB", "--batch-size", "8"], "--max-model.*--batch-size, --seq-len"),
+        (["plan", "--max-model", "--gpu", "24GB", "--seq-len", "512"], "--max-model.*--batch-size, --seq-len"),
     ],
 )
 def test_cli_errors(capsys, argv, match):
@@ -558,6 +650,43 @@ def test_cli_errors(capsys, argv, match):
     err = capsys.readouterr().err
     assert err.startswith("microadam plan: error:")
     assert re.search(match, err), err
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--lrs", "abc"], "--lrs: 'abc' in 'abc' is not a number"),
+        (["--lrs", "1e-3,"], "--lrs: '' in '1e-3,' is not a number"),
+        (["--lrs=-1e-3"], "--lrs: learning rates must be finite and > 0, got '-1e-3'"),
+        (["--lrs", "1e-3,nan"], "--lrs: learning rates must be finite and > 0, got 'nan'"),
+        (["--lrs", "inf"], "--lrs: learning rates must be finite and > 0, got 'inf'"),
+        (["--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
+        (["--epochs", "-1"], "--epochs: expected a positive integer, got '-1'"),
+        (["--epochs", "2.5"], "--epochs: expected a positive integer, got '2.5'"),
+    ],
+)
+def test_demo_rejects_bad_arguments_before_training(capsys, argv, match):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"microadam demo: error: argument {match}"), err
+
+
+def test_cli_stops_quietly_on_a_closed_pipe():
+    """`microadam plan 7e9 | head -1`: the reader has gone; no BrokenPipeError traceback."""
+    import os
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)  # closed before the first write: the failure is certain, not a race with `head`
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "microadam", "plan", "7e9"], stdout=write, stderr=subprocess.PIPE, timeout=120
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr.decode() == "", proc.stderr.decode()
 
 
 def test_cli_keeps_demo():

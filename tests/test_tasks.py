@@ -232,6 +232,43 @@ def test_text_classification_reads_jsonl_pairs_and_int_labels(tmp_path: Any) -> 
         )
 
 
+_GOOD = [{"text": f"t{i}", "label": i % 2} for i in range(4)]
+
+# (file name, its bytes, words of the error or None when it reads as _GOOD's texts and labels)
+LOCAL_FILES = [
+    # A missing label, however the file spells it, names the file, the row and the column.
+    ("nan.csv", b"text,label\nt0,0\nt1,nan\nt2,0\nt3,1\n", ["nan.csv", "row 1", "label_column='label'"]),
+    ("NaN.csv", b"text,label\nt0,0\nt1, NaN\nt2,0\nt3,1\n", ["NaN.csv", "row 1", "label_column='label'"]),
+    ("blank.csv", b"text,label\nt0,0\nt1,\nt2,0\nt3,1\n", ["blank.csv", "row 1", "label_column='label'"]),
+    ("nan.json", b'[{"text": "t0", "label": NaN}, {"text": "t1", "label": 1}]', ["nan.json", "row 0", "label"]),
+    ("nan.jsonl", b'{"text": "t0", "label": 0}\n{"text": "t1", "label": NaN}', ["nan.jsonl", "row 1", "label"]),
+    ("null.json", b'[{"text": "t0", "label": 0}, {"text": "t1", "label": null}]', ["null.json", "row 1", "label"]),
+    # Excel writes a byte-order mark before the first column's name.
+    ("bom.csv", b"\xef\xbb\xbftext,label\r\nt0,0\r\nt1,1\r\nt2,0\r\nt3,1\r\n", None),
+    ("bom.jsonl", b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in _GOOD).encode(), None),
+    ("broken.jsonl", b'{"text": "t0", "label": 0}\n\n{broken\n', ["broken.jsonl", "line 3", "not valid JSON"]),
+    ("broken.json", b'{"text": "t0", "label": 0}\n{"text": "t1"', ["broken.json", "line 2", "not valid JSON"]),
+    ("lists.json", b'[["t0", 0], ["t1", 1]]', ["lists.json", "row 0", "not an object"]),
+]
+
+
+@pytest.mark.parametrize("name,content,words", LOCAL_FILES, ids=[c[0] for c in LOCAL_FILES])
+def test_text_classification_local_file_edge_cases(name: str, content: bytes, words: Any, tmp_path: Any) -> None:
+    """Read as build() reads (no model is loaded): missing labels are errors, never a class "nan"."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    task = get_task("text-classification", model="m", train_file=str(path))
+    size = TaskSize(steps=1, batch_size=1)
+    if words is None:
+        train, held = task._data(size)
+        assert sorted((t, int(y)) for t, _, y in train + held) == [(r["text"], r["label"]) for r in _GOOD]
+        return
+    with pytest.raises(ValueError) as info:
+        task._data(size)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
 class _FakeHubDataset:
     """The few calls of a ``datasets.Dataset`` the task makes, over a dict of columns."""
 

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 __all__ = ["main"]
+
+# Exit codes of `microadam compare`: 1 is --strict's "a candidate did not pass", 2 a usage error (as
+# argparse), and 3 a verdict that could not be reached (INVALID: the baseline's runs failed).
+EXIT_INVALID = 3
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -18,7 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
         "MicroAdam": lambda lr: lambda p: MicroAdam(p, lr=lr),
         "AdamW": lambda lr: lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0),
     }
-    lrs = [float(x) for x in args.lrs.split(",")]
+    lrs = args.lrs
     print(f"Digits MLP, {args.epochs} epochs, seed {args.seed} (scikit-learn digits, 80/20 split); each optimizer")
     print(f"at learning rates {lrs}, best compared with best.")
     print("| optimizer | lr | test accuracy | final train loss | state bytes | bytes/param | seconds |")
@@ -40,6 +46,33 @@ def _demo(args: argparse.Namespace) -> int:
         "of AdamW's optimizer state. One seed: differences of a point are noise."
     )
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (zero epochs would divide by zero in the report)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _learning_rates(text: str) -> list[float]:
+    """argparse type: comma-separated finite learning rates > 0, such as 3e-4,1e-3."""
+    lrs = []
+    for part in text.split(","):
+        try:
+            lr = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} in {text!r} is not a number; give comma-separated learning rates such as 3e-4,1e-3"
+            ) from None
+        if not (math.isfinite(lr) and lr > 0):
+            raise argparse.ArgumentTypeError(f"learning rates must be finite and > 0, got {part.strip()!r} in {text!r}")
+        lrs.append(lr)
+    return lrs
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -80,6 +113,10 @@ def _compare(args: argparse.Namespace) -> int:
     print(render_markdown(plan, records))
     print(f"records: {out / 'records.jsonl'}\nreport: {md}\nhtml report: {page}")
     verdict = final_verdict(plan, records)
+    if any(v.startswith("INVALID") for v in verdict.values()):
+        # Nothing was compared (the baseline's runs failed): no verdict was reached, which a script
+        # must notice even without --strict; a FAIL is a verdict and exits 0.
+        return EXIT_INVALID
     return 1 if args.strict and any(not v.startswith("PASS") for v in verdict.values()) else 0
 
 
@@ -97,6 +134,11 @@ def _plan(args: argparse.Namespace) -> int:
     )
     try:
         if args.max_model:
+            if args.batch_size is not None or args.seq_len is not None:
+                raise ValueError(
+                    "--max-model counts weights, gradients and optimizer state only; the activation estimate "
+                    "(--batch-size, --seq-len) needs a model's shape: leave them out, or give MODEL without --max-model"
+                )
             if args.gpu is None:
                 raise ValueError("--max-model needs --gpu, e.g. --gpu H100-80GB or --gpu 24GB")
             if args.model is not None:
@@ -130,8 +172,9 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "model",
         nargs="?",
         metavar="MODEL",
-        help="a config.json or folder with one, a .safetensors file or folder of them, a Hugging Face hub name "
-        "(needs transformers and a network), or a parameter count such as 7e9, 125M, 1.3B",
+        help="a config.json or folder with one, a .safetensors file or folder of them (with a "
+        "model.safetensors.index.json, only the shards it names; the index file itself works too), a Hugging Face "
+        "hub name (needs transformers and a network), or a parameter count such as 7e9, 125M, 1.3B",
     )
     p.add_argument(
         "--param-dtype",
@@ -150,7 +193,12 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, help="with --seq-len: add a rough activation estimate (printed formula)")
     p.add_argument("--seq-len", type=int, help="with --batch-size: sequence length of the activation estimate")
-    p.add_argument("--max-model", action="store_true", help="print the largest model that fits --gpu per optimizer")
+    p.add_argument(
+        "--max-model",
+        action="store_true",
+        help="print the largest model that fits --gpu per optimizer (weights, gradients and state; activations "
+        "not counted, so --batch-size and --seq-len are refused with it)",
+    )
     p.set_defaults(func=_plan)
 
 
@@ -159,9 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="microadam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small MLP on digits with MicroAdam and AdamW; print both")
-    demo.add_argument("--epochs", type=int, default=10)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="comma-separated learning rates to try for each")
+    demo.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training split (default 10)")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, the initialisation and the batch order (default 0)"
+    )
+    demo.add_argument(
+        "--lrs",
+        type=_learning_rates,
+        default="3e-4,1e-3,3e-3",
+        help="comma-separated learning rates to try for each (default 3e-4,1e-3,3e-3)",
+    )
     demo.set_defaults(func=_demo)
     _add_plan_parser(sub)
     cmp_ = sub.add_parser(
@@ -169,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         help="staged comparison of MicroAdam against baselines on a real task, with a verdict and a report",
         description="Run a comparison plan (TOML; see docs/compare.md). Without PLAN, the built-in quick plan: "
         "MiniLM fine-tuned on tweet sentiment, MicroAdam and 8-bit AdamW against AdamW, 2 seeds, 2 stages.",
+        epilog=f"Exit status: 0 when a verdict was reached (PASS or FAIL), 1 with --strict when a candidate did not "
+        f"pass, 2 for a usage or plan error, {EXIT_INVALID} when a candidate's verdict is INVALID (the baseline's "
+        "runs failed, so nothing was compared).",
     )
     cmp_.add_argument("plan", nargs="?", help="a plan TOML file (default: the built-in quick plan)")
     cmp_.add_argument("--out", help="output directory (default runs/<plan name>); rerun to resume")
@@ -176,7 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--list-optimizers", action="store_true", help="list optimizers and whether installed")
     cmp_.set_defaults(func=_compare)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here when output is buffered
+    except BrokenPipeError:
+        # The reader went away (`microadam plan 7e9 | head -1`): stop quietly. Point stdout at
+        # devnull so the interpreter's final flush does not fail again (Python's signal docs, "Note
+        # on SIGPIPE"); 141 = 128 + SIGPIPE, what a shell reports for a tool ended by a closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    return code
 
 
 if __name__ == "__main__":

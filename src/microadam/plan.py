@@ -259,15 +259,53 @@ _KNOWN_ARCHITECTURES = {
 }
 
 
+# Config fields that size tensors (or divide one size by another, as hidden_size / num_attention_heads):
+# each, when given, must be a positive int, or the count is nonsense or a ZeroDivisionError.
+_SIZE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "num_local_experts",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "n_positions",
+)
+
+
+def _check_sizes(cfg: dict[str, Any], source: str) -> None:
+    for key in _SIZE_KEYS:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{source}: {key} must be a positive int, got {value!r}; fix it in the config")
+
+
 def _require(cfg: dict[str, Any], source: str, *keys: str) -> int:
-    """The first of ``keys`` present in the config, as an int."""
+    """The first of ``keys`` present in the config, as a positive int."""
     for key in keys:
         if cfg.get(key) is not None:
             value = cfg[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{source}: {key} must be a non-negative int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{source}: {key} must be a positive int, got {value!r}; fix it in the config")
             return value
     raise ValueError(f"{source}: the config has no {' or '.join(keys)}; it is needed to count the parameters")
+
+
+def _transformers_major() -> int | None:
+    """The installed transformers' major version (read from its metadata, without importing it), or None."""
+    from importlib import metadata
+
+    try:
+        return int(metadata.version("transformers").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
 
 
 def _decoder_tensors(cfg: dict[str, Any], source: str, with_head: bool) -> list[TensorSpec]:
@@ -365,6 +403,11 @@ def _bert_tensors(cfg: dict[str, Any], source: str, arch: str) -> list[TensorSpe
         t.append(TensorSpec("cls.predictions.bias", (V,)))  # the decoder's weight is the word embeddings
         if not cfg.get("tie_word_embeddings", True):
             t.append(TensorSpec("cls.predictions.decoder.weight", (V, H)))
+            # transformers 5 ties decoder.bias to cls.predictions.bias only with the embeddings
+            # (_tied_weights_keys); 4.x shared it always (decoder.bias = self.bias in __init__).
+            major = _transformers_major()
+            if major is None or major >= 5:
+                t.append(TensorSpec("cls.predictions.decoder.bias", (V,)))
     else:
         t += linear("bert.pooler.dense", H, H)
     if arch == "BertForSequenceClassification":
@@ -382,8 +425,42 @@ def _group(named: Iterable[tuple[str, tuple[int, ...], str | None]]) -> tuple[Te
     return tuple(TensorSpec(n, s, c, d) for (n, s, d), c in counts.items())
 
 
-def _tensors_via_transformers(cfg: dict[str, Any], source: str, arch: str | None) -> tuple[TensorSpec, ...]:
-    """Build the model on the meta device with transformers and list its parameters."""
+# Fields whose transformers default, when a config leaves them out, changes the count: named in a note.
+_DEFAULTED_KEYS = (
+    *_SIZE_KEYS,
+    "num_experts",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "d_model",
+    "d_ff",
+    "d_kv",
+    "num_layers",
+    "num_decoder_layers",
+    "num_heads",
+    "tie_word_embeddings",
+)
+
+
+def _unknown_model_type(mt: str, source: str, known: Iterable[str]) -> ValueError:
+    """A short error for a model_type transformers does not know; its full list has 800+ names."""
+    import difflib
+
+    close = difflib.get_close_matches(mt, list(known), n=5, cutoff=0.6)
+    hint = f"close matches: {', '.join(close)}" if close else "no close match"
+    return ValueError(
+        f"{source}: transformers does not know model_type {mt!r} ({hint}); list all with: python -c "
+        '"from transformers import CONFIG_MAPPING; print(sorted(CONFIG_MAPPING))", or upgrade transformers'
+    )
+
+
+def _tensors_via_transformers(
+    cfg: dict[str, Any], source: str, arch: str | None
+) -> tuple[tuple[TensorSpec, ...], list[str]]:
+    """Build the model on the meta device with transformers; its parameters, and the defaulted fields.
+
+    The second item names each field in :data:`_DEFAULTED_KEYS` that ``cfg`` leaves out and
+    transformers filled in with its default (``vocab_size=32000``), so the printed plan says so.
+    """
     mt = cfg.get("model_type")
     try:
         import torch
@@ -395,6 +472,8 @@ def _tensors_via_transformers(cfg: dict[str, Any], source: str, arch: str | None
         ) from None
     if not mt:
         raise ValueError(f"{source}: the config has no model_type, so the architecture is unknown")
+    if mt not in transformers.CONFIG_MAPPING:
+        raise _unknown_model_type(mt, source, transformers.CONFIG_MAPPING.keys())
     kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
     try:
         config = transformers.AutoConfig.for_model(mt, **kwargs)
@@ -409,14 +488,30 @@ def _tensors_via_transformers(cfg: dict[str, Any], source: str, arch: str | None
                     model = transformers.AutoModel.from_config(config)
     except Exception as e:  # transformers raises many types for a config it cannot build
         raise ValueError(f"{source}: transformers could not build model_type {mt!r}: {e}") from e
-    return _group(
+    # A field is given if the config names it or an alias of it (gpt2's n_embd is hidden_size).
+    aliases = dict(getattr(config, "attribute_map", {}) or {})
+    given = set(cfg) | {aliases[k] for k in cfg if k in aliases} | {a for a, k in aliases.items() if k in cfg}
+    built = config.to_dict()
+    defaulted = [f"{k}={built[k]!r}" for k in _DEFAULTED_KEYS if built.get(k) is not None and k not in given]
+    tensors = _group(
         (n, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for n, p in model.named_parameters() if p.requires_grad
     )
+    return tensors, defaulted
+
+
+def _defaults_note(defaulted: Sequence[str]) -> list[str]:
+    if not defaulted:
+        return []
+    return [
+        f"fields the config does not give were taken from transformers' defaults: {', '.join(defaulted)}; "
+        "add them to the config if the model differs"
+    ]
 
 
 def _model_from_config(cfg: dict[str, Any], source: str) -> ModelSpec:
     if not isinstance(cfg, dict):
         raise ValueError(f"{source}: a config.json holds a JSON object, got {type(cfg).__name__}")
+    _check_sizes(cfg, source)
     mt = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs and isinstance(archs[0], str) else None
@@ -436,14 +531,16 @@ def _model_from_config(cfg: dict[str, Any], source: str) -> ModelSpec:
     elif known:
         # A known family with a task head not counted by hand: exact with transformers, else the base model.
         try:
-            tensors = _tensors_via_transformers(cfg, source, arch)
+            tensors, defaulted = _tensors_via_transformers(cfg, source, arch)
             notes.append(f"{arch} counted by building it on the meta device with transformers")
+            notes += _defaults_note(defaulted)
         except ImportError:
             tensors = tuple(_model_from_config({**cfg, "architectures": [known[0]]}, source).tensors)
             notes.append(f"{arch}'s task head is not counted (install transformers to count it); base {known[0]}")
     else:
-        tensors = _tensors_via_transformers(cfg, source, arch)
+        tensors, defaulted = _tensors_via_transformers(cfg, source, arch)
         notes.append(f"{arch or mt} counted by building it on the meta device with transformers")
+        notes += _defaults_note(defaulted)
     dims = _model_from_config_dims(cfg)
     return ModelSpec(source=source, kind="config", tensors=tensors, notes=tuple(notes), **dims)
 
@@ -554,9 +651,12 @@ def load_model(model: ModelSpec | str | os.PathLike[str] | int | float | torch.n
     Args:
         model: a parameter count (``7e9``, ``"125M"``, ``"1.3B"``); a path to a
             ``config.json``, a ``.safetensors`` file, or a folder with
-            ``*.safetensors`` (read in preference; a ``config.json`` beside them
-            supplies the dimensions for the activation estimate) or a
-            ``config.json``; a Hugging Face hub name (``"org/name"``, needs
+            ``*.safetensors`` (read in preference; with a
+            ``model.safetensors.index.json``, only the shards its ``weight_map``
+            names, so a consolidated copy beside them is not counted twice; a
+            ``config.json`` beside them supplies the dimensions for the
+            activation estimate) or a ``config.json``; a
+            ``*.safetensors.index.json``; a Hugging Face hub name (``"org/name"``, needs
             transformers and a network); or a ``torch.nn.Module``.
 
     Raises:
@@ -581,11 +681,25 @@ def load_model(model: ModelSpec | str | os.PathLike[str] | int | float | torch.n
     if isinstance(model, str) and _looks_like_count(text):
         return ModelSpec.from_count(parse_param_count(text), source=text.strip())
     path = Path(text).expanduser()
+    if path.is_file() and path.name.endswith(".safetensors.index.json"):
+        shards = _index_shards(path)
+        if not shards:
+            raise ValueError(f"{text!r} has an empty weight_map, so it names no shards; pass the folder instead")
+        spec = _model_from_safetensors(shards, text)
+        config = path.parent / "config.json"
+        return replace(spec, **_model_from_config_dims(_read_config(config))) if config.is_file() else spec
     if path.is_dir():
-        shards = sorted(path.glob("*.safetensors"))
+        index = path / "model.safetensors.index.json"
+        # With an index, only the shards it names: a consolidated copy saved beside the shards
+        # (as some checkpoints ship) would otherwise count every weight twice. An index with an
+        # empty weight_map names nothing, so every *.safetensors is read, as without one.
+        indexed = _index_shards(index) if index.is_file() else []
+        shards = indexed or sorted(path.glob("*.safetensors"))
         config = path / "config.json"
         if shards:
             spec = _model_from_safetensors(shards, text)
+            if indexed:
+                spec = replace(spec, notes=(*spec.notes, f"read the {len(shards)} shard(s) named by {index.name}"))
             if config.is_file():
                 dims = _model_from_config_dims(_read_config(config))
                 spec = replace(spec, **dims)
@@ -607,6 +721,24 @@ def load_model(model: ModelSpec | str | os.PathLike[str] | int | float | torch.n
     raise ValueError(
         f"Cannot read model {text!r}: not a file, folder, hub name (org/name) or parameter count (e.g. 7e9, 1.3B)"
     )
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files named by a ``*.safetensors.index.json`` (its ``weight_map`` values), beside it."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"Cannot read the safetensors index {str(index)!r}: {e}; pass the folder or a shard") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(
+            f"{str(index)!r} has no weight_map of tensor name -> shard file; pass the folder or a .safetensors file"
+        )
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [str(f.name) for f in shards if not f.is_file()]
+    if missing:
+        raise ValueError(f"{str(index)!r} names shards that are not beside it: {missing}; download them first")
+    return shards
 
 
 def _model_from_config_dims(cfg: dict[str, Any]) -> dict[str, int | None]:

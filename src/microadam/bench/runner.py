@@ -50,7 +50,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -66,7 +66,7 @@ def _append(path: Path, row: dict[str, Any]) -> None:
         with open(path, "rb") as f:
             f.seek(-1, 2)
             torn = f.read(1) != b"\n"
-    with open(path, "a") as f:
+    with open(path, "a", encoding="utf-8") as f:
         f.write(("\n" if torn else "") + json.dumps(row) + "\n")
         f.flush()
 
@@ -211,6 +211,8 @@ def run_plan(
     """
     from microadam.bench.verdict import judge_stage
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PlanError(f"--out {str(out_dir)!r} is a file, not a directory; give a new or existing directory")
     records_path = out_dir / "records.jsonl"
     records = read_records(records_path)
     header = next((r for r in records if r.get("kind") == "plan"), None)
@@ -228,12 +230,17 @@ def run_plan(
         task.check()
     except MissingDependency as e:
         raise MissingDependency(f"task {plan.task!r} cannot run here: {e}") from e
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if header is None:
-        # The plan, with its acceptance bar, is written before any run starts.
-        header = {"kind": "plan", "plan": plan.to_dict(), "fingerprint": plan.fingerprint(), "date": time.ctime()}
-        _append(records_path, header)
-        records.append(header)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if header is None:
+            # The plan, with its acceptance bar, is written before any run starts.
+            header = {"kind": "plan", "plan": plan.to_dict(), "fingerprint": plan.fingerprint(), "date": time.ctime()}
+            _append(records_path, header)
+            records.append(header)
+    except OSError as e:
+        raise PlanError(
+            f"--out {str(out_dir)!r} cannot be created or written ({e.strerror or e}); give a writable directory"
+        ) from e
     # Only finished runs are reused: a run that failed or whose optimizer was not installed is
     # tried again, so installing the package or fixing the cause and rerunning is enough.
     done = {r["run_key"]: r for r in records if r.get("kind") == "run" and r.get("status") == "ok"}

@@ -397,8 +397,15 @@ def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     if not path.exists():
         raise PlanError(f"plan file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise PlanError(f"plan file {str(path)!r} is a directory, not a file; give the path of a .toml plan")
     try:
-        data = tomllib.loads(path.read_text())
+        # TOML is UTF-8 by its specification; the locale's encoding would misread it on some systems.
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise PlanError(f"plan file {str(path)!r} is not UTF-8 text ({e}); save it as UTF-8") from e
+    except OSError as e:
+        raise PlanError(f"plan file {str(path)!r} cannot be read: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise PlanError(f"plan file {str(path)!r} is not valid TOML: {e}") from e
     return parse_plan(data)

@@ -105,20 +105,24 @@ def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[st
         c = summary.get(cand)
         if c is None:
             continue
+        if base is None or base["failures"]:
+            # Checked before the candidate's own failures: when the baseline's runs fail too (a
+            # missing model, a data file without the label column) the cause is usually shared,
+            # and calling the candidate FAIL would blame the optimizer for the setup.
+            why = "; ".join(base["failures"]) if base else "not run"
+            own = f"; {cand}'s own runs: {'; '.join(c['failures'])}" if c["failures"] else ""
+            result[cand] = {
+                "passed": False,
+                "invalid": True,
+                "reason": f"no valid comparison: the baseline {plan.baseline} has no result for every seed ({why})"
+                f"{own}; fix the baseline's runs and rerun (failed runs are tried again)",
+                "criteria": [],
+            }
+            continue
         if c["failures"]:
             # Means over the surviving seeds would hide the failure (an optimizer that crashes or
             # diverges on one seed in three is not adopted on the other two).
             result[cand] = {"passed": False, "reason": "; ".join(c["failures"]), "criteria": []}
-            continue
-        if base is None or base["failures"]:
-            why = "; ".join(base["failures"]) if base else "not run"
-            result[cand] = {
-                "passed": False,
-                "invalid": True,
-                "reason": f"no valid comparison: the baseline {plan.baseline} has no result for every seed ({why}); "
-                "fix the baseline's runs and rerun (failed runs are tried again)",
-                "criteria": [],
-            }
             continue
         crit = plan.criteria
         if c["higher_is_better"]:

@@ -15,7 +15,8 @@ outputs. Data, either:
 Columns: ``text_column=`` (default ``"text"``), ``text_pair_column=`` for pairs
 such as MNLI's premise / hypothesis, ``label_column=`` (default ``"label"``).
 Labels may be integers (kept; ``num_labels`` is the largest plus one) or strings
-(sorted and numbered). Both splits are shuffled once with seed 0 and a stage
+(sorted and numbered); a missing label (an empty cell, null, NaN or "nan") is an error
+naming the row. Both splits are shuffled once with seed 0 and a stage
 takes the first ``train_examples`` and ``eval_examples`` (default: all), so
 label-sorted sources still give mixed subsets. Seeds change the new head's
 initialisation and the order of the batches, not the split. Batches are
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 from typing import Any
@@ -46,12 +48,14 @@ Example = tuple[str, str | None, Any]  # (text, text pair or None, raw label)
 def read_records(path: str) -> list[dict[str, Any]]:
     """The rows of a local ``.csv``, ``.json`` (a list of objects, or JSON lines) or ``.jsonl`` file, as dicts."""
     ext = os.path.splitext(path)[1].lower()
+    # utf-8-sig: Excel and Windows tools write a byte-order mark, which plain utf-8 would keep as
+    # part of the first column's name ('\ufefftext'); without a mark it reads as utf-8.
     if ext == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             return list(csv.DictReader(f))
     if ext not in (".json", ".jsonl"):
         raise ValueError(f"{path}: unsupported file type {ext!r}; give a .csv, .json or .jsonl file")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     if ext == ".json":
         try:
@@ -62,12 +66,42 @@ def read_records(path: str) -> list[dict[str, Any]]:
             if not isinstance(rows, list):
                 raise ValueError(f"{path}: expected a JSON list of objects or one object per line")
             return rows
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            whole = " (and the whole file is not one JSON document either)" if ext == ".json" else ""
+            raise ValueError(
+                f"{path}: line {number} is not valid JSON ({e.msg}, column {e.colno}){whole}; "
+                "each line must be one JSON object"
+            ) from e
+    return rows
+
+
+def _missing(value: Any, is_label: bool) -> bool:
+    """A value that stands for no value: None (JSON null), and for labels an empty CSV cell or NaN.
+
+    pandas writes a missing value as ``nan`` in CSV and as NaN in JSON; kept, it would become a
+    class of its own named "nan", trained on and scored against.
+    """
+    if value is None:
+        return True
+    if not is_label:
+        return False  # an empty text is still a text
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and value.strip().lower() in ("", "nan")
 
 
 def _examples(rows: list[dict[str, Any]], source: str, text: str, pair: str | None, label: str) -> list[Example]:
     if not rows:
         raise ValueError(f"{source} has no rows")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise ValueError(f"row {i} of {source} is a {type(r).__name__}, not an object with named columns")
     columns = (("text_column", text), ("text_pair_column", pair), ("label_column", label))
     for arg, column in columns:
         if column is not None and column not in rows[0]:
@@ -75,9 +109,8 @@ def _examples(rows: list[dict[str, Any]], source: str, text: str, pair: str | No
     out = []
     for i, r in enumerate(rows):
         for arg, column in columns:
-            # An empty CSV cell is a missing label; an empty text is still a text.
-            if column is not None and (r.get(column) is None or (column == label and r[column] == "")):
-                raise ValueError(f"row {i} of {source} has no value in {arg}={column!r}")
+            if column is not None and _missing(r.get(column), column == label):
+                raise ValueError(f"row {i} of {source} has no value in {arg}={column!r} (got {r.get(column)!r})")
         out.append((str(r[text]), None if pair is None else str(r[pair]), r[label]))
     return out
 
