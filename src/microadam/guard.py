@@ -644,9 +644,18 @@ class Guard:
         return ev
 
     def _microadam(self) -> Any:
+        """The MicroAdam under ``self.optimizer``, through wrappers that keep it as ``.optimizer``
+        (accelerate's ``AcceleratedOptimizer``, Lightning's), or None."""
         from microadam.optimizer import MicroAdam
 
-        return self.optimizer if isinstance(self.optimizer, MicroAdam) else None
+        opt = self.optimizer
+        for _ in range(4):  # wrappers of wrappers, but never a loop
+            if isinstance(opt, MicroAdam):
+                return opt
+            opt = getattr(opt, "optimizer", None)
+            if opt is None:
+                break
+        return None
 
     def _relax(self, action: str, next_actions: tuple[str, ...] = ()) -> dict[str, Any]:
         """Raise each compressed group's density (or window) from its own value, up to the cap.

@@ -147,3 +147,64 @@ def test_guard_callback_counts_on_from_the_resumed_global_step(tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed.jsonl").read_text().splitlines()]
     # Step 4 is not judged: the loss window (spike_window=1) refills with the first resumed step.
     assert steps == [5, 6]
+
+
+class _LMData(torch.utils.data.Dataset):
+    def __init__(self, n: int = 48) -> None:
+        self.ids = torch.randint(1, 100, (n, 12), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _tiny_gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=16)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "bert"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_guard_callback_judges_the_loss_trainer_logs(tmp_path, model, accumulation):
+    """Under gradient accumulation a causal LM's micro-batch losses are shares of the step's (Trainer
+    passes num_items_in_batch) and add up; a model that averages them is averaged. Either way the
+    guard judges the step's loss Trainer logs (measured before: half of it for GPT-2 at 2 steps)."""
+    cb = GuardCallback(GuardPolicy(spike_window=1, warmup=1))
+    data, build = (_LMData(), _tiny_gpt2) if model == "gpt2" else (_Data(), _tiny_bert)
+    args = _args(
+        tmp_path, max_steps=3, save_strategy="no", per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+    )  # fmt: skip
+    seen = []
+    trainer = transformers.Trainer(
+        model=build(), args=args, train_dataset=data, optimizer_cls_and_kwargs=(MicroAdam, KW), callbacks=[cb]
+    )
+
+    class Record(transformers.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            seen.append(cb.guard.losses[-1])
+
+    trainer.add_callback(Record())
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(seen) == len(logged) == 3
+    for a, b in zip(seen, logged):
+        assert a == pytest.approx(b, rel=1e-4), (seen, logged)
+    if model == "gpt2":
+        assert all(3.5 < x < 5.0 for x in seen), "about log(100) = 4.6 per token, at any accumulation"
+
+
+def test_guard_callback_warns_when_the_model_returns_no_loss(tmp_path):
+    """With label smoothing Trainer computes the loss itself: the model's outputs hold none, so only
+    gradients can be checked, and the callback says so once."""
+    cb = GuardCallback(GuardPolicy())
+    trainer = transformers.Trainer(
+        model=_tiny_bert(), args=_args(tmp_path, max_steps=3, save_strategy="no", label_smoothing_factor=0.1),
+        train_dataset=_Data(), optimizer_cls_and_kwargs=(MicroAdam, KW), callbacks=[cb],
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="no loss.*label_smoothing_factor") as record:
+        trainer.train()
+    assert sum("no loss" in str(w.message) for w in record) == 1

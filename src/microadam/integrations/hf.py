@@ -19,13 +19,26 @@ The guard::
     trainer.add_callback(GuardCallback(GuardPolicy(snapshot_every=200, log_path="guard.jsonl")))
 
 The callback reads each training loss from the model's output (a forward hook
-on ``outputs.loss``, averaged over gradient-accumulation micro-steps), checks it
-and the gradients in ``on_pre_optimizer_step``, and, where the guard skips or
-rolls back, drops the gradients so Trainer's ``optimizer.step()`` changes nothing.
+on ``outputs.loss``), checks it and the gradients in ``on_pre_optimizer_step``,
+and, where the guard skips or rolls back, drops the gradients so Trainer's
+``optimizer.step()`` changes nothing.
+
+The loss it judges is the step's loss as Trainer logs it. Over gradient
+accumulation that is the mean of the micro-batches' losses, except where Trainer
+passes ``num_items_in_batch`` to the model (models that accept loss keyword
+arguments, e.g. every causal LM): each micro-batch's loss is then its share of
+the step's (its summed token losses over the whole step's token count), and
+the step's loss is their sum. A model that accepts the argument but ignores it
+is logged by Trainer, and judged here, at that many times its mean.
+
+Where the model returns no loss (Trainer computes it itself: a
+``label_smoothing_factor``, a ``compute_loss_func``, a ``compute_loss``
+override), only the gradients can be checked; the callback warns once.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -47,14 +60,19 @@ class GuardCallback(TrainerCallback):
         self.policy = policy or GuardPolicy()
         self.guard: Guard | None = None
         self._losses: list[float] = []
+        self._shares = False  # the micro-batch losses are shares of the step's (num_items_in_batch)
+        self._warned_no_loss = False
         self._hook: Any = None
 
-    def _capture(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+    def _capture(self, module: torch.nn.Module, inputs: Any, kwargs: dict[str, Any], output: Any) -> None:
         loss = getattr(output, "loss", None)
         if loss is None and isinstance(output, dict):
             loss = output.get("loss")
         if isinstance(loss, torch.Tensor) and module.training and loss.numel() == 1:
             self._losses.append(float(loss.detach()))
+            # Trainer passes the step's token count only to models that take loss keyword arguments;
+            # it then adds their micro-batch losses instead of averaging them (its training_step).
+            self._shares = kwargs.get("num_items_in_batch") is not None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model, optimizer = kwargs["model"], kwargs["optimizer"]
@@ -65,11 +83,23 @@ class GuardCallback(TrainerCallback):
         self.guard = Guard(
             model, optimizer, self.policy, scheduler=kwargs.get("lr_scheduler"), start_step=state.global_step
         )
-        self._hook = model.register_forward_hook(self._capture)
+        self._hook = model.register_forward_hook(self._capture, with_kwargs=True)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         assert self.guard is not None, "on_train_begin creates the guard"
-        loss = sum(self._losses) / len(self._losses) if self._losses else None
+        loss = None
+        if self._losses:
+            loss = sum(self._losses) if self._shares else sum(self._losses) / len(self._losses)
+        elif not self._warned_no_loss:
+            warnings.warn(
+                "GuardCallback: the model returned no loss this step (Trainer computes it itself with "
+                "label_smoothing_factor, compute_loss_func or a compute_loss override), so only gradients "
+                "are checked: loss spikes and reference_curve are not; use microadam.guard.Guard in your "
+                "own loop to pass the loss",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._warned_no_loss = True
         self._losses.clear()
         go, _ = self.guard.before_step(loss)
         self._went = go
