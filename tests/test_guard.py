@@ -626,3 +626,70 @@ def test_a_failed_or_killed_write_leaves_no_temp_file_behind(tmp_path, monkeypat
 def test_every_policy_field_is_checked(kwargs, error, match):
     with pytest.raises(error, match=match):
         GuardPolicy(**kwargs)
+
+
+def test_a_resume_that_does_not_fit_changes_nothing(tmp_path):
+    """A checkpoint of another model or optimizer setup fails part-way (model loaded, optimizer
+    refused): everything the caller holds is put back; a file that is not a guard checkpoint is named."""
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=2, checkpoint_dir=str(tmp_path)))
+    for _ in range(4):
+        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+        guard.step(torch.tensor(1.0))
+        opt.zero_grad()
+    # The same model, an optimizer of another setup: two groups where the checkpoint has one.
+    other, _, _ = _task(seed=3)
+    params = list(other.parameters())
+    other_opt = MicroAdam([dict(params=params[:2]), dict(params=params[2:], density=0.05)], **KW)
+    before = [p.detach().clone() for p in other.parameters()]
+    groups = [dict((k, v) for k, v in g.items() if k != "params") for g in other_opt.param_groups]
+    with pytest.raises(ValueError, match="does not fit this model and optimizer.*nothing was changed"):
+        Guard(other, other_opt, GuardPolicy(checkpoint_dir=str(tmp_path)), resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+    assert [dict((k, v) for k, v in g.items() if k != "params") for g in other_opt.param_groups] == groups
+    torch.nn.functional.mse_loss(other(x[:64]), y[:64]).backward()
+    other_opt.step()  # still usable
+    torch.save({"a": torch.tensor(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a guard checkpoint.*lacks"):
+        Guard(model, opt, resume=tmp_path / "other.pt")
+
+
+def test_policy_takes_numpy_numbers_as_microadam_does():
+    np = pytest.importorskip("numpy")
+    policy = GuardPolicy(snapshot_every=np.int64(50), lr_factor=np.float32(0.5), spike_factor=np.float64(4.0))
+    assert type(policy.snapshot_every) is int and policy.snapshot_every == 50
+    assert type(policy.lr_factor) is float and policy.lr_factor == 0.5
+
+
+def test_the_scaler_is_ready_for_the_next_step_after_the_guard_raises():
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    guard = Guard(model, opt, GuardPolicy(on_nonfinite=("raise",)))
+    for step in range(3):
+        loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+        scaler.scale(loss).backward()
+        if step == 1:
+            next(model.parameters()).grad[0, 0] = float("nan")
+            with pytest.raises(RuntimeError, match="raise"):
+                guard.step(loss, scaler=scaler)
+        else:
+            guard.step(loss, scaler=scaler)
+        opt.zero_grad()
+    assert all(s["step"] == 2 for s in opt.state.values())
+
+
+def test_step_returns_the_event_of_a_spike_it_only_logged():
+    guard, _, _ = _scripted_guard([1.0] * 30 + [9.0], GuardPolicy(warmup=5, spike_patience=2))
+    assert guard.events[-1].event == "loss_spike" and guard.events[-1].actions == ["none"]
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    g = Guard(model, opt, GuardPolicy(warmup=5, spike_patience=2))
+    returned = []
+    for value in [1.0] * 30 + [9.0]:
+        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+        returned.append(g.step(torch.tensor(value)))
+        opt.zero_grad()
+    assert returned[-1] is not None and returned[-1].event == "loss_spike" and returned[-1].actions == ["none"]
+    assert all(r is None for r in returned[:-1])

@@ -39,6 +39,7 @@ import contextlib
 import copy
 import json
 import math
+import numbers
 import os
 import random
 import statistics
@@ -160,8 +161,10 @@ class GuardPolicy:
         }
         for name, meaning in why.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int ({meaning}), got {type(value).__name__} {value!r}")
+            value = int(value)  # a NumPy integer as a Python one, as MicroAdam takes them
+            setattr(self, name, value)
             if value < 1:
                 raise ValueError(f"{name} must be >= 1 ({meaning}), got {value}; use 1 or more")
         for name in ("spike_factor", "spike_min_delta", "reference_margin", "lr_factor", "density_factor",
@@ -169,8 +172,10 @@ class GuardPolicy:
             value = getattr(self, name)
             if value is None and name in ("max_error_ratio", "min_error_ratio"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            value = float(value)
+            setattr(self, name, value)
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
         if self.spike_factor <= 1:
@@ -336,6 +341,10 @@ def _scheduler_anchors(scheduler: Any) -> tuple[list[tuple[Any, str]], set[str],
     unknown: list[str] = []
 
     def visit(sched: Any) -> None:
+        inner = getattr(sched, "scheduler", None)
+        if not isinstance(sched, (S.LRScheduler, S.ReduceLROnPlateau)) and inner is not None:
+            visit(inner)  # a wrapper (accelerate's AcceleratedScheduler) steps the scheduler it holds
+            return
         attrs.append((sched, "_last_lr"))  # what get_last_lr() reports until the next step
         if isinstance(sched, (S.SequentialLR, S.ChainedScheduler)):
             for child in sched._schedulers:
@@ -567,7 +576,23 @@ class Guard:
         if not path.is_file():
             raise FileNotFoundError(f"resume: no guard checkpoint at {path}; pass resume=False to start a new run")
         ckpt = load_checkpoint(path)
-        self._restore(ckpt)
+        missing = [k for k in ("model", "optimizer", "scheduler", "rng", "guard") if k not in ckpt]
+        if missing:
+            raise ValueError(
+                f"resume: {path} is not a guard checkpoint (it lacks {missing}); pass the guard-last.pt that a "
+                "Guard with checkpoint_dir wrote, or resume=False to start a new run"
+            )
+        # All or nothing: a checkpoint of another model or optimizer setup fails part-way (the model
+        # loads, the optimizer refuses); put back what was there, so the caller's objects are unchanged.
+        before = self._state()
+        try:
+            self._restore(ckpt)
+        except Exception as e:
+            self._restore(before)
+            raise ValueError(
+                f"resume: {path} does not fit this model and optimizer ({type(e).__name__}: {e}); nothing was "
+                "changed. Build them as in the run that wrote it, or pass resume=False to start a new run"
+            ) from e
         saved = ckpt["guard"]
         self.step_count = int(saved["step"])
         self.losses = deque(saved["losses"], maxlen=self.policy.spike_window)
@@ -761,19 +786,24 @@ class Guard:
             # unscale_ records: on a step the guard skips, scaler.step() never runs and update()
             # raises "No inf checks were recorded prior to update" without it.
             scaler.unscale_(self.optimizer)
-        go, event = self.before_step(loss)
-        if go:
+        try:
+            go, event = self.before_step(loss)
+            if go:
+                if scaler is not None:
+                    scaler.step(self.optimizer)
+                else:
+                    self.optimizer.step()
+                event = self.after_step() or event
+        finally:
+            # Also when the guard raises: a caller that catches it and goes on must find the scaler
+            # ready for the next step, not mid-step ("unscale_() has already been called").
             if scaler is not None:
-                scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
-            event = self.after_step() or event
-        if scaler is not None:
-            scaler.update()
+                scaler.update()
         return event
 
     def before_step(self, loss: torch.Tensor | float | None) -> tuple[bool, GuardEvent | None]:
-        """Checks before ``optimizer.step()``: ``(True, None)`` to go ahead, ``(False, event)`` if the guard acted.
+        """Checks before ``optimizer.step()``: ``(True, None)`` to go ahead (``(True, event)`` when an event
+        was only logged, e.g. a first spike), ``(False, event)`` if the guard acted.
 
         For loops that call ``optimizer.step()`` themselves (Trainer, Lightning): call this first,
         step only if it says so, then call :meth:`after_step`. ``loss`` may be ``None`` when the
@@ -800,10 +830,12 @@ class Guard:
             return False, self._act("nonfinite", seen, actions)
         self.nonfinite_run = 0
 
+        observed = None  # an event that only logged (action "none"): returned with the go-ahead
         if loss is not None:
             event = self._loss_checks(value)
             if event is not None and tuple(event.actions) != ("none",):
                 return False, event
+            observed = event
 
         opt = self._microadam()
         if opt is not None and p.max_error_ratio is not None and self.step_count % p.error_check_every == 0:
@@ -827,7 +859,7 @@ class Guard:
                     self._log(
                         GuardEvent(self.step_count, "low_error", {"error_ratio": ratio}, ["lower_density"], result)
                     )
-        return True, None
+        return True, observed
 
     def _loss_checks(self, value: float) -> GuardEvent | None:
         """Spike and reference-curve checks of one finite loss; acts and returns the event if one fires."""

@@ -31,3 +31,21 @@ def test_guard_reaches_microadam_through_the_prepared_optimizer():
     drift = [e for e in guard.events if e.event == "error_drift"]
     assert drift and drift[0].result["group0_density"] == 0.1
     assert opt.param_groups[0]["density"] == 0.1
+
+
+def test_lower_lr_stays_in_force_through_accelerates_scheduler_wrapper():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    opt = MicroAdam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    acc = accelerate.Accelerator(cpu=True)
+    model, prepared, prepared_sched = acc.prepare(model, opt, sched)
+    assert prepared_sched is not sched
+    guard = Guard(model, prepared, GuardPolicy(), scheduler=prepared_sched)
+    guard._act("loss_spike", {}, ("lower_lr",))
+    for _ in range(3):
+        model(torch.randn(4, 8)).square().mean().backward()
+        prepared.step()
+        prepared_sched.step()
+        prepared.zero_grad()
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)  # was back at 1e-2 after one step

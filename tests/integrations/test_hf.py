@@ -208,3 +208,21 @@ def test_guard_callback_warns_when_the_model_returns_no_loss(tmp_path):
     with pytest.warns(RuntimeWarning, match="no loss.*label_smoothing_factor") as record:
         trainer.train()
     assert sum("no loss" in str(w.message) for w in record) == 1
+
+
+def test_guard_callback_scales_token_shares_by_the_ranks_like_trainer():
+    """Across ranks with average_tokens_across_devices, each rank's loss is its share over every
+    rank's tokens and Trainer multiplies it by the world size after the forward pass: so must the
+    callback, or the guard (which averages over ranks) judges the logged loss over the world size."""
+    from types import SimpleNamespace
+
+    model = _tiny_bert()
+    cb = GuardCallback(GuardPolicy())
+    cb.on_train_begin(
+        None, SimpleNamespace(global_step=0), None, model=model, optimizer=MicroAdam(model.parameters(), **KW)
+    )
+    for ranks, averaged, expected in [(2, True, 1.0), (2, False, 0.5), (1, True, 0.5)]:
+        cb._losses, cb._shares = [0.25, 0.25], True
+        args = SimpleNamespace(average_tokens_across_devices=averaged, world_size=ranks)
+        cb.on_pre_optimizer_step(args, None, None)
+        assert cb.guard._pending_loss == pytest.approx(expected)

@@ -90,6 +90,11 @@ class GuardCallback(TrainerCallback):
         loss = None
         if self._losses:
             loss = sum(self._losses) if self._shares else sum(self._losses) / len(self._losses)
+            if self._shares and getattr(args, "average_tokens_across_devices", False) and args.world_size > 1:
+                # Each rank's share is over the token count of every rank; Trainer multiplies it by the
+                # number of ranks after the forward pass (which the hook does not see), and the guard
+                # averages over ranks: scaled the same way, the guard judges the logged loss.
+                loss *= args.world_size
         elif not self._warned_no_loss:
             warnings.warn(
                 "GuardCallback: the model returned no loss this step (Trainer computes it itself with "
