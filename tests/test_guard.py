@@ -693,3 +693,19 @@ def test_step_returns_the_event_of_a_spike_it_only_logged():
         opt.zero_grad()
     assert returned[-1] is not None and returned[-1].event == "loss_spike" and returned[-1].actions == ["none"]
     assert all(r is None for r in returned[:-1])
+
+
+def test_no_checkpoint_holds_weights_after_an_unconfirmed_spike(tmp_path):
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=100, checkpoint_dir=str(tmp_path), max_density=0.4))
+    path = guard.checkpoint_path()
+    written = path.read_bytes()
+    torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+    opt.step()  # weights move after a spike that is not yet confirmed
+    guard.spike_run = 1
+    guard._act("error_drift", {}, ("raise_density",))
+    assert path.read_bytes() == written
+    guard.spike_run = 0
+    guard._act("error_drift", {}, ("raise_density",))
+    assert path.read_bytes() != written

@@ -664,7 +664,9 @@ class Guard:
             raise
         ev = GuardEvent(self.step_count, event, seen, list(actions), result)
         self._log(ev)
-        if self._CHANGES_STATE.intersection(actions):
+        if self._CHANGES_STATE.intersection(actions) and self.spike_run == 0:
+            # (While a spike awaits confirmation the weights are not known good: the file keeps the
+            # last state that was; a rollback resets spike_run, so its restored state is written.)
             self._write_checkpoint(self._state())
         return ev
 
