@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,7 +58,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--impls", default="torch,cpp", help="implementations to measure (impl=)")
     ap.add_argument("--variant", default="release", help="MicroAdam variant (release: the default; paper)")
-    ap.add_argument("--out", default="benchmarks/results/transient_memory.jsonl")
+    # Next to this script, wherever it is run from (a cwd-relative default lost a finished run's rows).
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "transient_memory.jsonl"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

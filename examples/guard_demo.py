@@ -40,7 +40,7 @@ def main() -> None:
                 g["lr"] *= 20
         event = guard.step(loss)
         opt.zero_grad()
-        if event:
+        if event and event.actions != ["none"]:  # the events that acted (the log has every one)
             print(f"step {step}: {event.event} -> {event.actions} {event.result}")
     with torch.no_grad():
         acc = (model(xte).argmax(1) == yte).float().mean().item()

@@ -122,6 +122,9 @@ def run(task_name: str, steps: int, batch: int, seed: int, opt: str, lr: float, 
 
 
 def main() -> None:
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print((__doc__ or "").strip() or "usage: python experiments/prototype_variants.py '<JSON spec>'")
+        sys.exit(0 if len(sys.argv) == 2 else 2)
     spec = json.loads(sys.argv[1])
     CFG.clear()
     CFG.update(spec.get("cfg", {}))
