@@ -767,13 +767,26 @@ variants = [
     (tk._update_kernel, update, dict(KP2=4, MP2=4, DT=64, PARAM_KIND=1, VEC_SLOTS=True)),
     (tk._update_kernel, update, dict(KP2=16, MP2=4, DT=64, PARAM_KIND=2, VEC_SLOTS=False)),
     (tk._update_kernel, update, dict(KP2=8, MP2=2, DT=64, PARAM_KIND=0, VEC_SLOTS=True)),
+    # The default layout's update tile (k = 41, window 10, blocks of 4096), with the launcher's warps.
+    (tk._update_kernel, update, dict(KP2=64, MP2=16, DT=1024, PARAM_KIND=1, VEC_SLOTS=False)),
 ]
 for kernel, sig, constexprs in variants:
     src = ASTSource(kernel, dict(sig, **{name: "constexpr" for name in constexprs}), constexprs=constexprs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(enable_fp_fusion=False)).asm["ptx"]
+    # The warps the launcher gives each tile (_launch_batch): races between warps show in the PTX.
+    if kernel is tk._update_kernel:
+        kp2, mp2 = constexprs["KP2"], constexprs["MP2"]
+        elements = max(constexprs["DT"], mp2 * kp2 * kp2 if constexprs["VEC_SLOTS"] else kp2 * kp2)
+    else:
+        elements = constexprs["RP2"] * constexprs["CP2"]
+    options = dict(enable_fp_fusion=False, num_warps=tk._num_warps(elements))
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     # torch rounds every product, quotient and square root: no contraction, no approximations.
     for op in ("fma.rn.f32", "div.full.f32", "div.approx.f32", "sqrt.approx.f32"):
         assert op not in ptx, (kernel.__name__, constexprs, op)
+    if kernel is tk._update_kernel:
+        # A window position is loaded by several warps: a barrier must separate every load of the
+        # parameter from the first store into it (else lr * u, or the decay, can apply twice).
+        assert "bar.sync" in ptx and ptx.index("bar.sync") < ptx.index("st.global"), (constexprs, "no barrier")
 print("compiled", len(variants))
 """
 
@@ -781,14 +794,15 @@ print("compiled", len(variants))
 def test_kernels_compile_for_a_gpu_without_one(tmp_path: Any) -> None:
     """The interpreter accepts code that the compiler rejects (types, shapes, constexpr rules):
     compile every constexpr branch for sm_90 (Triton ships ptxas, no GPU needed) and check the PTX
-    holds no fused multiply-add and no approximate division or square root."""
+    holds no fused multiply-add and no approximate division or square root, and that the update kernel
+    orders its parameter loads before its stores with a barrier (a race the interpreter cannot show)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     out = subprocess.run(
         [sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 9" in out.stdout
+    assert "compiled 10" in out.stdout
 
 
 def _args(param: torch.Tensor, **over: Any) -> dict[str, Any]:

@@ -484,6 +484,10 @@ if triton is not None:
             # odd positions add their nibble; both halves of a byte belong to this program (groups
             # hold an even number of elements), and a barrier orders the two writes.
             even = in_data & ((o & 1) == 0)
+            # Every read of the old codes (step 1) precedes the first write of a byte: the even write
+            # clears the high nibble, which another warp's row may not have read yet. (Reductions in
+            # between happen to insert barriers on a GPU; this makes it a guarantee.)
+            tl.debug_barrier()
             tl.store(codes_ptr + (o >> 1), code.to(tl.uint8), mask=even)
             tl.debug_barrier()
             odd = in_data & ((o & 1) == 1)
@@ -606,6 +610,12 @@ if triton is not None:
                 pos_all = tl.where(here, pos[None, :], pos_all)
                 ok_all = tl.where(here, ok[None, :], ok_all)
 
+        # Every window load of the parameter above precedes any store into the block below: a
+        # position held in several slots is loaded by several warps, and one warp's store landing
+        # before another's load would apply lr * u twice (or, with the decay loop, the decay twice).
+        # The interpreter runs each load and store over the whole block at once and cannot show it;
+        # the sm_90 PTX had no bar.sync between them (found in review, 2026-11-30).
+        tl.debug_barrier()
         if has_wd != 0:
             # Decoupled weight decay of every element of the block; window positions are then
             # overwritten with the values computed above from the undecayed parameter.
