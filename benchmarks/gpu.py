@@ -337,6 +337,8 @@ def _make_runner(name: str, case: CheckCase, init: list[list[torch.Tensor]], dev
             ps.append(torch.nn.Parameter(x.to(device=device, copy=True)))
         groups.append(dict(params=ps, **kwargs))
         flat += ps
+    from microadam.functional import zero_state
+
     single = impl == "triton-single"
     opt = MicroAdam(groups, impl="torch" if single else impl, variant=case.variant, **CHECK_BASE)
     runner = Runner(name, flat, opt, single=single)
@@ -344,15 +346,8 @@ def _make_runner(name: str, case: CheckCase, init: list[list[torch.Tensor]], dev
         group = opt.param_groups[0]
         for p in flat:
             lay = opt.layout(p, group)
-            # The zero state MicroAdam allocates on a parameter's first step (microadam_step's docstring).
-            runner.states.append(
-                dict(
-                    window_indices=torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.int16, device=device),
-                    window_values=torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.bfloat16, device=device),
-                    error_codes=torch.zeros((lay.numel + 1) // 2, dtype=torch.uint8, device=device),
-                    error_bounds=torch.zeros((lay.num_quant_blocks, 2), dtype=torch.bfloat16, device=device),
-                )
-            )
+            # The zero state MicroAdam allocates on a parameter's first step.
+            runner.states.append(zero_state(lay, device))
     return runner
 
 

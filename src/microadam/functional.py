@@ -194,6 +194,14 @@ def state_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
     }
 
 
+def zero_state(layout: Layout, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The state of a tensor before its first step: every entry zero (adds nothing to the moments)."""
+    return {
+        name: torch.zeros(shape, dtype=STATE_DTYPES[name], device=device)
+        for name, shape in state_shapes(layout).items()
+    }
+
+
 def check_state(layout: Layout, **state: torch.Tensor) -> None:
     """Raise ``ValueError`` unless each state tensor has its dtype and ``layout``'s shape.
 

@@ -16,7 +16,14 @@ import torch
 from torch.optim import Optimizer
 
 from microadam import sharding
-from microadam.functional import DEFAULT_CHUNK, IMPLEMENTATIONS, microadam_step
+from microadam.functional import (
+    DEFAULT_CHUNK,
+    IMPLEMENTATIONS,
+    STATE_DTYPES,
+    microadam_step,
+    state_shapes,
+    zero_state,
+)
 from microadam.kernels import PartialStepError, load_phases, release_tiles, resolve_impl
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
@@ -475,10 +482,7 @@ class MicroAdam(Optimizer):
         p = local_tensor(p)
         state["step"] = 0
         state["numel"] = lay.numel
-        state["window_indices"] = torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.int16, device=p.device)
-        state["window_values"] = torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.bfloat16, device=p.device)
-        state["error_codes"] = torch.zeros((lay.numel + 1) // 2, dtype=torch.uint8, device=p.device)
-        state["error_bounds"] = torch.zeros((lay.num_quant_blocks, 2), dtype=torch.bfloat16, device=p.device)
+        state.update(zero_state(lay, p.device))
         return state
 
     def _gradients(self) -> list[tuple[int, dict[str, Any], torch.Tensor, torch.Tensor]]:
@@ -1041,13 +1045,9 @@ def check_micro_state(pid: Any, saved: dict[str, Any], lay: Layout) -> dict[str,
     Values, not just shapes: an index outside its block would move a coordinate of another block;
     a non-finite value or bound would fill the window with NaN at the next step.
     """
-    expected = {
-        "window_indices": ((lay.window, lay.num_blocks, lay.k), torch.int16),
-        "window_values": ((lay.window, lay.num_blocks, lay.k), torch.bfloat16),
-        "error_codes": (((lay.numel + 1) // 2,), torch.uint8),
-        "error_bounds": ((lay.num_quant_blocks, 2), torch.bfloat16),
+    out = {
+        key: _checked_tensor(pid, key, saved[key], shape, STATE_DTYPES[key]) for key, shape in state_shapes(lay).items()
     }
-    out = {key: _checked_tensor(pid, key, saved[key], shape, dtype) for key, (shape, dtype) in expected.items()}
     for key in ("window_values", "error_bounds"):
         if not bool(torch.isfinite(out[key]).all()):
             raise ValueError(f"the loaded {key!r} of parameter {pid!r} holds NaN or Inf; the checkpoint is corrupt")

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from microadam.functional import _pad_rows
+from microadam.functional import _pad_rows, zero_state
 from microadam.layout import Layout
 from microadam.ops.quant import dequantize_blocks, pack_nibbles, quantize_blocks, unpack_nibbles
 from microadam.ops.topk import block_topk
@@ -212,12 +212,7 @@ def _recut(pieces: list[tuple[int, dict[str, torch.Tensor], Layout]], start: int
 
 
 def _empty_state(lay: Layout, device: torch.device) -> dict[str, torch.Tensor]:
-    return {
-        "window_indices": torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.int16, device=device),
-        "window_values": torch.zeros((lay.window, lay.num_blocks, lay.k), dtype=torch.bfloat16, device=device),
-        "error_codes": torch.zeros((lay.numel + 1) // 2, dtype=torch.uint8, device=device),
-        "error_bounds": torch.zeros((lay.num_quant_blocks, 2), dtype=torch.bfloat16, device=device),
-    }
+    return zero_state(lay, device)
 
 
 # ---------------------------------------------------------------- save and load

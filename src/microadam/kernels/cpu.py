@@ -298,13 +298,8 @@ def _ring_arrays(
 def _layout_facts(layout: Layout) -> tuple[tuple[torch.Size, ...], int]:
     """The state's shapes for ``layout`` (window indices, window values, codes, bounds) and the C++
     code's unit of work: whole Top-K blocks, whole quantization blocks, whole code bytes."""
-    m, nb, k = layout.window, layout.num_blocks, layout.k
-    shapes = (
-        torch.Size((m, nb, k)),
-        torch.Size((m, nb, k)),
-        torch.Size(((layout.numel + 1) // 2,)),
-        torch.Size((layout.num_quant_blocks, 2)),
-    )
+    # torch.Size: the per-step check compares it with tensor.shape directly.
+    shapes = tuple(torch.Size(s) for s in functional.state_shapes(layout).values())
     return shapes, math.lcm(layout.block, layout.quant_block, 2)
 
 
