@@ -51,6 +51,12 @@ BAD_ARGS = [
         ValueError,
         ["release=0.5", "impl='triton'", "quant_block_size=96", "block_size=48", "powers of two", "impl='cpp'"],
     ),
+    # The Triton compress kernel holds a quantization block in one program's registers.
+    (
+        dict(impl="triton", variant="paper", quant_block_size=2**16),
+        ValueError,
+        ["impl='triton'", "quant_block_size=65536", "<= 32768", "impl='torch'"],
+    ),
     (
         dict(impl="triton", block_size=48, quant_block_size=96),
         ValueError,

@@ -846,10 +846,22 @@ def test_bad_arguments_raise_value_errors() -> None:
     lay = layout_for(100, block_size=12, density=0.1, quant_block_size=24, window=2)
     state = _zero_state(lay)
     before = {name: t.clone() for name, t in state.items()}
-    with pytest.raises(ValueError, match=r"powers of two.*quant_block=24 > block=12.*impl='torch'"):
+    with pytest.raises(ValueError, match=r"powers of two.*quant_block_size=24 and block_size=12.*impl='torch'"):
         tk.microadam_step_triton(q, torch.ones_like(q), **_args(q, layout=lay, **state, release=0.5))
     # Refused before anything was written.
     assert all(torch.equal(state[name], before[name]) for name in state) and not q.any()
+    # A quantization block above 32768 over several Top-K blocks would be a tile of that many elements
+    # (it would not compile in useful time on a GPU): refused before anything is written. One Top-K
+    # block is one tile row whatever the quantization block, and is stepped.
+    lay = layout_for(100, block_size=16, density=0.1, quant_block_size=2**16, window=2)
+    state = _zero_state(lay)
+    with pytest.raises(ValueError, match=r"quant_block_size must be <= 32768.*got quant_block_size=65536"):
+        tk.microadam_step_triton(q, torch.ones_like(q), **_args(q, layout=lay, **state))
+    assert not any(t.any() for t in state.values()) and not q.any()
+    one = torch.zeros(10, device=DEVICE)
+    lay = layout_for(10, block_size=16, density=0.1, quant_block_size=2**16, window=2)
+    tk.microadam_step_triton(one, torch.ones_like(one), **_args(one, layout=lay, **_zero_state(lay)))
+    assert one.any()
     # A state of another layout (e.g. window edited in param_groups): the kernels index raw pointers,
     # so it is refused, not read or written out of bounds.
     lay = layout_for(100, block_size=10, density=0.1, quant_block_size=5, window=2)

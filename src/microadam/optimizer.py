@@ -24,7 +24,7 @@ from microadam.functional import (
     state_shapes,
     zero_state,
 )
-from microadam.kernels import PartialStepError, load_phases, release_tiles, resolve_impl
+from microadam.kernels import PartialStepError, load_phases, resolve_impl, triton_layout_error
 from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
 
 __all__ = [
@@ -277,13 +277,10 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid nonfinite: {group['nonfinite']!r}; use 'skip' or 'raise'")
     if group["impl"] not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"Invalid impl: {group['impl']!r}; use None (automatic) or one of {IMPLEMENTATIONS}")
-    if group.get("release", 0.0) and group["impl"] == "triton" and not release_tiles(b, q):
-        # The Triton compress kernel sums a quantization block's squares in its tile's index order.
-        raise ValueError(
-            f"release={group['release']!r} with impl='triton' needs quant_block_size <= block_size, or both "
-            f"powers of two with block_size >= 2, got quant_block_size={q} and block_size={b}; use impl=None "
-            "(automatic), impl='torch' or impl='cpp', a smaller quant_block_size, powers of two, or variant='paper'"
-        )
+    if group["impl"] == "triton":
+        problem = triton_layout_error(b, q, group.get("release", 0.0))
+        if problem is not None:
+            raise ValueError(problem)
 
 
 class MicroAdam(Optimizer):
@@ -330,7 +327,8 @@ class MicroAdam(Optimizer):
         block_size: Top-K block size, at most 32768 (default ``4096``); a tensor
             smaller than a block is one block.
         quant_block_size: elements sharing one (lo, hi) in the error
-            quantization (default ``128``); one of the two block sizes must divide the other.
+            quantization (default ``128``); one of the two block sizes must divide the other, and
+            ``impl="triton"`` needs it at most 32768 or at most ``block_size``.
         error_rounding: ``"nearest"`` (default, as the authors' code) or
             ``"stochastic"`` (unbiased, as the convergence proof assumes).
         stochastic_rounding: round bf16 parameters stochastically after the

@@ -35,6 +35,8 @@ __all__ = [
     "availability",
     "release_tiles",
     "resolve_impl",
+    "TRITON_MAX_QUANT_BLOCK",
+    "triton_layout_error",
 ]
 
 
@@ -124,6 +126,36 @@ def release_tiles(block: int, quant_block: int) -> bool:
         return x > 0 and x & (x - 1) == 0
 
     return quant_block <= block or (block >= 2 and pow2(block) and pow2(quant_block))
+
+
+# The Triton compress kernel holds a group of lcm(block, quant_block, 2) elements in one program's
+# registers. A Top-K block is at most 32768 (int16 indices); a larger quantization block would make
+# the group, and the compiled tile, grow without bound (a 2**20-element tile does not compile in any
+# useful time), so it is held to the same bound.
+TRITON_MAX_QUANT_BLOCK = 2**15
+
+
+def triton_layout_error(block: int, quant_block: int, release: float) -> str | None:
+    """Why the Triton kernels cannot step tensors of several Top-K blocks of this layout, or None.
+
+    The optimizer asks it of a group with ``impl="triton"`` when the group is built; the kernels ask
+    it of a tensor of more than one Top-K block (a single block is one tile row however large the
+    quantization block is)."""
+    if quant_block > TRITON_MAX_QUANT_BLOCK and quant_block > block:
+        return (
+            f"impl='triton' holds a quantization block in one program's registers: quant_block_size must be "
+            f"<= {TRITON_MAX_QUANT_BLOCK} (or <= block_size), got quant_block_size={quant_block} with "
+            f"block_size={block}; use a smaller quant_block_size, or impl='torch' (impl='cpp' on CPU)"
+        )
+    if release and not release_tiles(block, quant_block):
+        # The compress kernel sums a quantization block's squares in its tile's index order.
+        return (
+            f"release={release!r} with impl='triton' needs quant_block_size <= block_size, or both "
+            f"powers of two with block_size >= 2, got quant_block_size={quant_block} and block_size={block}; "
+            "use impl=None (automatic), impl='torch' or impl='cpp', a smaller quant_block_size, powers of two, "
+            "or variant='paper'"
+        )
+    return None
 
 
 # Parameter dtypes the C++ path computes itself (float64 it hands back to the torch path).

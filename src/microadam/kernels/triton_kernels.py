@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from microadam.functional import StepScalars, check_state, step_scalars
-from microadam.kernels import release_tiles
+from microadam.kernels import triton_layout_error
 from microadam.layout import Layout
 from microadam.ops.random import STREAM_ERROR, STREAM_MOVE, STREAM_PARAM, _mix32_cached, _mix32_int, _param_key
 
@@ -896,13 +896,10 @@ def _static(
         )
 
     C, R, S, G, tk_mode, q_mode = _tile_plan(layout)
-    if release and q_mode != 0 and not release_tiles(layout.block, layout.quant_block):
-        raise ValueError(
-            f"impl='triton' releases error feedback (release={release!r}) where a quantization block is "
-            "at most a Top-K block, or both sizes are powers of two, block >= 2 (the tile is then the block in index "
-            f"order), got quant_block={layout.quant_block} > block={layout.block}; use impl='torch' or "
-            "impl='cpp', a quant_block_size <= block_size, powers of two, or variant='paper'"
-        )
+    if layout.num_blocks > 1:  # one block is one row of the tile, whatever the quantization block
+        problem = triton_layout_error(layout.block, layout.quant_block, release)
+        if problem is not None:
+            raise ValueError(problem)
     # The kernels index raw pointers: a state of another layout would be read and written out of bounds.
     check_state(
         layout,
