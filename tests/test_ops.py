@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from microadam.functional import step_scalars
+from microadam.functional import microadam_step, step_scalars, zero_state
 from microadam.layout import k_per_block, layout_for
 from microadam.ops import (
     bf16_ceil,
@@ -193,6 +193,34 @@ def test_layout_for_takes_numpy_integers_and_refuses_floats():
     assert a == b and type(a.numel) is int  # cached layouts hold plain ints whatever was passed
     with pytest.raises(TypeError, match="window must be an integer, got 2.5"):
         layout_for(1000, block_size=64, density=0.05, quant_block_size=16, window=2.5)
+
+
+def test_layout_for_refuses_a_block_whose_indices_overflow_int16():
+    """The window stores block-relative indices as int16: a Top-K block over 2**15 elements would wrap
+    index 39000 to -26536, and the torch path would then update an element of the previous block."""
+    with pytest.raises(ValueError, match="40000 elements.*int16"):
+        layout_for(80000, block_size=40000, density=0.001, quant_block_size=128, window=2)
+    # The limit is on the block actually used: a small tensor is one block whatever block_size says.
+    assert layout_for(1000, block_size=2**20, density=0.01, quant_block_size=128, window=2).block == 1000
+    assert layout_for(2**16, block_size=2**15, density=0.01, quant_block_size=128, window=2).block == 2**15
+    for bad in (dict(block_size=0), dict(quant_block_size=0), dict(window=0)):
+        kw = dict(block_size=64, density=0.05, quant_block_size=16, window=3) | bad
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be >= 1"):
+            layout_for(1000, **kw)
+
+
+@pytest.mark.parametrize("sizes", [(100, 100), (50, 100), (100, 50)])
+def test_torch_step_refuses_tensors_of_another_size_than_the_layout(sizes):
+    """impl="torch" sliced by layout.numel: a larger parameter had only its first elements stepped, silently."""
+    lay = layout_for(50, block_size=64, density=0.05, quant_block_size=16, window=2)
+    p, g = torch.zeros(sizes[0]), torch.ones(sizes[1])
+    state = zero_state(lay, "cpu")
+    with pytest.raises(ValueError, match="must both have layout.numel = 50"):
+        microadam_step(
+            p, g, **state, layout=lay, step=1, lr=1.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+            error_rounding="nearest", stochastic_param_rounding=False, seed=0, param_index=0, impl="torch",
+        )  # fmt: skip
+    assert not p.any() and all(not t.any() for t in state.values()), "nothing may be written"
 
 
 def test_step_scalars_read_a_tensor_lr_when_called():

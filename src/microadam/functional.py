@@ -313,6 +313,12 @@ def microadam_step(
         )
         return
     n = layout.numel
+    if param.numel() != n or grad.numel() != n:
+        # Slicing by layout.numel would otherwise step only a parameter's first elements and skip the rest
+        # silently (the C++ and Triton paths refuse this too).
+        raise ValueError(
+            f"param ({param.numel()} elements) and grad ({grad.numel()}) must both have layout.numel = {n} elements"
+        )
     check_state(
         layout,
         window_indices=window_indices,

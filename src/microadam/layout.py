@@ -90,7 +90,20 @@ def _integer(name: str, value: object) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _layout_for(numel: int, block_size: int, density: float, quant_block_size: int, window: int) -> Layout:
+    for name, value in (("block_size", block_size), ("quant_block_size", quant_block_size), ("window", window)):
+        if value < 1:
+            raise ValueError(f"layout_for: {name} must be >= 1, got {value}")
+    if numel < 0:
+        raise ValueError(f"layout_for: numel must be >= 0, got {numel}")
     block = min(block_size, numel) if numel > 0 else 1
+    if block > MAX_BLOCK_SIZE:
+        # MicroAdam's constructor refuses such a block_size, but the functional API and the kernels take a
+        # Layout as given: a block-relative index >= 2**15 would wrap negative in the int16 window and the
+        # torch path would then move an element of the previous block instead (silently).
+        raise ValueError(
+            f"layout_for: a Top-K block of {block} elements (block_size={block_size}, numel={numel}) is over "
+            f"{MAX_BLOCK_SIZE}: its block-relative indices would not fit in the int16 window"
+        )
     return Layout(
         numel=numel,
         block=block,
