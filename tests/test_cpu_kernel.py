@@ -10,6 +10,8 @@ operations in the same order, and calls the same sqrt as torch (see ``cpu._match
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -572,3 +574,58 @@ def test_profile_build_counts_every_element(monkeypatch) -> None:
     rows = [counts[16 * t : 16 * t + 16] for t in range(64)]
     assert sum(r[15] for r in rows) == 20000
     assert all(sum(r[i] for r in rows) > 0 for i in range(7)), [sum(r[i] for r in rows) for i in range(7)]
+
+
+def test_a_tensor_shorter_than_its_unit_is_one_unit() -> None:
+    """A tensor smaller than block_size is one block of numel elements; where numel is neither a multiple
+    nor a divisor of quant_block, lcm(block, quant_block, 2) was thousands of times numel (4095
+    elements: 524160), and every thread's scratch was sized to it and kept (8 MB a thread; block and
+    quant_block 32768 with 32767 elements asked for 18 GB and aborted the process)."""
+    for n, q in ((4095, 128), (4095, 4096), (32767, 32768), (7, 4)):
+        lay = layout_for(n, block_size=max(q, 4096), density=0.01, quant_block_size=q, window=2)
+        assert cpu._layout_facts(lay)[1] == n + n % 2
+    lay = layout_for(8192, block_size=4096, density=0.01, quant_block_size=128, window=2)
+    assert cpu._layout_facts(lay)[1] == 4096  # tensors of whole units keep lcm(block, quant_block, 2)
+
+
+_SCRATCH_FAILS = r"""
+import resource, sys
+import torch
+from microadam.functional import microadam_step, zero_state
+from microadam.layout import layout_for
+torch.set_num_threads(int(sys.argv[1]))
+def step(p, g, state, lay):
+    microadam_step(p, g, **state, layout=lay, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                   weight_decay=0.0, error_rounding="nearest", stochastic_param_rounding=False, seed=0,
+                   param_index=0, impl="cpp")
+small = layout_for(2**17, block_size=4096, density=0.01, quant_block_size=128, window=2)
+p = torch.zeros(small.numel)
+step(p, torch.randn(small.numel), zero_state(small, "cpu"), small)  # builds, starts the threads
+# Sizes neither of which divides the other (the functional API takes them): one unit of 2**25
+# elements, about 170 MB of scratch a thread.
+lay = layout_for(2**25, block_size=32767, density=0.01, quant_block_size=32768, window=2)
+p, g, state = torch.zeros(lay.numel), torch.randn(lay.numel), zero_state(lay, "cpu")
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (vm + 64 * 2**20, hard))
+try:
+    step(p, g, state, lay)
+except MemoryError as e:
+    print("MemoryError:", e)
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+print("untouched", not p.any() and not any(t.any() for t in state.values()))
+step(p, g, state, lay)
+print("stepped", bool(p.any() and state["error_codes"].any()))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scratch_that_cannot_be_allocated_fails_the_call_with_nothing_written(tmp_path, threads: int) -> None:
+    """std::bad_alloc in a thread's scratch escaped the C function (an abort of the process); now every
+    thread reserves before any unit is stepped and the call raises MemoryError having written nothing."""
+    script = tmp_path / "scratch_fails.py"
+    script.write_text(_SCRATCH_FAILS)
+    run = subprocess.run([sys.executable, str(script), str(threads)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "MemoryError: impl='cpp' could not allocate its per-thread scratch" in run.stdout, run.stdout
+    assert "nothing was written" in run.stdout and "untouched True" in run.stdout and "stepped True" in run.stdout

@@ -11,7 +11,7 @@
 int main() {
   std::mt19937 rng(1);
   Scratch S;
-  S.reserve(4096, 4096, 64, 640, false, 128);
+  S.reserve(4096, 4096, 64, 640, false, 128, 4096 / 128, 1);
   long bad = 0, cases = 0;
   for (int it = 0; it < 100000; ++it) {
     const int c = 1 + int(rng() % 300);

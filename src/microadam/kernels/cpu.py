@@ -300,7 +300,12 @@ def _layout_facts(layout: Layout) -> tuple[tuple[torch.Size, ...], int]:
     code's unit of work: whole Top-K blocks, whole quantization blocks, whole code bytes."""
     # torch.Size: the per-step check compares it with tensor.shape directly.
     shapes = tuple(torch.Size(s) for s in functional.state_shapes(layout).values())
-    return shapes, math.lcm(layout.block, layout.quant_block, 2)
+    # One unit covers a tensor that is shorter than it (rounded up to whole code bytes): a tensor
+    # smaller than block_size is one block of numel elements, and lcm(numel, quant_block, 2) can be
+    # thousands of times numel (4095 elements at the defaults: 524160), which every thread's scratch
+    # would be sized to and keep.
+    n = layout.numel
+    return shapes, min(math.lcm(layout.block, layout.quant_block, 2), n + n % 2)
 
 
 @dataclass
@@ -490,7 +495,16 @@ def _step_all(pending: list[_Pending | None]) -> None:
         bad = (ctypes.c_int32 * count)()
         total = sum(x.args.n for _, x in cpp)  # type: ignore[union-attr]
         threads = max(1, min(torch.get_num_threads(), total // _GRAIN))
-        if lib.microadam_step_cpu_multi(count, items, bad, sqrt_fn, sqrt_mode, threads):
+        nbad = lib.microadam_step_cpu_multi(count, items, bad, sqrt_fn, sqrt_mode, threads)
+        if nbad < 0:
+            unit = max(x.args.unit for _, x in cpp)  # type: ignore[union-attr]
+            raise MemoryError(
+                f"impl='cpp' could not allocate its per-thread scratch (about {5 * unit / 1e6:.1f} MB a thread for "
+                f"units of {unit} elements, lcm(block_size, quant_block_size, 2)); nothing was written. Free "
+                "memory, use fewer threads (torch.set_num_threads), a quant_block_size that divides block_size, "
+                "or impl='torch'"
+            )
+        if nbad:
             failed = [cpp[j][0] for j in range(count) if bad[j]]
     for x in pending:
         if x is not None and x.torch_step is not None:
@@ -542,7 +556,7 @@ def microadam_step_cpp(
     Same results, bit for bit, as ``impl="torch"`` for float32, bfloat16 and float16 parameters;
     float64 parameters run the torch path. ``chunk_size`` has no effect here: the C++ code works
     on one unit of ``lcm(block, quant_block, 2)`` elements at a time per thread, in scratch kept per
-    thread across calls (about 130 KB at the default layout), and makes no full-size temporaries
+    thread across calls (about 110 KB at the default layout), and makes no full-size temporaries
     except a contiguous copy of a non-contiguous parameter or gradient, as the torch path does.
     Threads: ``torch.get_num_threads()``, in torch's own OpenMP pool, one per 32768 elements at most.
     """

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <vector>
 
 #ifdef _OPENMP
@@ -392,31 +393,38 @@ struct Scratch {
       if (left - 64 * n <= 0) ++pf_i;
     }
   }
-  void reserve(int64_t unit, int64_t block, int64_t k, int64_t window_k, bool release, int64_t qblock) {
-    if ((int64_t)a.size() < unit + 16) {
-      a.assign(unit + 16, 0.f);
-      c8.assign(unit + 64, 0);
-      qlo.assign(unit + 1, 0.f);
-      qscale.assign(unit + 1, 0.f);
-      bmax.assign(unit + 1, 0);
+  // nq, nb: the most quantization and Top-K blocks that one unit of the call's tensors holds (per
+  // tensor, not the largest unit over the smallest block: tensors of one call may differ in both).
+  // Each buffer is checked on its own size, so an allocation that failed (std::bad_alloc, caught by
+  // the caller) leaves no buffer that passes the check smaller than it must be.
+  void reserve(int64_t unit, int64_t block, int64_t k, int64_t window_k, bool release, int64_t qblock, int64_t nq,
+               int64_t nb) {
+    grow(a, unit + 16, 0.f);
+    grow(c8, unit + 64, uint8_t(0));
+    grow(qlo, nq + 16, 0.f);
+    grow(qscale, nq + 16, 0.f);
+    grow(bmax, nb + 16, 0u);
+    if (release) {
+      grow(qinv, nq + 16, 0.f);
+      grow(sq, 2 * qblock, 0.f);
     }
-    if (release && (int64_t)qinv.size() < unit + 1) qinv.assign(unit + 1, 0.f);
-    if (release && (int64_t)sq.size() < 2 * qblock) sq.assign(2 * qblock, 0.f);
+    grow(ckey, block + 16, 0u);
+    grow(skey, block + 32, 0u);
+    grow(gmask, block / 8 + 1, uint16_t(0));  // a mask per 16 (AVX-512) or 8 (AVX2) entries
+    grow(glist, block / 8 + 1, uint16_t(0));
+    grow(cidx, block + 16, 0);
     if ((int64_t)mom.size() < 2 * (block + 16)) {
-      ckey.assign(block + 16, 0);
-      skey.assign(block + 32, 0);
-      gmask.assign(block / 8 + 1, 0);  // a mask per 16 (AVX-512) or 8 (AVX2) entries
-      glist.assign(block / 8 + 1, 0);
-      cidx.assign(block + 16, 0);
       mom.assign(2 * (block + 16), 0.f);
       for (size_t i = 1; i < mom.size(); i += 2) mom[i] = -0.f;
     }
-    if ((int64_t)sel.size() < k + 16) sel.assign(k + 16, 0);
-    if ((int64_t)uniq.size() < window_k + 1) {
-      uniq.assign(window_k + 1, 0);
-      root.assign(window_k + 1, 0.f);
-      num.assign(window_k + 1, 0.f);
-    }
+    grow(sel, k + 16, 0);
+    grow(uniq, window_k + 1, 0);
+    grow(root, window_k + 1, 0.f);
+    grow(num, window_k + 1, 0.f);
+  }
+  template <typename T>
+  static void grow(std::vector<T>& v, int64_t size, T value) {
+    if ((int64_t)v.size() < size) v.assign(size, value);
   }
 };
 
@@ -1504,12 +1512,13 @@ extern "C" {
 // One step of `count` tensors. Their units form one list (tensor by tensor, each in order), cut
 // into contiguous runs, one per thread: small tensors share threads and launch one parallel region
 // in all, instead of a call (and a region, or one thread) each. bad[t] = 1 where tensor t's
-// window_indices holds an index outside its block (a corrupt state); returns their count.
+// window_indices holds an index outside its block (a corrupt state); returns their count, or -1 if
+// a thread could not allocate its scratch (then nothing was written).
 int64_t microadam_step_cpu_multi(int64_t count, const StepArgs* items, int32_t* bad, void* vml_sqrt, int sqrt_mode,
                                  int num_threads) {
   std::vector<Args> As;
   std::vector<int64_t> first(1, 0);  // first global unit of each tensor, then the total
-  int64_t unit = 1, block = 1, k = 1, window_k = 1, qblock = 1;
+  int64_t unit = 1, block = 1, k = 1, window_k = 1, qblock = 1, nq = 1, nb = 1;
   bool release = false;
   for (int64_t t = 0; t < count; ++t) {
     bad[t] = 0;
@@ -1521,8 +1530,27 @@ int64_t microadam_step_cpu_multi(int64_t count, const StepArgs* items, int32_t* 
     k = A.k > k ? A.k : k;
     window_k = A.n_slots * A.k > window_k ? A.n_slots * A.k : window_k;
     qblock = A.qblock > qblock ? A.qblock : qblock;
+    const int64_t unit_nq = (A.unit + A.qblock - 1) / A.qblock, unit_nb = (A.unit + A.block - 1) / A.block;
+    nq = unit_nq > nq ? unit_nq : nq;
+    nb = unit_nb > nb ? unit_nb : nb;
     release = release || A.release;
   }
+  // The scratch is reserved by every thread before any unit is stepped: an allocation that fails
+  // (std::bad_alloc, which must not leave a parallel region nor this C function) then fails the
+  // whole call with nothing written, instead of leaving some units stepped.
+  int alloc_failed = 0;
+  auto reserve = [&]() -> Scratch* {
+    try {
+      Scratch& S = thread_scratch();
+      S.reserve(unit, block, k, window_k, release, qblock, nq, nb);
+      S.pf_unit = -1;
+      S.pf_tensor = nullptr;
+      return &S;
+    } catch (const std::bad_alloc&) {
+      __atomic_store_n(&alloc_failed, 1, __ATOMIC_RELAXED);
+      return nullptr;
+    }
+  };
   const int64_t total = first.back();
   // The tensor of global unit g, by binary search over the prefix sums (skips empty tensors).
   auto tensor_of = [&](int64_t g) {
@@ -1554,23 +1582,23 @@ int64_t microadam_step_cpu_multi(int64_t count, const StepArgs* items, int32_t* 
     // No parallel region at all, not a region of one thread: MKL's sqrt, called from inside an
     // inactive region, starts threads of its own on every call (measured: 24 us per call of 400
     // values, against 0.6 us outside a region or inside an active one; 5 ms per step for a bias).
-    Scratch& S = thread_scratch();
-    S.reserve(unit, block, k, window_k, release, qblock);
-    S.pf_unit = -1;
-    S.pf_tensor = nullptr;
-    for (int64_t g = 0; g < total; ++g) run(S, g);
+    Scratch* S = reserve();
+    if (S == nullptr) return -1;
+    for (int64_t g = 0; g < total; ++g) run(*S, g);
   } else {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
     {
-      Scratch& S = thread_scratch();
-      S.reserve(unit, block, k, window_k, release, qblock);
-      S.pf_unit = -1;
-      S.pf_tensor = nullptr;
+      Scratch* S = reserve();
+      // Every thread reads the flag after the barrier, so all of them skip the loop or none does.
+#pragma omp barrier
+      if (!__atomic_load_n(&alloc_failed, __ATOMIC_RELAXED)) {
 #pragma omp for schedule(static)
-      for (int64_t g = 0; g < total; ++g) run(S, g);
+        for (int64_t g = 0; g < total; ++g) run(*S, g);
+      }
     }
 #endif
+    if (alloc_failed) return -1;
   }
   int64_t nbad = 0;
   for (int64_t t = 0; t < count; ++t) nbad += bad[t];
