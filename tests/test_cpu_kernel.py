@@ -101,7 +101,7 @@ class Flags:
     stochastic_param_rounding: bool = True
     position_offset: int = 0
     chunk_size: int = functional.DEFAULT_CHUNK
-    grads: str = "normal"  # normal | ties | sparse | zeros
+    grads: str = "normal"  # normal | ties | sparse | zeros | signed-zeros
     eps: float = 1e-8
     grad_dtype: torch.dtype | None = None  # None: the parameter's dtype
     transposed_grad: bool = False
@@ -142,6 +142,8 @@ EXTRA = [
     (SHAPES[11], Flags("release-sparse", grads="sparse", release=0.5)),
     (SHAPES[8], Flags("release-zeros", grads="zeros", release=1.0, eps=0.0)),
     (SHAPES[8], Flags("release-ties", grads="ties", release=0.25, release_scale=2.0)),
+    (SHAPES[8], Flags("release-signed-zeros", grads="signed-zeros", release=0.5)),
+    (SHAPES[11], Flags("signed-zeros", grads="signed-zeros")),
 ]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -174,6 +176,13 @@ def make_grad(shape: Shape, flags: Flags, dtype: torch.dtype, gen: torch.Generat
         g = g * keep
     elif flags.grads == "zeros":
         g = torch.zeros_like(g)
+    elif flags.grads == "signed-zeros":
+        # +0, -0 and the smallest negative float32 (release halves it to -0) with a few normal
+        # values for the Top-K: which zero a block's min or max is depends on the order of the
+        # comparisons, unless every path makes it +0.
+        r = torch.rand(g.shape, generator=gen, dtype=torch.float64)
+        tiny = torch.full_like(g, -(2.0**-149))
+        g = torch.where(r < 0.03, g, torch.where(r < 0.5, tiny, torch.where(r < 0.75, -0.0, 0.0)))
     return g.to(flags.grad_dtype or dtype)
 
 

@@ -65,6 +65,7 @@ class Case:
     transposed: bool = False  # non-contiguous parameters (2-D shapes only)
     release: float = 0.0  # released error feedback (MicroAdam's default variant: 0.5)
     release_scale: float = 1.0
+    signed_zeros: bool = False  # gradients of +0, -0 and -2**-149 (halved to -0 by release), a few normal
 
 
 # Shapes: one element, tiny (one block), just over a 64-block (a last block shorter than k, whose
@@ -89,6 +90,7 @@ CASES = [
     Case("odd-quant-larger", ((61,),), block_size=5, quant_block_size=15, density=0.4, window=2, steps=4),
     Case("odd-quant-rows", ((50,),), block_size=64, quant_block_size=7, density=0.1, window=2, steps=4),
     Case("bf16-grads", ((65,), (139,)), grad_dtype=torch.bfloat16, window=3, steps=5),
+    Case("release-signed-zeros", ((65,), (139,)), release=0.5, signed_zeros=True, window=3, steps=4),
     Case("fp64-grads-fp16", ((65,),), dtype=torch.float16, grad_dtype=torch.float64, window=2, steps=4),
     Case("zero-ties-eps0", ((65,), (139,)), zero_fraction=0.97, eps=0.0, window=3, steps=5),
     Case("transposed", ((5, 9), (13, 3)), transposed=True, window=2, steps=4),
@@ -200,6 +202,12 @@ def _grad(shape: tuple[int, ...], case: Case, gen: torch.Generator) -> torch.Ten
     g = torch.randn(shape, generator=gen, dtype=torch.float64)
     if case.zero_fraction:
         g = g * (torch.rand(shape, generator=gen, dtype=torch.float64) >= case.zero_fraction)
+    if case.signed_zeros:
+        # Which zero a block's min or max is depends on the order of comparisons unless every path
+        # makes it +0 (ops.quant._plus_zero).
+        r = torch.rand(shape, generator=gen, dtype=torch.float64)
+        tiny = torch.full_like(g, -(2.0**-149))
+        g = torch.where(r < 0.05, g, torch.where(r < 0.5, tiny, torch.where(r < 0.75, -0.0, 0.0)))
     return g.to(case.grad_dtype or case.dtype).to(DEVICE)
 
 

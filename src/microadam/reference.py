@@ -128,8 +128,8 @@ class ReferenceMicroAdam:
                 if rms > 0:
                     move[j * self.q : (j + 1) * self.q] = x * (self.release_scale / rms)
                 x.mul_(1 - self.release) if self.release < 1 else x.zero_()
-            lo = bf16_floor(x.min()).to(cd)
-            hi = bf16_ceil(x.max()).to(cd)
+            lo = bf16_floor(x.min() + 0.0).to(cd)  # -0 becomes +0, as in ops.quant.quantize_blocks
+            hi = bf16_ceil(x.max() + 0.0).to(cd)
             scale = (hi - lo) / 15
             if self.error_rounding == "stochastic":
                 pos = torch.arange(j * self.q, j * self.q + x.numel())

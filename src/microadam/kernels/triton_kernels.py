@@ -452,8 +452,9 @@ if triton is not None:
             # keep == 0 stores exact zeros (rest * 0 would give -0 for negative entries).
             rest = tl.where(keep != 0.0, rest * keep, 0.0)
         lo_raw, hi_raw = _seg_min_max(rest, in_data, seg, Q_MODE)
-        lo16 = _bf16_round(tl.where(qrow_ok, lo_raw, 0.0), 0)
-        hi16 = _bf16_round(tl.where(qrow_ok, hi_raw, 0.0), 1)
+        # +0 for a zero min or max, whichever zero the reduction met first (ops.quant._plus_zero).
+        lo16 = _bf16_round(tl.where(qrow_ok & (lo_raw != 0.0), lo_raw, 0.0), 0)
+        hi16 = _bf16_round(tl.where(qrow_ok & (hi_raw != 0.0), hi_raw, 0.0), 1)
         lo = (lo16 << 16).to(tl.float32, bitcast=True)
         hi = (hi16 << 16).to(tl.float32, bitcast=True)
         scale = tl.div_rn(hi - lo, 15.0)

@@ -43,6 +43,14 @@ def _scale(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return (hi.to(dtype) - lo.to(dtype)) / LEVELS
 
 
+def _plus_zero(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with -0 made +0. Which zero the min or max of a block holding both gives depends on the
+    order of the comparisons, which differs between amin's vector lanes, the C++ path's and the
+    Triton kernels' reductions (release halves a negative subnormal to -0): the bounds take +0, so
+    that the state is bit-identical in every path."""
+    return torch.where(x == 0, torch.zeros_like(x), x)
+
+
 def quantize_blocks(a: torch.Tensor, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize each row of ``a`` (``[blocks, q]``) to 4-bit codes.
 
@@ -54,8 +62,8 @@ def quantize_blocks(a: torch.Tensor, uniform: torch.Tensor | None) -> tuple[torc
     Returns:
         ``(codes uint8 [blocks, q], lo bf16 [blocks], hi bf16 [blocks])``.
     """
-    lo = bf16_floor(a.amin(dim=1))
-    hi = bf16_ceil(a.amax(dim=1))
+    lo = bf16_floor(_plus_zero(a.amin(dim=1)))
+    hi = bf16_ceil(_plus_zero(a.amax(dim=1)))
     scale = _scale(lo, hi, a.dtype)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     x = (a - lo.to(a.dtype)[:, None]) / safe[:, None]

@@ -1016,8 +1016,10 @@ inline void min_max(const float* a, int64_t len, float keep, float& mn, float& m
     lo = x < lo ? x : lo;
     hi = x > hi ? x : hi;
   }
-  mn = lo;
-  mx = hi;
+  // Which zero a block of signed zeros gives depends on the order of comparisons (the torch path's
+  // amin and these lanes differ): the bounds take +0 for either, in every path (ops.quant).
+  mn = lo == 0.f ? 0.f : lo;
+  mx = hi == 0.f ? 0.f : hi;
 }
 
 // floor(x) clamped to [0, 15] for x = (a - lo) / scale + r >= 0 (lo <= a, scale > 0, r >= 0), where
