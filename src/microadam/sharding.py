@@ -12,8 +12,9 @@ Two cases, decided from the tensor's global shape and the mesh alone, so every r
 * **Aligned**: every rank's shard starts and ends on a Top-K block and a quantization block
   boundary of the global layout, and DTensor's even chunking of the global state tensors gives each
   rank exactly its own blocks. The rank's state *is* its part of the global state: it is wrapped as
-  ``Shard`` DTensors with no copy and no communication, and loads back bit for bit, at any world
-  size where the target is aligned too. (Typical weights: rows split evenly into whole blocks.)
+  ``Shard`` DTensors with no communication and no copy but of the indices (widened, below), and
+  loads back bit for bit, at any world size where the target is aligned too. (Typical weights: rows
+  split evenly into whole blocks.)
 * **Not aligned** (e.g. a 1-D bias split mid-block): the shards' blocks are not the global blocks.
   ``state_dict`` gathers the shards' entries over the mesh (a collective: every rank must call it,
   as with any DCP save) and re-cuts them into the global layout, as ``Replicate`` DTensors. On load,
@@ -22,6 +23,11 @@ Two cases, decided from the tensor's global shape and the mesh alone, so every r
   (``k``), the smallest are dropped, and the error feedback is re-quantized on the new blocks
   (within one quantization step). Both are counted in :data:`LAST_RESHARD`. Same-world resumes are
   exact only for aligned parameters; the others move within these bounds.
+
+``window_indices`` are int16 in a rank's state but int32 in the global layout: gloo and NCCL have no
+int16, so a gather of an int16 DTensor (``get_optimizer_state_dict(full_state_dict=True)``,
+``full_tensor()``) fails with "Invalid scalar type". ``to_local`` narrows them back (refusing values that
+do not fit); DCP casts between the two on load, so checkpoints written with int16 still load.
 
 Each global-layout entry carries ``row_ids`` (the global row numbers of the rows this rank holds, a
 ``Shard(0)`` DTensor like the parameter): after a load they must be this rank's rows, so a per-rank
@@ -48,6 +54,8 @@ LAST_RESHARD: dict[str, int] = {"dropped_entries": 0, "requantized_elements": 0}
 
 MICRO_KEYS = ("window_indices", "window_values", "error_codes", "error_bounds")
 DENSE_KEYS = ("exp_avg", "exp_avg_sq")
+# The dtype of window_indices in the global layout: one every process-group backend can gather.
+WIRE_INDEX_DTYPE = torch.int32
 
 
 def _chunk(n: int, world: int, r: int) -> tuple[int, int]:
@@ -235,9 +243,11 @@ def to_global(st: dict[str, Any], p: torch.Tensor, glob: Layout, local_layout: A
     out: dict[str, Any] = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
     out["numel"] = glob.numel
     out["row_ids"] = _row_ids(spec, device)
-    # Every sharded entry has "shards" (bytes, opaque to DCP and the same on every rank), so a template
-    # built at any world size asks for it: empty unless the state had to be re-cut (below).
-    out["shards"] = b""
+    # Every sharded entry has "shards" (bytes or None, opaque to DCP, the same on every rank), so a template
+    # built at any world size asks for it: None unless the state had to be re-cut (below). Not b"":
+    # pickle protocol 2 (torch.save's) writes an empty bytes object as a call of the bytes class,
+    # which torch.load(weights_only=True), torch's default, refuses ("Unsupported global: GLOBAL bytes").
+    out["shards"] = None
     if "exp_avg" in st:  # fell back to dense AdamW: moments shaped (and sharded) like the parameter
         for key in DENSE_KEYS:
             out[key] = _dtensor(st[key], spec, 0, tuple(p.shape))
@@ -251,7 +261,7 @@ def to_global(st: dict[str, Any], p: torch.Tensor, glob: Layout, local_layout: A
     dims = {"window_indices": 1, "window_values": 1, "error_codes": 0, "error_bounds": 0}
     if is_aligned(spec, glob, local_layout):
         for key in MICRO_KEYS:
-            out[key] = _dtensor(st[key], spec, dims[key], shapes[key])
+            out[key] = _dtensor(_wire(key, st[key]), spec, dims[key], shapes[key])
         return out
     # Not aligned: gather every shard's state (on the CPU) and re-cut it into the global blocks.
     import torch.distributed as dist
@@ -262,7 +272,7 @@ def to_global(st: dict[str, Any], p: torch.Tensor, glob: Layout, local_layout: A
     dist.all_gather_object(everyone, mine, group=spec.mesh.get_group(spec.mesh_dim))
     full = _recut(everyone, 0, glob)
     for key in MICRO_KEYS:
-        out[key] = _dtensor(full[key].to(device), spec, None, shapes[key])
+        out[key] = _dtensor(_wire(key, full[key].to(device)), spec, None, shapes[key])
     # Re-cutting is not exact, so the shards' own states ride along: a load with the same sharding
     # takes its state from here, bit for bit; another sharding re-cuts the global layout above.
     buf = io.BytesIO()
@@ -271,6 +281,25 @@ def to_global(st: dict[str, Any], p: torch.Tensor, glob: Layout, local_layout: A
     )
     out["shards"] = buf.getvalue()
     return out
+
+
+def _wire(key: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as saved in the global layout: int16 indices widened (a copy of them; the rest is shared)."""
+    return t.to(WIRE_INDEX_DTYPE) if key == "window_indices" else t
+
+
+def _narrowed(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with window_indices back in int16, the state's own dtype.
+
+    Only integer values that fit are narrowed: anything else is left for ``check_micro_state`` to refuse
+    (an int32 value of 65536 + 3 must not wrap to a valid index 3).
+    """
+    t = state.get("window_indices")
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+        return state
+    if t.numel() == 0 or (int(t.min()) >= -(2**15) and int(t.max()) < 2**15):
+        state["window_indices"] = t.to(torch.int16)
+    return state
 
 
 def _plain(t: Any) -> torch.Tensor:
@@ -297,7 +326,7 @@ def to_local(
         for key in (*MICRO_KEYS, *DENSE_KEYS):
             if key in saved:
                 out[key] = _gathered(saved[key])
-        return out
+        return _narrowed(out)
     a, b = _chunk(spec.rows, spec.world, spec.rank)
     s, e = spec.element_range(spec.rank)
     local_rows = _plain(rows)
@@ -321,7 +350,7 @@ def to_local(
         return out
     lay = local_layout(e - s)
     out["numel"] = e - s
-    exact = _own_shard(saved.get("shards", b""), spec, pid)
+    exact = _own_shard(saved.get("shards"), spec, pid)
     if exact is not None:
         out.update(exact)
         return out
@@ -330,8 +359,8 @@ def to_local(
     if aligned and all(sharded):
         for key in MICRO_KEYS:
             out[key] = saved[key].to_local()
-        return out
-    full = {k: _gathered(saved[k]) for k in MICRO_KEYS}
+        return _narrowed(out)
+    full = _narrowed({k: _gathered(saved[k]) for k in MICRO_KEYS})
     from microadam.optimizer import check_micro_state
 
     check_micro_state(pid, full, glob)
@@ -373,5 +402,9 @@ def _is_sharded(t: Any) -> bool:
 def _gathered(t: Any) -> torch.Tensor:
     """The whole tensor: a sharded DTensor is gathered (a collective), a replicated one unwrapped."""
     if type(t).__name__ == "DTensor":
-        return t.full_tensor() if _is_sharded(t) else t.to_local()
+        if not _is_sharded(t):
+            return t.to_local()
+        if t.dtype == torch.int16:  # gloo and NCCL cannot gather int16 (see the module docstring)
+            return t.to(torch.int32).full_tensor().to(torch.int16)
+        return t.full_tensor()
     return t

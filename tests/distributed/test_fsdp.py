@@ -111,7 +111,8 @@ def _ckpt_worker(rank: int, world: int, out: str) -> None:
             torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, f"{out}/ckpt{rank}.pt")
             dist.barrier()
             model, opt = build()
-            ck = torch.load(f"{out}/ckpt{rank}.pt", weights_only=False)
+            # weights_only=True (torch.load's default since torch 2.6): the state must hold nothing else.
+            ck = torch.load(f"{out}/ckpt{rank}.pt", weights_only=True)
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optim"])
         opt.zero_grad()
@@ -120,7 +121,7 @@ def _ckpt_worker(rank: int, world: int, out: str) -> None:
         opt.step()
         resumed.append(loss.item())
     # The other rank's file: refused, nothing changed.
-    other = torch.load(f"{out}/ckpt{1 - rank}.pt", weights_only=False)
+    other = torch.load(f"{out}/ckpt{1 - rank}.pt", weights_only=True)
     try:
         opt.load_state_dict(other["optim"])
         refused = ""

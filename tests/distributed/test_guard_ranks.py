@@ -79,3 +79,49 @@ def test_every_rank_takes_the_same_decisions_and_keeps_its_own_checkpoint(tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [(r["step"], r["event"], r["actions"]) for r in rows] == [tuple(e) for e in r0["events"]]
     spawn(_resume_worker, str(tmp_path))
+
+
+def _fsdp_setup(folder: str, resume: bool = False) -> tuple[torch.nn.Module, MicroAdam, Guard]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    # 64 rows of 20: 32 per rank, whole blocks of 128 (state saved as Shard DTensors); the biases of
+    # 64 and 3 are split mid-block (state re-cut, the exact shards in a bytes blob).
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+    fully_shard(model)
+    opt = MicroAdam(model.parameters(), lr=3e-3, density=0.05, block_size=128, quant_block_size=32)
+    policy = GuardPolicy(snapshot_every=4, warmup=3, checkpoint_dir=f"{folder}/ckpt")
+    return model, opt, Guard(model, opt, policy, resume=resume)
+
+
+def _fsdp_worker(rank: int, world: int, folder: str) -> None:
+    model, opt, guard = _fsdp_setup(folder)
+    g = torch.Generator().manual_seed(1)
+    for s in range(1, 11):
+        x, y = torch.randn(BATCH, 20, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if s == 6 and rank == 1:  # in this rank's shard only: the other rank's gradients are finite
+            model[0].weight.grad.to_local()[0, 0] = float("nan")
+        guard.step(loss)
+        opt.zero_grad()
+    torch.save({"step": guard.step_count, "events": [(e.step, e.event) for e in guard.events]}, f"{folder}/r{rank}.pt")
+
+
+def _fsdp_resume_worker(rank: int, world: int, folder: str) -> None:
+    model, opt, guard = _fsdp_setup(folder, resume=True)
+    steps = sorted({s["step"] for s in opt.state.values()})
+    torch.save({"step": guard.step_count, "opt_steps": steps}, f"{folder}/x{rank}.pt")
+
+
+def test_fsdp2_per_rank_guard_checkpoints_resume(tmp_path: Path) -> None:
+    # The per-rank file holds DTensors and the sharded optimizer state; resume=True reads it with
+    # torch.load(weights_only=True), which the state must pass (an empty bytes object does not).
+    spawn(_fsdp_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["events"] == r1["events"] == [(6, "nonfinite")]
+    spawn(_fsdp_resume_worker, str(tmp_path))
+    for r in (0, 1):
+        res = torch.load(tmp_path / f"x{r}.pt", weights_only=True)
+        # The last snapshot came after the skipped step 6: one optimizer step fewer than guard steps.
+        assert res["step"] > 6 and res["opt_steps"] == [res["step"] - 1], res

@@ -1,0 +1,107 @@
+"""A *full* optimizer state dict under FSDP2: gathered on 2 ranks, loaded by one plain process and by 2 ranks.
+
+``get_optimizer_state_dict(..., full_state_dict=True, cpu_offload=True)`` gathers every DTensor of the
+state with an all-gather. gloo and NCCL have no int16, so the global layout's ``window_indices`` are
+int32 (``microadam.sharding``); loading narrows them back to the state's int16. The block-aligned MLP
+keeps the same blocks at any world size, so both continuations are the uninterrupted 2-rank run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from microadam import MicroAdam
+
+from .launch import spawn
+from .test_fsdp import KW, _batches, _model
+
+pytestmark = pytest.mark.distributed
+
+SAVE_AT = 5
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list) -> list[float]:
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _sharded() -> tuple[torch.nn.Module, MicroAdam]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(False)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, MicroAdam(model.parameters(), **KW)
+
+
+def _save_worker(rank: int, world: int, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model, opt = _sharded()
+    _train(model, opt, _batches()[:SAVE_AT])
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rest = _train(model, opt, _batches()[SAVE_AT:])
+    if rank == 0:  # cpu_offload keeps the full dicts on rank 0 only
+        torch.save({"model": msd, "optim": osd, "rest": rest}, f"{out}/full.pt")
+
+
+def _load_worker(rank: int, world: int, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model, opt = _sharded()
+    ck = torch.load(f"{out}/full.pt", weights_only=False)
+    set_state_dict(
+        model, opt, model_state_dict=ck["model"], optim_state_dict=ck["optim"],
+        options=StateDictOptions(full_state_dict=True),
+    )  # fmt: skip
+    dtypes = {opt.state[p]["window_indices"].dtype for p in model.parameters()}
+    rest = _train(model, opt, _batches()[SAVE_AT:])
+    if rank == 0:
+        torch.save({"rest": rest, "dtypes": dtypes}, f"{out}/resumed.pt")
+
+
+def test_full_state_dict_from_2_ranks_loads_into_one_plain_process_and_back_into_2(tmp_path):
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    spawn(_save_worker, str(tmp_path))
+    ck = torch.load(tmp_path / "full.pt", weights_only=False)
+    # What a consolidated checkpoint is for: a plain model, no process group, no FSDP.
+    model = _model(False)
+    opt = MicroAdam(model.parameters(), **KW)
+    set_state_dict(model, opt, model_state_dict=ck["model"], optim_state_dict=ck["optim"])
+    assert {opt.state[p]["window_indices"].dtype for p in model.parameters()} == {torch.int16}
+    assert {opt.state[p]["step"] for p in model.parameters()} == {SAVE_AT}
+    assert _train(model, opt, _batches()[SAVE_AT:]) == ck["rest"]
+    spawn(_load_worker, str(tmp_path))
+    res = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    assert res["dtypes"] == {torch.int16}
+    assert res["rest"] == ck["rest"]
+
+
+def test_global_layout_indices_that_do_not_fit_int16_are_refused_not_wrapped():
+    # One process, no group: the state of a sharded save as a plain dict, with an index widened to
+    # int32. A value that fits is narrowed and loads; 2**16 + 3 would wrap to the valid index 3.
+    model = torch.nn.Linear(64, 8)
+    opt = MicroAdam(model.parameters(), **KW)
+    model(torch.randn(4, 64)).square().mean().backward()
+    opt.step()
+    sd = opt.state_dict()
+    for entry in sd["state"].values():
+        entry["row_ids"] = torch.arange(8, dtype=torch.int32)  # weight (8, 64) and bias (8,): 8 rows each
+        entry["window_indices"] = entry["window_indices"].to(torch.int32)
+    fresh = MicroAdam(model.parameters(), **KW)
+    fresh.load_state_dict(sd)
+    assert fresh.state[model.weight]["window_indices"].dtype == torch.int16
+    assert torch.equal(fresh.state[model.weight]["window_indices"], opt.state[model.weight]["window_indices"])
+    sd["state"][0]["window_indices"][0, 0, 0] = 2**16 + 3
+    with pytest.raises(ValueError, match="window_indices"):
+        MicroAdam(model.parameters(), **KW).load_state_dict(sd)
