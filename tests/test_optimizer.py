@@ -706,3 +706,20 @@ def test_checkpoint_from_before_release_resumes_as_the_paper_algorithm():
     _steps(old, base, 3, seed=2)
     _steps(resumed, resumed_p, 3, seed=2)
     assert torch.equal(resumed_p[0].detach(), base[0].detach())
+
+
+def test_the_skip_flag_of_sharded_gradients_goes_where_the_backend_reduces(monkeypatch):
+    """FSDP2's CPUOffloadPolicy keeps gradients on the CPU; an NCCL-only group reduces CUDA tensors
+    only, so the all-ranks skip flag moves to the current CUDA device there (a gloo group keeps it)."""
+    from microadam import optimizer as optmod
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for backend, expected in [
+        ("nccl", torch.device("cuda", 0)),
+        ("gloo", torch.device("cpu")),
+        ("cpu:gloo,cuda:nccl", torch.device("cpu")),
+    ]:
+        monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None, b=backend: b)
+        assert optmod._collective_device(torch.device("cpu")) == expected, backend
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    assert optmod._collective_device(torch.device("cuda", 1)) == torch.device("cuda", 1)

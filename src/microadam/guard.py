@@ -752,6 +752,15 @@ class Guard:
         torch.distributed.all_reduce(t, op=op)
         return bool(t.item() > 0.5)
 
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        if not self._distributed():
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
     def _mean_over_ranks(self, value: float) -> float:
         """The loss every rank judges: the mean over ranks (a local loss would let ranks disagree)."""
         if not self._distributed():
@@ -842,9 +851,17 @@ class Guard:
         opt = self._microadam()
         if opt is not None and p.max_error_ratio is not None and self.step_count % p.error_check_every == 0:
             grads = [q.grad for g in opt.param_groups for q in g["params"] if q.grad is not None]
-            gnorm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
-            enorm, _ = opt.error_feedback_norm()
-            ratio = enorm / gnorm if gnorm > 0 else 0.0
+            # This rank's parts of both norms (error_feedback_norm is the local shard's), summed over
+            # the ranks: under FSDP2 that is the whole model's, and under DDP, where every rank holds
+            # everything, both sums grow by the world size alike. Every rank gets the same ratio and
+            # takes the same decision (a density changed on one rank only would change its state's
+            # shapes and mismatch the next collective).
+            from microadam.optimizer import local_tensor
+
+            gsq = sum(float(local_tensor(g).double().square().sum()) for g in grads)
+            esq = opt.error_feedback_norm()[0] ** 2
+            esq, gsq = self._sum_over_ranks([esq, gsq])
+            ratio = math.sqrt(esq / gsq) if gsq > 0 else 0.0
             if ratio > p.max_error_ratio:
                 self._pending_drift = {"error_ratio": ratio, "max_error_ratio": p.max_error_ratio}
             elif p.auto_density and p.min_error_ratio is not None and ratio < p.min_error_ratio:

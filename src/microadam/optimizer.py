@@ -76,6 +76,15 @@ def global_offset(t: torch.Tensor) -> int:
     return flat
 
 
+def _collective_device(device: torch.device) -> torch.device:
+    """Where a small tensor for a collective must live: NCCL reduces CUDA tensors only, and FSDP2's
+    CPUOffloadPolicy keeps gradients on the CPU; a group with a CPU backend too (gloo) takes them."""
+    backend = str(torch.distributed.get_backend())
+    if device.type == "cpu" and "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def grads_all_finite(grads: list[torch.Tensor]) -> bool:
     """True iff every element of every tensor is finite; a few reductions and a single host sync.
 
@@ -458,6 +467,9 @@ class MicroAdam(Optimizer):
                 )
             if not p.is_floating_point():
                 raise TypeError(f"MicroAdam needs floating-point parameters, got {p.dtype}")
+            # A DTensor sharding MicroAdam cannot checkpoint (tensor parallelism's Shard(1), ...) is
+            # refused here, not at the first state_dict() after hours of training.
+            sharding.shard_spec(p)
         super().add_param_group({**param_group, "params": params})
 
     def __getstate__(self) -> dict[str, Any]:
@@ -552,7 +564,7 @@ class MicroAdam(Optimizer):
         finite = self._all_finite([local_tensor(g) for _, _, _, g in work])
         if any(type(p).__name__ == "DTensor" for _, _, p, _ in work) and torch.distributed.is_initialized():
             # Sharded: each rank sees its shard's gradients only; all must skip, or none.
-            flag = torch.tensor([1.0 if finite else 0.0], device=local_tensor(work[0][3]).device)
+            flag = torch.tensor([1.0 if finite else 0.0], device=_collective_device(local_tensor(work[0][3]).device))
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             finite = bool(flag.item() > 0.5)
         if not finite:

@@ -125,3 +125,40 @@ def test_fsdp2_per_rank_guard_checkpoints_resume(tmp_path: Path) -> None:
         res = torch.load(tmp_path / f"x{r}.pt", weights_only=True)
         # The last snapshot came after the skipped step 6: one optimizer step fewer than guard steps.
         assert res["step"] > 6 and res["opt_steps"] == [res["step"] - 1], res
+
+
+def _error_ratio_worker(rank: int, world: int, folder: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    fully_shard(model)
+    opt = MicroAdam(model.parameters(), lr=1e-2, density=0.02, block_size=256, quant_block_size=32)
+    # Each rank's own shard's ratio straddles 0.5 at some steps (measured: rank 1 above, rank 0 below).
+    policy = GuardPolicy(max_error_ratio=0.5, auto_density=(0.01, 0.5), error_check_every=1, warmup=100)
+    guard = Guard(model, opt, policy)
+    g = torch.Generator().manual_seed(1)
+    densities, ratios = [], []
+    for _ in range(6):
+        x, y = torch.randn(16, 32, generator=g), torch.randint(0, 4, (16,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        ratios.append(opt.error_feedback_norm()[0])  # this rank's shard only
+        guard.step(loss)
+        opt.zero_grad()
+        densities.append(opt.param_groups[0]["density"])
+    everyone: list = [None] * world
+    torch.distributed.all_gather_object(everyone, (densities, ratios))
+    if rank == 0:
+        Path(folder, "densities.json").write_text(json.dumps(everyone))
+
+
+def test_error_feedback_checks_decide_alike_on_every_fsdp2_rank(tmp_path: Path) -> None:
+    """error_feedback_norm() is the rank's shard's: the guard sums both norms' squares over the ranks, so
+    every rank judges the whole model's ratio (one rank raised its density while the other did not,
+    and the next collective aborted the process)."""
+    spawn(_error_ratio_worker, str(tmp_path))
+    (d0, r0), (d1, r1) = json.loads((tmp_path / "densities.json").read_text())
+    assert d0 == d1, (d0, d1)
+    assert max(d0) > 0.02, "the check acted (raised the density) at some step"
+    assert r0 != r1, "the ranks' own error norms differ: the case needs the sum over ranks"
