@@ -174,3 +174,30 @@ def test_wrong_number_of_groups_or_params_raises():
     fewer = MicroAdam(params[:3], **KW)
     with pytest.raises(ValueError, match="parameters"):
         fewer.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_a_state_saved_with_other_strides_loads_contiguous(impl):
+    """load_state_dict copied with .to(copy=True), which keeps a dense tensor's strides: a state whose
+    tensors were saved transposed (same values) made the torch path fail in a view."""
+    torch.manual_seed(0)
+    init = torch.randn(100)
+    params = {name: torch.nn.Parameter(init.clone()) for name in ("a", "b")}
+    opts = {name: MicroAdam([p], lr=1e-2, window=2, density=0.1, block_size=32, quant_block_size=8, impl=impl)
+            for name, p in params.items()}  # fmt: skip
+    grad = torch.randn(100)
+    for name, p in params.items():
+        p.grad = grad.clone()
+        opts[name].step()
+    sd = opts["b"].state_dict()
+    for key, t in list(sd["state"][0].items()):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            # The same values, column-major: dense but not contiguous.
+            sd["state"][0][key] = t.mT.contiguous().mT
+            assert not sd["state"][0][key].is_contiguous()
+    opts["b"].load_state_dict(sd)
+    for name, p in params.items():
+        p.grad = grad.flip(0)
+        opts[name].step()
+    assert torch.equal(params["a"], params["b"])
+    assert all(t.is_contiguous() for t in opts["b"].state[params["b"]].values() if isinstance(t, torch.Tensor))

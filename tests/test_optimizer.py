@@ -51,6 +51,12 @@ BAD_ARGS = [
         ValueError,
         ["release=0.5", "impl='triton'", "quant_block_size=96", "block_size=48", "powers of two", "impl='cpp'"],
     ),
+    # The update kernel's comparison tile is next_pow2(k) squared: Triton's largest tensor bounds k.
+    (
+        dict(impl="triton", density=0.3),
+        ValueError,
+        ["impl='triton'", "k=1229", "at most 1024", "density", "impl='torch'"],
+    ),
     # The Triton compress kernel holds a quantization block in one program's registers.
     (
         dict(impl="triton", variant="paper", quant_block_size=2**16),

@@ -866,6 +866,14 @@ def test_bad_arguments_raise_value_errors() -> None:
     with pytest.raises(ValueError, match=r"quant_block_size must be <= 32768.*got quant_block_size=65536"):
         tk.microadam_step_triton(q, torch.ones_like(q), **_args(q, layout=lay, **state))
     assert not any(t.any() for t in state.values()) and not q.any()
+    # More than 1024 entries per block: the update kernel's tile would exceed Triton's largest
+    # tensor after the compress kernel had written the ring slot (a half-applied step). Refused first.
+    big = torch.zeros(2000, device=DEVICE)
+    lay = layout_for(2000, block_size=4096, density=0.6, quant_block_size=128, window=2)
+    state = _zero_state(lay)
+    with pytest.raises(ValueError, match=r"at most 1024 entries per Top-K block, got k=1200"):
+        tk.microadam_step_triton(big, torch.ones_like(big), **_args(big, layout=lay, **state, release=0.5))
+    assert not any(t.any() for t in state.values()) and not big.any()
     one = torch.zeros(10, device=DEVICE)
     lay = layout_for(10, block_size=16, density=0.1, quant_block_size=2**16, window=2)
     tk.microadam_step_triton(one, torch.ones_like(one), **_args(one, layout=lay, **_zero_state(lay)))
@@ -884,3 +892,20 @@ def test_bad_arguments_raise_value_errors() -> None:
 def test_empty_tensor_is_a_no_op() -> None:
     p = torch.zeros(0, device=DEVICE)
     tk.microadam_step_triton(p, torch.zeros_like(p), **_args(p))
+
+
+def test_a_negative_zero_lr_is_not_taken_for_zero_from_the_cache() -> None:
+    """The float row is cached per step, and -0.0 == 0.0 as a cache key: a group with lr=-0.0 stepped
+    after one with lr=0.0 got +0.0, and p - lr * u differed from the torch path's in a zero's sign."""
+    groups = [(0.0, 0.0), (-0.0, -0.0)]  # (lr, the parameter's value)
+    got, want = [], []
+    for impl, out in (("triton", got), ("torch", want)):
+        params = [torch.full((8,), value, device=DEVICE) for _, value in groups]
+        lay = layout_for(8, block_size=8, density=0.5, quant_block_size=8, window=2)
+        grad = torch.linspace(-1, 1, 8, device=DEVICE)
+        for i, ((lr, _), p) in enumerate(zip(groups, params)):
+            state = _zero_state(lay)
+            microadam_step(p, grad.clone(), **_args(p, layout=lay, **state, lr=lr, param_index=i), impl=impl)
+        out.extend(p.clone() for p in params)
+    for g, w in zip(got, want):
+        assert torch.equal(g.view(torch.int32), w.view(torch.int32)), (g, w)

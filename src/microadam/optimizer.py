@@ -25,7 +25,7 @@ from microadam.functional import (
     zero_state,
 )
 from microadam.kernels import PartialStepError, load_phases, resolve_impl, triton_layout_error
-from microadam.layout import MAX_BLOCK_SIZE, Layout, layout_for
+from microadam.layout import MAX_BLOCK_SIZE, Layout, k_per_block, layout_for
 
 __all__ = [
     "MicroAdam",
@@ -287,7 +287,7 @@ def _check_group(group: dict[str, Any]) -> None:
     if group["impl"] not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"Invalid impl: {group['impl']!r}; use None (automatic) or one of {IMPLEMENTATIONS}")
     if group["impl"] == "triton":
-        problem = triton_layout_error(b, q, group.get("release", 0.0))
+        problem = triton_layout_error(b, q, group.get("release", 0.0), k_per_block(b, group["density"]))
         if problem is not None:
             raise ValueError(problem)
 
@@ -1027,15 +1027,20 @@ class MicroAdam(Optimizer):
         if group.get("dense", False):
             float_dt = torch.float64 if p.dtype == torch.float64 else torch.float32
             for key in ("exp_avg", "exp_avg_sq"):
-                out[key] = _checked_tensor(pid, key, saved[key], tuple(p.shape), float_dt).to(p.device, copy=True)
+                out[key] = _checked_tensor(pid, key, saved[key], tuple(p.shape), float_dt).to(
+                    p.device, memory_format=torch.contiguous_format, copy=True
+                )
                 if not bool(torch.isfinite(out[key]).all()):
                     raise ValueError(
                         f"the loaded {key!r} of parameter {pid!r} holds NaN or Inf; the checkpoint is corrupt"
                     )
             return out
         checked = check_micro_state(pid, saved, lay)
-        # Copy, keeping the dtype; move to the parameter's device.
-        out.update({k: t.to(device=p.device, copy=True) for k, t in checked.items()})
+        # Copy, keeping the dtype, into contiguous memory on the parameter's device: .to(copy=True)
+        # keeps a dense tensor's strides, and a state saved transposed (same values, other strides)
+        # made the torch path fail in a view and the Triton path refuse it.
+        contiguous = torch.contiguous_format
+        out.update({k: t.to(device=p.device, memory_format=contiguous, copy=True) for k, t in checked.items()})
         return out
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "availability",
     "release_tiles",
     "resolve_impl",
+    "TRITON_MAX_K",
     "TRITON_MAX_QUANT_BLOCK",
     "triton_layout_error",
 ]
@@ -133,14 +134,28 @@ def release_tiles(block: int, quant_block: int) -> bool:
 # the group, and the compiled tile, grow without bound (a 2**20-element tile does not compile in any
 # useful time), so it is held to the same bound.
 TRITON_MAX_QUANT_BLOCK = 2**15
+# The update kernel compares a block's window entries slot by slot in a tile of next_pow2(k) squared
+# elements, and Triton's largest tensor is 2**20 elements.
+TRITON_MAX_K = 2**10
 
 
-def triton_layout_error(block: int, quant_block: int, release: float) -> str | None:
-    """Why the Triton kernels cannot step tensors of several Top-K blocks of this layout, or None.
+def triton_layout_error(
+    block: int, quant_block: int, release: float, k: int, several_blocks: bool = True
+) -> str | None:
+    """Why the Triton kernels cannot step tensors of this layout, or None.
 
-    The optimizer asks it of a group with ``impl="triton"`` when the group is built; the kernels ask
-    it of a tensor of more than one Top-K block (a single block is one tile row however large the
-    quantization block is)."""
+    The optimizer asks it of a group with ``impl="triton"`` when the group is built (``k`` of a full
+    block); the kernels ask it of each tensor before anything is launched. ``several_blocks``: the
+    quantization block's limits hold only for a tensor of more than one Top-K block (a single block
+    is one tile row however large the quantization block is)."""
+    if k > TRITON_MAX_K:
+        return (
+            f"impl='triton' keeps at most {TRITON_MAX_K} entries per Top-K block, got k={k} "
+            f"(ceil(block * density) with block {block}); use a smaller density or block_size, or impl='torch' "
+            "(impl='cpp' on CPU)"
+        )
+    if not several_blocks:
+        return None
     if quant_block > TRITON_MAX_QUANT_BLOCK and quant_block > block:
         return (
             f"impl='triton' holds a quantization block in one program's registers: quant_block_size must be "

@@ -798,7 +798,19 @@ def _prepare(
         step_mix=_mix32_cached(step),
         grad_ptr=g_flat.data_ptr(),
         param_ptr=0 if p_contig else work_param.data_ptr(),
-        floats=_float_row(lr, bool(release), sc.c1, sc.c2, eps, sc.decay, sc.keep, release_scale),
+        # The cache compares -0.0 equal to 0.0: the signs are part of the key, so that a user's -0.0
+        # stays -0.0 (the torch path's p - (-0.0) * u differs from p - 0.0 * u in a zero's sign).
+        floats=_float_row(
+            lr,
+            bool(release),
+            sc.c1,
+            sc.c2,
+            eps,
+            sc.decay,
+            sc.keep,
+            release_scale,
+            (math.copysign(1.0, lr), math.copysign(1.0, eps), math.copysign(1.0, release_scale)),
+        ),
         weights=_age_weights(sc.w1, sc.w2, st.mp2),
         keep=(work_param, g_flat),
         copy_back=None if p_contig else (param, work_param),
@@ -807,7 +819,15 @@ def _prepare(
 
 @functools.lru_cache(maxsize=256)
 def _float_row(
-    lr: float, release: bool, c1: float, c2: float, eps: float, decay: float, keep: float, release_scale: float
+    lr: float,
+    release: bool,
+    c1: float,
+    c2: float,
+    eps: float,
+    decay: float,
+    keep: float,
+    release_scale: float,
+    signs: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> tuple[float, ...]:
     # The float columns (_F_*), float32 in the table: torch rounds a Python scalar to the tensor's
     # float32 before multiplying. Cached so that the tensors of a group share one object per step.
@@ -897,10 +917,11 @@ def _static(
         )
 
     C, R, S, G, tk_mode, q_mode = _tile_plan(layout)
-    if layout.num_blocks > 1:  # one block is one row of the tile, whatever the quantization block
-        problem = triton_layout_error(layout.block, layout.quant_block, release)
-        if problem is not None:
-            raise ValueError(problem)
+    # Checked for every tensor of a call before any is launched: a kernel that failed to compile after
+    # the compress kernel had run would leave a half-applied step.
+    problem = triton_layout_error(layout.block, layout.quant_block, release, layout.k, layout.num_blocks > 1)
+    if problem is not None:
+        raise ValueError(problem)
     # The kernels index raw pointers: a state of another layout would be read and written out of bounds.
     check_state(
         layout,
