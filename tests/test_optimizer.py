@@ -57,6 +57,11 @@ BAD_ARGS = [
         ValueError,
         ["impl='triton'", "k=1229", "at most 1024", "density", "impl='torch'"],
     ),
+    (
+        dict(impl="triton", density=0.25, window=1025),
+        ValueError,
+        ["impl='triton'", "window=1025", "k=1024", "smaller window"],
+    ),
     # The Triton compress kernel holds a quantization block in one program's registers.
     (
         dict(impl="triton", variant="paper", quant_block_size=2**16),

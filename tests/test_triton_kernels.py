@@ -874,6 +874,12 @@ def test_bad_arguments_raise_value_errors() -> None:
     with pytest.raises(ValueError, match=r"at most 1024 entries per Top-K block, got k=1200"):
         tk.microadam_step_triton(big, torch.ones_like(big), **_args(big, layout=lay, **state, release=0.5))
     assert not any(t.any() for t in state.values()) and not big.any()
+    # k within the bound but a window whose tile of next_pow2(window) * next_pow2(k) is not.
+    lay = layout_for(2000, block_size=4096, density=0.5, quant_block_size=128, window=1025)
+    state = _zero_state(lay)
+    with pytest.raises(ValueError, match=r"window=1025 and k=1000"):
+        tk.microadam_step_triton(big, torch.ones_like(big), **_args(big, layout=lay, **state))
+    assert not any(t.any() for t in state.values()) and not big.any()
     one = torch.zeros(10, device=DEVICE)
     lay = layout_for(10, block_size=16, density=0.1, quant_block_size=2**16, window=2)
     tk.microadam_step_triton(one, torch.ones_like(one), **_args(one, layout=lay, **_zero_state(lay)))

@@ -287,7 +287,8 @@ def _check_group(group: dict[str, Any]) -> None:
     if group["impl"] not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"Invalid impl: {group['impl']!r}; use None (automatic) or one of {IMPLEMENTATIONS}")
     if group["impl"] == "triton":
-        problem = triton_layout_error(b, q, group.get("release", 0.0), k_per_block(b, group["density"]))
+        k = k_per_block(b, group["density"])
+        problem = triton_layout_error(b, q, group.get("release", 0.0), k, group["window"])
         if problem is not None:
             raise ValueError(problem)
 

@@ -135,12 +135,18 @@ def release_tiles(block: int, quant_block: int) -> bool:
 # useful time), so it is held to the same bound.
 TRITON_MAX_QUANT_BLOCK = 2**15
 # The update kernel compares a block's window entries slot by slot in a tile of next_pow2(k) squared
-# elements, and Triton's largest tensor is 2**20 elements.
+# elements and gathers them in one of next_pow2(window) * next_pow2(k), and Triton's largest tensor
+# is 2**20 elements.
 TRITON_MAX_K = 2**10
+_TRITON_MAX_TILE = 2**20
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
 
 
 def triton_layout_error(
-    block: int, quant_block: int, release: float, k: int, several_blocks: bool = True
+    block: int, quant_block: int, release: float, k: int, window: int, several_blocks: bool = True
 ) -> str | None:
     """Why the Triton kernels cannot step tensors of this layout, or None.
 
@@ -153,6 +159,12 @@ def triton_layout_error(
             f"impl='triton' keeps at most {TRITON_MAX_K} entries per Top-K block, got k={k} "
             f"(ceil(block * density) with block {block}); use a smaller density or block_size, or impl='torch' "
             "(impl='cpp' on CPU)"
+        )
+    if _pow2(window) * _pow2(k) > _TRITON_MAX_TILE:
+        return (
+            f"impl='triton' holds a block's whole window in one tile: next_pow2(window) * next_pow2(k) must be "
+            f"<= {_TRITON_MAX_TILE}, got window={window} and k={k}; use a smaller window or density, or "
+            "impl='torch' (impl='cpp' on CPU)"
         )
     if not several_blocks:
         return None

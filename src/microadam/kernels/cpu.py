@@ -498,8 +498,14 @@ def _step_all(pending: list[_Pending | None]) -> None:
         nbad = lib.microadam_step_cpu_multi(count, items, bad, sqrt_fn, sqrt_mode, threads)
         if nbad < 0:
             unit = max(x.args.unit for _, x in cpp)  # type: ignore[union-attr]
+            # The unit's copy and codes (5 bytes an element), a Top-K block's buffers (about 21 bytes an
+            # element) and, with release, a quantization block's squares padded to a power of two.
+            need = max(
+                5 * x.args.unit + 21 * x.args.block + (8 * x.args.qblock if x.args.release else 0)  # type: ignore[union-attr]
+                for _, x in cpp
+            )
             raise MemoryError(
-                f"impl='cpp' could not allocate its per-thread scratch (about {5 * unit / 1e6:.1f} MB a thread for "
+                f"impl='cpp' could not allocate its per-thread scratch (about {need / 1e6:.1f} MB a thread for "
                 f"units of {unit} elements, lcm(block_size, quant_block_size, 2)); nothing was written. Free "
                 "memory, use fewer threads (torch.set_num_threads), a quant_block_size that divides block_size, "
                 "or impl='torch'"

@@ -919,7 +919,9 @@ def _static(
     C, R, S, G, tk_mode, q_mode = _tile_plan(layout)
     # Checked for every tensor of a call before any is launched: a kernel that failed to compile after
     # the compress kernel had run would leave a half-applied step.
-    problem = triton_layout_error(layout.block, layout.quant_block, release, layout.k, layout.num_blocks > 1)
+    problem = triton_layout_error(
+        layout.block, layout.quant_block, release, layout.k, layout.window, layout.num_blocks > 1
+    )
     if problem is not None:
         raise ValueError(problem)
     # The kernels index raw pointers: a state of another layout would be read and written out of bounds.
