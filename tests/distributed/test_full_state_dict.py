@@ -15,21 +15,11 @@ from microadam import MicroAdam
 
 from .launch import spawn
 from .test_fsdp import KW, _batches, _model
+from .test_reshard import _train
 
 pytestmark = pytest.mark.distributed
 
 SAVE_AT = 5
-
-
-def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list) -> list[float]:
-    losses = []
-    for x, y in batches:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def _sharded() -> tuple[torch.nn.Module, MicroAdam]:
