@@ -15,28 +15,17 @@ from microadam import MicroAdam
 
 from .launch import spawn
 from .test_fsdp import KW, _batches, _model
-from .test_reshard import _train
+from .test_reshard import _build, _train
 
 pytestmark = pytest.mark.distributed
 
 SAVE_AT = 5
 
 
-def _sharded() -> tuple[torch.nn.Module, MicroAdam]:
-    from torch.distributed.fsdp import fully_shard
-
-    model = _model(False)
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    return model, MicroAdam(model.parameters(), **KW)
-
-
 def _save_worker(rank: int, world: int, out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model, opt = _sharded()
+    model, opt = _build(False, world)
     _train(model, opt, _batches()[:SAVE_AT])
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rest = _train(model, opt, _batches()[SAVE_AT:])
@@ -47,7 +36,7 @@ def _save_worker(rank: int, world: int, out: str) -> None:
 def _load_worker(rank: int, world: int, out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    model, opt = _sharded()
+    model, opt = _build(False, world)
     ck = torch.load(f"{out}/full.pt", weights_only=False)
     set_state_dict(
         model, opt, model_state_dict=ck["model"], optim_state_dict=ck["optim"],
