@@ -745,19 +745,21 @@ class Guard:
         """Agree across ranks (DDP/FSDP): every rank must take the same decision."""
         if not self._distributed():
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
+        t = self._collective_tensor([1.0 if flag else 0.0])
         op = torch.distributed.ReduceOp.MIN if all_of else torch.distributed.ReduceOp.MAX
         torch.distributed.all_reduce(t, op=op)
         return bool(t.item() > 0.5)
 
+    @staticmethod
+    def _collective_tensor(values: list[float]) -> torch.Tensor:
+        from microadam.optimizer import _collective_device
+
+        return torch.tensor(values, dtype=torch.float64, device=_collective_device(torch.device("cpu")))
+
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         if not self._distributed():
             return values
-        t = torch.tensor(values, dtype=torch.float64)
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
+        t = self._collective_tensor(values)
         torch.distributed.all_reduce(t)
         return t.tolist()
 
@@ -765,11 +767,7 @@ class Guard:
         """The loss every rank judges: the mean over ranks (a local loss would let ranks disagree)."""
         if not self._distributed():
             return value
-        t = torch.tensor([value], dtype=torch.float64)
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
-        torch.distributed.all_reduce(t)
-        return float(t.item()) / torch.distributed.get_world_size()
+        return self._sum_over_ranks([value])[0] / torch.distributed.get_world_size()
 
     def _reference_at(self, step: int) -> float | None:
         curve = self.policy.reference_curve
