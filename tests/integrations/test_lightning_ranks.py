@@ -1,4 +1,4 @@
-"""GuardCallback under a 2-process Lightning DDP run (gloo on CPU): a loss spike on one rank is judged
+"""GuardCallback under a 2-process Lightning DDP run (torchrun, gloo on CPU): a loss spike on one rank is judged
 on the loss averaged over the ranks, and both ranks roll back to the same snapshot together."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,17 +41,25 @@ class Report(pl.Callback):
     def on_train_end(self, trainer, module):
         weights = [p.detach().double().reshape(-1).tolist() for p in module.parameters()]
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        print("RESULT " + json.dumps({"rank": trainer.global_rank, "weights": weights, "lr": lr}), flush=True)
+        # A file per rank: the ranks' lines on one stdout pipe can interleave.
+        out = f"{sys.argv[1]}.rank{trainer.global_rank}.json"
+        open(out, "w").write(json.dumps({"rank": trainer.global_rank, "weights": weights, "lr": lr}))
 
 def main():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 8, generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True).sin()), batch_size=16)
     policy = GuardPolicy(spike_window=5, warmup=5, snapshot_every=4, spike_patience=1, log_path=sys.argv[1])
-    trainer = pl.Trainer(max_steps=20, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+    trainer = pl.Trainer(max_steps=20, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                          callbacks=[GuardCallback(policy), Report()], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Model(), loader)
+    # Free what holds the group and close it while both ranks live: gloo's threads still running at
+    # interpreter exit can abort a process (tests/distributed/launch.py).
+    import gc
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 if __name__ == "__main__":
     main()
@@ -63,10 +72,14 @@ def _run(tmp_path, mode: str) -> tuple[list[dict], list[dict]]:
     log = tmp_path / f"guard-{mode}.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
-        [sys.executable, str(script), str(log), mode], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), str(log), mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
-    results = [json.loads(line[len("RESULT ") :]) for line in res.stdout.splitlines() if line.startswith("RESULT ")]
-    assert res.returncode == 0 and len(results) == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = [json.loads(Path(f"{log}.rank{r}.json").read_text()) for r in range(2)]
     events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return results, events
 
