@@ -902,12 +902,19 @@ class MicroAdam(Optimizer):
         sd["state"] = {k: dict(v) for k, v in sd["state"].items() if v}
         params = [p for g in self.param_groups for p in g["params"]]
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        blob = None
         for k in sorted(sd["state"], key=str):
             p = params[k] if isinstance(k, int) and k < len(params) else None
             if p is not None and type(p).__name__ == "DTensor":
+                if blob is None:  # torch will flatten the dict, which takes no bytes (see sharding)
+                    blob = not sharding.flattening_requested()
                 group = group_of[id(p)]
                 sd["state"][k] = sharding.to_global(
-                    sd["state"][k], p, self._layout_of(p.numel(), group), partial(self._layout_of, group=group)
+                    sd["state"][k],
+                    p,
+                    self._layout_of(p.numel(), group),
+                    partial(self._layout_of, group=group),
+                    blob=blob,
                 )
         return sd
 

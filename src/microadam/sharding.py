@@ -37,6 +37,7 @@ file loaded on the wrong rank is refused instead of silently taking another shar
 from __future__ import annotations
 
 import io
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ from microadam.layout import Layout
 from microadam.ops.quant import dequantize_blocks, pack_nibbles, quantize_blocks, unpack_nibbles
 from microadam.ops.topk import block_topk
 
-__all__ = ["ShardSpec", "shard_spec", "is_aligned", "to_global", "to_local", "LAST_RESHARD"]
+__all__ = ["ShardSpec", "shard_spec", "is_aligned", "to_global", "to_local", "flattening_requested", "LAST_RESHARD"]
 
 # What the last re-cut dropped or re-quantized (entries, elements), for logs and tests.
 LAST_RESHARD: dict[str, int] = {"dropped_entries": 0, "requantized_elements": 0}
@@ -231,11 +232,15 @@ def _row_ids(spec: ShardSpec, device: torch.device) -> torch.Tensor:
     return _dtensor(torch.arange(a, b, dtype=torch.int32, device=device), spec, 0, (spec.rows,))
 
 
-def to_global(st: dict[str, Any], p: torch.Tensor, glob: Layout, local_layout: Any) -> dict[str, Any]:
+def to_global(
+    st: dict[str, Any], p: torch.Tensor, glob: Layout, local_layout: Any, blob: bool = True
+) -> dict[str, Any]:
     """A sharded parameter's state entry in the global layout (see the module docstring).
 
     ``st`` is the rank's live state of its shard, ``glob`` the global layout, ``local_layout(numel)``
-    the layout of a shard of ``numel`` elements.
+    the layout of a shard of ``numel`` elements. ``blob=False`` leaves out the "shards" entry (the
+    exact states of shards that had to be re-cut): for a state dict that torch will flatten
+    (:func:`flattening_requested`).
     """
     spec = shard_spec(p)
     assert spec is not None
@@ -247,7 +252,8 @@ def to_global(st: dict[str, Any], p: torch.Tensor, glob: Layout, local_layout: A
     # built at any world size asks for it: None unless the state had to be re-cut (below). Not b"":
     # pickle protocol 2 (torch.save's) writes an empty bytes object as a call of the bytes class,
     # which torch.load(weights_only=True), torch's default, refuses ("Unsupported global: GLOBAL bytes").
-    out["shards"] = None
+    if blob:
+        out["shards"] = None
     if "exp_avg" in st:  # fell back to dense AdamW: moments shaped (and sharded) like the parameter
         for key in DENSE_KEYS:
             out[key] = _dtensor(st[key], spec, 0, tuple(p.shape))
@@ -279,8 +285,39 @@ def to_global(st: dict[str, Any], p: torch.Tensor, glob: Layout, local_layout: A
     torch.save(
         {"ranges": [(off, off + lay.numel) for off, _, lay in everyone], "states": [st for _, st, _ in everyone]}, buf
     )
-    out["shards"] = buf.getvalue()
+    if blob:
+        out["shards"] = buf.getvalue()
     return out
+
+
+# torch's get_optimizer_state_dict flattens the optimizer's state_dict() into one key per value when
+# asked (StateDictOptions(flatten_optimizer_state_dict=True), torchtitan's and OLMo-core's setting), and
+# refuses any value but a tensor, int, float or dict: "shards" (bytes or None) cannot be flattened. No
+# encoding of it can: its size depends on the world size, and DCP refuses a tensor whose size differs
+# from the template's, or a template key the checkpoint lacks (so no per-world key either), while a
+# Python int big enough to hold it is unreadable by torch.load(weights_only=True) (pickle's LONG4).
+# torch does not tell the optimizer which form it will make, so state_dict() looks for the call.
+_FLATTENING_CALLER = ("torch.distributed.checkpoint.state_dict", "_get_optim_state_dict")
+
+
+def flattening_requested(depth: int = 8) -> bool:
+    """Whether torch's ``get_optimizer_state_dict`` (or ``set_``'s template) is asking, with flattening on.
+
+    Looks at most ``depth`` frames up the current call stack for torch's ``_get_optim_state_dict`` and
+    reads its options. Any other caller (``torch.save(opt.state_dict())``, the Guard, DCP without
+    flattening) gets the full state. If a later torch renames the function, this answers ``False`` and
+    torch's own ``NotImplementedError`` ("Flattening optimizer state_dict only supports ...") says so:
+    nothing is saved wrong.
+    """
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == _FLATTENING_CALLER:
+            info = frame.f_locals.get("info")
+            return bool(getattr(info, "flatten_optimizer_state_dict", False))
+        frame = frame.f_back
+    return False
 
 
 def _wire(key: str, t: torch.Tensor) -> torch.Tensor:
