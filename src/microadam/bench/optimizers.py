@@ -9,6 +9,7 @@ module (Adam-mini and GaLore need it to group parameters).
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,15 @@ def _adafactor(model: torch.nn.Module, lr: float, **kw: Any) -> torch.optim.Opti
     return torch.optim.Adafactor(_params(model), lr=lr, **kw)
 
 
+def _quiet_bnb_gemm_warning(record: logging.LogRecord) -> bool:
+    # bitsandbytes >= 0.50 warns on import, on CPUs with AVX512-BF16, that its 4-bit matmul kernel
+    # needs the `kernels` package: nothing to do with AdamW8bit, and a confusing line in every run.
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
 def _bnb_adamw8bit(model: torch.nn.Module, lr: float, **kw: Any) -> torch.optim.Optimizer:
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    cpu_ops.addFilter(_quiet_bnb_gemm_warning)
     import bitsandbytes as bnb
 
     kw.setdefault("weight_decay", 0.0)
