@@ -341,9 +341,7 @@ struct Args {
 };
 
 // Per-thread buffers, grown on demand and kept across calls: no allocation per block or per step.
-// Aligned to a cache line: the scratches of one call's threads are allocated by one thread (see
-// team_scratch), and the members each thread writes (dist, the prefetch queue) must not share a line.
-struct alignas(64) Scratch {
+struct Scratch {
   std::vector<float> a;          // unit's working copy
   std::vector<uint8_t> c8;       // the unit's new codes, one per byte, before packing
   std::vector<uint32_t> bmax;    // largest |a| bits of each Top-K block of the unit
@@ -1387,21 +1385,15 @@ void update_unit(const Args& A, Scratch& S, int64_t start, int64_t len, int& bad
   }
 }
 
-// The scratches of a call's threads, one per OpenMP thread number, owned by the calling thread and
-// kept across its calls. The calling thread sizes all of them before the parallel region, so an
-// allocation that fails (std::bad_alloc, which must not leave a parallel region nor this C function)
-// fails the whole call with nothing written, and the threads need no barrier to agree on it: a
-// barrier per call waited for any descheduled thread of the team on a busy machine (1.14-1.20x the
-// step time while two other processes held both cores). Thread-local to the caller, as each Python
-// thread that calls in has a pool of OpenMP threads of its own. Each scratch on the heap and reached
-// through a plain pointer: a thread-local object's address, propagated by GCC into the functions it
-// was passed to, made each use there a call to __tls_get_addr (the library is loaded with dlopen):
-// 88 calls in run_unit, 3% of a 16M step's samples under perf. A scratch is first touched by the
-// caller, so on a machine of several NUMA nodes it may sit on the caller's node: about 110 KB at the
-// defaults, reused from cache.
-std::vector<std::unique_ptr<Scratch>>& team_scratch() {
-  thread_local std::vector<std::unique_ptr<Scratch>> team;
-  return team;
+// Each thread's scratch, kept across calls (torch's OpenMP threads live as long as the process).
+// On the heap, reached through a thread-local pointer: with a thread-local object, GCC propagated
+// its address into the functions it is passed to, and each use of the scratch there became a call
+// to __tls_get_addr (the library is loaded with dlopen): 88 calls in run_unit, 3% of a 16M step's
+// samples under perf.
+Scratch& thread_scratch() {
+  thread_local std::unique_ptr<Scratch> S;
+  if (!S) S.reset(new Scratch());
+  return *S;
 }
 
 void run_unit(const Args& A, Scratch& S, int64_t u, int& bad) {
@@ -1545,6 +1537,22 @@ int64_t microadam_step_cpu_multi(int64_t count, const StepArgs* items, int32_t* 
     nb = unit_nb > nb ? unit_nb : nb;
     release = release || A.release;
   }
+  // The scratch is reserved by every thread before any unit is stepped: an allocation that fails
+  // (std::bad_alloc, which must not leave a parallel region nor this C function) then fails the
+  // whole call with nothing written, instead of leaving some units stepped.
+  int alloc_failed = 0;
+  auto reserve = [&]() -> Scratch* {
+    try {
+      Scratch& S = thread_scratch();
+      S.reserve(unit, block, k, window_k, release, qblock, nq, nb);
+      S.pf_unit = -1;
+      S.pf_tensor = nullptr;
+      return &S;
+    } catch (const std::bad_alloc&) {
+      __atomic_store_n(&alloc_failed, 1, __ATOMIC_RELAXED);
+      return nullptr;
+    }
+  };
   const int64_t total = first.back();
   // The tensor of global unit g, by binary search over the prefix sums (skips empty tensors).
   auto tensor_of = [&](int64_t g) {
@@ -1572,34 +1580,27 @@ int64_t microadam_step_cpu_multi(int64_t count, const StepArgs* items, int32_t* 
   (void)num_threads;
   const int threads = 1;
 #endif
-  // Every scratch the call may use, sized before any unit is stepped (see team_scratch).
-  std::vector<std::unique_ptr<Scratch>>& team = team_scratch();
-  try {
-    if ((int)team.size() < threads) team.resize(size_t(threads));
-    for (int i = 0; i < threads; ++i) {
-      if (!team[size_t(i)]) team[size_t(i)].reset(new Scratch());
-      team[size_t(i)]->reserve(unit, block, k, window_k, release, qblock, nq, nb);
-      team[size_t(i)]->pf_unit = -1;
-      team[size_t(i)]->pf_tensor = nullptr;
-    }
-  } catch (const std::bad_alloc&) {
-    return -1;
-  }
   if (threads == 1) {
     // No parallel region at all, not a region of one thread: MKL's sqrt, called from inside an
     // inactive region, starts threads of its own on every call (measured: 24 us per call of 400
     // values, against 0.6 us outside a region or inside an active one; 5 ms per step for a bias).
-    for (int64_t g = 0; g < total; ++g) run(*team[0], g);
+    Scratch* S = reserve();
+    if (S == nullptr) return -1;
+    for (int64_t g = 0; g < total; ++g) run(*S, g);
   } else {
 #ifdef _OPENMP
-    // A team may have fewer threads than asked (OMP_DYNAMIC, thread limits), never more.
 #pragma omp parallel num_threads(threads)
     {
-      Scratch& S = *team[size_t(omp_get_thread_num())];
+      Scratch* S = reserve();
+      // Every thread reads the flag after the barrier, so all of them skip the loop or none does.
+#pragma omp barrier
+      if (!__atomic_load_n(&alloc_failed, __ATOMIC_RELAXED)) {
 #pragma omp for schedule(static)
-      for (int64_t g = 0; g < total; ++g) run(S, g);
+        for (int64_t g = 0; g < total; ++g) run(*S, g);
+      }
     }
 #endif
+    if (alloc_failed) return -1;
   }
   int64_t nbad = 0;
   for (int64_t t = 0; t < count; ++t) nbad += bad[t];
