@@ -574,3 +574,61 @@ def test_an_epoch_with_no_full_batch_is_an_error_not_a_hang():
 
     with pytest.raises(ValueError, match="batch_size is larger than the training subset"):
         next(endless(no_batches))
+
+
+@pytest.mark.parametrize("eval_examples,bar", [(200, 0.5), (100, 1.0), (3, 100 / 3)])
+def test_a_drop_exactly_on_the_bar_passes(eval_examples, bar):
+    """One example fewer right in 200 is a drop of 0.5 points, computed as 0.5000000000000004: it
+    failed a 0.5 bar "by 4.44e-16 pts" in 175 of the 199 possible cases."""
+    plan = parse_plan(DIGITS_PLAN | {"criteria": {"max_metric_drop": bar}})
+    stage = plan.stages[0]
+    for right in range(1, eval_examples):
+        rows = [_row("adamw", 0, right / eval_examples, 8000, 0.01),
+                _row("microadam", 0, (right - 1) / eval_examples, 900, 0.01)]  # fmt: skip
+        check = judge_stage(plan, stage, rows)["microadam"]["criteria"][0]
+        assert check["passed"], (right, check["detail"])
+        worse = [rows[0], _row("microadam", 0, (right - 2) / eval_examples, 900, 0.01)]
+        if right >= 2:
+            assert not judge_stage(plan, stage, worse)["microadam"]["criteria"][0]["passed"], right
+
+
+def test_a_criterion_set_to_false_is_not_checked_and_the_report_says_so():
+    plan = parse_plan(DIGITS_PLAN | {"criteria": {"max_step_time_ratio": False, "max_state_ratio": 0.2}})
+    assert plan.criteria.max_step_time_ratio is None and plan.criteria.max_state_ratio == 0.2
+    rows = [_row("adamw", 0, 0.8, 8000, 0.01), _row("microadam", 0, 0.8, 900, 0.5)]  # 50x slower
+    assert judge_stage(plan, plan.stages[0], rows)["microadam"]["passed"]
+    from microadam.bench.report import render_markdown
+
+    md = render_markdown(plan, rows)
+    assert "- median training-step time: not checked" in md and "- optimizer state <= 0.2 x the baseline's" in md
+    with pytest.raises(PlanError, match=r"criteria.max_metric_drop.*a number, or false"):
+        parse_plan(DIGITS_PLAN | {"criteria": {"max_metric_drop": True}})
+
+
+def test_report_tables_hold_a_multi_line_error_in_one_cell(tmp_path):
+    """transformers' OSError for a model it cannot download has newlines: the Markdown row was split
+    in two, and in the HTML report the later lines became paragraphs outside the table."""
+    from microadam.bench.report import render_html, render_markdown
+
+    plan = parse_plan(DIGITS_PLAN)
+    message = "OSError: We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your | connection"
+    rows = [
+        _failed(_row(name, seed, 0.8, 8000, 0.01), "error") | {"message": message}
+        for name in ("adamw", "microadam")
+        for seed in (0, 1)
+    ]
+    md = render_markdown(plan, rows)
+    stage_rows = [line for line in md.splitlines() if line.startswith("| adamw | ")]
+    assert stage_rows and all("Check your \\| connection" in line for line in stage_rows), stage_rows
+    assert not any(line.startswith("Check your") for line in md.splitlines())
+    page = render_html(plan, rows)
+    assert "<p>Check your" not in page and "Check your | connection</td>" in page
+
+
+def test_one_seed_is_reported_as_no_noise_estimate_not_as_zero_noise():
+    from microadam.bench.report import render_markdown
+
+    plan = parse_plan(DIGITS_PLAN | {"stages": [DIGITS_PLAN["stages"][0] | {"seeds": [0]}]})
+    rows = [_row("adamw", 0, 0.8, 8000, 0.01), _row("microadam", 0, 0.8, 900, 0.01)]
+    md = render_markdown(plan, rows)
+    assert "one seed: no estimate of the seed noise" in md and "seed noise ±0" not in md

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,23 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 def _fmt_bytes(n: float) -> str:
     if n != n:
         return "n/a"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1024
-    return f"{n:.1f} GB"
+    return f"{n:.1f} GiB"
+
+
+def _cell(text: Any) -> str:
+    """``text`` for one Markdown table cell: on one line, its pipes escaped. A run's error message
+    can hold newlines (transformers' OSError does) and split the row, its later lines then landing
+    outside the table, in the HTML report too."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _line(text: Any) -> str:
+    """``text`` on one line, for a list item."""
+    return " ".join(str(text).split())
 
 
 def _metric_cell(s: dict[str, Any]) -> str:
@@ -69,11 +82,11 @@ def _stage_tables(plan: Plan, selected: dict[str, list[dict[str, Any]]]) -> list
         ]
         for _name, s in summary.items():
             if s["status"] != "ok":
-                lines.append(f"| {s['label']} | | {'; '.join(s['failures'])} | | | | | | | |")
+                lines.append(f"| {_cell(s['label'])} | | {_cell('; '.join(s['failures']))} | | | | | | | |")
                 continue
-            div = f" (failed: {'; '.join(s['failures'])})" if s["failures"] else ""
+            div = _cell(f" (failed: {'; '.join(s['failures'])})") if s["failures"] else ""
             lines.append(
-                f"| {s['label']} | {s['lr']:g} | {_metric_cell(s)}{div} | {s['final_train_loss']:.4f} | "
+                f"| {_cell(s['label'])} | {s['lr']:g} | {_metric_cell(s)}{div} | {s['final_train_loss']:.4f} | "
                 f"{_fmt_bytes(s['state_bytes'])} | {s['bytes_per_param']:.3f} | {_fmt_bytes(s['peak_memory_bytes'])} | "
                 f"{1000 * s['step_time_median_s']:.1f} ms | {1000 * s['optimizer_step_median_s']:.2f} ms | "
                 f"{s['total_time_s']:.1f} s |"
@@ -84,15 +97,24 @@ def _stage_tables(plan: Plan, selected: dict[str, list[dict[str, Any]]]) -> list
             lines += [f"Verdict against the baseline ({plan.baseline}):", ""]
             lines += ["| candidate | result | criteria |", "|---|---|---|"]
             for cand, j in judgement.items():
-                details = "; ".join(
-                    ch["detail"] + (f" (seed noise ±{ch['noise']:.2g})" if "noise" in ch else "")
-                    for ch in j["criteria"]
-                    if ch["limit"] is not None
-                ) or j.get("reason", "")
+                checked = [ch["detail"] + _noise(ch) for ch in j["criteria"] if ch["limit"] is not None]
+                details = "; ".join(checked) or j.get("reason", "")
                 word = "PASS" if j["passed"] else "INVALID" if j.get("invalid") else "FAIL"
-                lines.append(f"| {cand} | {word} | {details} |")
+                lines.append(f"| {_cell(cand)} | {word} | {_cell(details)} |")
             lines.append("")
     return lines
+
+
+def _noise(check: dict[str, Any]) -> str:
+    if "noise" not in check:
+        return ""
+    if check.get("single_seed"):
+        return " (one seed: no estimate of the seed noise)"
+    return f" (seed noise ±{check['noise']:.2g})"
+
+
+def _bar(value: float | None, text: str, unit: str) -> str:
+    return f"- {text} <= {value:g}{unit}" if value is not None else f"- {text}: not checked"
 
 
 def render_markdown(plan: Plan, records: list[dict[str, Any]]) -> str:
@@ -100,25 +122,30 @@ def render_markdown(plan: Plan, records: list[dict[str, Any]]) -> str:
     c = plan.criteria
     selected = select_runs(plan, records)
     env = next((r["env"] for rows in selected.values() for r in rows if "env" in r), {})
+    # The output folder's first plan fixed the bar (the runner refuses another bar there); a later
+    # edit of the plan (other seeds, stages) keeps that date but has a fingerprint of its own.
     header = next((r for r in records if r.get("kind") == "plan"), {})
+    fixed = f"acceptance bar fixed {header.get('date', 'before the run')}"
+    if header.get("fingerprint") not in (None, plan.fingerprint()):
+        fixed += f" (when this output folder was started, by the plan's version `{header['fingerprint']}`)"
     lines = [
         f"# microadam compare: {plan.name}",
         "",
         f"Task **{plan.task}**, baseline **{plan.baseline}**, candidates {', '.join(plan.candidates)}. "
-        f"Plan fingerprint `{plan.fingerprint()}`, fixed {header.get('date', 'before the run')}.",
+        f"Plan fingerprint `{plan.fingerprint()}`, {fixed}.",
         "",
         "## Acceptance bar (fixed before the run)",
         "",
-        f"- metric drop against the baseline <= {c.max_metric_drop} "
-        "(accuracy points, or percent of the baseline's loss for a loss metric)",
-        f"- optimizer state <= {c.max_state_ratio} x the baseline's",
-        f"- median training-step time <= {c.max_step_time_ratio} x the baseline's",
+        _bar(c.max_metric_drop, "metric drop against the baseline", "")
+        + " (accuracy points, or percent of the baseline's loss for a loss metric)",
+        _bar(c.max_state_ratio, "optimizer state", " x the baseline's"),
+        _bar(c.max_step_time_ratio, "median training-step time", " x the baseline's"),
     ]
     if c.max_peak_memory_ratio is not None:
-        lines.append(f"- peak memory <= {c.max_peak_memory_ratio} x the baseline's")
+        lines.append(_bar(c.max_peak_memory_ratio, "peak memory", " x the baseline's"))
     lines += ["", "## Verdict", ""]
     for cand, v in final_verdict(plan, records).items():
-        lines.append(f"- **{cand}**: {v}")
+        lines.append(f"- **{cand}**: {_line(v)}")
     lines += ["", "## Stages", ""]
     lines += _stage_tables(plan, selected)
     if env:
@@ -226,7 +253,8 @@ def _markdown_to_html(md: str) -> str:
     out, in_table, in_list = [], False, False
     for line in md.splitlines():
         if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
+            # Split on the row's own pipes, not on a cell's escaped ones (_cell).
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
             if set("".join(cells)) <= {"-"}:
                 continue
             if not in_table:

@@ -290,8 +290,10 @@ def run_plan(
         for cand, result in judgement.items():
             if not result["passed"] and cand in alive:
                 alive.remove(cand)
-                if result.get("reason"):
-                    log(f"  {cand}: {'INVALID' if result.get('invalid') else 'FAIL'}: {result['reason']}")
+                failed = [ch["detail"] for ch in result["criteria"] if not ch["passed"]]
+                why = result.get("reason") or "; ".join(failed)
+                later = "; not run in later stages" if si + 1 < len(plan.stages) else ""
+                log(f"  {cand}: {'INVALID' if result.get('invalid') else 'FAIL'}: {why}{later}")
         if on_stage_done:
             on_stage_done(stage, stage_rows)
     return records

@@ -270,7 +270,10 @@ def parse_plan(data: dict[str, Any]) -> Plan:
     _unknown(crit_raw, allowed, "criteria.")
     crit = {}
     for key, value in crit_raw.items():
-        _expect(value, (int, float), f"criteria.{key}", "a number")
+        if value is False:  # TOML has no null: false switches a criterion off
+            crit[key] = None
+            continue
+        _expect(value, (int, float), f"criteria.{key}", "a number, or false to not check it")
         # NaN compares false with everything: "value <= nan" would fail every candidate.
         if math.isnan(value) or value < 0:
             raise PlanError(f"{_where('criteria.' + key)}: expected a number >= 0, got {value}")

@@ -83,10 +83,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+# A value this close to the bar is on it: means of fractions carry float error (a drop of 1 example
+# in 200 is 0.5000000000000004 points), and a candidate exactly on the bar must not fail by 4e-16.
+_ON_THE_BAR = 1e-9
+
+
 def _check(name: str, value: float, limit: float | None, unit: str, what: str) -> dict[str, Any]:
     if limit is None:
         return {"name": name, "value": value, "limit": None, "passed": True, "detail": f"{what}: not checked"}
-    passed = math.isfinite(value) and value <= limit
+    passed = math.isfinite(value) and value <= limit + _ON_THE_BAR * max(1.0, abs(limit))
     if passed:
         detail = f"{what} {value:.3g}{unit} <= {limit:g}{unit}"
     elif math.isfinite(value):
@@ -134,6 +139,8 @@ def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[st
         # Noise next to the difference: the larger of the two seed spreads, in the same unit.
         scale = 100 if c["higher_is_better"] else 100 / abs(base["metric_mean"])
         metric_check["noise"] = noise = scale * max(c["metric_std"], base["metric_std"])
+        # One seed on either side gives no spread at all, not a spread of 0: the report says so.
+        metric_check["single_seed"] = min(c["runs"], base["runs"]) < 2
         if crit.max_metric_drop is not None and abs(drop - crit.max_metric_drop) < noise:
             # The verdict still follows the means (the bar was fixed before the run), but says
             # when the seeds' spread is wider than the margin: more seeds would decide it.
