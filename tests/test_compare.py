@@ -632,3 +632,29 @@ def test_one_seed_is_reported_as_no_noise_estimate_not_as_zero_noise():
     rows = [_row("adamw", 0, 0.8, 8000, 0.01), _row("microadam", 0, 0.8, 900, 0.01)]
     md = render_markdown(plan, rows)
     assert "one seed: no estimate of the seed noise" in md and "seed noise ±0" not in md
+
+
+def test_run_key_follows_the_contents_of_the_files_and_folders_the_task_options_name(tmp_path):
+    """A data file rewritten under the same path was reused silently ("recorded earlier, not rerun"): a
+    resume could then compare a baseline trained on the old data with a candidate on the new."""
+    from dataclasses import replace
+
+    data, model = tmp_path / "train.csv", tmp_path / "model"
+    data.write_text("text,label\ngood,pos\nbad,neg\n")
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    plan = replace(
+        parse_plan(DIGITS_PLAN), task_options={"train_file": str(data), "model": str(model), "max_length": 8}
+    )
+
+    def key() -> str:
+        return plan.run_key(plan.stages[0], "adamw", 0)
+
+    first = key()
+    data.write_text("text,label\ngood,pos\nbad,neu\n")
+    relabelled = key()
+    assert relabelled != first
+    data.write_text("text,label\ngood,pos\nbad,neu\n")  # the same bytes again: the same run
+    assert key() == relabelled
+    (model / "config.json").write_text('{"num_labels": 3}')
+    assert key() != relabelled

@@ -92,8 +92,9 @@ class Plan:
         verdict read only the records under the current plan's keys. Everything that can change a
         run's result is here: the task and its options, the stage (its name, steps, batch, data and
         evaluation subsets, evaluation interval), the optimizer with its arguments, the seed, the
-        lr schedule and the kind of device ``device`` resolves to on this machine ("auto" is CUDA
-        on one machine and the CPU on another). The criteria, the plan's name and the other
+        lr schedule, the kind of device ``device`` resolves to on this machine ("auto" is CUDA
+        on one machine and the CPU on another) and the contents of the files and folders the task
+        options name (a data file's bytes; a model folder's file names, sizes and times). The criteria, the plan's name and the other
         optimizers are not: they judge or name runs without changing them. Nor is the code's
         version: after changing an optimizer, use a new output folder.
         """
@@ -109,6 +110,11 @@ class Plan:
         # Left out when constant, so records made before lr_schedule existed keep their keys.
         if self.lr_schedule != "constant":
             what["lr_schedule"] = self.lr_schedule
+        # A data file or model folder rewritten under the same path is another run: its contents
+        # are in the key. Left out when no option names one, so the built-in tasks keep their keys.
+        data = {k: _path_digest(v) for k, v in sorted(self.task_options.items()) if _local_path(v) is not None}
+        if data:
+            what["data"] = data
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -119,6 +125,47 @@ def device_kind(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device).type
+
+
+def _local_path(value: Any) -> Path | None:
+    """The file or folder a task option names, if it is a string naming one that exists here."""
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value).expanduser()
+    return path if path.exists() else None
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, cached by (path, size, mtime) for the many run keys of one process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
+def _path_digest(value: str) -> str:
+    """What a run depends on in the file or folder ``value`` names.
+
+    A file (a data set): its bytes. A folder (a model): each file's name, size and modification
+    time, not its bytes (gigabytes of weights), so a copy or a touch is a change too: a rerun, never
+    a stale reuse.
+    """
+    path = _local_path(value)
+    assert path is not None
+    if path.is_file():
+        return _file_digest(path)
+    listing = sorted(
+        (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file()
+    )
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 # The built-in plan: `microadam compare` with no argument. Sized for <= 5 minutes on 2 CPU
