@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import sys
 from typing import Any
@@ -236,19 +237,25 @@ _GOOD = [{"text": f"t{i}", "label": i % 2} for i in range(4)]
 
 # (file name, its bytes, words of the error or None when it reads as _GOOD's texts and labels)
 LOCAL_FILES = [
-    # A missing label, however the file spells it, names the file, the row and the column.
-    ("nan.csv", b"text,label\nt0,0\nt1,nan\nt2,0\nt3,1\n", ["nan.csv", "row 1", "label_column='label'"]),
-    ("NaN.csv", b"text,label\nt0,0\nt1, NaN\nt2,0\nt3,1\n", ["NaN.csv", "row 1", "label_column='label'"]),
-    ("blank.csv", b"text,label\nt0,0\nt1,\nt2,0\nt3,1\n", ["blank.csv", "row 1", "label_column='label'"]),
-    ("nan.json", b'[{"text": "t0", "label": NaN}, {"text": "t1", "label": 1}]', ["nan.json", "row 0", "label"]),
-    ("nan.jsonl", b'{"text": "t0", "label": 0}\n{"text": "t1", "label": NaN}', ["nan.jsonl", "row 1", "label"]),
-    ("null.json", b'[{"text": "t0", "label": 0}, {"text": "t1", "label": null}]', ["null.json", "row 1", "label"]),
+    # A missing label, however the file spells it, names the file, the line an editor shows and the column
+    # (a CSV header is line 1, so the second data row is line 3).
+    ("nan.csv", b"text,label\nt0,0\nt1,nan\nt2,0\nt3,1\n", ["nan.csv", "line 3", "label_column='label'"]),
+    ("NaN.csv", b"text,label\nt0,0\nt1, NaN\nt2,0\nt3,1\n", ["NaN.csv", "line 3", "label_column='label'"]),
+    ("blank.csv", b"text,label\nt0,0\nt1,\nt2,0\nt3,1\n", ["blank.csv", "line 3", "label_column='label'"]),
+    # A quoted cell over two lines and a blank line come before the row: it is on line 5, not "row 1".
+    ("quoted.csv", b'text,label\n"two\nlines",0\n\nt2,\n', ["quoted.csv", "line 5", "label_column='label'"]),
+    ("nan.json", b'[{"text": "t0", "label": NaN}, {"text": "t1", "label": 1}]', ["nan.json", "item 1 (1-based)"]),
+    ("nan.jsonl", b'{"text": "t0", "label": 0}\n{"text": "t1", "label": NaN}', ["nan.jsonl", "line 2", "label"]),
+    ("gaps.jsonl", b'\n{"text": "t0", "label": 0}\n\n{"text": "t1", "label": null}\n', ["gaps.jsonl", "line 4"]),
+    # U+2028 is valid inside a JSON string; splitting lines at it cut the first object in two.
+    ("u2028.jsonl", '{"text": "a\u2028b", "label": 0}\n{"text": "t1"}'.encode(), ["u2028.jsonl", "line 2", "label"]),
+    ("null.json", b'[{"text": "t0", "label": 0}, {"text": "t1", "label": null}]', ["null.json", "item 2 (1-based)"]),
     # Excel writes a byte-order mark before the first column's name.
     ("bom.csv", b"\xef\xbb\xbftext,label\r\nt0,0\r\nt1,1\r\nt2,0\r\nt3,1\r\n", None),
     ("bom.jsonl", b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in _GOOD).encode(), None),
     ("broken.jsonl", b'{"text": "t0", "label": 0}\n\n{broken\n', ["broken.jsonl", "line 3", "not valid JSON"]),
     ("broken.json", b'{"text": "t0", "label": 0}\n{"text": "t1"', ["broken.json", "line 2", "not valid JSON"]),
-    ("lists.json", b'[["t0", 0], ["t1", 1]]', ["lists.json", "row 0", "not an object"]),
+    ("lists.json", b'[["t0", 0], ["t1", 1]]', ["lists.json", "item 1 (1-based)", "not an object"]),
 ]
 
 
@@ -267,6 +274,164 @@ def test_text_classification_local_file_edge_cases(name: str, content: bytes, wo
         task._data(size)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+def _write_csv(path: Any, rows: list[tuple[str, Any]], header: str = "text,label") -> str:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header.split(","))
+        w.writerows(rows)
+    return str(path)
+
+
+def test_text_classification_eval_labels_unseen_in_train_are_an_error(tmp_path: Any) -> None:
+    """eval_file spelling the classes otherwise (neg / negative) made three classes more that the model never
+    trained on: 0% accuracy for every optimizer, and a compare that passed."""
+    names = ["negative", "neutral", "positive"]
+    train = _write_csv(tmp_path / "train.csv", [(f"t{i}", names[i % 3]) for i in range(9)])
+    short = _write_csv(tmp_path / "eval.csv", [(f"e{i}", ["neg", "neu", "pos"][i % 3]) for i in range(6)])
+    size = TaskSize(steps=1, batch_size=1)
+    with pytest.raises(ValueError) as info:
+        get_task("text-classification", model="m", train_file=train, eval_file=short)._data(size)
+    message = str(info.value)
+    for words in ("['neg', 'neu', 'pos']", "(6 of its 6 rows)", str(names), "train.csv", "eval.csv", "spell"):
+        assert words in message, (words, message)
+    # Integer labels too: a class 2 that the training file never has could never be predicted.
+    ints = _write_csv(tmp_path / "ints.csv", [(f"t{i}", i % 2) for i in range(6)])
+    more = _write_csv(tmp_path / "more.csv", [("a", 0), ("b", 1), ("c", 2)])
+    with pytest.raises(ValueError, match=r"never uses: \['2'\] \(1 of its 3 rows\)"):
+        get_task("text-classification", model="m", train_file=ints, eval_file=more)._data(size)
+    # An eval file with only some of the training classes is fine.
+    some = _write_csv(tmp_path / "some.csv", [("a", "neutral"), ("b", "positive")])
+    train_rows, held = get_task("text-classification", model="m", train_file=train, eval_file=some)._data(size)
+    assert len(train_rows) == 9 and sorted(y for *_, y in held) == ["neutral", "positive"]
+
+
+@pytest.mark.parametrize("model", ["./minlm", "minlm/", "../x/minlm", "a/b/c", "~/no-such-model", "ABSOLUTE"])
+def test_text_classification_model_path_that_does_not_exist(
+    model: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing folder reached transformers as a hub name: "Repo id must use alphanumeric chars ...", never
+    saying that the folder is missing."""
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if model == "ABSOLUTE":
+        model = str(tmp_path / "none" / "minlm")
+    data = _write_csv(tmp_path / "d.csv", [("a", 0), ("b", 1)])
+    with pytest.raises(ValueError, match="looks like a local folder, but it does not exist") as info:
+        get_task("text-classification", model=model, train_file=data)
+    full = os.path.abspath(os.path.expanduser(model))
+    assert f"model={model!r}" in str(info.value) and full in str(info.value), str(info.value)
+    assert ("current directory" in str(info.value)) == (not os.path.isabs(os.path.expanduser(model)))
+
+
+def test_text_classification_model_folder_and_hub_names(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = _write_csv(tmp_path / "d.csv", [("a", 0), ("b", 1)])
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"")
+    for hub in ("bert-base-uncased", "google-bert/bert-base-uncased"):  # not folders here: left to the hub
+        assert get_task("text-classification", model=hub, train_file=data).model_name == hub
+    assert get_task("text-classification", model="./saved", train_file=data).model_name == "./saved"
+    # transformers does not expand "~" (a TOML value is not read by a shell): the task does.
+    assert get_task("text-classification", model="~/saved", train_file=data).model_name == str(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"model='\./weights\.bin' is a file, not a folder"):
+        get_task("text-classification", model="./weights.bin", train_file=data)
+
+
+def test_text_classification_missing_data_file_shows_the_resolved_path(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = _write_csv(tmp_path / "d.csv", [("a", 0), ("b", 1)])
+    with pytest.raises(ValueError) as info:
+        get_task("text-classification", model="m", train_file=os.path.join("data", "train.csv"))
+    message = str(info.value)
+    assert "train_file='data/train.csv' does not exist" in message.replace(os.sep, "/"), message
+    assert os.path.join(os.getcwd(), "data", "train.csv") in message and "relative to the current directory" in message
+    absent = str(tmp_path / "eval.csv")
+    with pytest.raises(ValueError, match="eval_file=") as info:
+        get_task("text-classification", model="m", train_file=data, eval_file=absent)
+    assert absent in str(info.value) and "current directory" not in str(info.value)
+    with pytest.raises(ValueError, match="is a folder, not a file"):
+        get_task("text-classification", model="m", train_file=str(tmp_path))
+
+
+# (file name, its bytes, the task's column options, words of the error the constructor raises)
+UP_FRONT = [
+    ("data.txt", b"text,label\na,0\n", {}, ["data.txt", "unsupported file type '.txt'", ".csv, .json or .jsonl"]),
+    ("header.csv", b"sentence,label\na,0\n", {}, ["text_column='text'", "header.csv", "['label', 'sentence']"]),
+    ("pairs.csv", b"text,label\na,0\n", {"text_pair_column": "hyp"}, ["text_pair_column='hyp'", "pairs.csv"]),
+    ("first.jsonl", b'\n{"text": "a", "gold": 0}\n', {}, ["label_column='label'", "first.jsonl", "['gold', 'text']"]),
+    ("lines.json", b'{"text": "a", "gold": 0}\n', {}, ["label_column='label'", "lines.json"]),
+    ("oneline.json", b'[{"txt": "a", "label": 0}]', {}, ["text_column='text'", "oneline.json"]),
+]
+
+
+@pytest.mark.parametrize("name,content,options,words", UP_FRONT, ids=[c[0] for c in UP_FRONT])
+def test_text_classification_checks_files_before_any_run(
+    name: str, content: bytes, options: dict[str, Any], words: list[str], tmp_path: Any
+) -> None:
+    """What needs neither the model nor the whole file is checked when the task is made, which is also when a
+    compare plan's [task_options] are checked: a wrong column stops the plan, not every run of it."""
+    from microadam.bench.spec import PlanError, parse_plan
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    good = _write_csv(tmp_path / "good.csv", [("a", 0), ("b", 1)], header="text,label,hyp")
+    for files in ({"train_file": str(path)}, {"train_file": good, "eval_file": str(path)}):
+        with pytest.raises(ValueError) as info:
+            get_task("text-classification", model="m", **files, **options)
+        for w in words:
+            assert w in str(info.value), (w, str(info.value))
+    plan = {
+        "task": "text-classification",
+        "baseline": "adamw",
+        "candidates": ["microadam"],
+        "stages": [{"name": "s", "steps": 1, "batch_size": 1, "seeds": [0]}],
+        "task_options": {"model": "m", "train_file": str(path), **options},
+    }
+    with pytest.raises(PlanError, match="task_options"):
+        parse_plan(plan)
+
+
+def test_text_classification_hub_rows_are_named_by_their_place_in_the_shuffle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hub split is shuffled before it is read, so its row index is of the shuffled split, and says so."""
+    fake = type(sys)("datasets")
+    fake.load_dataset = lambda name, config, split: _FakeHubDataset({"text": ["a", "b"], "label": [None, None]})
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    task = get_task("text-classification", model="m", dataset="d")
+    with pytest.raises(ValueError, match=r"example 0 \(0-based\) of the split shuffled with seed 0: no value"):
+        task._data(TaskSize(steps=1, batch_size=1))
+
+
+def test_text_classification_model_loads_without_progress_bars(tmp_path: Any, capfd: pytest.CaptureFixture) -> None:
+    """transformers drew a "Loading weights" bar on every run of a compare; download bars stay on."""
+    model = _minilm()
+    import transformers
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():
+        pytest.skip("progress bars are off here (HF_HUB_DISABLE_PROGRESS_BARS?)")
+    seen = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append((hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()))
+        return real(*args, **kwargs)
+
+    task = get_task("text-classification", model=model, train_file=_reviews_csv(tmp_path), label_column="sentiment")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+        task.build(seed=0, size=TaskSize(steps=1, batch_size=2, train_examples=4, eval_examples=2), device=CPU)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert seen == [(False, False)]  # transformers' bars off while loading, huggingface_hub's download bars on
+    assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()  # and put back after
 
 
 class _FakeHubDataset:

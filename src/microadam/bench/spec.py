@@ -94,9 +94,9 @@ class Plan:
         evaluation subsets, evaluation interval), the optimizer with its arguments, the seed, the
         lr schedule, the kind of device ``device`` resolves to on this machine ("auto" is CUDA
         on one machine and the CPU on another) and the contents of the files and folders the task
-        options name (a data file's bytes; a model folder's file names, sizes and times). The criteria, the plan's name and the other
-        optimizers are not: they judge or name runs without changing them. Nor is the code's
-        version: after changing an optimizer, use a new output folder.
+        options name (a data file's bytes; a model folder's file names, sizes and times). The
+        criteria, the plan's name and the other optimizers are not: they judge or name runs without
+        changing them. Nor is the code's version: after changing an optimizer, use a new output folder.
         """
         what = dict(
             task=self.task,

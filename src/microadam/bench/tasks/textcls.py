@@ -12,25 +12,34 @@ outputs. Data, either:
   or JSONL file, and optionally ``eval_file=``; without one, a fixed-seed 10%
   of the training file is held out.
 
-Columns: ``text_column=`` (default ``"text"``), ``text_pair_column=`` for pairs
-such as MNLI's premise / hypothesis, ``label_column=`` (default ``"label"``).
-Labels may be integers (kept; ``num_labels`` is the largest plus one) or strings
-(sorted and numbered); a missing label (an empty cell, null, NaN or "nan") is an error
-naming the row. Both splits are shuffled once with seed 0 and a stage
+Local paths (files and model folders) are relative to the current directory; a
+leading ``~`` is the home directory. Columns: ``text_column=`` (default ``"text"``),
+``text_pair_column=`` for pairs such as MNLI's premise / hypothesis, ``label_column=``
+(default ``"label"``). Labels may be integers (kept; ``num_labels`` is the largest plus
+one) or strings (sorted and numbered); a missing label (an empty cell, null, NaN or
+"nan") is an error naming the file's line, and so is a label of ``eval_file`` that
+``train_file`` never uses. Both splits are shuffled once with seed 0 and a stage
 takes the first ``train_examples`` and ``eval_examples`` (default: all), so
 label-sorted sources still give mixed subsets. Seeds change the new head's
 initialisation and the order of the batches, not the split. Batches are
 tokenized as they are drawn, padded to their longest text (at most
 ``max_length`` tokens).
+
+What can be checked without loading the model or reading the data is checked
+when the task is built, so a compare plan with a wrong path or column stops
+before any run: the model folder, the files, their type and their columns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import random
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -41,20 +50,32 @@ __all__ = ["TextClassificationTask", "read_records"]
 
 HELD_OUT = 0.1
 EVAL_BATCH = 64
+EXTENSIONS = (".csv", ".json", ".jsonl")
+SHOWN = 10  # label names listed in an error before "..."
 
 Example = tuple[str, str | None, Any]  # (text, text pair or None, raw label)
 
 
-def read_records(path: str) -> list[dict[str, Any]]:
-    """The rows of a local ``.csv``, ``.json`` (a list of objects, or JSON lines) or ``.jsonl`` file, as dicts."""
+def _resolved(path: str) -> str:
+    """``path`` as an error shows it: absolute, and for a relative one the directory it was taken from."""
+    full = os.path.abspath(path)
+    return full if os.path.isabs(path) else f"{full}, resolved relative to the current directory {os.getcwd()}"
+
+
+def _read(path: str) -> tuple[list[dict[str, Any]], Callable[[int], str]]:
+    """The rows of a local data file, and where row ``i`` is in it, as an error shows it ("line 7").
+
+    Errors give the line a text editor shows: CSV rows are counted by the csv module's line
+    count (so a quoted cell over several lines, or a skipped blank line, does not shift them) and
+    JSON lines by their newlines. A JSON list has no useful line, so its rows are counted instead.
+    """
     ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        return _read_csv(path)
+    if ext not in EXTENSIONS:
+        raise ValueError(f"{path}: unsupported file type {ext!r}; give a .csv, .json or .jsonl file")
     # utf-8-sig: Excel and Windows tools write a byte-order mark, which plain utf-8 would keep as
     # part of the first column's name ('\ufefftext'); without a mark it reads as utf-8.
-    if ext == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return list(csv.DictReader(f))
-    if ext not in (".json", ".jsonl"):
-        raise ValueError(f"{path}: unsupported file type {ext!r}; give a .csv, .json or .jsonl file")
     with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     if ext == ".json":
@@ -65,9 +86,11 @@ def read_records(path: str) -> list[dict[str, Any]]:
         if rows is not None:
             if not isinstance(rows, list):
                 raise ValueError(f"{path}: expected a JSON list of objects or one object per line")
-            return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+            return rows, lambda i: f"item {i + 1} (1-based) of the JSON list"
+    rows, lines = [], []
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters that
+    # splitlines() ends a line at, which would cut an object in two and shift the line numbers.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -78,7 +101,60 @@ def read_records(path: str) -> list[dict[str, Any]]:
                 f"{path}: line {number} is not valid JSON ({e.msg}, column {e.colno}){whole}; "
                 "each line must be one JSON object"
             ) from e
-    return rows
+        lines.append(number)
+    return rows, lambda i: f"line {lines[i]}"
+
+
+def _read_csv(path: str) -> tuple[list[dict[str, Any]], Callable[[int], str]]:
+    """A CSV file's rows as ``csv.DictReader`` gives them, with the line each row starts on."""
+    rows, lines = [], []
+    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: as in _read
+        reader = csv.reader(f)
+        header = next(reader, None)
+        while header is not None:
+            # A row starts on the line after the last one read; line_num counts the lines of a
+            # quoted cell that spans several, so a row's number is its first line's.
+            start = reader.line_num + 1
+            values = next(reader, None)
+            if values is None:
+                break
+            if not values:
+                continue  # a blank line, skipped as DictReader skips it
+            row: dict[Any, Any] = dict(zip(header, values))
+            # As DictReader: extra cells go under the key None, missing ones are None.
+            if len(values) > len(header):
+                row[None] = values[len(header) :]
+            row.update({name: None for name in header[len(values) :]})
+            rows.append(row)
+            lines.append(start)
+    return rows, lambda i: f"line {lines[i]}"
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The rows of a local ``.csv``, ``.json`` (a list of objects, or JSON lines) or ``.jsonl`` file, as dicts."""
+    return _read(path)[0]
+
+
+def _first_columns(path: str) -> list[str] | None:
+    """The columns of a data file's first row, from its first line alone (None: not known so cheaply).
+
+    A CSV header, or the keys of the first object of JSON lines (or of a one-line JSON list);
+    a JSON list over many lines is left to the full read when the task builds.
+    """
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8-sig", newline="" if ext == ".csv" else None) as f:
+        if ext == ".csv":
+            return next(csv.reader(f), None)
+        for line in f:
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError:
+                    return None  # a JSON list over many lines, or a broken line: the full read says which
+                if isinstance(first, list) and first:
+                    first = first[0]
+                return list(first) if isinstance(first, dict) else None
+    return None
 
 
 def _missing(value: Any, is_label: bool) -> bool:
@@ -96,21 +172,38 @@ def _missing(value: Any, is_label: bool) -> bool:
     return isinstance(value, str) and value.strip().lower() in ("", "nan")
 
 
-def _examples(rows: list[dict[str, Any]], source: str, text: str, pair: str | None, label: str) -> list[Example]:
+def _examples(
+    rows: list[dict[str, Any]],
+    source: str,
+    text: str,
+    pair: str | None,
+    label: str,
+    where: Callable[[int], str],
+) -> list[Example]:
+    """(text, pair, raw label) of each row; ``where(i)`` says where row ``i`` is in ``source`` ("line 7")."""
     if not rows:
         raise ValueError(f"{source} has no rows")
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
-            raise ValueError(f"row {i} of {source} is a {type(r).__name__}, not an object with named columns")
+            raise ValueError(
+                f"{source}, {where(i)}: a {type(r).__name__}, not an object with named columns; "
+                'each row must be an object such as {"text": ..., "label": ...}'
+            )
     columns = (("text_column", text), ("text_pair_column", pair), ("label_column", label))
     for arg, column in columns:
         if column is not None and column not in rows[0]:
-            raise ValueError(f"{arg}={column!r} is not a column of {source}; its columns are {sorted(rows[0])}")
+            names = sorted(c for c in rows[0] if isinstance(c, str))
+            raise ValueError(
+                f"{arg}={column!r} is not a column of {source}; its columns are {names}: set {arg}= to one of them"
+            )
     out = []
     for i, r in enumerate(rows):
         for arg, column in columns:
             if column is not None and _missing(r.get(column), column == label):
-                raise ValueError(f"row {i} of {source} has no value in {arg}={column!r} (got {r.get(column)!r})")
+                raise ValueError(
+                    f"{source}, {where(i)}: no value in {arg}={column!r} (got {r.get(column)!r}); "
+                    "fill it in or drop the row"
+                )
         out.append((str(r[text]), None if pair is None else str(r[pair]), r[label]))
     return out
 
@@ -142,6 +235,76 @@ def _label_map(labels: list[Any], label_column: str) -> tuple[dict[Any, int], li
     names = sorted({str(y) for y in labels})
     index = {name: i for i, name in enumerate(names)}
     return {y: index[str(y)] for y in labels}, names
+
+
+def _some(names: list[str]) -> str:
+    """A list of label names for an error, cut after SHOWN (a file may have hundreds of classes)."""
+    if len(names) <= SHOWN:
+        return str(names)
+    return f"{str(names[:SHOWN])[:-1]}, ...] ({len(names)} in all)"
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """Whether ``model=`` can only name a local folder: a hub id is "name" or "owner/name", so it neither
+    starts with ".", "/" or "~", nor ends with "/", nor holds a backslash or a second "/"."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+@contextlib.contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """Hide transformers' own progress bars while a model loads: its "Loading weights" bar was drawn on
+    every run of a compare, between the runner's lines. huggingface_hub's download bars stay on, as a
+    first download can take minutes; both are put back as they were."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():
+        yield  # already off (HF_HUB_DISABLE_PROGRESS_BARS=1, or the caller's choice)
+        return
+    downloads_on = not hub.are_progress_bars_disabled()
+    # transformers' switch flips huggingface_hub's too, and huggingface_hub warns at each flip when
+    # HF_HUB_DISABLE_PROGRESS_BARS=0 is set: that asks for download bars, which stay on anyway.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_logging.disable_progress_bar()
+        if downloads_on:
+            hub.enable_progress_bars()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf_logging.enable_progress_bar()
+            if not downloads_on:
+                hub.disable_progress_bars()
+
+
+def _check_model(model: str) -> str:
+    """``model=`` as transformers should get it: a local folder (``~`` expanded) or a hub name.
+
+    A path to nothing would reach transformers as a hub name and fail with "Repo id must use
+    alphanumeric chars", which never says that the folder is missing.
+    """
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        return path
+    if not _looks_like_a_path(model):
+        return model  # a hub name; transformers says if the hub has no such model
+    hint = "give the folder save_pretrained wrote (with its config.json), or a hub name such as 'bert-base-uncased'"
+    if os.path.exists(path):
+        raise ValueError(f"model={model!r} is a file, not a folder ({_resolved(path)}); {hint}")
+    raise ValueError(
+        f"model={model!r} looks like a local folder, but it does not exist (looked for {_resolved(path)}); {hint}"
+    )
+
+
+def _unseen_labels(train: list[Example], held: list[Example], label_column: str) -> tuple[list[str], int, list[str]]:
+    """The classes of ``held`` that ``train`` never uses, how many held examples have one, and train's classes."""
+    to_index, names = _label_map([y for *_, y in train + held], label_column)
+    in_train = {to_index[y] for *_, y in train}
+    unseen = sorted({to_index[y] for *_, y in held} - in_train)
+    count = sum(to_index[y] not in in_train for *_, y in held)
+    return [names[i] for i in unseen], count, [names[i] for i in sorted(in_train)]
 
 
 class TextClassificationTask(Task):
@@ -176,22 +339,45 @@ class TextClassificationTask(Task):
             )
         if eval_file is not None and train_file is None:
             raise ValueError("eval_file= needs train_file=; with dataset= use eval_split=")
-        for arg, path in (("train_file", train_file), ("eval_file", eval_file)):
-            if path is not None and not os.path.isfile(path):
-                raise ValueError(f"{arg}={path!r} does not exist")
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
-        self.model_name = str(model)
+        self.model_name = _check_model(str(model))
         self.dataset = dataset
         self.dataset_config = dataset_config
         self.train_split = train_split
         self.eval_split = eval_split
-        self.train_file = None if train_file is None else str(train_file)
-        self.eval_file = None if eval_file is None else str(eval_file)
         self.text_column = text_column
         self.text_pair_column = text_pair_column
         self.label_column = label_column
+        self.train_file = None if train_file is None else self._check_file("train_file", str(train_file))
+        self.eval_file = None if eval_file is None else self._check_file("eval_file", str(eval_file))
         self.max_length = max_length
+
+    def _check_file(self, arg: str, value: str) -> str:
+        """The data file ``arg=value`` names (``~`` expanded), checked as far as its first row: it exists, is
+        a type the task reads, and has the columns. Done here so a compare plan is refused before any run."""
+        path = os.path.expanduser(value)
+        if os.path.isdir(path):
+            raise ValueError(
+                f"{arg}={value!r} is a folder, not a file ({_resolved(path)}); give a .csv, .json or .jsonl file"
+            )
+        if not os.path.isfile(path):
+            raise ValueError(f"{arg}={value!r} does not exist (looked for {_resolved(path)}); fix the path")
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in EXTENSIONS:
+            raise ValueError(f"{arg}={value!r}: unsupported file type {ext!r}; give a .csv, .json or .jsonl file")
+        try:
+            columns = _first_columns(path)
+        except OSError as e:  # unreadable (permissions): a plan error now, not a failure of every run
+            raise ValueError(f"{arg}={value!r} cannot be read ({e.strerror}): {_resolved(path)}") from e
+        if columns is not None:
+            for option, column in zip(("text_column", "text_pair_column", "label_column"), self._columns()):
+                if column is not None and column not in columns:
+                    raise ValueError(
+                        f"{option}={column!r} is not a column of {arg}={path!r}; its columns are {sorted(columns)}: "
+                        f"set {option}= to one of them"
+                    )
+        return path
 
     def check(self) -> None:
         try:
@@ -232,7 +418,18 @@ class TextClassificationTask(Task):
         # Whole columns at once: row-by-row access to an Arrow-backed dataset is far slower.
         columns = [list(ds[c]) for c in names]
         rows = [dict(zip(names, values)) for values in zip(*columns)]
-        return _examples(rows, f"dataset={self.dataset!r} split {split!r}", *self._columns())
+        return _examples(
+            rows,
+            f"dataset={self.dataset!r} split {split!r}",
+            *self._columns(),
+            lambda i: f"example {i} (0-based) of the split shuffled with seed 0",
+        )
+
+    def _file(self, arg: str, path: str) -> list[Example]:
+        rows, where = _read(path)
+        examples = _examples(rows, f"{arg}={path!r}", *self._columns(), where)
+        random.Random(0).shuffle(examples)
+        return examples
 
     def _data(self, size: TaskSize) -> tuple[list[Example], list[Example]]:
         if self.dataset is not None:
@@ -241,11 +438,20 @@ class TextClassificationTask(Task):
                 self._hub_split(self.eval_split, "eval_split", size.eval_examples),
             )
         assert self.train_file is not None
-        train = _examples(read_records(self.train_file), f"train_file={self.train_file!r}", *self._columns())
-        random.Random(0).shuffle(train)
+        train = self._file("train_file", self.train_file)
         if self.eval_file is not None:
-            held = _examples(read_records(self.eval_file), f"eval_file={self.eval_file!r}", *self._columns())
-            random.Random(0).shuffle(held)
+            held = self._file("eval_file", self.eval_file)
+            # A label the training file never uses is almost always the same class spelt another way
+            # (neg / negative): kept, it would be a class of its own that the model never sees, every
+            # such example scored wrong, and every optimizer equally wrong, so a compare would pass.
+            unseen, count, known = _unseen_labels(train, held, self.label_column)
+            if unseen:
+                raise ValueError(
+                    f"label_column={self.label_column!r}: eval_file={self.eval_file!r} has labels that "
+                    f"train_file={self.train_file!r} never uses: {_some(unseen)} ({count} of its {len(held)} rows); "
+                    f"the training labels are {_some(known)}. The model cannot learn to predict a label it "
+                    "never trains on: spell each class the same in both files, or drop those rows from eval_file"
+                )
         else:
             if len(train) < 2:
                 raise ValueError(f"train_file={self.train_file!r} has {len(train)} row; 10% of it cannot be held out")
@@ -277,14 +483,15 @@ class TextClassificationTask(Task):
                 "raise train_examples or lower batch_size"
             )
 
-        tok = AutoTokenizer.from_pretrained(self.model_name)
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            self.model_name,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
-        ).to(device)
+        with _no_loading_bars():
+            tok = AutoTokenizer.from_pretrained(self.model_name)
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                self.model_name,
+                num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)),
+                label2id={name: i for i, name in enumerate(label_names)},
+            ).to(device)
         if tok.pad_token is None:
             # Decoder-only models (GPT-2 and kin) ship no padding token; reuse end-of-sequence, as their docs advise.
             tok.pad_token = tok.eos_token
