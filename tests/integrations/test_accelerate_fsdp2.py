@@ -32,7 +32,7 @@ from microadam import MicroAdam  # noqa: E402
 
 from ..distributed.launch import spawn  # noqa: E402
 from ..distributed.test_fsdp import KW, _batches, _model  # noqa: E402
-from ..distributed.test_reshard import _train  # noqa: E402
+from ..distributed.test_reshard import _build, _train  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -96,14 +96,7 @@ def _worker(rank: int, world: int, out: str, use_dcp: bool) -> None:
 
 def _reference(rank: int, world: int, out: str) -> None:
     """MicroAdam built on the sharded model, as in tests/distributed: what prepare must amount to."""
-    from torch.distributed.fsdp import fully_shard
-
-    model = _model(True)
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    losses = _train(model, MicroAdam(model.parameters(), **KW), _batches())
+    losses = _train(*_build(True, world), _batches())
     with open(f"{out}/reference-{rank}.json", "w") as f:
         json.dump(losses, f)
 
