@@ -425,12 +425,18 @@ def test_text_classification_model_loads_without_progress_bars(tmp_path: Any, ca
         seen.append((hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()))
         return real(*args, **kwargs)
 
+    from microadam.bench.tasks.tweets import minilm_workload
+
     task = get_task("text-classification", model=model, train_file=_reviews_csv(tmp_path), label_column="sentiment")
+    size = TaskSize(steps=1, batch_size=2, train_examples=4, eval_examples=2)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
-        task.build(seed=0, size=TaskSize(steps=1, batch_size=2, train_examples=4, eval_examples=2), device=CPU)
+        task.build(seed=0, size=size, device=CPU)
+        # The tweets and fortunes tasks load MiniLM through their own helper: the same bars, the same switch.
+        rows = [("good", 0), ("bad", 1), ("fine", 0), ("awful", 1)]
+        minilm_workload(model, rows, rows[:2], 2, seed=0, size=size, device=CPU, max_length=8)
     assert "Loading weights" not in capfd.readouterr().err
-    assert seen == [(False, False)]  # transformers' bars off while loading, huggingface_hub's download bars on
+    assert seen == [(False, False)] * 2  # transformers' bars off while loading, huggingface_hub's download bars on
     assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()  # and put back after
 
 

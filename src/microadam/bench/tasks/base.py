@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +102,36 @@ def endless(make_epoch: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
                 "lower batch_size or raise train_examples"
             )
         epoch += 1
+
+
+@contextlib.contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """Hide transformers' own progress bars while a model loads: its "Loading weights" bar was drawn on
+    every run of a compare, between the runner's lines (tweets, fortunes, text-classification).
+    huggingface_hub's download bars stay on, as a first download can take minutes; both are put back
+    as they were."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():
+        yield  # already off (HF_HUB_DISABLE_PROGRESS_BARS=1, or the caller's choice)
+        return
+    downloads_on = not hub.are_progress_bars_disabled()
+    # transformers' switch flips huggingface_hub's too, and huggingface_hub warns at each flip when
+    # HF_HUB_DISABLE_PROGRESS_BARS=0 is set: that asks for download bars, which stay on anyway.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_logging.disable_progress_bar()
+        if downloads_on:
+            hub.enable_progress_bars()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf_logging.enable_progress_bar()
+            if not downloads_on:
+                hub.disable_progress_bars()
 
 
 def sequence_classification_workload(

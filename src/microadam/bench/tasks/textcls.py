@@ -32,19 +32,24 @@ before any run: the model folder, the files, their type and their columns.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
 import random
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload, sequence_classification_workload
+from microadam.bench.tasks.base import (
+    MissingDependency,
+    Task,
+    TaskSize,
+    Workload,
+    no_loading_bars,
+    sequence_classification_workload,
+)
 
 __all__ = ["TextClassificationTask", "read_records"]
 
@@ -157,6 +162,17 @@ def _first_columns(path: str) -> list[str] | None:
     return None
 
 
+def _check_columns(options: Iterable[tuple[str, str | None]], present: Iterable[Any], source: str) -> None:
+    """Each (option, column) asked for is among ``present`` (a first row's keys), or an error naming the fix."""
+    names = sorted(c for c in present if isinstance(c, str))
+    for option, column in options:
+        if column is not None and column not in names:
+            raise ValueError(
+                f"{option}={column!r} is not a column of {source}; its columns are {names}: "
+                f"set {option}= to one of them"
+            )
+
+
 def _missing(value: Any, is_label: bool) -> bool:
     """A value that stands for no value: None (JSON null), and for labels an empty CSV cell or NaN.
 
@@ -190,12 +206,7 @@ def _examples(
                 'each row must be an object such as {"text": ..., "label": ...}'
             )
     columns = (("text_column", text), ("text_pair_column", pair), ("label_column", label))
-    for arg, column in columns:
-        if column is not None and column not in rows[0]:
-            names = sorted(c for c in rows[0] if isinstance(c, str))
-            raise ValueError(
-                f"{arg}={column!r} is not a column of {source}; its columns are {names}: set {arg}= to one of them"
-            )
+    _check_columns(columns, rows[0], source)
     out = []
     for i, r in enumerate(rows):
         for arg, column in columns:
@@ -248,35 +259,6 @@ def _looks_like_a_path(name: str) -> bool:
     """Whether ``model=`` can only name a local folder: a hub id is "name" or "owner/name", so it neither
     starts with ".", "/" or "~", nor ends with "/", nor holds a backslash or a second "/"."""
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
-
-
-@contextlib.contextmanager
-def _no_loading_bars() -> Iterator[None]:
-    """Hide transformers' own progress bars while a model loads: its "Loading weights" bar was drawn on
-    every run of a compare, between the runner's lines. huggingface_hub's download bars stay on, as a
-    first download can take minutes; both are put back as they were."""
-    from huggingface_hub import utils as hub
-    from transformers.utils import logging as hf_logging
-
-    if not hf_logging.is_progress_bar_enabled():
-        yield  # already off (HF_HUB_DISABLE_PROGRESS_BARS=1, or the caller's choice)
-        return
-    downloads_on = not hub.are_progress_bars_disabled()
-    # transformers' switch flips huggingface_hub's too, and huggingface_hub warns at each flip when
-    # HF_HUB_DISABLE_PROGRESS_BARS=0 is set: that asks for download bars, which stay on anyway.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_logging.disable_progress_bar()
-        if downloads_on:
-            hub.enable_progress_bars()
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hf_logging.enable_progress_bar()
-            if not downloads_on:
-                hub.disable_progress_bars()
 
 
 def _check_model(model: str) -> str:
@@ -371,12 +353,8 @@ class TextClassificationTask(Task):
         except OSError as e:  # unreadable (permissions): a plan error now, not a failure of every run
             raise ValueError(f"{arg}={value!r} cannot be read ({e.strerror}): {_resolved(path)}") from e
         if columns is not None:
-            for option, column in zip(("text_column", "text_pair_column", "label_column"), self._columns()):
-                if column is not None and column not in columns:
-                    raise ValueError(
-                        f"{option}={column!r} is not a column of {arg}={path!r}; its columns are {sorted(columns)}: "
-                        f"set {option}= to one of them"
-                    )
+            options = zip(("text_column", "text_pair_column", "label_column"), self._columns())
+            _check_columns(options, columns, f"{arg}={path!r}")
         return path
 
     def check(self) -> None:
@@ -483,7 +461,7 @@ class TextClassificationTask(Task):
                 "raise train_examples or lower batch_size"
             )
 
-        with _no_loading_bars():
+        with no_loading_bars():
             tok = AutoTokenizer.from_pretrained(self.model_name)
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(

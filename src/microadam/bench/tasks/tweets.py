@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload, sequence_classification_workload
+from microadam.bench.tasks.base import (
+    MissingDependency,
+    Task,
+    TaskSize,
+    Workload,
+    no_loading_bars,
+    sequence_classification_workload,
+)
 
 __all__ = ["TweetsTask", "load_tweets", "minilm_workload"]
 
@@ -114,9 +121,10 @@ def minilm_workload(
         train = train[: size.train_examples]
     if size.eval_examples:
         held = held[: size.eval_examples]
-    tok = AutoTokenizer.from_pretrained(name)
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels).to(device)
+    with no_loading_bars():
+        tok = AutoTokenizer.from_pretrained(name)
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels).to(device)
 
     def encode(rows: list[tuple[str, int]]) -> dict[str, Any]:
         enc = tok([t for t, _ in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
