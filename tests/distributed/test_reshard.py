@@ -25,14 +25,19 @@ pytestmark = pytest.mark.distributed
 SAVE_AT = 5
 
 
-def _build(bias: bool, world: int) -> tuple[torch.nn.Module, MicroAdam]:
+def _shard(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 on each Linear, then on the whole model (its parameters become DTensor shards)."""
     from torch.distributed.fsdp import fully_shard
 
-    model = _model(bias)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
     fully_shard(model)
+    return model
+
+
+def _build(bias: bool, world: int) -> tuple[torch.nn.Module, MicroAdam]:
+    model = _shard(_model(bias))
     return model, MicroAdam(model.parameters(), **KW)
 
 

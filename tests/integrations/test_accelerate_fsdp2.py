@@ -32,7 +32,7 @@ from microadam import MicroAdam  # noqa: E402
 
 from ..distributed.launch import spawn  # noqa: E402
 from ..distributed.test_fsdp import KW, _batches, _model  # noqa: E402
-from ..distributed.test_reshard import _build, _train  # noqa: E402
+from ..distributed.test_reshard import _build, _shard, _train  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -42,7 +42,6 @@ SAVE_AT = 5
 def _prepared() -> tuple[torch.nn.Module, MicroAdam]:
     """The model and optimizer as ``Accelerator.prepare`` leaves them under FSDP2."""
     from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
-    from torch.distributed.fsdp import fully_shard
 
     model = _model(True)
     opt = MicroAdam(model.parameters(), **KW)  # built first, on the unsharded model, as users do
@@ -53,11 +52,7 @@ def _prepared() -> tuple[torch.nn.Module, MicroAdam]:
             old_names.append((p.data_ptr(), names[id(p)]))
             group["params"][i] = torch.empty(1, dtype=p.dtype, device=p.device)
             group["params"][i].data_ptr = p.data_ptr()
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    new = dict(model.named_parameters())
+    new = dict(_shard(model).named_parameters())
     fsdp2_switch_optimizer_parameters(opt, {ptr: new[name] for ptr, name in old_names})
     return model, opt
 

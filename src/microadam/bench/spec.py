@@ -112,7 +112,7 @@ class Plan:
             what["lr_schedule"] = self.lr_schedule
         # A data file or model folder rewritten under the same path is another run: its contents
         # are in the key. Left out when no option names one, so the built-in tasks keep their keys.
-        data = {k: _path_digest(v) for k, v in sorted(self.task_options.items()) if _local_path(v) is not None}
+        data = {k: _path_digest(p) for k, v in sorted(self.task_options.items()) if (p := _local_path(v)) is not None}
         if data:
             what["data"] = data
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -151,15 +151,13 @@ def _file_digest(path: Path) -> str:
     return _DIGESTS[key]
 
 
-def _path_digest(value: str) -> str:
-    """What a run depends on in the file or folder ``value`` names.
+def _path_digest(path: Path) -> str:
+    """What a run depends on in the file or folder ``path`` (a task option's, :func:`_local_path`).
 
     A file (a data set): its bytes. A folder (a model): each file's name, size and modification
     time, not its bytes (gigabytes of weights), so a copy or a touch is a change too: a rerun, never
     a stale reuse.
     """
-    path = _local_path(value)
-    assert path is not None
     if path.is_file():
         return _file_digest(path)
     listing = sorted(
