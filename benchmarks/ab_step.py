@@ -9,10 +9,10 @@ than timing one commit and then the other, gives both the same share of this sha
 slow and fast spells.
 
 ``--what triton-host`` times instead the host side of a ``impl="triton"`` step: the Python work
-that a GPU waits for after the step's all-finite check has synchronized it (checks, the tensors'
+that a GPU waits for after the step's range check has synchronized it (checks, the tensors'
 table rows, the tables). It runs under ``TRITON_INTERPRET=1`` on CPU tensors shaped like a LLaMA
 stack of ``benchmarks/gpu.py`` (``--sizes 125M,1.3B``: 111 and 219 tensors; zeros, bf16), with the
-two kernel launches replaced by no-ops and the all-finite check by ``True``: the launches and the
+two kernel launches replaced by no-ops and the range check by ``True``: the launches and the
 check are a GPU's and are not in it.
 
 Usage::
@@ -87,7 +87,8 @@ for shape in SIZES[{size!r}].shapes():
     p.grad = torch.zeros(shape, dtype=torch.bfloat16)
     params.append(p)
 opt = MicroAdam(params, lr=1e-4, impl="triton")
-opt._all_finite = lambda grads: True
+# The check's method by either name: _grads_in_range since the range limit, _all_finite before it.
+opt._grads_in_range = opt._all_finite = lambda grads: True
 for _ in range(12):
     opt.step()
 times = []

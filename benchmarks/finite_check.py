@@ -1,9 +1,10 @@
-"""The all-finite check of CPU gradients: one C++ call against a ``torch.sum`` per tensor.
+"""The range check of CPU gradients: one C++ call against a torch norm per tensor.
 
-``MicroAdam.step`` first checks that every gradient is finite (``optimizer.grads_all_finite``), a
-pass over all of them before any state is written. For contiguous CPU gradients of float32,
-bfloat16 or float16 it is one C++ call (``microadam.kernels.cpu.all_finite``); otherwise, and here
-as the peer, a ``torch.sum`` per tensor. This script alternates the two in one process, in rounds
+``MicroAdam.step`` first checks that every gradient is finite and within ``GRAD_LIMIT``
+(``optimizer.grads_in_range``), a pass over all of them before any state is written. For contiguous
+CPU gradients of float32, bfloat16 or float16 it is one C++ call (``microadam.kernels.cpu.grads_in_range``,
+a sum of absolute values per tensor); otherwise, and here as the peer, ``torch.linalg.vector_norm``
+per tensor. This script alternates the two in one process, in rounds
 of ``--steps`` MicroAdam steps each (the check's switch is ``microadam.kernels.cpu.loaded``), and times
 the check alone (on the step's gradients, before the step) and the whole step.
 
@@ -58,7 +59,7 @@ def measure(size: str, rounds: int, steps: int) -> list[dict[str, Any]]:
                     grads.next()
                     current = [p.grad for p in params]
                     t = time.perf_counter()
-                    optimizer.grads_all_finite(current)
+                    optimizer.grads_in_range(current)
                     check_s[check].append(time.perf_counter() - t)
                     t = time.perf_counter()
                     opt.step()

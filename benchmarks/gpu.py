@@ -26,7 +26,7 @@ One script for one call on a lent H200, under 5 minutes, ending with tables. Two
    on a GPU the step's cost after 20 ms of other GPU work queued before it (``after queued work
    ms``, 5 steps, ``Clock.queued_ms``), as in a training loop that calls ``step()`` while the
    backward pass still runs: an optimizer that only queues kernels costs its kernels there, one
-   that syncs first (MicroAdam's all-finite check) its host work after the sync as well. One more
+   that syncs first (MicroAdam's range check) its host work after the sync as well. One more
    step after ``reset_peak_memory_stats()`` gives the transient memory (peak allocated during the
    step minus allocated just before it).
    MicroAdam (triton) and fused AdamW run first, largest size first, then the slower torch path
@@ -483,12 +483,13 @@ def run_check_case(case: CheckCase, device: torch.device) -> dict[str, Any]:
     return row
 
 
-def check_all_finite(device: torch.device) -> dict[str, Any]:
-    """``optimizer.grads_all_finite`` on the device (one multi-tensor norm per dtype there): 300
-    gradients of three dtypes, every 20th one empty and every 50th non-contiguous, are finite; one
-    NaN, Inf or -Inf anywhere (the first, after an empty one, non-contiguous, the very last) makes them
-    not; finite values that overflow the reduction (3e38 twice) are confirmed finite."""
-    from microadam.optimizer import grads_all_finite
+def check_grads_in_range(device: torch.device) -> dict[str, Any]:
+    """``optimizer.grads_in_range`` on the device (one multi-tensor norm per dtype there): 300
+    gradients of three dtypes, every 20th one empty and every 50th non-contiguous, are in range; one
+    NaN, Inf, -Inf or finite value beyond GRAD_LIMIT anywhere (the first, after an empty one,
+    non-contiguous, the very last) makes them not; values within the limit whose norm is not (the
+    limit three times, or twice with opposite signs) are confirmed in range."""
+    from microadam.optimizer import GRAD_LIMIT, grads_in_range
 
     gen = torch.Generator(device=device).manual_seed(1)
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
@@ -498,28 +499,31 @@ def check_all_finite(device: torch.device) -> dict[str, Any]:
         g = torch.randn(n, 2, generator=gen, device=device)[:, 0] if i % 50 == 7 else torch.randn(n, device=device)
         grads.append(g.to(dtypes[i % 3]) if i % 50 != 7 else g)
     failures = []
-    if not grads_all_finite(grads):
-        failures.append("finite gradients were found not finite")
-    for i, pos, bad in [(1, 0, "nan"), (21, -1, "inf"), (57, 5000, "-inf"), (157, -1, "nan"), (299, -1, "inf")]:
+    if not grads_in_range(grads):
+        failures.append("gradients in range were found out of range")
+    bads = [(1, 0, "nan"), (21, -1, "inf"), (57, 5000, "-inf"), (157, -1, "nan"), (299, -1, "inf")]
+    bads += [(4, 3, -2 * GRAD_LIMIT), (57, -1, 3e38), (107, 0, 2 * GRAD_LIMIT)]  # float32 and bfloat16 ones
+    for i, pos, bad in bads:
         g = grads[i]
         kept = g[pos].clone()
         g[pos] = float(bad)  # in place: non-contiguous ones stay so
-        if grads_all_finite(grads):
+        if grads_in_range(grads):
             failures.append(f"{bad} at element {pos} of gradient {i} ({g.dtype}) was missed")
         g[pos] = kept
-    if not grads_all_finite([*grads, torch.full((2,), 3e38, device=device)]):
-        failures.append("finite values that overflow a sum were found not finite")
-    return {"phase": "check", "case": "all-finite check", "ok": not failures, "failures": failures, "notes": []}
+    for within in ([GRAD_LIMIT] * 3, [GRAD_LIMIT, -GRAD_LIMIT]):
+        if not grads_in_range([*grads, torch.tensor(within, device=device)]):
+            failures.append(f"{within} (within the limit, its norm beyond it) was found out of range")
+    return {"phase": "check", "case": "range check", "ok": not failures, "failures": failures, "notes": []}
 
 
 def run_checks(device: torch.device, log: Callable[[str], None]) -> list[dict[str, Any]]:
     rows = []
     try:
-        rows.append(check_all_finite(device))
+        rows.append(check_grads_in_range(device))
     except Exception as e:
-        rows.append({"phase": "check", "case": "all-finite check", "ok": False, "failures": [f"raised {_err(e)}"]})
+        rows.append({"phase": "check", "case": "range check", "ok": False, "failures": [f"raised {_err(e)}"]})
         log(traceback.format_exc())
-    log(f"[check] all-finite check: {'ok' if rows[-1]['ok'] else 'FAILED: ' + rows[-1]['failures'][0]}")
+    log(f"[check] range check: {'ok' if rows[-1]['ok'] else 'FAILED: ' + rows[-1]['failures'][0]}")
     for case in CHECK_CASES:
         try:
             row = run_check_case(case, device)
@@ -812,7 +816,7 @@ def check_table(rows: list[dict[str, Any]]) -> str:
         diffs = r.get("max_param_diff") or {}
         diff = " / ".join(f"{v:.2g}" for v in diffs.values())
         sizes = r.get("state_bytes") or {}
-        if not sizes:  # a check of something else than a step (the all-finite check)
+        if not sizes:  # a check of something else than a step (the range check)
             sb = ""
         elif len(set(sizes.values())) == 1:
             sb = " = ".join(f"{v:,}" for v in sizes.values())

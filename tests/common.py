@@ -152,3 +152,48 @@ def assert_state_matches_reference(opt: MicroAdam, p: torch.Tensor, ref: Referen
 
 def ids(configs: list[Config]) -> list[Any]:
     return [pytest.param(c, id=c.id) for c in configs]
+
+
+# Gradients at GRAD_LIMIT, the largest magnitude a step takes, in the patterns that stress the sums
+# that could overflow: one sign every step (what the error feedback leaves behind accumulates), random
+# signs and magnitudes (a quantization block's range hi - lo is twice the limit), and a sign that
+# flips every step (the window's weighted sums cancel).
+LIMIT_PATTERNS = ("same", "mixed", "alternating")
+
+
+def step_at_the_grad_limit(impl: str, dtype: torch.dtype, pattern: str, steps: int = 40, device: str = "cpu") -> None:
+    """Runs ``steps`` steps of ``MicroAdam(impl=impl)`` on a 300-element parameter with gradients of
+    magnitude up to GRAD_LIMIT in ``pattern``, and checks that the state and the parameter stay finite
+    and no step was skipped; then that a gradient of 3e38 (within float32, beyond the limit, which put
+    NaN into the state before the limit) is skipped with the state and the parameter unchanged."""
+    from microadam.optimizer import GRAD_LIMIT
+
+    gen = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(300, generator=gen).to(device, dtype))
+    opt = MicroAdam([p], lr=1e-2, window=4, density=0.05, block_size=64, quant_block_size=16, impl=impl)
+
+    def floats() -> list[torch.Tensor]:
+        return [p.detach().clone()] + [
+            v.clone() for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+        ]
+
+    for step in range(steps):
+        if pattern == "same":
+            g = torch.full((300,), GRAD_LIMIT)
+        elif pattern == "mixed":
+            g = (torch.rand(300, generator=gen) * 2 - 1) * GRAD_LIMIT
+            g[step % 300] = -GRAD_LIMIT if step % 2 else GRAD_LIMIT
+        else:
+            g = torch.full((300,), GRAD_LIMIT * (-1) ** step)
+        p.grad = g.to(device, dtype)
+        opt.step()
+        bad = [i for i, t in enumerate(floats()) if not torch.isfinite(t.float()).all()]
+        assert not bad, f"{impl} {dtype} {pattern}: step {step} left NaN or Inf in {bad} (0 is the parameter)"
+    assert opt.skipped_steps == 0
+    before = floats()
+    p.grad = torch.zeros(300, dtype=dtype, device=device)
+    p.grad[7] = 3e38
+    with pytest.warns(RuntimeWarning, match="beyond 1.27e"):
+        opt.step()
+    assert opt.skipped_steps == 1 and opt.state[p]["step"] == steps
+    assert all(torch.equal(a, b) for a, b in zip(before, floats()))

@@ -10,6 +10,7 @@ import torch
 import microadam
 from microadam import MicroAdam, NonFiniteGradientError, state_bytes
 from microadam.layout import layout_for
+from microadam.optimizer import GRAD_LIMIT
 
 # ---------------------------------------------------------------- bad hyperparameters
 # (kwargs, exception, words the message must contain)
@@ -152,8 +153,8 @@ def test_nonfinite_gradient_skips_whole_step_and_warns_once(bad):
     assert all(s["step"] == 4 for s in opt.state.values())
 
 
-def test_many_tensor_steps_are_prepared_before_the_all_finite_check(monkeypatch):
-    """Tensors of the C++ path whose state exists are checked and prepared before the all-finite
+def test_many_tensor_steps_are_prepared_before_the_range_check(monkeypatch):
+    """Tensors of the C++ path whose state exists are checked and prepared before the gradients' range
     check (on a GPU, the host's work then overlaps the backward pass it waits for); new states after
     it. A skipped first step leaves no state entry behind, and a skipped later step changes nothing
     though it was prepared."""
@@ -166,8 +167,8 @@ def test_many_tensor_steps_are_prepared_before_the_all_finite_check(monkeypatch)
     monkeypatch.setattr(cpu, "prepare_many", lambda steps: order.append(("prepare", len(steps))) or prepare(steps))
     model = torch.nn.Linear(30, 20)
     opt = MicroAdam(model.parameters(), lr=1e-3, impl="cpp")
-    check = opt._all_finite
-    opt._all_finite = lambda grads: order.append("check") or check(grads)
+    check = opt._grads_in_range
+    opt._grads_in_range = lambda grads: order.append("check") or check(grads)
     model(torch.randn(8, 30)).square().mean().backward()
     model.weight.grad[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning, match="skipped"):
@@ -206,7 +207,7 @@ def test_a_bad_state_raises_before_any_tensor_of_the_step_is_written():
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
 def test_a_bad_state_in_a_step_that_is_skipped_anyway_is_not_raised_yet(nonfinite):
-    """The prepare phase runs before the all-finite check, but its errors wait for the check's
+    """The prepare phase runs before the range check, but its errors wait for the check's
     verdict, as when they came after it: a step with a NaN gradient is skipped (or raises
     NonFiniteGradientError), whatever else is wrong with it; the next finite step raises the error."""
     from microadam.kernels import cpu
@@ -250,89 +251,104 @@ def test_fp16_gradients_with_large_finite_values_are_not_skipped():
     assert opt.skipped_steps == 0 and opt.state[p]["step"] == 1
 
 
+# A finite value just beyond the limit (the next float32): fp16 cannot hold it and makes it Inf.
+_BEYOND = float(torch.nextafter(torch.tensor(GRAD_LIMIT), torch.tensor(float("inf"))))
+_BAD = [float("nan"), float("inf"), -float("inf"), _BEYOND, -2 * GRAD_LIMIT]
+
+
 @pytest.mark.parametrize("where", range(7))
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_all_finite_check_over_mixed_dtypes_finds_one_bad_element(where, bad, monkeypatch):
-    """grads_all_finite groups its reductions by dtype (one multi-tensor norm each, chunked float32 sums
-    for fp16): a bad element in any tensor of any group counts. The C++ check is switched off here, so
-    that every tensor takes the torch reductions."""
+@pytest.mark.parametrize("bad", _BAD)
+def test_range_check_over_mixed_dtypes_finds_one_bad_element(where, bad, monkeypatch):
+    """grads_in_range groups its reductions by dtype (one multi-tensor norm each, chunked float32 sums
+    for fp16): a bad element (NaN, Inf, or finite beyond GRAD_LIMIT) in any tensor of any group
+    counts. The C++ check is switched off here, so that every tensor takes the torch reductions."""
     from microadam.kernels import cpu
-    from microadam.optimizer import _FINITE_CHUNK, grads_all_finite
+    from microadam.optimizer import _CHECK_CHUNK, grads_in_range
 
     monkeypatch.setattr(cpu, "loaded", lambda: False)
     grads = [
         torch.randn(300),
         torch.randn(50).bfloat16(),
-        torch.randn(_FINITE_CHUNK + 7).half(),  # two fp16 chunks
+        torch.randn(_CHECK_CHUNK + 7).half(),  # two fp16 chunks
         torch.randn(3, dtype=torch.float64),
         torch.randn(2, 40),  # a second float32 tensor, 2-D: the group's norm covers each
         torch.randn(0),  # empty
         torch.randn(9).bfloat16(),
     ]
-    assert grads_all_finite(grads)
+    assert grads_in_range(grads)
     if where == 5:  # nothing to spoil in the empty tensor: spoil the first element of the first
         where, index = 0, 0
     else:
         index = -1  # the last element: for the fp16 tensor, in its second chunk
     g = grads[where].view(-1)
     g[index] = bad
-    assert not grads_all_finite(grads)
+    if bad == _BEYOND and grads[where].dtype == torch.bfloat16:
+        assert g[index] == GRAD_LIMIT  # bfloat16 rounds it back to the limit, which is in range
+        assert grads_in_range(grads)
+        g[index] = 2 * GRAD_LIMIT
+    assert not grads_in_range(grads)
     # The GPU's reduction (one multi-tensor norm per dtype), run here on the CPU tensors.
-    from microadam.optimizer import _finite_flag
+    from microadam.optimizer import _in_range_flag
 
     for dtype in {t.dtype for t in grads}:
         group = [t for t in grads if t.dtype == dtype]
-        assert bool(_finite_flag(group, multi_tensor=True)) == (grads[where].dtype != dtype), dtype
+        assert bool(_in_range_flag(group, multi_tensor=True)) == (grads[where].dtype != dtype), dtype
 
 
-def test_all_finite_check_in_cpp_agrees_with_the_torch_sums():
-    """CPU float32/bf16/fp16 gradients are checked in one C++ call; its verdict is the torch sums' on
-    finite sets, on sets with one bad element at either end or inside a tensor, and on finite values whose sum
-    overflows (rejected by both); a non-contiguous gradient takes the torch path alongside."""
+def test_range_check_in_cpp_agrees_with_the_torch_norms():
+    """CPU float32/bf16/fp16 gradients are checked in one C++ call (a sum of absolute values per
+    tensor); its verdict is the torch norms' on sets in range, on sets with one bad element (NaN, Inf,
+    beyond the limit) at either end or inside a tensor, and on values within the limit whose sum is
+    not (rejected by both, then confirmed in range element by element); a non-contiguous gradient
+    takes the torch path alongside."""
     from microadam.kernels import cpu
-    from microadam.optimizer import grads_all_finite
+    from microadam.optimizer import grads_in_range
 
     def torch_verdict(grads):
-        return all(bool(torch.isfinite(g.float().sum())) for g in grads)
+        return all(bool(g.float().abs().sum() <= GRAD_LIMIT) for g in grads)
 
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(n, generator=gen).to(dt) for n, dt in [(1, torch.float32), (70000, torch.float32),
             (65, torch.bfloat16), (131073, torch.float16), (0, torch.float32)]]  # fmt: skip
-    assert cpu.all_finite(base) and torch_verdict(base) and grads_all_finite(base)
+    assert cpu.grads_in_range(base, GRAD_LIMIT) and torch_verdict(base) and grads_in_range(base)
     for i in range(4):
         n = base[i].numel()
         # Both ends, and the middle of a chunk, where the C++ sum's two streams meet (sum_halves).
         for pos in sorted({0, n - 1, n // 2, max(n // 2 - 1, 0), n // 3, min(65536 // 2, n - 1)}):
-            for bad in (float("nan"), float("inf")):
+            for bad in (float("nan"), float("inf"), -2 * GRAD_LIMIT, 3e38):
                 grads = [g.clone() for g in base]
                 grads[i][pos] = bad
-                assert not cpu.all_finite(grads) and not grads_all_finite(grads), (i, pos, bad)
-    huge = [torch.full((1000,), 3e38)]  # finite, but the sum is not
-    assert not cpu.all_finite(huge) and not torch_verdict(huge)
-    assert grads_all_finite(huge)  # the failed fast check is confirmed element by element
+                assert not cpu.grads_in_range(grads, GRAD_LIMIT) and not torch_verdict(grads), (i, pos, bad)
+                assert not grads_in_range(grads), (i, pos, bad)
+    for within in ([GRAD_LIMIT] * 1000, [GRAD_LIMIT, -GRAD_LIMIT]):  # the sum of absolute values passes the limit
+        t = torch.tensor(within)
+        assert not cpu.grads_in_range([t], GRAD_LIMIT) and not torch_verdict([t])
+        assert grads_in_range([t])  # the failed fast check is confirmed element by element
+    assert not grads_in_range([torch.tensor([1e35, -1e35])])  # a signed sum of 0 hides nothing
     strided = torch.randn(10, 10)[:, ::2]
     strided[0, 0] = float("nan")
-    assert not grads_all_finite([torch.randn(5), strided])
-    with pytest.raises(ValueError, match="non-contiguous.*grads_all_finite"):
-        cpu.all_finite([strided])
+    assert not grads_in_range([torch.randn(5), strided])
+    with pytest.raises(ValueError, match="non-contiguous.*grads_in_range"):
+        cpu.grads_in_range([strided], GRAD_LIMIT)
     with pytest.raises(ValueError, match="tensor 0 is a contiguous torch.float64"):
-        cpu.all_finite([torch.zeros(3, dtype=torch.float64)])
+        cpu.grads_in_range([torch.zeros(3, dtype=torch.float64)], GRAD_LIMIT)
 
 
 @pytest.mark.parametrize("multi_tensor", [True, False], ids=["gpu-reduction", "cpu-reduction"])
-def test_all_finite_verdict_is_exact_with_either_reduction(monkeypatch, multi_tensor):
-    """_finite_flag's two reductions (a GPU's: one multi-tensor norm over pieces of the contiguous
-    non-empty tensors, sums for the others; a CPU's: a sum each), forced here on CPU tensors with
-    pieces of 64: one NaN or Inf anywhere among 151 tensors, empty and non-contiguous ones among
-    them, is found; finite values that overflow the reduction are confirmed finite."""
+def test_range_verdict_is_exact_with_either_reduction(monkeypatch, multi_tensor):
+    """_in_range_flag's two reductions (a GPU's: one multi-tensor norm over pieces of the contiguous
+    non-empty tensors, 2-norms for the others; a CPU's: a 2-norm each), forced here on CPU tensors
+    with pieces of 64: one NaN, Inf or value beyond the limit anywhere among 151 tensors, empty and
+    non-contiguous ones among them, is found; values within the limit whose norm is not (or
+    overflows) are confirmed in range."""
     from microadam import optimizer as om
     from microadam.kernels import cpu
 
     monkeypatch.setattr(cpu, "loaded", lambda: False)
     monkeypatch.setattr(om, "_NORM_PIECE", 64)
     monkeypatch.setattr(om, "_MULTI_TENSOR_NORM", True)
-    reduce = om._finite_flag
-    monkeypatch.setattr(om, "_finite_flag", lambda group, **_: reduce(group, multi_tensor=multi_tensor))
+    reduce = om._in_range_flag
+    monkeypatch.setattr(om, "_in_range_flag", lambda group, **_: reduce(group, multi_tensor=multi_tensor))
     gen = torch.Generator().manual_seed(2)
     grads = []
     for i in range(150):
@@ -341,31 +357,32 @@ def test_all_finite_verdict_is_exact_with_either_reduction(monkeypatch, multi_te
         grads.append(g.bfloat16() if i % 3 == 0 else g)
     grads.append(torch.randn(1, generator=gen))
     assert not grads[7].is_contiguous() and grads[25].numel() == 0
-    assert om.grads_all_finite(grads)
+    assert om.grads_in_range(grads)
     # first element; non-contiguous tensors; the last piece of the tensor after an empty one; a last piece; size 1
     for i, pos in [(1, 0), (7, -1), (47, 3), (51, -1), (149, -1), (150, 0)]:
-        for bad in (float("nan"), float("inf"), -float("inf")):
+        for bad in (float("nan"), float("inf"), -float("inf"), 2 * GRAD_LIMIT, -3e38):
             kept = grads[i][pos].clone()
             grads[i][pos] = bad  # in place: a clone of a non-contiguous tensor would be contiguous
-            assert not om.grads_all_finite(grads), (i, pos, bad)
+            assert not om.grads_in_range(grads), (i, pos, bad)
             grads[i][pos] = kept
-    for big in ([3e38, 3e38], [3e38, -3e38]):  # the sum, or the sum of absolute values, overflows
+    for big in ([GRAD_LIMIT] * 3, [GRAD_LIMIT, -GRAD_LIMIT]):  # each norm passes the limit
         t = torch.tensor(big)
-        assert om.grads_all_finite([*grads, t]), big
-    assert not bool(reduce([torch.tensor([3e38, 3e38])], multi_tensor=multi_tensor))  # what is confirmed
+        assert om.grads_in_range([*grads, t]), big
+        assert not bool(reduce([t], multi_tensor=multi_tensor))  # what is confirmed
+    assert not om.grads_in_range([*grads, torch.tensor([1e35, -1e35])])
 
 
-def test_all_finite_check_never_builds_the_cpp_path(monkeypatch):
+def test_range_check_never_builds_the_cpp_path(monkeypatch):
     """A user of impl='torch' gets no g++ build from the check: it takes the C++ sums only once a step
     has loaded the library."""
     from microadam.kernels import cpu
-    from microadam.optimizer import grads_all_finite
+    from microadam.optimizer import grads_in_range
 
     monkeypatch.setattr(cpu, "_state", {})
-    monkeypatch.setattr(cpu, "_load", lambda: pytest.fail("the all-finite check built the C++ path"))
+    monkeypatch.setattr(cpu, "_load", lambda: pytest.fail("the range check built the C++ path"))
     bad = torch.randn(100)
     bad[7] = float("nan")
-    assert grads_all_finite([torch.randn(100)]) and not grads_all_finite([bad])
+    assert grads_in_range([torch.randn(100)]) and not grads_in_range([bad])
     assert not cpu.loaded()
 
 

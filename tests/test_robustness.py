@@ -9,6 +9,7 @@ import microadam.optimizer as optimizer_module
 from microadam import MicroAdam, PartialStepError
 from microadam.guard import Guard, GuardPolicy
 from microadam.reference import ReferenceMicroAdam
+from tests.common import LIMIT_PATTERNS, step_at_the_grad_limit
 
 KW = dict(lr=1e-2, window=3, density=0.1, block_size=10, quant_block_size=5)
 
@@ -192,3 +193,16 @@ def test_fallback_moments_match_the_reference_window():
     opt.fallback_to_adamw()
     torch.testing.assert_close(opt.state[p]["exp_avg"], (1 - b1) * (M + e))
     torch.testing.assert_close(opt.state[p]["exp_avg_sq"], (1 - b2) * (S + e * e))
+
+
+@pytest.mark.parametrize("pattern", LIMIT_PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_gradients_up_to_the_limit_leave_state_finite_and_beyond_it_are_skipped(impl, dtype, pattern):
+    """No finite gradient puts NaN or Inf into the state: up to GRAD_LIMIT the step's sums cannot
+    overflow, beyond it the step is skipped (Triton's kernels: tests/test_triton_kernels.py)."""
+    from microadam.kernels import cpu
+
+    if impl == "cpp" and not cpu.available()[0]:
+        pytest.skip("the C++ path does not build here")
+    step_at_the_grad_limit(impl, dtype, pattern)

@@ -40,7 +40,13 @@ from microadam.kernels import availability  # noqa: E402
 from microadam.kernels import triton_kernels as tk  # noqa: E402
 from microadam.layout import layout_for  # noqa: E402
 from microadam.ops import unpack_nibbles  # noqa: E402
-from tests.common import assert_close, assert_state_matches_reference, reference_for  # noqa: E402
+from tests.common import (  # noqa: E402
+    LIMIT_PATTERNS,
+    assert_close,
+    assert_state_matches_reference,
+    reference_for,
+    step_at_the_grad_limit,
+)
 
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] not in ("", "0") else "cuda"
 
@@ -621,7 +627,7 @@ def test_optimizer_with_triton_equals_reference(kwargs: dict[str, Any], dtype: t
 
 
 def test_a_new_tensor_the_kernels_refuse_raises_before_any_tensor_moves() -> None:
-    """A tensor whose state is created in this step is prepared after the all-finite check, but
+    """A tensor whose state is created in this step is prepared after the range check, but
     still before any tensor is written: a float64 parameter new to a Triton group raises its
     TypeError with the torch-path tensor of the other group unmoved."""
     a = torch.nn.Parameter(torch.randn(40))
@@ -893,6 +899,19 @@ def test_bad_arguments_raise_value_errors() -> None:
         with pytest.raises(ValueError, match=f"{name}.*another layout.*reconfigure"):
             tk.microadam_step_triton(q, torch.ones_like(q), **_args(q, layout=lay, **state))
     assert not q.any()
+
+
+# The interpreter computes in numpy, which warns where a window value's square overflows to Inf (that
+# element's update is then 0, as the torch path's and AdamW's).
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("pattern", LIMIT_PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradients_up_to_the_limit_leave_state_finite_and_beyond_it_are_skipped(
+    dtype: torch.dtype, pattern: str
+) -> None:
+    """As tests/test_robustness.py checks the torch and C++ paths: no NaN or Inf in the state or the
+    parameter after steps of gradients at GRAD_LIMIT, and a step beyond the limit skipped."""
+    step_at_the_grad_limit("triton", dtype, pattern, steps=12, device=DEVICE)
 
 
 def test_empty_tensor_is_a_no_op() -> None:

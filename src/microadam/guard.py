@@ -731,11 +731,13 @@ class Guard:
     # ------------------------------------------------------------ the step
 
     def _grads_finite(self) -> bool:
-        from microadam.optimizer import grads_all_finite
+        """Whether every gradient is finite and within GRAD_LIMIT (beyond it MicroAdam's step would
+        overflow, so the Guard treats such a gradient as non-finite, for any optimizer)."""
+        from microadam.optimizer import grads_in_range
 
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        return self._all_ranks(grads_all_finite(grads), all_of=True)
+        return self._all_ranks(grads_in_range(grads), all_of=True)
 
     @staticmethod
     def _distributed() -> bool:

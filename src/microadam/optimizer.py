@@ -32,15 +32,29 @@ __all__ = [
     "NonFiniteGradientError",
     "VARIANTS",
     "global_offset",
-    "grads_all_finite",
+    "GRAD_LIMIT",
+    "grads_in_range",
     "local_tensor",
     "resolve_variant",
 ]
 
 # Hyperparameters that fix the shapes and meaning of the saved state: a
 # checkpoint is only valid under the same values.
-# fp16 gradients are summed in float32 this many elements at a time (4 MB of float32).
-_FINITE_CHUNK = 2**20
+# fp16 gradients are summed in float32 this many elements at a time (4 MB of float32), and the exact
+# check compares this many elements at a time.
+_CHECK_CHUNK = 2**20
+
+# A step whose gradients hold an element beyond this magnitude (about 1.27e30) is treated as one with
+# a NaN or Inf: skipped, or raised under nonfinite="raise", state untouched. Finite gradients near
+# float32's largest value overflow the step's own arithmetic (the error feedback plus the gradient,
+# a quantization block's range hi - lo, the window's weighted sum) and put NaN or Inf into the state
+# and the parameters, in every implementation; AdamW meets such values without NaN (its squared
+# gradient overflows to Inf and the element's update becomes 0). Within this limit the error feedback
+# of t steps stays below about t * 2**100, so no sum overflows for 2**26 steps; the squares of the
+# second moment may still overflow to Inf, giving the element an update of 0, as AdamW does. No
+# useful gradient comes near it: fp16's largest value is 65504, and the gradients of a float32 loss
+# scaled by a GradScaler are unscaled before the step.
+GRAD_LIMIT = 2.0**100
 
 LAYOUT_KEYS = ("window", "density", "block_size", "quant_block_size")
 STATE_KEYS = ("step", "numel", "window_indices", "window_values", "error_codes", "error_bounds")
@@ -48,7 +62,8 @@ DENSE_STATE_KEYS = ("step", "numel", "exp_avg", "exp_avg_sq")
 
 
 class NonFiniteGradientError(FloatingPointError):
-    """A gradient held NaN or Inf and ``nonfinite="raise"`` was chosen."""
+    """A gradient held NaN, Inf or a value beyond :data:`GRAD_LIMIT` (2**100) in magnitude, and
+    ``nonfinite="raise"`` was chosen."""
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -85,18 +100,21 @@ def _collective_device(device: torch.device) -> torch.device:
     return device
 
 
-def grads_all_finite(grads: list[torch.Tensor]) -> bool:
-    """True iff every element of every tensor is finite; a few reductions and a single host sync.
+def grads_in_range(grads: list[torch.Tensor]) -> bool:
+    """True iff every element of every tensor is finite and at most :data:`GRAD_LIMIT` in magnitude;
+    a few reductions and a single host sync.
 
-    The fast check sums: a sum is finite if every element is, and NaN or Inf anywhere makes it so.
-    Finite values can overflow a sum too (two elements of 2e38 in float32), so a failed fast check
-    is confirmed element by element (:func:`_exactly_finite`, only on such a step): the verdict is
-    exact. fp16 is summed in float32, chunk by chunk (its own sums would overflow at 65504, and
-    ``sum(dtype=float32)`` over the whole tensor would first make a full float32 copy of it).
-    Contiguous CPU tensors of float32, bfloat16 or float16 are summed in float32 in one C++ call
-    (:func:`microadam.kernels.cpu.all_finite`) once the C++ path is loaded (by a step that uses it;
-    this check never builds it): a ``torch.sum`` each costs a few microseconds, most of the check for
-    a model of many small tensors. On a GPU: :func:`_finite_flag`.
+    The fast check bounds a norm of each tensor (float32 and bfloat16; the sum of absolute values or
+    the 2-norm): every element is at most the norm, and a NaN or Inf anywhere makes the norm NaN or
+    Inf, so a norm ``<= GRAD_LIMIT`` passes the tensor. A norm can exceed the limit (or overflow) where
+    no element does, so a failed fast check is confirmed element by element
+    (:func:`_exactly_in_range`, only on such a step): the verdict is exact. fp16 cannot exceed the
+    limit (its largest value is 65504): it is summed in float32, chunk by chunk, for finiteness only
+    (``sum(dtype=float32)`` over the whole tensor would first make a full float32 copy of it).
+    Contiguous CPU tensors of float32, bfloat16 or float16 are checked in one C++ call
+    (:func:`microadam.kernels.cpu.grads_in_range`) once the C++ path is loaded (by a step that uses
+    it; this check never builds it): a torch reduction each costs a few microseconds, most of the
+    check for a model of many small tensors. On a GPU: :func:`_in_range_flag`.
     """
     if not grads:
         return True
@@ -104,19 +122,19 @@ def grads_all_finite(grads: list[torch.Tensor]) -> bool:
 
     rest = grads
     if cpu.loaded():
-        native, rest = cpu.native_finite_args(grads)
-        if not cpu.finite_native(native):
-            return _exactly_finite(grads)
+        native, rest = cpu.native_range_args(grads)
+        if not cpu.in_range_native(native, GRAD_LIMIT):
+            return _exactly_in_range(grads)
         if not rest:
             return True
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in rest:
         groups.setdefault((g.device, g.dtype), []).append(g)
-    flags = [_finite_flag(group, multi_tensor=device.type != "cpu") for (device, _), group in groups.items()]
+    flags = [_in_range_flag(group, multi_tensor=device.type != "cpu") for (device, _), group in groups.items()]
     device = rest[0].device
     if bool(flags[0] if len(flags) == 1 else torch.stack([f.to(device) for f in flags]).all()):
         return True
-    return _exactly_finite(rest)
+    return _exactly_in_range(rest)
 
 
 # The multi-tensor norm on a GPU needs torch >= 2.6: before it, pytorch/pytorch#140066 (fixed by
@@ -127,40 +145,47 @@ _MULTI_TENSOR_NORM = torch.torch_version.TorchVersion(torch.__version__) >= (2, 
 _NORM_PIECE = 2**30
 
 
-def _finite_flag(group: list[torch.Tensor], *, multi_tensor: bool) -> torch.Tensor:
-    """A 0-d bool tensor, True if every element of ``group`` (tensors of one device and dtype) is finite;
-    False may also be an overflow of finite values (see :func:`grads_all_finite`).
+def _in_range_flag(group: list[torch.Tensor], *, multi_tensor: bool) -> torch.Tensor:
+    """A 0-d bool tensor, True if every element of ``group`` (tensors of one device and dtype) is finite
+    and within :data:`GRAD_LIMIT`; False may also be a norm beyond the limit of elements within it
+    (see :func:`grads_in_range`).
 
     ``multi_tensor`` (a GPU): one multi-tensor reduction (``torch._foreach_norm(pieces, 1)``, the sum of
-    absolute values per piece) instead of a sum per tensor: a few kernel launches where the sums
+    absolute values per piece) instead of a norm per tensor: a few kernel launches where the norms
     cost one each, a millisecond of host time for a model of hundreds of tensors, during which the
     GPU waits (the check ends in a sync). Empty tensors are left out and large ones cut in pieces
-    (see _MULTI_TENSOR_NORM, _NORM_PIECE); non-contiguous ones are summed alone (a piece would be a
-    copy). On a CPU the per-tensor sums are faster (``benchmarks/finite_check.py`` at 16M: 1.5 ms,
-    against 4.0 ms for the norms).
+    (see _MULTI_TENSOR_NORM, _NORM_PIECE); non-contiguous ones are reduced alone (a piece would be a
+    copy). On a CPU the per-tensor 2-norms are faster (``benchmarks/finite_check.py``; at 16M float32,
+    1.8 ms against 3.9 ms for the sums of absolute values). A signed sum (what this check took before
+    the limit) is faster still, 0.7 ms, but ``[1e35, -1e35]`` sums to 0.
     """
     if group[0].dtype == torch.float16:
-        sums = [c.sum(dtype=torch.float32) for g in group for c in g.reshape(-1).split(_FINITE_CHUNK)]
+        norms = [c.sum(dtype=torch.float32).abs() for g in group for c in g.reshape(-1).split(_CHECK_CHUNK)]
     elif multi_tensor and _MULTI_TENSOR_NORM:
         pieces = [c for g in group if g.is_contiguous() and g.numel() for c in g.view(-1).split(_NORM_PIECE)]
-        sums = [g.sum() for g in group if not g.is_contiguous()]
+        norms = [torch.linalg.vector_norm(g) for g in group if not g.is_contiguous()]
         if pieces:
-            sums += list(torch._foreach_norm(pieces, 1))
-        if not sums:  # only empty tensors
+            norms += list(torch._foreach_norm(pieces, 1))
+        if not norms:  # only empty tensors
             return torch.ones((), dtype=torch.bool, device=group[0].device)
     else:
-        sums = [g.sum() for g in group]
-    return torch.isfinite(torch.stack(sums)).all()
+        norms = [torch.linalg.vector_norm(g) for g in group]
+    # NaN <= limit is False, as is Inf.
+    return (torch.stack(norms) <= GRAD_LIMIT).all()
 
 
-def _exactly_finite(grads: list[torch.Tensor]) -> bool:
-    """Whether every element is finite, element by element: the confirmation of a failed fast check,
-    so a step whose finite gradients only overflowed a sum is not skipped (nor reported as NaN/Inf).
-    Large tensors go in pieces, to bound the boolean temporary."""
+def _exactly_in_range(grads: list[torch.Tensor]) -> bool:
+    """Whether every element is finite and within :data:`GRAD_LIMIT`, element by element: the
+    confirmation of a failed fast check, so a step whose gradients only made a norm overflow or pass
+    the limit is not skipped (nor reported as out of range). Large tensors go in pieces, to bound
+    the temporaries."""
     flags: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
-        for c in g.reshape(-1).split(_FINITE_CHUNK):
-            flags.setdefault(g.device, []).append(torch.isfinite(c).all())
+        for c in g.reshape(-1).split(_CHECK_CHUNK):
+            # The limit is compared in the tensor's dtype, where fp16 makes it Inf: fp16 is checked for
+            # finiteness alone, which is the same (its largest value is 65504).
+            ok = torch.isfinite(c) if c.dtype == torch.float16 else c.abs() <= GRAD_LIMIT
+            flags.setdefault(g.device, []).append(ok.all())
     return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
@@ -345,7 +370,8 @@ class MicroAdam(Optimizer):
             update (default ``True``; see ``docs/bf16_rounding.md`` for the
             measurement behind it). Has no effect on other dtypes.
         seed: seeds the counter-based random bits of stochastic rounding (default ``0``).
-        nonfinite: what a NaN/Inf in any gradient does: ``"skip"`` (default)
+        nonfinite: what a NaN/Inf in any gradient, or a value beyond :data:`GRAD_LIMIT` (2**100) in
+            magnitude, does: ``"skip"`` (default)
             skips the whole step with no state change, counts it in
             ``skipped_steps`` and warns once; ``"raise"`` raises
             :class:`NonFiniteGradientError` with state untouched.
@@ -518,8 +544,8 @@ class MicroAdam(Optimizer):
                 index += 1
         return out
 
-    def _all_finite(self, grads: list[torch.Tensor]) -> bool:
-        return grads_all_finite(grads)
+    def _grads_in_range(self, grads: list[torch.Tensor]) -> bool:
+        return grads_in_range(grads)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -537,7 +563,7 @@ class MicroAdam(Optimizer):
         layouts: dict[tuple[int, int], Layout] = {}
         phases_of: dict[str, Any] = {}  # impl -> its (prepare, run), or None, looked up once per step
         # Tensors of a many-tensor implementation whose state exists are prepared (checked, their
-        # arguments built, nothing written) before the all-finite check: on a GPU the host waits at
+        # arguments built, nothing written) before the range check: on a GPU the host waits at
         # the check for the GPU to finish the backward pass, and work done before it overlaps that.
         batched: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
         prepared: dict[str, list[Any]] = {}
@@ -562,7 +588,7 @@ class MicroAdam(Optimizer):
         except Exception as e:
             early_error = e
 
-        finite = self._all_finite([local_tensor(g) for _, _, _, g in work])
+        finite = self._grads_in_range([local_tensor(g) for _, _, _, g in work])
         if any(type(p).__name__ == "DTensor" for _, _, p, _ in work) and torch.distributed.is_initialized():
             # Sharded: each rank sees its shard's gradients only; all must skip, or none.
             flag = torch.tensor([1.0 if finite else 0.0], device=_collective_device(local_tensor(work[0][3]).device))
@@ -572,13 +598,15 @@ class MicroAdam(Optimizer):
             policy = {group["nonfinite"] for _, group, _, _ in work}
             if "raise" in policy:
                 raise NonFiniteGradientError(
-                    "a gradient holds NaN or Inf; the optimizer state is unchanged. Find the source "
+                    f"a gradient holds NaN, Inf or a value beyond {GRAD_LIMIT:.3g} (2**100) in magnitude; the "
+                    "optimizer state is unchanged. Find the source "
                     "(e.g. torch.autograd.set_detect_anomaly) or pass nonfinite='skip' to skip such steps"
                 )
             self.skipped_steps += 1
             if not self._warned_nonfinite:
                 warnings.warn(
-                    "MicroAdam skipped a step because a gradient holds NaN or Inf; the state is unchanged. "
+                    f"MicroAdam skipped a step because a gradient holds NaN, Inf or a value beyond {GRAD_LIMIT:.3g} "
+                    "(2**100) in magnitude; the state is unchanged. "
                     "Further skips are counted in optimizer.skipped_steps without warning "
                     "(pass nonfinite='raise' to raise instead)",
                     RuntimeWarning,

@@ -14,7 +14,7 @@ Both fast paths also have a many-tensor entry (``KERNELS``' fourth field): one c
 step's tensors (Triton: one launch per tile class; C++: one parallel region), so a model's many
 small tensors do not cost a call each. ``MicroAdam.step`` uses it in its two phases (the last two
 fields, :func:`load_phases`): ``prepare`` checks every tensor's arguments and builds what the
-call needs, writing nothing; ``run`` steps them. The optimizer prepares before its all-finite
+call needs, writing nothing; ``run`` steps them. The optimizer prepares before its range
 check, whose result a GPU makes the host wait for, so that the host's work overlaps the GPU's.
 """
 

@@ -43,13 +43,13 @@ from microadam.layout import Layout
 __all__ = [
     "prepare_many",
     "run_prepared",
-    "all_finite",
+    "grads_in_range",
     "available",
-    "finite_native",
+    "in_range_native",
     "loaded",
     "microadam_step_cpp",
     "microadam_step_cpp_multi",
-    "native_finite_args",
+    "native_range_args",
 ]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "microadam_cpu.cpp"
@@ -162,10 +162,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     probe = lib.microadam_sqrt_probe
     probe.restype = None
     probe.argtypes = [ptr, ptr, i64, ptr, i32]
-    finite = lib.microadam_all_finite
+    finite = lib.microadam_grads_in_range
     finite.restype = ctypes.c_int32
-    # count, data pointers, numels, dtype codes, num_threads
-    finite.argtypes = [i64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(i64), ctypes.POINTER(ctypes.c_int32), i32]
+    # count, data pointers, numels, dtype codes, limit, num_threads
+    finite.argtypes = [
+        i64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(i64), ctypes.POINTER(ctypes.c_int32), ctypes.c_float, i32,
+    ]  # fmt: skip
 
 
 def _mkl_sqrt() -> int | None:
@@ -616,28 +618,30 @@ def run_prepared(pending: list[_Pending | None]) -> None:
     _step_all(pending)
 
 
-def all_finite(grads: Sequence[torch.Tensor]) -> bool:
-    """Whether every tensor's float32 sum is finite, in one C++ call: ``optimizer.grads_all_finite``'s
-    check for contiguous CPU tensors of float32, bfloat16 or float16 (``ValueError`` for others).
+def grads_in_range(grads: Sequence[torch.Tensor], limit: float) -> bool:
+    """Whether every tensor's float32 sum of absolute values is at most ``limit``, in one C++ call:
+    ``optimizer.grads_in_range``'s check for contiguous CPU tensors of float32, bfloat16 or float16
+    (``ValueError`` for others).
 
-    A sum is finite iff no element is NaN or infinite, unless finite values overflow it (then False
-    too, as torch's sum would give for about the same values; the order of the additions differs).
-    The torch path's check is a ``torch.sum`` per tensor: for a model of hundreds of small tensors
-    that is most of its cost, here one parallel region.
+    Every element is at most that sum, and a NaN or Inf anywhere makes it NaN or Inf, so True means
+    every element is finite and within ``limit``. False may also be elements within the limit whose
+    sum is not (the optimizer then checks element by element). The torch path's check is a
+    reduction per tensor: for a model of hundreds of small tensors that is most of its cost, here
+    one parallel region.
     """
-    native, rest = native_finite_args(grads)
+    native, rest = native_range_args(grads)
     if rest:
         g = rest[0]
         i = next(j for j, x in enumerate(grads) if x is g)
         raise ValueError(
-            f"all_finite takes contiguous CPU tensors of float32, bfloat16 or float16; tensor {i} is a "
+            f"grads_in_range takes contiguous CPU tensors of float32, bfloat16 or float16; tensor {i} is a "
             f"{'contiguous' if g.is_contiguous() else 'non-contiguous'} {g.dtype} tensor on {g.device}; "
-            "use optimizer.grads_all_finite, which takes any"
+            "use optimizer.grads_in_range, which takes any"
         )
-    return finite_native(native)
+    return in_range_native(native, limit)
 
 
-def native_finite_args(
+def native_range_args(
     grads: Sequence[torch.Tensor],
 ) -> tuple[tuple[list[int], list[int], list[int]], list[torch.Tensor]]:
     """The C++ check's arguments for the contiguous CPU float32/bfloat16/float16 tensors of ``grads``
@@ -659,8 +663,8 @@ def native_finite_args(
     return (ptrs, numels, codes), rest
 
 
-def finite_native(args: tuple[list[int], list[int], list[int]]) -> bool:
-    """The C++ check on :func:`native_finite_args`'s arguments (builds the library if needed)."""
+def in_range_native(args: tuple[list[int], list[int], list[int]], limit: float) -> bool:
+    """The C++ check on :func:`native_range_args`'s arguments (builds the library if needed)."""
     ptrs, numels, codes = args
     count = len(ptrs)
     if not count:
@@ -668,11 +672,12 @@ def finite_native(args: tuple[list[int], list[int], list[int]]) -> bool:
     lib, _ = _library()
     threads = max(1, min(torch.get_num_threads(), sum(numels) // _GRAIN))
     return bool(
-        lib.microadam_all_finite(
+        lib.microadam_grads_in_range(
             count,
             (ctypes.c_void_p * count)(*ptrs),
             (ctypes.c_int64 * count)(*numels),
             (ctypes.c_int32 * count)(*codes),
+            limit,
             threads,
         )
     )

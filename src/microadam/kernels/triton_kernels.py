@@ -723,7 +723,7 @@ def _prepare(
     if layout.numel == 0:
         return None
     # The host time per tensor is what a step of a model of hundreds of tensors costs on a GPU that
-    # waits for it (the all-finite check has synchronized), so the part of a tensor's table row that
+    # waits for it (the range check has synchronized), so the part of a tensor's table row that
     # does not change between steps is built once (_static) and looked up by every input it is
     # computed from (the fingerprint), then this step's columns are filled in.
     p_contig = param.is_contiguous()

@@ -1619,15 +1619,16 @@ void microadam_profile_read(uint64_t* out, int threads) {
 }
 #endif
 
-// Whether every one of `count` tensors (contiguous; dtypes F32, BF16, F16) sums to a finite
-// float32: the optimizer's all-finite check (optimizer.grads_all_finite), which the torch path takes
-// as one torch.sum per tensor. A sum is finite iff no element is NaN or infinite, barring an overflow
-// of finite values, which rejects the step too (conservative; torch's sum order would meet it at
-// about the same size). One parallel region for all tensors, cut into chunks: a model's hundreds of
-// small gradients cost one call instead of a torch.sum each. Each chunk sums in 64 float32 lanes;
-// then the chunks of a tensor are added in order.
-int32_t microadam_all_finite(int64_t count, const void* const* ptrs, const int64_t* numels, const int32_t* dtypes,
-                             int num_threads) {
+// Whether every one of `count` tensors (contiguous; dtypes F32, BF16, F16) has a float32 sum of
+// absolute values of at most `limit`: the optimizer's range check (optimizer.grads_in_range), which
+// the torch path takes as one norm per tensor. Every element is at most that sum and a NaN or Inf
+// makes it NaN or Inf, so 1 means every element is finite and within the limit; 0 may also be
+// elements within it whose sum is not, which Python then checks element by element. One parallel
+// region for all tensors, cut into chunks: a model's hundreds of small gradients cost one call
+// instead of a reduction each. Each chunk sums in 64 float32 lanes; then the chunks of a tensor are
+// added in order.
+int32_t microadam_grads_in_range(int64_t count, const void* const* ptrs, const int64_t* numels, const int32_t* dtypes,
+                                 float limit, int num_threads) {
   constexpr int64_t CHUNK = 1 << 16;
   std::vector<int64_t> first(1, 0);  // first chunk of each tensor, then the total
   for (int64_t t = 0; t < count; ++t) first.push_back(first.back() + (numels[t] + CHUNK - 1) / CHUNK);
@@ -1645,21 +1646,23 @@ int32_t microadam_all_finite(int64_t count, const void* const* ptrs, const int64
       case F32: {
         const float* x = static_cast<const float*>(ptrs[t]);
         for (; i + 64 <= e; i += 64)
-          for (int l = 0; l < 64; ++l) acc[l] += x[i + l];
+          for (int l = 0; l < 64; ++l) acc[l] += std::fabs(x[i + l]);
         break;
       }
       case BF16:
         for (; i + 64 <= e; i += 64)
-          for (int l = 0; l < 64; ++l) acc[l] += load_f<BF16>(ptrs[t], i + l);
+          for (int l = 0; l < 64; ++l) acc[l] += std::fabs(load_f<BF16>(ptrs[t], i + l));
         break;
       default:
         for (; i + 64 <= e; i += 64)
-          for (int l = 0; l < 64; ++l) acc[l] += load_f<F16>(ptrs[t], i + l);
+          for (int l = 0; l < 64; ++l) acc[l] += std::fabs(load_f<F16>(ptrs[t], i + l));
         break;
     }
     for (; i < e; ++i) {
       const int d = dtypes[t];
-      acc[i & 63] += d == F32 ? load_f<F32>(ptrs[t], i) : d == BF16 ? load_f<BF16>(ptrs[t], i) : load_f<F16>(ptrs[t], i);
+      acc[i & 63] += std::fabs(d == F32    ? load_f<F32>(ptrs[t], i)
+                               : d == BF16 ? load_f<BF16>(ptrs[t], i)
+                                           : load_f<F16>(ptrs[t], i));
     }
     float sum = 0.f;
     for (int l = 0; l < 64; ++l) sum += acc[l];
@@ -1680,7 +1683,7 @@ int32_t microadam_all_finite(int64_t count, const void* const* ptrs, const int64
   for (int64_t t = 0; t < count; ++t) {
     float sum = 0.f;
     for (int64_t c = first[t]; c < first[t + 1]; ++c) sum += partial[size_t(c)];
-    if (!(sum - sum == 0.f)) return 0;  // NaN or infinite
+    if (!(sum <= limit)) return 0;  // beyond the limit, NaN or infinite
   }
   return 1;
 }
