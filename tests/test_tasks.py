@@ -256,6 +256,11 @@ LOCAL_FILES = [
     ("broken.jsonl", b'{"text": "t0", "label": 0}\n\n{broken\n', ["broken.jsonl", "line 3", "not valid JSON"]),
     ("broken.json", b'{"text": "t0", "label": 0}\n{"text": "t1"', ["broken.json", "line 2", "not valid JSON"]),
     ("lists.json", b'[["t0", 0], ["t1", 1]]', ["lists.json", "item 1 (1-based)", "not an object"]),
+    # An unquoted comma in a text: csv.DictReader read on with label ' really' (a class of its own).
+    ("comma.csv", b"text,label\nt0,0\ngreat, really,1\nt2,0\n", ["comma.csv", "line 3", "3 cells", "double quotes"]),
+    # Trailing commas leave empty cells, in the header or in rows only: nothing is lost, so they read.
+    ("trailing.csv", b"text,label,\nt0,0,\nt1,1,\nt2,0,\nt3,1,\n", None),
+    ("trailing_rows.csv", b"text,label\nt0,0,\nt1,1\nt2,0,,\nt3,1\n", None),
 ]
 
 
@@ -282,6 +287,16 @@ def _write_csv(path: Any, rows: list[tuple[str, Any]], header: str = "text,label
         w.writerow(header.split(","))
         w.writerows(rows)
     return str(path)
+
+
+@pytest.mark.parametrize("labels", [[1, 1, 1, 1], ["pos", "pos", "pos", "pos"]], ids=["ints", "names"])
+def test_text_classification_one_class_is_an_error(labels: list[Any], tmp_path: Any) -> None:
+    """Integer labels that are all 1 made two classes (0 and 1), one of which no example has: every
+    optimizer then scores 100% and the compare passes. One class used is an error, however spelled."""
+    path = _write_csv(tmp_path / "one.csv", [(f"t{i}", y) for i, y in enumerate(labels)])
+    task = get_task("text-classification", model="m", train_file=path)
+    with pytest.raises(ValueError, match=r"has one class \['\w+'\] in every row"):
+        task.build(seed=0, size=TaskSize(steps=1, batch_size=1), device=CPU)
 
 
 def test_text_classification_eval_labels_unseen_in_train_are_an_error(tmp_path: Any) -> None:

@@ -125,10 +125,18 @@ def _read_csv(path: str) -> tuple[list[dict[str, Any]], Callable[[int], str]]:
                 break
             if not values:
                 continue  # a blank line, skipped as DictReader skips it
+            extra = [v for v in values[len(header) :] if v.strip()]
+            if extra:
+                # DictReader files extra cells under the key None and reads on: a comma inside an unquoted
+                # text ('great, really,1') would shift the label column to ' really' and make it a class.
+                raise ValueError(
+                    f"{path}, line {start}: {len(values)} cells, but the header has {len(header)} columns "
+                    f"{header}; the extra cells are {extra[:3]}. A cell holding a comma must be in double quotes "
+                    '("great, really"), as csv writers and spreadsheets write it: quote it, or delete the extra cells'
+                )
             row: dict[Any, Any] = dict(zip(header, values))
-            # As DictReader: extra cells go under the key None, missing ones are None.
-            if len(values) > len(header):
-                row[None] = values[len(header) :]
+            # As DictReader: missing cells are None (then an error if a used column is missing); empty
+            # extra cells, as a trailing comma leaves, are dropped.
             row.update({name: None for name in header[len(values) :]})
             rows.append(row)
             lines.append(start)
@@ -449,9 +457,13 @@ class TextClassificationTask(Task):
         hf_logging.set_verbosity_error()
         train_raw, held_raw = self._data(size)
         to_index, label_names = _label_map([y for *_, y in train_raw + held_raw], self.label_column)
-        if len(label_names) < 2:
+        # The classes the examples use: integer labels make every class up to the largest, so labels
+        # that are all 1 give two class names, one of which no example has.
+        used = sorted({to_index[y] for *_, y in train_raw + held_raw})
+        if len(used) < 2:
             raise ValueError(
-                f"label_column={self.label_column!r} has one class {label_names}; classification needs two"
+                f"label_column={self.label_column!r} has one class {[label_names[i] for i in used]} in every "
+                "row; classification needs two: check label_column=, or the files"
             )
         train = [(t, p, to_index[y]) for t, p, y in train_raw]
         held = [(t, p, to_index[y]) for t, p, y in held_raw]
