@@ -38,8 +38,6 @@ __all__ = [
     "resolve_variant",
 ]
 
-# Hyperparameters that fix the shapes and meaning of the saved state: a
-# checkpoint is only valid under the same values.
 # fp16 gradients are summed in float32 this many elements at a time (4 MB of float32), and the exact
 # check compares this many elements at a time.
 _CHECK_CHUNK = 2**20
@@ -50,12 +48,16 @@ _CHECK_CHUNK = 2**20
 # a quantization block's range hi - lo, the window's weighted sum) and put NaN or Inf into the state
 # and the parameters, in every implementation; AdamW meets such values without NaN (its squared
 # gradient overflows to Inf and the element's update becomes 0). Within this limit the error feedback
-# of t steps stays below about t * 2**100, so no sum overflows for 2**26 steps; the squares of the
-# second moment may still overflow to Inf, giving the element an update of 0, as AdamW does. No
-# useful gradient comes near it: fp16's largest value is 65504, and the gradients of a float32 loss
-# scaled by a GradScaler are unscaled before the step.
+# of t steps stays below about t * 2**100 (dequantization stays inside a block's range), and the
+# step's largest sums (a block's range; the window's sums, of at most `window` values, 10 by default)
+# below 20 * t * 2**100: under float32's 2**128 for 2**23 (8 million) steps of gradients at the limit.
+# The squares of the second moment may still overflow to Inf, giving the element an update of 0, as
+# AdamW's would be. No useful gradient comes near the limit: fp16's largest value is
+# 65504, and the gradients of a loss scaled by a GradScaler are unscaled before the step.
 GRAD_LIMIT = 2.0**100
 
+# Hyperparameters that fix the shapes and meaning of the saved state: a
+# checkpoint is only valid under the same values.
 LAYOUT_KEYS = ("window", "density", "block_size", "quant_block_size")
 STATE_KEYS = ("step", "numel", "window_indices", "window_values", "error_codes", "error_bounds")
 DENSE_STATE_KEYS = ("step", "numel", "exp_avg", "exp_avg_sq")

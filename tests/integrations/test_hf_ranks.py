@@ -60,6 +60,12 @@ weights = sum(float(p.double().sum()) for p in trainer.model.parameters())
 with open(f"{sys.argv[1]}.rank{os.environ['RANK']}.json", "w") as f:
     json.dump({"rank": int(os.environ["RANK"]), "world": args.world_size, "seen": seen, "logged": logged,
                "weights": weights}, f)
+# Free what holds the group and close it while both ranks live: the Trainer's DDP model holds it, and
+# gloo's threads still running at interpreter exit can abort a process ("terminate called without an
+# active exception", seen in a full run of the suite; tests/distributed/launch.py).
+import gc
+del trainer, cb
+gc.collect()
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 """

@@ -166,7 +166,9 @@ def main():
     # A file per rank: the ranks' lines on one stdout pipe can interleave.
     torch.save(results, f"{OUT}/result.rank{torch.distributed.get_rank()}.pt")
     # Free what holds the group and close it while both ranks live: gloo's threads still running at
-    # interpreter exit can abort a process (tests/distributed/launch.py).
+    # interpreter exit can abort a process (tests/distributed/launch.py). The last ModelCheckpoint
+    # holds the last model's bound methods, and through them its FSDP state and the group.
+    del every_epoch
     gc.collect()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
