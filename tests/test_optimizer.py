@@ -243,6 +243,37 @@ def test_nonfinite_raise_policy_raises_and_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
 
 
+@pytest.mark.parametrize(
+    "bad,words",
+    [(3e38, ["parameter 1 (shape (40,))", "holds 3e+38, beyond GRAD_LIMIT", "diverged", "clip_grad_norm_"]),
+     (float("nan"), ["parameter 1 (shape (40,))", "holds nan", "set_detect_anomaly"]),
+     (-float("inf"), ["parameter 1 (shape (40,))", "holds -inf", "set_detect_anomaly"])],
+    ids=["beyond-limit", "nan", "-inf"],
+)  # fmt: skip
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_step_not_taken_names_the_gradient_and_what_it_holds(bad, words, policy):
+    """The error (and the skip's one warning) says which parameter's gradient is out of range and
+    what it holds, and suggests what fits: anomaly detection for NaN/Inf, a lower lr or clipping for a
+    finite value beyond the limit (anomaly detection does not see those). The state is unchanged."""
+    model, opt = _trained(nonfinite=policy)
+    before = _snapshot(model, opt)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model[0].bias.grad[5] = bad  # parameter 1: the first Linear's bias, after its weight
+    if policy == "raise":
+        with pytest.raises(NonFiniteGradientError) as info:
+            opt.step()
+        message = str(info.value)
+    else:
+        with pytest.warns(RuntimeWarning) as record:
+            opt.step()
+        message = str(record[0].message)
+        assert opt.skipped_steps == 1
+    for w in [*words, "unchanged"]:
+        assert w in message, (w, message)
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
+
+
 def test_fp16_gradients_with_large_finite_values_are_not_skipped():
     p = torch.nn.Parameter(torch.zeros(10000, dtype=torch.float16))
     opt = MicroAdam([p], lr=1e-3)
@@ -313,7 +344,7 @@ def test_range_check_in_cpp_agrees_with_the_torch_norms():
     assert cpu.grads_in_range(base, GRAD_LIMIT) and torch_verdict(base) and grads_in_range(base)
     for i in range(4):
         n = base[i].numel()
-        # Both ends, and the middle of a chunk, where the C++ sum's two streams meet (sum_halves).
+        # Both ends, and the middle of a 65536-element chunk (each chunk sums in 64 lanes).
         for pos in sorted({0, n - 1, n // 2, max(n // 2 - 1, 0), n // 3, min(65536 // 2, n - 1)}):
             for bad in (float("nan"), float("inf"), -2 * GRAD_LIMIT, 3e38):
                 grads = [g.clone() for g in base]

@@ -160,6 +160,28 @@ def test_guard_accepts_large_finite_fp16_gradients():
     assert all(s["step"] == 1 for s in opt.state.values())
 
 
+@pytest.mark.parametrize("optimizer", ["microadam", "adamw"])
+def test_guard_treats_a_gradient_beyond_the_limit_as_nonfinite(optimizer):
+    """The Guard's gradient check is the optimizer's range check: a finite 3e38 is a "nonfinite" event and
+    the step is not taken (for any optimizer the Guard wraps), while 2**96 (within the limit) goes ahead."""
+    from microadam.optimizer import GRAD_LIMIT
+
+    lin = torch.nn.Linear(10, 1)
+    opt = MicroAdam(lin.parameters(), lr=1e-3) if optimizer == "microadam" else torch.optim.AdamW(lin.parameters())
+    guard = Guard(lin, opt, GuardPolicy())
+    kept = [p.detach().clone() for p in lin.parameters()]
+    for p in lin.parameters():
+        p.grad = torch.zeros_like(p)
+    lin.weight.grad[0, 3] = 3e38
+    event = guard.step(torch.tensor(1.0))
+    assert event is not None and event.event == "nonfinite" and event.actions == ["skip"]
+    assert all(torch.equal(a, b) for a, b in zip(kept, lin.parameters()))
+    assert not opt.state or all(int(st["step"]) == 0 for st in opt.state.values())
+    lin.weight.grad[0, 3] = GRAD_LIMIT / 2**4  # its square overflows: that element's update is 0, taken
+    assert guard.step(torch.tensor(1.0)) is None
+    assert all(int(opt.state[p]["step"]) == 1 for p in lin.parameters())
+
+
 def test_guard_raises_each_group_density_from_its_own_value():
     a, b = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(50))
     opt = MicroAdam([dict(params=[a], density=0.05), dict(params=[b], density=0.5)], **{**KW, "density": 0.1})
@@ -195,14 +217,63 @@ def test_fallback_moments_match_the_reference_window():
     torch.testing.assert_close(opt.state[p]["exp_avg_sq"], (1 - b2) * (S + e * e))
 
 
+@pytest.mark.parametrize("variant", ["release", "paper"])
 @pytest.mark.parametrize("pattern", LIMIT_PATTERNS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
-def test_gradients_up_to_the_limit_leave_state_finite_and_beyond_it_are_skipped(impl, dtype, pattern):
+def test_gradients_up_to_the_limit_leave_state_finite_and_beyond_it_are_skipped(impl, dtype, pattern, variant):
     """No finite gradient puts NaN or Inf into the state: up to GRAD_LIMIT the step's sums cannot
     overflow, beyond it the step is skipped (Triton's kernels: tests/test_triton_kernels.py)."""
     from microadam.kernels import cpu
 
     if impl == "cpp" and not cpu.available()[0]:
         pytest.skip("the C++ path does not build here")
-    step_at_the_grad_limit(impl, dtype, pattern)
+    step_at_the_grad_limit(impl, dtype, pattern, variant)
+
+
+def _dense_after_huge_gradient() -> tuple[torch.nn.Parameter, MicroAdam]:
+    """A MicroAdam fallen back to dense AdamW, stepped once with a gradient of 2**80: within GRAD_LIMIT,
+    but its square overflows float32, so exp_avg_sq holds +Inf (as torch's AdamW's would)."""
+    (a, b), opt = _trained()
+    opt.fallback_to_adamw()
+    a.grad, b.grad = torch.full_like(a, 2.0**80), torch.randn(7)
+    opt.step()
+    assert opt.skipped_steps == 0 and torch.isinf(opt.state[a]["exp_avg_sq"]).all()
+    return a, opt
+
+
+def test_dense_state_with_an_infinite_second_moment_saves_loads_and_continues():
+    """The dense fallback's exp_avg_sq = +Inf is what a step leaves (the update of those elements is
+    then 0): a checkpoint holding it loads, and the loaded optimizer continues exactly as the original.
+    The load refused it as a corrupt checkpoint."""
+    a, opt = _dense_after_huge_gradient()
+    assert torch.isfinite(a).all()
+    (a2, b2), fresh = _trained()
+    fresh.fallback_to_adamw()
+    with torch.no_grad():
+        a2.copy_(a)
+        b2.copy_(opt.param_groups[0]["params"][1])
+    fresh.load_state_dict(opt.state_dict())
+    for p, q in ((a, a2), (opt.param_groups[0]["params"][1], b2)):
+        g = torch.randn(p.shape)
+        p.grad, q.grad = g, g.clone()
+    opt.step()
+    fresh.step()
+    assert torch.equal(a, a2) and torch.isfinite(a2).all()
+
+
+@pytest.mark.parametrize(
+    "key,value,words",
+    [("exp_avg", float("nan"), "holds nan"), ("exp_avg", float("inf"), "holds inf"),
+     ("exp_avg_sq", float("nan"), "holds nan"), ("exp_avg_sq", -1.0, "holds -1.0"),
+     ("exp_avg_sq", -float("inf"), "holds -inf")],
+)  # fmt: skip
+def test_a_dense_state_no_step_can_leave_is_refused(key, value, words):
+    a, opt = _dense_after_huge_gradient()
+    saved = opt.state_dict()
+    saved["state"][0][key] = saved["state"][0][key].clone()
+    saved["state"][0][key][3] = value
+    kept = {k: v.clone() for k, v in opt.state[a].items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=f"'{key}' of parameter 0 {words}.*checkpoint is corrupt"):
+        opt.load_state_dict(saved)
+    assert all(torch.equal(v, opt.state[a][k]) for k, v in kept.items())

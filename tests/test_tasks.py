@@ -257,7 +257,15 @@ LOCAL_FILES = [
     ("broken.json", b'{"text": "t0", "label": 0}\n{"text": "t1"', ["broken.json", "line 2", "not valid JSON"]),
     ("lists.json", b'[["t0", 0], ["t1", 1]]', ["lists.json", "item 1 (1-based)", "not an object"]),
     # An unquoted comma in a text: csv.DictReader read on with label ' really' (a class of its own).
-    ("comma.csv", b"text,label\nt0,0\ngreat, really,1\nt2,0\n", ["comma.csv", "line 3", "3 cells", "double quotes"]),
+    (
+        "comma.csv",
+        b"text,label\nt0,0\ngreat, really,1\nt2,0\n",
+        ["comma.csv", "line 3", "3 cells", "names 2 columns", "double quotes"],
+    ),
+    # The same under a header with a trailing comma: its unnamed last column must not take the label.
+    ("comma_header.csv", b"text,label,\nt0,0,\ngreat, really,1\n", ["comma_header.csv", "line 3", "names 2 columns"]),
+    # pandas' to_csv writes its index as a first column without a name: that is data, not extra cells.
+    ("index.csv", b",text,label\n0,t0,0\n1,t1,1\n2,t2,0\n3,t3,1\n", None),
     # Trailing commas leave empty cells, in the header or in rows only: nothing is lost, so they read.
     ("trailing.csv", b"text,label,\nt0,0,\nt1,1,\nt2,0,\nt3,1,\n", None),
     ("trailing_rows.csv", b"text,label\nt0,0,\nt1,1\nt2,0,,\nt3,1\n", None),

@@ -730,7 +730,7 @@ class Guard:
 
     # ------------------------------------------------------------ the step
 
-    def _grads_finite(self) -> bool:
+    def _grads_in_range(self) -> bool:
         """Whether every gradient is finite and within GRAD_LIMIT (beyond it MicroAdam's step would
         overflow, so the Guard treats such a gradient as non-finite, for any optimizer)."""
         from microadam.optimizer import grads_in_range
@@ -829,7 +829,7 @@ class Guard:
         self._pending_loss = value if loss is not None else None
         self._pending_drift = None
 
-        if not finite_loss or not self._grads_finite():
+        if not finite_loss or not self._grads_in_range():
             self.nonfinite_run += 1
             seen = {
                 "loss": None if loss is None else (value if finite_loss else str(value)),

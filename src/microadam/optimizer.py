@@ -45,15 +45,18 @@ _CHECK_CHUNK = 2**20
 # A step whose gradients hold an element beyond this magnitude (about 1.27e30) is treated as one with
 # a NaN or Inf: skipped, or raised under nonfinite="raise", state untouched. Finite gradients near
 # float32's largest value overflow the step's own arithmetic (the error feedback plus the gradient,
-# a quantization block's range hi - lo, the window's weighted sum) and put NaN or Inf into the state
-# and the parameters, in every implementation; AdamW meets such values without NaN (its squared
-# gradient overflows to Inf and the element's update becomes 0). Within this limit the error feedback
-# of t steps stays below about t * 2**100 (dequantization stays inside a block's range), and the
-# step's largest sums (a block's range; the window's sums, of at most `window` values, 10 by default)
-# below 20 * t * 2**100: under float32's 2**128 for 2**23 (8 million) steps of gradients at the limit.
-# The squares of the second moment may still overflow to Inf, giving the element an update of 0, as
-# AdamW's would be. No useful gradient comes near the limit: fp16's largest value is
-# 65504, and the gradients of a loss scaled by a GradScaler are unscaled before the step.
+# a quantization block's range hi - lo, the window's weighted sums) and put NaN or Inf into the state
+# and the parameters, in every implementation (torch's AdamW overflows there too: its g - m with
+# gradients of alternating sign). Within the limit the state keeps 2**14 or more of headroom:
+# benchmarks/grad_limit.py steps one block with k = 1 and a gradient of +2**100 every step, the
+# error feedback's worst case (nothing cancels, the fewest entries leave), and over 40,000 steps its
+# largest value stays below 2**114 (variant "paper"; "release" keeps it at 2**101), as Top-K takes
+# the largest entries out each step; float32 overflows at 2**128. Squares may still overflow: the
+# second moment of a window value beyond about 2**64 is Inf and the element's update 0, as in AdamW
+# (whose dense exp_avg_sq, in fallback_to_adamw's state, then holds +Inf), and release's
+# root-mean-square of such a block is Inf, so that block moves nothing and keeps half its residual.
+# No useful gradient comes near the limit: fp16's largest value is 65504, and the gradients of a loss
+# scaled by a GradScaler are unscaled before the step.
 GRAD_LIMIT = 2.0**100
 
 # Hyperparameters that fix the shapes and meaning of the saved state: a
@@ -106,7 +109,7 @@ def grads_in_range(grads: list[torch.Tensor]) -> bool:
     """True iff every element of every tensor is finite and at most :data:`GRAD_LIMIT` in magnitude;
     a few reductions and a single host sync.
 
-    The fast check bounds a norm of each tensor (float32 and bfloat16; the sum of absolute values or
+    The fast check bounds a norm of each tensor (every dtype but fp16; the sum of absolute values or
     the 2-norm): every element is at most the norm, and a NaN or Inf anywhere makes the norm NaN or
     Inf, so a norm ``<= GRAD_LIMIT`` passes the tensor. A norm can exceed the limit (or overflow) where
     no element does, so a failed fast check is confirmed element by element
@@ -176,6 +179,13 @@ def _in_range_flag(group: list[torch.Tensor], *, multi_tensor: bool) -> torch.Te
     return (torch.stack(norms) <= GRAD_LIMIT).all()
 
 
+def _in_range_elements(c: torch.Tensor) -> torch.Tensor:
+    """Elementwise: finite and within :data:`GRAD_LIMIT` (NaN compares False). The limit is compared in
+    the tensor's dtype, where fp16 makes it Inf: fp16 is checked for finiteness alone, which is the
+    same (its largest value is 65504)."""
+    return torch.isfinite(c) if c.dtype == torch.float16 else c.abs() <= GRAD_LIMIT
+
+
 def _exactly_in_range(grads: list[torch.Tensor]) -> bool:
     """Whether every element is finite and within :data:`GRAD_LIMIT`, element by element: the
     confirmation of a failed fast check, so a step whose gradients only made a norm overflow or pass
@@ -184,11 +194,37 @@ def _exactly_in_range(grads: list[torch.Tensor]) -> bool:
     flags: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
         for c in g.reshape(-1).split(_CHECK_CHUNK):
-            # The limit is compared in the tensor's dtype, where fp16 makes it Inf: fp16 is checked for
-            # finiteness alone, which is the same (its largest value is 65504).
-            ok = torch.isfinite(c) if c.dtype == torch.float16 else c.abs() <= GRAD_LIMIT
-            flags.setdefault(g.device, []).append(ok.all())
+            flags.setdefault(g.device, []).append(_in_range_elements(c).all())
     return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
+def _out_of_range_message(
+    work: list[tuple[int, dict[str, Any], torch.Tensor, torch.Tensor]], local: list[torch.Tensor]
+) -> tuple[str, str]:
+    """What a skipped step's gradients hold, naming the first parameter whose gradient is out of range
+    (the index counts every parameter of every group, in order) and its first bad value, and what to
+    do about it. A sharded step can be skipped for another rank's shard: this rank then says so."""
+    for (index, _, p, _), g in zip(work, local):
+        for c in g.reshape(-1).split(_CHECK_CHUNK):
+            bad = ~_in_range_elements(c)
+            if bool(bad.any()):
+                value = float(c[bad][0])
+                where = f"the gradient of parameter {index} (shape {tuple(p.shape)})"
+                if math.isfinite(value):
+                    what = f"{where} holds {value:.3g}, beyond GRAD_LIMIT = 2**100 ({GRAD_LIMIT:.3g}) in magnitude"
+                    fix = (
+                        "MicroAdam's sums would overflow at such values; a gradient this large means the run has "
+                        "diverged: lower the learning rate or clip the gradients (torch.nn.utils.clip_grad_norm_)"
+                    )
+                else:
+                    what = f"{where} holds {value}"
+                    fix = "Find the source (e.g. torch.autograd.set_detect_anomaly)"
+                return what, fix
+    return (
+        f"a gradient on another rank holds NaN, Inf or a value beyond GRAD_LIMIT = 2**100 ({GRAD_LIMIT:.3g}); "
+        "this rank's are in range",
+        "That rank's warning or error names it",
+    )
 
 
 def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool = True, fix: str = "") -> None:
@@ -590,27 +626,26 @@ class MicroAdam(Optimizer):
         except Exception as e:
             early_error = e
 
-        finite = self._grads_in_range([local_tensor(g) for _, _, _, g in work])
+        local = [local_tensor(g) for _, _, _, g in work]
+        in_range = self._grads_in_range(local)
         if any(type(p).__name__ == "DTensor" for _, _, p, _ in work) and torch.distributed.is_initialized():
             # Sharded: each rank sees its shard's gradients only; all must skip, or none.
-            flag = torch.tensor([1.0 if finite else 0.0], device=_collective_device(local_tensor(work[0][3]).device))
+            flag = torch.tensor([1.0 if in_range else 0.0], device=_collective_device(local[0].device))
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = bool(flag.item() > 0.5)
-        if not finite:
+            in_range = bool(flag.item() > 0.5)
+        if not in_range:
+            # Which gradient, and what it holds: one more pass, only on a step that is not taken.
+            what, fix = _out_of_range_message(work, local)
             policy = {group["nonfinite"] for _, group, _, _ in work}
             if "raise" in policy:
                 raise NonFiniteGradientError(
-                    f"a gradient holds NaN, Inf or a value beyond {GRAD_LIMIT:.3g} (2**100) in magnitude; the "
-                    "optimizer state is unchanged. Find the source "
-                    "(e.g. torch.autograd.set_detect_anomaly) or pass nonfinite='skip' to skip such steps"
+                    f"{what}; the optimizer state is unchanged. {fix}, or pass nonfinite='skip' to skip such steps"
                 )
             self.skipped_steps += 1
             if not self._warned_nonfinite:
                 warnings.warn(
-                    f"MicroAdam skipped a step because a gradient holds NaN, Inf or a value beyond {GRAD_LIMIT:.3g} "
-                    "(2**100) in magnitude; the state is unchanged. "
-                    "Further skips are counted in optimizer.skipped_steps without warning "
-                    "(pass nonfinite='raise' to raise instead)",
+                    f"MicroAdam skipped a step: {what}; the state is unchanged. {fix}. Further skips are counted "
+                    "in optimizer.skipped_steps without warning (pass nonfinite='raise' to raise instead)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -1068,9 +1103,15 @@ class MicroAdam(Optimizer):
                 out[key] = _checked_tensor(pid, key, saved[key], tuple(p.shape), float_dt).to(
                     p.device, memory_format=torch.contiguous_format, copy=True
                 )
-                if not bool(torch.isfinite(out[key]).all()):
+                # exp_avg_sq may hold +Inf: the square of a gradient beyond about 1.8e19 (within GRAD_LIMIT)
+                # overflows float32, in the dense fallback's step as in torch's AdamW (the element's update
+                # is then 0). NaN, -Inf or a negative value cannot come from a step.
+                bad = ~torch.isfinite(out[key]) if key == "exp_avg" else ~(out[key] >= 0)
+                if bool(bad.any()):
+                    allowed = "finite values" if key == "exp_avg" else "values >= 0 (+Inf included)"
                     raise ValueError(
-                        f"the loaded {key!r} of parameter {pid!r} holds NaN or Inf; the checkpoint is corrupt"
+                        f"the loaded {key!r} of parameter {pid!r} holds {float(out[key][bad][0])} where a step "
+                        f"leaves only {allowed}; the checkpoint is corrupt"
                     )
             return out
         checked = check_micro_state(pid, saved, lay)

@@ -136,3 +136,41 @@ def test_fsdp2_per_rank_checkpoint_resumes_exactly_and_refuses_another_shard(tmp
         res = torch.load(tmp_path / f"result{r}.pt", weights_only=True)
         assert res["resumed"] == res["straight"]
         assert "saved by another rank" in res["refused"]
+
+
+def _out_of_range_worker(rank: int, world: int, out: str) -> None:
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(True)
+    fully_shard(model)
+    opt = MicroAdam(model.parameters(), **KW)
+    batches = _batches()[:3]
+    messages = []
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if i == 2:
+            if rank == 1:  # in this rank's shard only: rank 0's gradients are in range
+                model[2].weight.grad.to_local()[0, 0] = 3e38
+            before = [p.to_local().clone() for p in model.parameters()]
+            before += [v.clone() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        messages += [str(w.message) for w in caught]
+    after = [p.to_local().clone() for p in model.parameters()]
+    after += [v.clone() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, after))
+    torch.save({"skipped": opt.skipped_steps, "messages": messages, "unchanged": unchanged}, f"{out}/range{rank}.pt")
+
+
+def test_a_gradient_beyond_the_limit_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Rank 1's shard holds 3e38 (finite, beyond GRAD_LIMIT): both ranks skip the step, nothing changes on
+    either, rank 1's warning names the parameter and the value, and rank 0's says it was another rank."""
+    spawn(_out_of_range_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"range{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["skipped"] == r1["skipped"] == 1 and r0["unchanged"] and r1["unchanged"]
+    assert len(r1["messages"]) == 1 and "parameter 2 (shape (64, 128)) holds 3e+38" in r1["messages"][0]
+    assert len(r0["messages"]) == 1 and "a gradient on another rank" in r0["messages"][0], r0["messages"]

@@ -162,10 +162,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     probe = lib.microadam_sqrt_probe
     probe.restype = None
     probe.argtypes = [ptr, ptr, i64, ptr, i32]
-    finite = lib.microadam_grads_in_range
-    finite.restype = ctypes.c_int32
+    in_range = lib.microadam_grads_in_range
+    in_range.restype = ctypes.c_int32
     # count, data pointers, numels, dtype codes, limit, num_threads
-    finite.argtypes = [
+    in_range.argtypes = [
         i64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(i64), ctypes.POINTER(ctypes.c_int32), ctypes.c_float, i32,
     ]  # fmt: skip
 

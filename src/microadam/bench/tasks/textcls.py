@@ -116,6 +116,9 @@ def _read_csv(path: str) -> tuple[list[dict[str, Any]], Callable[[int], str]]:
     with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: as in _read
         reader = csv.reader(f)
         header = next(reader, None)
+        # Columns after the last named one (a header's trailing commas) hold nothing: a cell there is
+        # as extra as one past the header. An unnamed column before a named one (pandas' index) is data.
+        width = max((i + 1 for i, name in enumerate(header or []) if name.strip()), default=0)
         while header is not None:
             # A row starts on the line after the last one read; line_num counts the lines of a
             # quoted cell that spans several, so a row's number is its first line's.
@@ -125,14 +128,15 @@ def _read_csv(path: str) -> tuple[list[dict[str, Any]], Callable[[int], str]]:
                 break
             if not values:
                 continue  # a blank line, skipped as DictReader skips it
-            extra = [v for v in values[len(header) :] if v.strip()]
+            extra = [v for v in values[width:] if v.strip()]
             if extra:
                 # DictReader files extra cells under the key None and reads on: a comma inside an unquoted
                 # text ('great, really,1') would shift the label column to ' really' and make it a class.
                 raise ValueError(
-                    f"{path}, line {start}: {len(values)} cells, but the header has {len(header)} columns "
-                    f"{header}; the extra cells are {extra[:3]}. A cell holding a comma must be in double quotes "
-                    '("great, really"), as csv writers and spreadsheets write it: quote it, or delete the extra cells'
+                    f"{path}, line {start}: {len(values)} cells, but the header names {width} columns "
+                    f"{header[:width]}; the extra cells are {extra[:3]}. A cell holding a comma must be in double "
+                    'quotes ("great, really"), as csv writers and spreadsheets write it: quote it, or delete the '
+                    "extra cells"
                 )
             row: dict[Any, Any] = dict(zip(header, values))
             # As DictReader: missing cells are None (then an error if a used column is missing); empty
