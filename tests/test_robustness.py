@@ -175,6 +175,7 @@ def test_guard_treats_a_gradient_beyond_the_limit_as_nonfinite(optimizer):
     lin.weight.grad[0, 3] = 3e38
     event = guard.step(torch.tensor(1.0))
     assert event is not None and event.event == "nonfinite" and event.actions == ["skip"]
+    assert event.seen["gradient"] == "weight holds 3e+38"  # the event log names it
     assert all(torch.equal(a, b) for a, b in zip(kept, lin.parameters()))
     assert not opt.state or all(int(st["step"]) == 0 for st in opt.state.values())
     lin.weight.grad[0, 3] = GRAD_LIMIT / 2**4  # its square overflows: that element's update is 0, taken

@@ -730,14 +730,24 @@ class Guard:
 
     # ------------------------------------------------------------ the step
 
-    def _grads_in_range(self) -> bool:
-        """Whether every gradient is finite and within GRAD_LIMIT (beyond it MicroAdam's step would
-        overflow, so the Guard treats such a gradient as non-finite, for any optimizer)."""
-        from microadam.optimizer import grads_in_range
+    def _out_of_range_gradient(self) -> str | None:
+        """None if every gradient, on every rank, is finite and within GRAD_LIMIT (beyond it MicroAdam's
+        step would overflow, so the Guard treats such a gradient as non-finite, for any optimizer);
+        otherwise what the event log should say: the first parameter, by its name in the model, whose
+        gradient is not, and its first bad value (or that it is on another rank)."""
+        from microadam.optimizer import first_out_of_range, grads_in_range
 
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        return self._all_ranks(grads_in_range(grads), all_of=True)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        here = grads_in_range(grads)
+        if self._all_ranks(here, all_of=True):
+            return None
+        found = None if here else first_out_of_range(grads)
+        if found is None:
+            return "out of range on another rank"
+        i, value = found
+        name = next((n for n, q in self.model.named_parameters() if q is params[i]), f"optimizer parameter {i}")
+        return f"{name} holds {value:.3g}" if math.isfinite(value) else f"{name} holds {value}"
 
     @staticmethod
     def _distributed() -> bool:
@@ -829,12 +839,16 @@ class Guard:
         self._pending_loss = value if loss is not None else None
         self._pending_drift = None
 
-        if not finite_loss or not self._grads_in_range():
+        # The loss is the ranks' mean, so every rank skips the gradients' collective check together.
+        bad_gradient = self._out_of_range_gradient() if finite_loss else None
+        if not finite_loss or bad_gradient is not None:
             self.nonfinite_run += 1
             seen = {
                 "loss": None if loss is None else (value if finite_loss else str(value)),
                 "consecutive": self.nonfinite_run,
             }
+            if bad_gradient is not None:
+                seen["gradient"] = bad_gradient
             actions = p.on_nonfinite if self.nonfinite_run < p.patience else ("rollback",)
             if self.nonfinite_run >= p.patience:
                 self.nonfinite_run = 0

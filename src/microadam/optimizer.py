@@ -33,6 +33,7 @@ __all__ = [
     "VARIANTS",
     "global_offset",
     "GRAD_LIMIT",
+    "first_out_of_range",
     "grads_in_range",
     "local_tensor",
     "resolve_variant",
@@ -198,33 +199,41 @@ def _exactly_in_range(grads: list[torch.Tensor]) -> bool:
     return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
+def first_out_of_range(grads: list[torch.Tensor]) -> tuple[int, float] | None:
+    """The position in ``grads`` of the first tensor holding NaN, Inf or a value beyond :data:`GRAD_LIMIT`
+    in magnitude, and its first such value; None if every element is in range. An element-by-element
+    pass: for saying what a step that :func:`grads_in_range` refused holds, not for every step."""
+    for i, g in enumerate(grads):
+        for c in g.reshape(-1).split(_CHECK_CHUNK):
+            bad = ~_in_range_elements(c)
+            if bool(bad.any()):
+                return i, float(c[bad][0])
+    return None
+
+
 def _out_of_range_message(
     work: list[tuple[int, dict[str, Any], torch.Tensor, torch.Tensor]], local: list[torch.Tensor]
 ) -> tuple[str, str]:
     """What a skipped step's gradients hold, naming the first parameter whose gradient is out of range
     (the index counts every parameter of every group, in order) and its first bad value, and what to
     do about it. A sharded step can be skipped for another rank's shard: this rank then says so."""
-    for (index, _, p, _), g in zip(work, local):
-        for c in g.reshape(-1).split(_CHECK_CHUNK):
-            bad = ~_in_range_elements(c)
-            if bool(bad.any()):
-                value = float(c[bad][0])
-                where = f"the gradient of parameter {index} (shape {tuple(p.shape)})"
-                if math.isfinite(value):
-                    what = f"{where} holds {value:.3g}, beyond GRAD_LIMIT = 2**100 ({GRAD_LIMIT:.3g}) in magnitude"
-                    fix = (
-                        "MicroAdam's sums would overflow at such values; a gradient this large means the run has "
-                        "diverged: lower the learning rate or clip the gradients (torch.nn.utils.clip_grad_norm_)"
-                    )
-                else:
-                    what = f"{where} holds {value}"
-                    fix = "Find the source (e.g. torch.autograd.set_detect_anomaly)"
-                return what, fix
-    return (
-        f"a gradient on another rank holds NaN, Inf or a value beyond GRAD_LIMIT = 2**100 ({GRAD_LIMIT:.3g}); "
-        "this rank's are in range",
-        "That rank's warning or error names it",
-    )
+    found = first_out_of_range(local)
+    if found is None:
+        return (
+            f"a gradient on another rank holds NaN, Inf or a value beyond GRAD_LIMIT = 2**100 ({GRAD_LIMIT:.3g}); "
+            "this rank's are in range",
+            "That rank's warning or error names it",
+        )
+    i, value = found
+    index, _, p, _ = work[i]
+    where = f"the gradient of parameter {index} (shape {tuple(p.shape)})"
+    if math.isfinite(value):
+        return (
+            f"{where} holds {value:.3g}, beyond GRAD_LIMIT = 2**100 ({GRAD_LIMIT:.3g}) in magnitude",
+            "MicroAdam's sums would overflow at such values; a gradient this large means the run has "
+            "diverged: lower the learning rate or clip the gradients (torch.nn.utils.clip_grad_norm_)",
+        )
+    return f"{where} holds {value}", "Find the source (e.g. torch.autograd.set_detect_anomaly)"
 
 
 def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool = True, fix: str = "") -> None:

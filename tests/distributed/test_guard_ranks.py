@@ -105,7 +105,9 @@ def _fsdp_worker(rank: int, world: int, folder: str) -> None:
             model[0].weight.grad.to_local()[0, 0] = float("nan")
         guard.step(loss)
         opt.zero_grad()
-    torch.save({"step": guard.step_count, "events": [(e.step, e.event) for e in guard.events]}, f"{folder}/r{rank}.pt")
+    events = [(e.step, e.event) for e in guard.events]
+    said = [e.seen.get("gradient") for e in guard.events]
+    torch.save({"step": guard.step_count, "events": events, "said": said}, f"{folder}/r{rank}.pt")
 
 
 def _fsdp_resume_worker(rank: int, world: int, folder: str) -> None:
@@ -120,6 +122,8 @@ def test_fsdp2_per_rank_guard_checkpoints_resume(tmp_path: Path) -> None:
     spawn(_fsdp_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["events"] == r1["events"] == [(6, "nonfinite")]
+    # Each rank's event says what its own shards hold: rank 1 names the parameter, rank 0 points away.
+    assert r1["said"] == ["0.weight holds nan"] and r0["said"] == ["out of range on another rank"]
     spawn(_fsdp_resume_worker, str(tmp_path))
     for r in (0, 1):
         res = torch.load(tmp_path / f"x{r}.pt", weights_only=True)
