@@ -282,7 +282,8 @@ def test_not_installed_optimizer_is_reported_with_install_command(tmp_path, monk
     sorted((__import__("pathlib").Path(__file__).parents[1] / "examples" / "plans").glob("*.toml")),
     ids=lambda p: p.name,
 )
-def test_example_plans_are_valid(path):
+def test_example_plans_are_valid(path, monkeypatch):
+    monkeypatch.chdir(path.parents[2])  # own-task.toml names its task file relative to the repository root
     plan = load_plan(path)
     assert plan.stages and all(len(s.seeds) >= 2 for s in plan.stages)
 
@@ -658,3 +659,85 @@ def test_run_key_follows_the_contents_of_the_files_and_folders_the_task_options_
     assert key() == relabelled
     (model / "config.json").write_text('{"num_labels": 3}')
     assert key() != relabelled
+
+
+_USER_TASK = """
+import torch
+from microadam.bench.tasks import Task, Workload
+
+class Blobs(Task):
+    metric = "accuracy"
+    default_lr = {"*": 1e-2}
+
+    def __init__(self, width: int = 8):
+        self.width = width
+
+    def build(self, *, seed, size, device):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(256, 4, generator=g)
+        y = (x[:, 0] + x[:, 1] > 0).long()
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, self.width), torch.nn.Tanh(), torch.nn.Linear(self.width, 2))
+
+        def batches():
+            gen = torch.Generator().manual_seed(seed)
+            while True:
+                idx = torch.randint(0, 192, (size.batch_size,), generator=gen)
+                yield x[idx], y[idx]
+
+        def evaluate(m):
+            with torch.no_grad():
+                return {"accuracy": (m(x[192:]).argmax(1) == y[192:]).float().mean().item()}
+
+        loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])
+        return Workload(model=model, batches=batches(), loss=loss, evaluate=evaluate)
+
+class NotATask:
+    pass
+"""
+
+_USER_PLAN = {
+    "name": "mine", "baseline": "adamw", "candidates": ["microadam"],
+    "criteria": {"max_metric_drop": 100.0}, "task_options": {"width": 6},
+    "stages": [{"name": "small", "steps": 4, "batch_size": 8, "seeds": [0, 1]}],
+}  # fmt: skip
+
+
+def test_a_task_of_the_users_file_runs_in_a_compare(tmp_path, monkeypatch):
+    """task = "file.py:Class" (relative to the current directory) runs like a built-in task; the run key
+    holds the file's contents, so an edited task reruns, and the plan's task options reach the class."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.py").write_text(_USER_TASK)
+    plan_file = _write_plan(tmp_path / "plan.toml", {**_USER_PLAN, "task": "tasks/mine.py:Blobs"})
+    assert main(["compare", str(plan_file), "--out", "out"]) == 0
+    runs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()][1:]
+    assert len(runs) == 4 and all(r["status"] == "ok" and 0 <= r["metrics"]["accuracy"] <= 1 for r in runs)
+    plan = load_plan(plan_file)
+    key = plan.run_key(plan.stages[0], "microadam", 0)
+    (tmp_path / "tasks" / "mine.py").write_text(_USER_TASK + "\n# edited\n")
+    assert plan.run_key(plan.stages[0], "microadam", 0) != key
+    assert get_task("tasks/mine.py:Blobs", width=6).width == 6
+
+
+@pytest.mark.parametrize(
+    "task,source,words",
+    [
+        ("nowhere.py:Blobs", None, ["nowhere.py does not exist", "relative to the current directory"]),
+        ("mine.py:Blob", _USER_TASK, ["'Blob' is not defined there", "Task subclasses are ['Blobs']"]),
+        ("mine.py:NotATask", _USER_TASK, ["must be a subclass of microadam.bench.tasks.Task"]),
+        ("mine.py:Blobs", "raise RuntimeError('no data here')", ["importing 'mine.py:Blobs' raised RuntimeError"]),
+        ("no_such_package.tasks:Blobs", None, ["no module 'no_such_package.tasks'", "'path/to/tasks.py:Blobs'"]),
+        ("mine.py:Blobs", _USER_TASK.replace('{"*": 1e-2}', "{}"), ["no learning rate for 'adamw'", "lr = ..."]),
+        ("blobs", None, ["unknown task 'blobs'", "'file.py:ClassName'"]),
+    ],
+    ids=["no-file", "no-class", "not-a-task", "import-fails", "no-module", "no-lr", "unknown-name"],
+)
+def test_a_users_task_that_cannot_run_is_a_plan_error_saying_why(task, source, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if source is not None:
+        (tmp_path / "mine.py").write_text(source)
+    with pytest.raises(PlanError) as info:
+        parse_plan({**copy.deepcopy(_USER_PLAN), "task": task})
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))

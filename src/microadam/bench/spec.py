@@ -113,6 +113,11 @@ class Plan:
         # A data file or model folder rewritten under the same path is another run: its contents
         # are in the key. Left out when no option names one, so the built-in tasks keep their keys.
         data = {k: _path_digest(p) for k, v in sorted(self.task_options.items()) if (p := _local_path(v)) is not None}
+        # A task of the user's file: its code makes the run as much as its data does.
+        from microadam.bench.tasks import task_file
+
+        if (code := task_file(self.task)) is not None and Path(code).is_file():
+            data["task:code"] = _path_digest(Path(code))
         if data:
             what["data"] = data
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -235,8 +240,11 @@ def parse_plan(data: dict[str, Any]) -> Plan:
         if key not in data:
             raise PlanError(f"{_where(key)}: missing; a plan needs task, baseline, candidates and stages")
     task = _expect(data["task"], str, "task", "a task name")
-    if task not in TASKS:
-        raise PlanError(f"{_where('task')}: unknown task {task!r}; expected one of {', '.join(sorted(TASKS))}")
+    if task not in TASKS and ":" not in task:
+        raise PlanError(
+            f"{_where('task')}: unknown task {task!r}; expected one of {', '.join(sorted(TASKS))}, "
+            "or your own as 'file.py:ClassName' (docs/compare.md, 'Your own task')"
+        )
     optimizers = _expect(data.get("optimizers", {}), dict, "optimizers", "a table of per-optimizer tables")
     for name, table in optimizers.items():
         _expect(table, dict, f"optimizers.{name}", "a table of keyword arguments (lr = ..., ...)")
@@ -337,6 +345,7 @@ def parse_plan(data: dict[str, Any]) -> Plan:
     lr_schedule = _expect(data.get("lr_schedule", "constant"), str, "lr_schedule", f"one of {LR_SCHEDULES}")
     if lr_schedule not in LR_SCHEDULES:
         raise PlanError(f"{_where('lr_schedule')}: unknown schedule {lr_schedule!r}; expected one of {LR_SCHEDULES}")
+    _check_learning_rates(task, task_options, [baseline, *candidates], optimizers)
     name = _expect(data.get("name", "plan"), str, "name", "a string")
     # The name is the default output folder (runs/<name>): it must not climb out of it.
     if not name or name in (".", "..") or "/" in name or "\\" in name:
@@ -357,9 +366,16 @@ def parse_plan(data: dict[str, Any]) -> Plan:
 
 def _check_task_options(task: str, options: dict[str, Any]) -> None:
     """Each ``[task_options]`` key must be an argument of the task's constructor, which must accept the values."""
-    from microadam.bench.tasks import task_class
+    from microadam.bench.tasks import TASKS, task_class
 
-    cls = task_class(task)
+    try:
+        cls = task_class(task)
+    except ValueError as e:
+        raise PlanError(f"{_where('task')}: {e}") from e
+    except Exception as e:  # the user's file raised while it was imported
+        raise PlanError(f"{_where('task')}: importing {task!r} raised {type(e).__name__}: {e}") from e
+    if task not in TASKS and (not isinstance(cls.metric, str) or not cls.metric):
+        raise PlanError(f"{_where('task')}: {task} must set metric, the name of a value its evaluate() returns")
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         accepted = [
@@ -377,6 +393,27 @@ def _check_task_options(task: str, options: dict[str, Any]) -> None:
         cls(**options)
     except (TypeError, ValueError) as e:
         raise PlanError(f"{_where('task_options')}: the {task} task rejects {options}: {e}") from e
+
+
+def _check_learning_rates(
+    task: str, options: dict[str, Any], names: list[str], optimizers: dict[str, dict[str, Any]]
+) -> None:
+    """Each optimizer that runs has a learning rate: its table's ``lr``, or the task's ``default_lr``
+    (by optimizer, or ``"*"``). A task of the user's may have none; a run would fail with a KeyError."""
+    from microadam.bench.tasks import task_class
+
+    task_obj = task_class(task)(**options)
+    for name in names:
+        table = optimizers.get(name, {})
+        if "lr" in table:
+            continue
+        try:
+            task_obj.lr_for(table.get("optimizer", name))
+        except KeyError:
+            raise PlanError(
+                f"{_where('optimizers.' + name)}: no learning rate for {name!r}: the {task} task's default_lr has "
+                f"neither it nor '*'; set lr = ... in [optimizers.{name}], or default_lr in the task"
+            ) from None
 
 
 def _check_device(device: str) -> None:

@@ -1,17 +1,31 @@
-"""Built-in tasks for ``microadam compare``, each a small module registered by name.
+"""Built-in tasks for ``microadam compare``, each a small module registered by name, and the user's own.
 
 A task module is imported only when a plan names it, so a missing optional
 dependency (transformers, a data package) fails only that task, with the
-command that installs it.
+command that installs it. A plan's ``task = "file.py:Class"`` or ``"package.module:Class"``
+names a :class:`Task` subclass of the user's (``docs/compare.md``, "Your own task").
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import os
+import sys
 
 from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload
 
-__all__ = ["TASKS", "MissingDependency", "Task", "TaskSize", "Workload", "get_task", "task_class"]
+__all__ = [
+    "TASKS",
+    "MissingDependency",
+    "Task",
+    "TaskSize",
+    "Workload",
+    "get_task",
+    "task_class",
+    "task_file",
+]
 
 # name -> "module:attribute"
 TASKS = {
@@ -24,12 +38,83 @@ TASKS = {
 }
 
 
+_HOW = "see docs/compare.md, 'Your own task'"
+
+
+def task_file(name: str) -> str | None:
+    """The Python file a user task ``"path/to/file.py:Class"`` names (absolute, ``~`` expanded); None for
+    a built-in task or a ``"package.module:Class"``."""
+    if name in TASKS or ":" not in name:
+        return None
+    module = name.rsplit(":", 1)[0]
+    if module.endswith(".py") or "/" in module or os.sep in module:
+        return os.path.abspath(os.path.expanduser(module))
+    return None
+
+
+def _user_module(name: str) -> object:
+    """The module of a user task ``name`` ("file.py:Class" or "package.module:Class"), imported."""
+    module = name.rsplit(":", 1)[0]
+    path = task_file(name)
+    if path is None:
+        try:
+            return importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            raise ValueError(
+                f"task {name!r}: no module {module!r} can be imported here ({e}); give the task's file "
+                f"instead (task = 'path/to/{module.rsplit('.', 1)[-1]}.py:{name.rsplit(':', 1)[1]}', relative "
+                f"to the current directory), or install the package; {_HOW}"
+            ) from e
+    if not os.path.isfile(path):
+        raise ValueError(f"task {name!r}: the file {path} does not exist (paths are relative to the current "
+                         f"directory, {os.getcwd()}); {_HOW}")  # fmt: skip
+    # A module name per file and contents: the same file is run once, and an edited one again.
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    key = f"microadam_user_task_{digest}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"task {name!r}: {path} cannot be loaded as a Python module; {_HOW}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod  # before running it, as an import does (dataclasses look their module up)
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[key]
+        raise
+    return mod
+
+
 def task_class(name: str) -> type[Task]:
-    """The class of task ``name`` (its module imported, none of its optional dependencies)."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
-    module, attr = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    """The class of task ``name`` (its module imported, none of its optional dependencies).
+
+    ``name`` is a built-in task, or ``"file.py:Class"`` / ``"package.module:Class"`` naming a subclass
+    of :class:`Task` (the file's path relative to the current directory).
+    """
+    if name in TASKS:
+        module, attr = TASKS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    if ":" not in name:
+        raise ValueError(
+            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}, or your own as "
+            f"'file.py:ClassName' ({_HOW})"
+        )
+    attr = name.rsplit(":", 1)[1]
+    mod = _user_module(name)
+    cls = getattr(mod, attr, None)
+    if cls is None:
+        found = sorted(n for n, v in vars(mod).items() if isinstance(v, type) and issubclass(v, Task) and v is not Task)
+        raise ValueError(
+            f"task {name!r}: {attr!r} is not defined there; its Task subclasses are {found or 'none'}; {_HOW}"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ValueError(
+            f"task {name!r}: {attr} must be a subclass of microadam.bench.tasks.Task (with a build() that "
+            f"returns a Workload), got {cls!r}; {_HOW}"
+        )
+    return cls
 
 
 def get_task(name: str, **options: object) -> Task:
