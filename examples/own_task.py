@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 
 from microadam.bench.tasks import MissingDependency, Task, TaskSize, Workload
+from microadam.bench.tasks.base import endless
 
 
 class BreastCancerTask(Task):
@@ -35,7 +36,7 @@ class BreastCancerTask(Task):
     default_lr = {"microadam": 3e-3, "*": 1e-3}
 
     def __init__(self, hidden: int = 64) -> None:
-        if not isinstance(hidden, int) or hidden < 1:
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
         self.hidden = hidden
 
@@ -67,13 +68,13 @@ class BreastCancerTask(Task):
             torch.nn.Linear(30, self.hidden), torch.nn.ReLU(), torch.nn.Linear(self.hidden, 2)
         ).to(device)
 
-        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            gen = torch.Generator().manual_seed(seed)
-            while True:
-                perm = torch.randperm(len(ytr), generator=gen)
-                for i in range(0, len(perm) - size.batch_size + 1, size.batch_size):
-                    idx = perm[i : i + size.batch_size].to(device)
-                    yield xtr[idx], ytr[idx]
+        gen = torch.Generator().manual_seed(seed)
+
+        def epoch(_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            perm = torch.randperm(len(ytr), generator=gen)
+            for i in range(0, len(perm) - size.batch_size + 1, size.batch_size):  # whole batches only
+                idx = perm[i : i + size.batch_size].to(device)
+                yield xtr[idx], ytr[idx]
 
         def loss(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
@@ -87,4 +88,5 @@ class BreastCancerTask(Task):
             }
 
         info = {"train_examples": len(ytr), "eval_examples": len(yte), "hidden": self.hidden}
-        return Workload(model=model, batches=batches(), loss=loss, evaluate=evaluate, info=info)
+        # endless() repeats epochs, and raises (instead of looping forever) if one has no whole batch.
+        return Workload(model=model, batches=endless(epoch), loss=loss, evaluate=evaluate, info=info)

@@ -726,12 +726,30 @@ def test_a_task_of_the_users_file_runs_in_a_compare(tmp_path, monkeypatch):
         ("nowhere.py:Blobs", None, ["nowhere.py does not exist", "relative to the current directory"]),
         ("mine.py:Blob", _USER_TASK, ["'Blob' is not defined there", "Task subclasses are ['Blobs']"]),
         ("mine.py:NotATask", _USER_TASK, ["must be a subclass of microadam.bench.tasks.Task"]),
-        ("mine.py:Blobs", "raise RuntimeError('no data here')", ["importing 'mine.py:Blobs' raised RuntimeError"]),
+        ("mine.py:Blobs", "raise RuntimeError('no data here')", ["mine.py raised RuntimeError: no data here"]),
+        ("mine.py:Blobs", "raise ValueError('bad config')", ["mine.py raised ValueError: bad config"]),
+        (
+            "mine.py:Blobs",
+            _USER_TASK.replace("self.width = width", "raise OSError('no disk')"),
+            ["raised OSError: no disk"],
+        ),
+        ("mine.py:Blobs", _USER_TASK.replace('{"*": 1e-2}', "1e-2"), ["default_lr must be a dict"]),
         ("no_such_package.tasks:Blobs", None, ["no module 'no_such_package.tasks'", "'path/to/tasks.py:Blobs'"]),
         ("mine.py:Blobs", _USER_TASK.replace('{"*": 1e-2}', "{}"), ["no learning rate for 'adamw'", "lr = ..."]),
         ("blobs", None, ["unknown task 'blobs'", "'file.py:ClassName'"]),
     ],
-    ids=["no-file", "no-class", "not-a-task", "import-fails", "no-module", "no-lr", "unknown-name"],
+    ids=[
+        "no-file",
+        "no-class",
+        "not-a-task",
+        "import-fails",
+        "import-value-error",
+        "constructor-fails",
+        "lr-not-a-dict",
+        "no-module",
+        "no-lr",
+        "unknown-name",
+    ],
 )
 def test_a_users_task_that_cannot_run_is_a_plan_error_saying_why(task, source, words, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -741,3 +759,38 @@ def test_a_users_task_that_cannot_run_is_a_plan_error_saying_why(task, source, w
         parse_plan({**copy.deepcopy(_USER_PLAN), "task": task})
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+def test_a_users_task_learning_rates_and_values_json_cannot_write(tmp_path, monkeypatch):
+    """A task with no default_lr runs on the plan's lr (the task's table was looked up first, a KeyError);
+    a table without '*' serves the optimizers it names; numpy values in evaluate() or info are written
+    as numbers (json.dumps stopped the compare). A module whose own import misses a package says so."""
+    monkeypatch.chdir(tmp_path)
+    source = (
+        _USER_TASK.replace('{"*": 1e-2}', "{}")
+        .replace(
+            "return Workload(model=model, batches=batches(), loss=loss, evaluate=evaluate)",
+            "return Workload(model=model, batches=batches(), loss=loss, evaluate=evaluate, "
+            "info={'positives': np.int64(3)})",
+        )
+        .replace("import torch", "import numpy as np\nimport torch")
+    )
+    (tmp_path / "mine.py").write_text(source)
+    plan = {**copy.deepcopy(_USER_PLAN), "task": "mine.py:Blobs"}
+    plan["optimizers"] = {"adamw": {"lr": 1e-3}, "microadam": {"lr": 3e-3}}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in plan.items() if not isinstance(v, (dict, list)) or k == "candidates"]
+    lines += ["[criteria]", "max_metric_drop = 100.0", "[optimizers.adamw]", "lr = 1e-3", "[optimizers.microadam]"]
+    lines += ["lr = 3e-3", "[[stages]]", 'name = "small"', "steps = 3", "batch_size = 8", "seeds = [0, 1]"]
+    (tmp_path / "plan.toml").write_text("\n".join(lines) + "\n")
+    assert main(["compare", "plan.toml", "--out", "out"]) == 0
+    runs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()][1:]
+    assert [r["status"] for r in runs] == ["ok"] * 4 and {r["lr"] for r in runs} == {1e-3, 3e-3}
+    assert all(r["info"]["positives"] == 3 for r in runs)
+    (tmp_path / "named.py").write_text(_USER_TASK.replace('{"*": 1e-2}', '{"adamw": 1e-3, "microadam": 3e-3}'))
+    parse_plan({**copy.deepcopy(_USER_PLAN), "task": "named.py:Blobs"})  # no '*' needed for the named ones
+    (tmp_path / "pkgx").mkdir()
+    (tmp_path / "pkgx" / "__init__.py").write_text("")
+    (tmp_path / "pkgx" / "tasks.py").write_text("import not_installed_dep_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PlanError, match="importing pkgx.tasks raised ModuleNotFoundError.*not_installed_dep_xyz"):
+        parse_plan({**copy.deepcopy(_USER_PLAN), "task": "pkgx.tasks:Blobs"})

@@ -58,6 +58,14 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _json_value(value: Any) -> Any:
+    """A value JSON cannot write, as the closest it can: a task's ``evaluate`` or ``info`` may hold numpy
+    scalars or tensors (a user's task, ``docs/compare.md``), which would otherwise stop the compare."""
+    if hasattr(value, "tolist"):
+        return value.tolist()  # numpy scalars and arrays, tensors
+    return str(value)
+
+
 def _append(path: Path, row: dict[str, Any]) -> None:
     # A writer killed mid-line leaves a fragment with no newline: the row must start on a line of
     # its own, or it is glued to the fragment and lost when the file is read back.
@@ -67,7 +75,7 @@ def _append(path: Path, row: dict[str, Any]) -> None:
             f.seek(-1, 2)
             torn = f.read(1) != b"\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(row, default=_json_value) + "\n")
         f.flush()
 
 
@@ -102,7 +110,8 @@ def run_one(
     task = get_task(plan.task, **plan.task_options)
     base = plan.base_optimizer(optimizer)
     overrides = plan.overrides(optimizer)
-    lr = float(overrides.pop("lr", task.lr_for(base)))
+    # The plan's lr first; the task's table is looked up only without one (a task may have none).
+    lr = float(overrides.pop("lr")) if "lr" in overrides else float(task.lr_for(base))
     row: dict[str, Any] = {
         "kind": "run",
         "plan": plan.name,

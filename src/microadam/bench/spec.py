@@ -372,10 +372,6 @@ def _check_task_options(task: str, options: dict[str, Any]) -> None:
         cls = task_class(task)
     except ValueError as e:
         raise PlanError(f"{_where('task')}: {e}") from e
-    except Exception as e:  # the user's file raised while it was imported
-        raise PlanError(f"{_where('task')}: importing {task!r} raised {type(e).__name__}: {e}") from e
-    if task not in TASKS and (not isinstance(cls.metric, str) or not cls.metric):
-        raise PlanError(f"{_where('task')}: {task} must set metric, the name of a value its evaluate() returns")
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         accepted = [
@@ -393,6 +389,10 @@ def _check_task_options(task: str, options: dict[str, Any]) -> None:
         cls(**options)
     except (TypeError, ValueError) as e:
         raise PlanError(f"{_where('task_options')}: the {task} task rejects {options}: {e}") from e
+    except Exception as e:  # a task of the user's may raise anything
+        if task in TASKS:
+            raise
+        raise PlanError(f"{_where('task_options')}: {task}({options}) raised {type(e).__name__}: {e}") from e
 
 
 def _check_learning_rates(
@@ -402,7 +402,7 @@ def _check_learning_rates(
     (by optimizer, or ``"*"``). A task of the user's may have none; a run would fail with a KeyError."""
     from microadam.bench.tasks import task_class
 
-    task_obj = task_class(task)(**options)
+    task_obj = task_class(task)(**options)  # _check_task_options built it already
     for name in names:
         table = optimizers.get(name, {})
         if "lr" in table:

@@ -53,34 +53,51 @@ def task_file(name: str) -> str | None:
 
 
 def _user_module(name: str) -> object:
-    """The module of a user task ``name`` ("file.py:Class" or "package.module:Class"), imported."""
+    """The module of a user task ``name`` ("file.py:Class" or "package.module:Class"), imported.
+
+    Errors are ValueErrors that say what failed: a missing file or module, or what its import raised.
+    """
     module = name.rsplit(":", 1)[0]
     path = task_file(name)
     if path is None:
         try:
             return importlib.import_module(module)
         except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):
+                raise ValueError(f"task {name!r}: importing {module} raised ModuleNotFoundError: {e}") from e
+            leaf = module.rsplit(".", 1)[-1]
             raise ValueError(
-                f"task {name!r}: no module {module!r} can be imported here ({e}); give the task's file "
-                f"instead (task = 'path/to/{module.rsplit('.', 1)[-1]}.py:{name.rsplit(':', 1)[1]}', relative "
-                f"to the current directory), or install the package; {_HOW}"
+                f"task {name!r}: no module {module!r} can be imported here ({e}); give the task's file instead "
+                f"(task = 'path/to/{leaf}.py:{name.rsplit(':', 1)[1]}', relative to the current directory), or "
+                f"install the package; {_HOW}"
             ) from e
+        except Exception as e:
+            raise ValueError(f"task {name!r}: importing {module} raised {type(e).__name__}: {e}") from e
     if not os.path.isfile(path):
         raise ValueError(f"task {name!r}: the file {path} does not exist (paths are relative to the current "
                          f"directory, {os.getcwd()}); {_HOW}")  # fmt: skip
-    # A module name per file and contents: the same file is run once, and an edited one again.
+    # One module per file and contents: the same file is run once per process, an edited one again,
+    # and two files with the same text stay two modules (each with its own __file__).
     with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        digest = hashlib.sha256(path.encode() + b"\0" + f.read()).hexdigest()[:16]
     key = f"microadam_user_task_{digest}"
     if key in sys.modules:
         return sys.modules[key]
     spec = importlib.util.spec_from_file_location(key, path)
     if spec is None or spec.loader is None:
         raise ValueError(f"task {name!r}: {path} cannot be loaded as a Python module; {_HOW}")
+    # The file's folder on the import path, as `python file.py` would have it: a task may import its
+    # helpers from next to it (their code is not in the run key: only the named file is).
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+        sys.path.append(folder)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[key] = mod  # before running it, as an import does (dataclasses look their module up)
     try:
         spec.loader.exec_module(mod)
+    except Exception as e:
+        del sys.modules[key]
+        raise ValueError(f"task {name!r}: importing {path} raised {type(e).__name__}: {e}") from e
     except BaseException:
         del sys.modules[key]
         raise
@@ -113,6 +130,13 @@ def task_class(name: str) -> type[Task]:
         raise ValueError(
             f"task {name!r}: {attr} must be a subclass of microadam.bench.tasks.Task (with a build() that "
             f"returns a Workload), got {cls!r}; {_HOW}"
+        )
+    if not isinstance(cls.metric, str) or not cls.metric:
+        raise ValueError(f"task {name!r}: metric must name a value of what evaluate() returns, got {cls.metric!r}")
+    if not isinstance(cls.default_lr, dict):
+        raise ValueError(
+            f"task {name!r}: default_lr must be a dict of learning rates by optimizer name ('*' for the "
+            f"others), got {cls.default_lr!r}"
         )
     return cls
 

@@ -83,7 +83,7 @@ class Task:
         """The documented default learning rate of ``optimizer`` on this task."""
         # Both MicroAdam variants start from the same documented rate.
         optimizer = {"microadam_paper": "microadam"}.get(optimizer, optimizer)
-        return self.default_lr.get(optimizer, self.default_lr["*"])
+        return self.default_lr[optimizer] if optimizer in self.default_lr else self.default_lr["*"]
 
 
 def endless(make_epoch: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
