@@ -183,6 +183,17 @@ def test_guard_treats_a_gradient_beyond_the_limit_as_nonfinite(optimizer):
     assert all(int(opt.state[p]["step"]) == 1 for p in lin.parameters())
 
 
+def test_guard_names_a_parameter_outside_the_model_by_its_index_in_the_optimizer():
+    """Parameters without a gradient still count: the fifth of the optimizer's is "optimizer parameter 4"."""
+    lin = torch.nn.Linear(3, 1)
+    extra = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    opt = MicroAdam([*lin.parameters(), *extra], lr=1e-3)
+    guard = Guard(lin, opt, GuardPolicy())
+    extra[2].grad = torch.full((4,), float("nan"))  # the others have no gradient
+    event = guard.step(torch.tensor(1.0))
+    assert event is not None and event.seen["gradient"] == "optimizer parameter 4 holds nan"
+
+
 def test_guard_raises_each_group_density_from_its_own_value():
     a, b = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(50))
     opt = MicroAdam([dict(params=[a], density=0.05), dict(params=[b], density=0.5)], **{**KW, "density": 0.1})

@@ -737,7 +737,8 @@ class Guard:
         gradient is not, and its first bad value (or that it is on another rank)."""
         from microadam.optimizer import first_out_of_range, grads_in_range
 
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        every = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = [p for p in every if p.grad is not None]
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
         here = grads_in_range(grads)
         if self._all_ranks(here, all_of=True):
@@ -746,7 +747,9 @@ class Guard:
         if found is None:
             return "out of range on another rank"
         i, value = found
-        name = next((n for n, q in self.model.named_parameters() if q is params[i]), f"optimizer parameter {i}")
+        # A parameter the optimizer holds outside the model: its index among all of the optimizer's.
+        fallback = f"optimizer parameter {next(j for j, q in enumerate(every) if q is params[i])}"
+        name = next((n for n, q in self.model.named_parameters() if q is params[i]), fallback)
         return f"{name} holds {value:.3g}" if math.isfinite(value) else f"{name} holds {value}"
 
     @staticmethod
