@@ -20,12 +20,10 @@ The data here is real and ships with scikit-learn: the Wisconsin breast-cancer s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from microadam.bench.tasks import MissingDependency, Task, TaskSize, Workload
-from microadam.bench.tasks.base import endless
+from microadam.bench.tasks.base import tensor_classification_workload
 
 
 class BreastCancerTask(Task):
@@ -68,25 +66,10 @@ class BreastCancerTask(Task):
             torch.nn.Linear(30, self.hidden), torch.nn.ReLU(), torch.nn.Linear(self.hidden, 2)
         ).to(device)
 
-        gen = torch.Generator().manual_seed(seed)
-
-        def epoch(_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            perm = torch.randperm(len(ytr), generator=gen)
-            for i in range(0, len(perm) - size.batch_size + 1, size.batch_size):  # whole batches only
-                idx = perm[i : i + size.batch_size].to(device)
-                yield xtr[idx], ytr[idx]
-
-        def loss(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
-
-        @torch.no_grad()
-        def evaluate(m: torch.nn.Module) -> dict[str, float]:
-            logits = m(xte)
-            return {
-                "accuracy": (logits.argmax(1) == yte).float().mean().item(),
-                "val_loss": torch.nn.functional.cross_entropy(logits, yte).item(),
-            }
-
+        # Seeded shuffled batches, cross-entropy, accuracy and loss on the held-out part: the helper the
+        # built-in digits and fashion tasks use. A task of another shape builds its own Workload(model,
+        # batches, loss, evaluate, info=...): see microadam.bench.tasks.base.
         info = {"train_examples": len(ytr), "eval_examples": len(yte), "hidden": self.hidden}
-        # endless() repeats epochs, and raises (instead of looping forever) if one has no whole batch.
-        return Workload(model=model, batches=endless(epoch), loss=loss, evaluate=evaluate, info=info)
+        return tensor_classification_workload(
+            model, (xtr, ytr), (xte, yte), seed=seed, batch_size=size.batch_size, info=info
+        )

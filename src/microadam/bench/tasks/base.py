@@ -10,7 +10,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["MissingDependency", "Task", "TaskSize", "Workload", "sequence_classification_workload"]
+__all__ = [
+    "MissingDependency",
+    "Task",
+    "TaskSize",
+    "Workload",
+    "endless",
+    "sequence_classification_workload",
+    "tensor_classification_workload",
+]
 
 
 class MissingDependency(RuntimeError):
@@ -132,6 +140,53 @@ def no_loading_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
             if not downloads_on:
                 hub.disable_progress_bars()
+
+
+def tensor_classification_workload(
+    model: torch.nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    held: tuple[torch.Tensor, torch.Tensor],
+    *,
+    seed: int,
+    batch_size: int,
+    info: dict[str, Any],
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    eval_chunk: int = 500,
+) -> Workload:
+    """The workload of a classifier on in-memory tensors (digits, fashion, ``examples/own_task.py``).
+
+    ``train`` and ``held`` are (inputs, class indices) on the model's device. Batches are whole
+    batches of a seeded shuffle per epoch (``transform``, if given, applied to each training batch's
+    inputs); the loss is cross-entropy; evaluation, in eval mode and chunks of ``eval_chunk``, returns
+    accuracy and mean loss on ``held``.
+    """
+    xtr, ytr = train
+    xte, yte = held
+    gen = torch.Generator().manual_seed(seed)
+
+    def epoch(_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = torch.randperm(len(ytr), generator=gen).to(ytr.device)
+        for i in range(0, len(perm) - batch_size + 1, batch_size):
+            idx = perm[i : i + batch_size]
+            yield (xtr[idx] if transform is None else transform(xtr[idx])), ytr[idx]
+
+    def loss(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    @torch.no_grad()
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        was_training = m.training
+        m.eval()
+        correct, loss_sum = 0, 0.0
+        for i in range(0, len(yte), eval_chunk):
+            logits, y = m(xte[i : i + eval_chunk]), yte[i : i + eval_chunk]
+            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        m.train(was_training)
+        return {"accuracy": correct / len(yte), "val_loss": loss_sum / len(yte)}
+
+    model.train()
+    return Workload(model, endless(epoch), loss, evaluate, info=info)
 
 
 def sequence_classification_workload(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload, endless
+from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload, tensor_classification_workload
 
 __all__ = ["DigitsTask"]
 
@@ -43,29 +41,11 @@ class DigitsTask(Task):
         model = torch.nn.Sequential(
             torch.nn.Linear(64, h), torch.nn.ReLU(), torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 10)
         ).to(device)
-        gen = torch.Generator().manual_seed(seed)
-
-        def epoch(_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            order = torch.randperm(len(ytr), generator=gen).to(device)
-            for i in range(0, len(order) - size.batch_size + 1, size.batch_size):
-                idx = order[i : i + size.batch_size]
-                yield xtr[idx], ytr[idx]
-
-        def loss(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
-
-        @torch.no_grad()
-        def evaluate(m: torch.nn.Module) -> dict[str, float]:
-            logits = m(xte)
-            return {
-                "accuracy": (logits.argmax(1) == yte).float().mean().item(),
-                "val_loss": torch.nn.functional.cross_entropy(logits, yte).item(),
-            }
-
-        return Workload(
+        return tensor_classification_workload(
             model,
-            endless(epoch),
-            loss,
-            evaluate,
+            (xtr, ytr),
+            (xte, yte),
+            seed=seed,
+            batch_size=size.batch_size,
             info={"train_examples": len(ytr), "eval_examples": len(yte)},
         )

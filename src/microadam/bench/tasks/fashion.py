@@ -16,12 +16,11 @@ from __future__ import annotations
 import functools
 import gzip
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload, endless
+from microadam.bench.tasks.base import MissingDependency, Task, TaskSize, Workload, tensor_classification_workload
 
 __all__ = ["FashionTask", "load_fashion"]
 
@@ -131,36 +130,15 @@ class FashionTask(Task):
             )
         torch.manual_seed(seed)
         model = _cnn().to(device)
-        gen = torch.Generator().manual_seed(seed)
-
-        def epoch(_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            perm = torch.randperm(len(ytr), generator=gen).to(device)
-            for i in range(0, len(perm) - size.batch_size + 1, size.batch_size):
-                idx = perm[i : i + size.batch_size]
-                # Kept as uint8 and normalized per batch: the full train split is 47 MB instead of 188 MB.
-                yield _normalize(xtr[idx]), ytr[idx]
-
-        def loss(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
-
-        @torch.no_grad()
-        def evaluate(m: torch.nn.Module) -> dict[str, float]:
-            was_training = m.training
-            m.eval()
-            correct, loss_sum = 0, 0.0
-            for i in range(0, len(yte), EVAL_CHUNK):
-                logits, y = m(xte[i : i + EVAL_CHUNK]), yte[i : i + EVAL_CHUNK]
-                correct += (logits.argmax(1) == y).sum().item()
-                loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            m.train(was_training)
-            return {"accuracy": correct / len(yte), "val_loss": loss_sum / len(yte)}
-
-        model.train()
-        return Workload(
+        # Inputs kept as uint8 and normalized per batch: the full train split is 47 MB instead of 188 MB.
+        return tensor_classification_workload(
             model,
-            endless(epoch),
-            loss,
-            evaluate,
+            (xtr, ytr),
+            (xte, yte),
+            seed=seed,
+            batch_size=size.batch_size,
+            transform=_normalize,
+            eval_chunk=EVAL_CHUNK,
             info={
                 "model": "CNN conv32-conv64-fc128-fc10",
                 "data": self.data_dir,
