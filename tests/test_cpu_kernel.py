@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -638,3 +639,91 @@ def test_scratch_that_cannot_be_allocated_fails_the_call_with_nothing_written(tm
     assert run.returncode == 0, run.stderr[-3000:]
     assert "MemoryError: impl='cpp' could not allocate its per-thread scratch" in run.stdout, run.stdout
     assert "nothing was written" in run.stdout and "untouched True" in run.stdout and "stepped True" in run.stdout
+
+
+# Each entry changes one input of the next step (i = 0..3, before step i + 1) on the tensors the C++
+# path keeps stepping: a hyperparameter, a tensor's dtype at the same address, a tensor replaced by a
+# copy at another address, a non-contiguous state, another layout. The C++ rows are built from parts
+# cached per tensor and per step (cpu._static, cpu._step_part), so each must reach the kernel.
+def _same_address_fp16(i: int, a: dict) -> None:
+    if i == 2:
+        a["param"] = a["param"].view(torch.float16)  # bf16 bits as float16: |x| < 2 stays finite
+
+
+def _clone_states(i: int, a: dict) -> None:
+    if i in (1, 3):
+        a.update({name: a[name].clone() for name in functional.STATE_DTYPES})
+
+
+def _non_contiguous_values(i: int, a: dict) -> None:
+    if i == 2:
+        a["window_values"] = a["window_values"].transpose(0, 2).contiguous().transpose(0, 2)
+        assert not a["window_values"].is_contiguous()
+
+
+def _other_layout(i: int, a: dict) -> None:
+    if i == 2:
+        lay = layout_for(300, block_size=64, density=0.1, quant_block_size=32, window=2)
+        a.update(new_state(lay), layout=lay)
+
+
+def _values(name: str, values: list) -> Callable[[int, dict], None]:
+    return lambda i, a: a.update({name: values[i]})
+
+
+GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+CHANGES = {
+    "lr": _values("lr", [1e-2, -0.0, 0.0, 2e-2]),
+    "eps": _values("eps", [1e-8, 1e-3, 0.0, 1e-8]),
+    "weight_decay": _values("weight_decay", [0.0, 0.1, 0.0, 0.1]),
+    "error_rounding": _values("error_rounding", ["nearest", "stochastic", "nearest", "stochastic"]),
+    "stochastic_param_rounding": _values("stochastic_param_rounding", [True, False, True, False]),
+    "release": _values("release", [0.0, 0.5, 0.0, 0.25]),
+    "release_scale": lambda i, a: a.update(release=0.5, release_scale=[1.0, 0.5, -0.0, 2.0][i]),
+    "position_offset": _values("position_offset", [0, 64, 0, 7]),
+    "seed": lambda i, a: a.update(error_rounding="stochastic", seed=[0, 1, 0, 2][i]),
+    "param_index": lambda i, a: a.update(error_rounding="stochastic", param_index=[0, 5, 0, 9][i]),
+    "grad_dtype": lambda i, a: a.update(grad=a["grad"].to(GRAD_DTYPES[i])),
+    "param_dtype_same_address": _same_address_fp16,
+    "param_copy": lambda i, a: a.update(param=a["param"].clone()) if i else None,
+    "state_copies": _clone_states,
+    "non_contiguous_state": _non_contiguous_values,
+    "layout": _other_layout,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_change_between_steps_reaches_the_kernel(change: str) -> None:
+    gen = torch.Generator().manual_seed(zlib.crc32(change.encode()))
+    lay = layout_for(300, block_size=64, density=0.05, quant_block_size=16, window=3)
+    param = torch.randn(300, generator=gen).to(torch.bfloat16)
+    param[::7] = 0.0  # zeros, whose sign shows a zero lr's sign
+    args = dict(new_state(lay), layout=lay, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    args.update(error_rounding="nearest", stochastic_param_rounding=True, seed=0, param_index=0, param=param)
+    for i in range(4):
+        args.update(step=i + 1, grad=torch.randn(300, generator=gen))
+        CHANGES[change](i, args)
+        # The torch path steps copies of the same inputs: one step's results must be equal bit for bit.
+        copies = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        functional.microadam_step(impl="torch", **copies)
+        functional.microadam_step(impl="cpp", **args)
+        for name in ("param", *functional.STATE_DTYPES):
+            assert_bits_equal(args[name], copies[name], f"{name} after step {i + 1} ({change})")
+
+
+def test_a_state_of_another_shape_or_dtype_at_the_same_address_is_refused() -> None:
+    """The cached row of a tensor is looked up by its state's addresses, dtypes and shapes: a view of
+    another shape or dtype at the same address is checked again, and refused before anything is written."""
+    args = _small_args(100)
+    param, grad = torch.randn(100), torch.randn(100)
+    cpu.microadam_step_cpp(param, grad, **args)
+    wi = args["window_indices"]
+    # Another shape, and another dtype (uint8 over the first half of its bytes) of the same shape.
+    same_shape = torch.empty(0, dtype=torch.uint8).set_(wi.untyped_storage(), 0, wi.shape, wi.stride())
+    for bad in (wi.view(wi.shape[0], -1, 1), same_shape):
+        assert bad.data_ptr() == wi.data_ptr()
+        before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+        saved = param.clone()
+        with pytest.raises(ValueError, match="window_indices must be torch.int16 of shape"):
+            cpu.microadam_step_cpp(param, grad, **dict(args, window_indices=bad, step=2))
+        assert torch.equal(param, saved) and all(torch.equal(args[k], v) for k, v in before.items())

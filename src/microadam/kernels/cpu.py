@@ -26,6 +26,7 @@ import hashlib
 import math
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -39,6 +40,7 @@ import torch
 from microadam import functional
 from microadam.kernels import PartialStepError
 from microadam.layout import Layout
+from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, stream_key
 
 __all__ = [
     "prepare_many",
@@ -134,23 +136,34 @@ def _build(compiler: str, flags: tuple[str, ...], key_extra: str, source: bytes)
 
 
 class _StepArgs(ctypes.Structure):
-    """One tensor's step for the C++ code: the layout of its ``StepArgs`` (pointers, 64-bit
-    integers, doubles, 32-bit integers, in this order, so that neither side pads differently)."""
+    """One tensor's step for the C++ code: the layout of its ``StepArgs``. The fields that stay the
+    same from step to step come first, this step's from ``grad`` on; within each part pointers,
+    64-bit integers, doubles, 32-bit integers, so that neither side pads differently."""
 
     _fields_ = [
-        *[(name, ctypes.c_void_p) for name in (
-            "param", "grad", "win_idx", "win_val", "codes", "bounds", "slot_of_age", "w1", "w2",
-        )],
-        *[(name, ctypes.c_int64) for name in (
-            "n", "block", "k", "qblock", "num_blocks", "unit", "n_slots", "write_slot", "position_offset",
-        )],
-        *[(name, ctypes.c_double) for name in ("lr", "c1", "c2", "eps", "decay", "keep", "release_scale")],
+        *[(name, ctypes.c_void_p) for name in ("param", "win_idx", "win_val", "codes", "bounds")],
+        *[(name, ctypes.c_int64) for name in ("n", "block", "k", "qblock", "num_blocks", "unit", "position_offset")],
         *[(name, ctypes.c_int32) for name in (
             "param_dtype", "grad_dtype", "weight_decay", "stochastic_error", "stochastic_param", "release",
         )],
+        ("grad", ctypes.c_void_p),
+        *[(name, ctypes.c_void_p) for name in ("slot_of_age", "w1", "w2")],
+        *[(name, ctypes.c_int64) for name in ("n_slots", "write_slot")],
+        *[(name, ctypes.c_double) for name in ("lr", "c1", "c2", "eps", "decay", "keep", "release_scale")],
         ("err_key", ctypes.c_uint32),
         ("par_key", ctypes.c_uint32),
     ]  # fmt: skip
+
+
+# A row is four byte strings joined: the tensor's steady fields (cached per tensor), the gradient's
+# address, the fields every tensor of a param group shares in a step (cached per step), and the
+# tensor's random stream keys.
+_GRAD_AT = _StepArgs.grad.offset
+_SHARED_AT = _StepArgs.slot_of_age.offset
+_KEYS_AT = _StepArgs.err_key.offset
+_ADDRESS = struct.Struct("=Q")
+_KEYS = struct.Struct("=II")
+_NO_KEYS = _KEYS.pack(0, 0)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -162,6 +175,19 @@ def _declare(lib: ctypes.CDLL) -> None:
     probe = lib.microadam_sqrt_probe
     probe.restype = None
     probe.argtypes = [ptr, ptr, i64, ptr, i32]
+    for name in ("microadam_step_args_size", "microadam_step_args_step_offset"):
+        getattr(lib, name).restype = i64
+        getattr(lib, name).argtypes = []
+    if (lib.microadam_step_args_size(), lib.microadam_step_args_step_offset()) != (
+        ctypes.sizeof(_StepArgs),
+        _GRAD_AT,
+    ):
+        # The kernel would read the wrong fields: a library built from another version of the source.
+        raise RuntimeError(
+            f"the library's StepArgs ({lib.microadam_step_args_size()} bytes, this step's part at "
+            f"{lib.microadam_step_args_step_offset()}) does not match kernels/cpu.py's ({ctypes.sizeof(_StepArgs)}, "
+            f"{_GRAD_AT})"
+        )
     in_range = lib.microadam_grads_in_range
     in_range.restype = ctypes.c_int32
     # count, data pointers, numels, dtype codes, limit, num_threads
@@ -310,11 +336,147 @@ def _layout_facts(layout: Layout) -> tuple[tuple[torch.Size, ...], int]:
     return shapes, min(math.lcm(layout.block, layout.quant_block, 2), n + n % 2)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class _Static:
+    """The part of one tensor's step that is the same every step (see _prepare)."""
+
+    head: bytes  # the StepArgs' fields before ``grad``
+    layout: Layout  # held, so that its id in the cache key stays its own
+    n: int
+    unit: int
+    block: int
+    qblock: int
+    release: bool
+    keys: bool  # whether the step rounds stochastically and needs the random stream keys
+
+
+# fingerprint -> _Static. Every input of _static is in the fingerprint (the addresses included: a new
+# tensor at a reused address gets the same head, which is then right for it too), so an entry is never
+# stale, only unused; the dict is emptied when full rather than tracking which.
+_STATICS: dict[tuple, _Static] = {}
+_MAX_STATICS = 1 << 16  # tensors; a mixture-of-experts model may have tens of thousands
+
+
+def _static(
+    param: torch.Tensor,
+    grad_code: int,
+    states: tuple[torch.Tensor, ...],
+    layout: Layout,
+    position_offset: int,
+    weight_decay: bool,
+    error_rounding: str,
+    stochastic_param_rounding: bool,
+    release: bool,
+) -> _Static:
+    """The steady fields of a tensor's row for contiguous ``param`` and ``states`` (checked by _prepare)."""
+    _, unit = _layout_facts(layout)
+    stochastic_error = error_rounding == "stochastic"
+    stochastic_param = bool(stochastic_param_rounding) and param.dtype == torch.bfloat16
+    a = _StepArgs()
+    a.param = param.data_ptr()
+    a.win_idx, a.win_val, a.codes, a.bounds = (t.data_ptr() for t in states)
+    a.n, a.block, a.k, a.qblock, a.num_blocks = (
+        layout.numel,
+        layout.block,
+        layout.k,
+        layout.quant_block,
+        layout.num_blocks,
+    )
+    a.unit, a.position_offset = unit, position_offset
+    a.param_dtype, a.grad_dtype = _DTYPE_CODES[param.dtype], grad_code
+    a.weight_decay, a.release = int(weight_decay), int(release)
+    a.stochastic_error, a.stochastic_param = int(stochastic_error), int(stochastic_param)
+    return _Static(
+        head=bytes(a)[:_GRAD_AT],
+        layout=layout,
+        n=layout.numel,
+        unit=unit,
+        block=layout.block,
+        qblock=layout.quant_block,
+        release=release,
+        keys=stochastic_error or stochastic_param,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _step_part(
+    step: int,
+    window: int,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    release: float,
+    release_scale: float,
+    signs: tuple[float, float, float],
+) -> tuple[bytes, tuple[ctypes.Array, ctypes.Array, ctypes.Array]]:
+    """The fields after ``grad`` and before the keys, which every tensor of a param group shares in a
+    step, and the ring arrays they point into (to be kept alive while a row points at them).
+
+    Cached: every tensor of a step asks for the same. The cache compares -0.0 equal to 0.0, hence
+    ``signs``: those of ``lr``, ``eps`` and ``release_scale``, whose zero's sign the step can show
+    (the torch path's ``p - (-0.0) * u`` differs from ``p - 0.0 * u`` in a zero's sign).
+    """
+    del signs
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
+    if math.copysign(1.0, beta2) < 0:
+        # The C++ step marks a position not yet seen by the sign bit of its second-moment sum, which
+        # starts at -0 and turns +0 or positive at the first term: that needs terms (v * v) * beta2**age
+        # >= +0. MicroAdam refuses such betas; the functional API's torch path takes them.
+        raise ValueError(f"impl='cpp' needs beta2 >= +0 (not -0.0 or negative), got {beta2!r}; use impl='torch'")
+    sc = functional.step_scalars(
+        step=step,
+        window=window,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=0,
+        param_index=0,
+        release=release,
+        keys=False,
+    )
+    ring, ring_addresses = _ring_arrays(sc.slots, sc.w1, sc.w2)
+    a = _StepArgs()
+    a.slot_of_age, a.w1, a.w2 = ring_addresses
+    a.n_slots, a.write_slot = len(sc.slots), sc.write_slot
+    a.lr, a.c1, a.c2, a.eps, a.decay = lr, sc.c1, sc.c2, eps, sc.decay
+    a.keep, a.release_scale = sc.keep, release_scale
+    return bytes(a)[_SHARED_AT:_KEYS_AT], ring
+
+
+def _check_states(layout: Layout, states: tuple[torch.Tensor, ...]) -> None:
+    """Raise if a state tensor's dtype or shape is not ``layout``'s: the C++ side indexes raw pointers,
+    and a wrong dtype or shape would have it write out of bounds."""
+    shapes, _ = _layout_facts(layout)
+    window_indices, window_values, error_codes, error_bounds = states
+    if not (
+        window_indices.dtype is torch.int16
+        and window_values.dtype is torch.bfloat16
+        and error_codes.dtype is torch.uint8
+        and error_bounds.dtype is torch.bfloat16
+        and window_indices.shape == shapes[0]
+        and window_values.shape == shapes[1]
+        and error_codes.shape == shapes[2]
+        and error_bounds.shape == shapes[3]
+    ):
+        functional.check_state(
+            layout,
+            window_indices=window_indices,
+            window_values=window_values,
+            error_codes=error_codes,
+            error_bounds=error_bounds,
+        )
+
+
+@dataclass(slots=True)
 class _Pending:
     """One tensor's step, checked and ready for the C++ call, and what to do after it."""
 
-    args: _StepArgs | None  # None: a float64 parameter, stepped by ``torch_step``
+    row: bytes | None  # its StepArgs; None: a float64 parameter, stepped by ``torch_step``
+    static: _Static | None
     param: torch.Tensor
     work_param: torch.Tensor  # param itself, or its contiguous copy to write back
     copy_back: list[tuple[torch.Tensor, torch.Tensor]]  # (state tensor, its contiguous copy)
@@ -346,13 +508,15 @@ def _prepare(
     release: float = 0.0,
     release_scale: float = 1.0,
 ) -> _Pending | None:
-    """Check one tensor's arguments and build its ``StepArgs``; None if there is nothing for C++ to do.
+    """Check one tensor's arguments and build its ``StepArgs`` row; None if there is nothing for C++ to do.
 
     Writes nothing: a float64 parameter's step by the torch path is deferred to ``torch_step``.
     """
     # This runs per tensor and step: for a model of hundreds of small tensors its Python time is most
-    # of the step, hence is_cpu rather than device.type, one boolean expression per kind of check, and
-    # the state's expected shapes cached per layout (each check fails into a detailed message).
+    # of the step (benchmarks/step_time.py, 200 tensors of 384), hence is_cpu rather than device.type,
+    # one boolean expression per kind of check, the state's expected shapes cached per layout (each
+    # check fails into a detailed message), and the row built from cached parts: what stays the same
+    # between steps per tensor (_static), what a step shares among tensors (_step_part).
     if not (
         param.is_cpu
         and grad.is_cpu
@@ -370,37 +534,26 @@ def _prepare(
         raise ValueError(
             f"param ({param.numel()} elements) and grad ({grad.numel()}) must both have layout.numel = {n} elements"
         )
+    # _step_part checks step and beta2, _check_states the state's dtypes and shapes (on a path that
+    # does not find them in the fingerprint).
     if error_rounding not in _ERROR_ROUNDINGS:
         raise ValueError(f"Invalid error_rounding: {error_rounding!r}; use 'nearest' or 'stochastic'")
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
-    if math.copysign(1.0, beta2) < 0:
-        # The C++ step marks a position not yet seen by the sign bit of its second-moment sum, which
-        # starts at -0 and turns +0 or positive at the first term: that needs terms (v * v) * beta2**age
-        # >= +0. MicroAdam refuses such betas; the functional API's torch path takes them.
-        raise ValueError(f"impl='cpp' needs beta2 >= +0 (not -0.0 or negative), got {beta2!r}; use impl='torch'")
-    shapes, unit = _layout_facts(layout)
-    if not (
-        window_indices.dtype is torch.int16
-        and window_values.dtype is torch.bfloat16
-        and error_codes.dtype is torch.uint8
-        and error_bounds.dtype is torch.bfloat16
-        and window_indices.shape == shapes[0]
-        and window_values.shape == shapes[1]
-        and error_codes.shape == shapes[2]
-        and error_bounds.shape == shapes[3]
-    ):
-        # The C++ side indexes raw pointers: a wrong dtype or shape would write out of bounds.
-        functional.check_state(
-            layout,
-            window_indices=window_indices,
-            window_values=window_values,
-            error_codes=error_codes,
-            error_bounds=error_bounds,
-        )
     states = (window_indices, window_values, error_codes, error_bounds)
-    B, k, q, m = layout.block, layout.k, layout.quant_block, layout.window
-    if param.dtype == torch.float64 or param.dtype not in _DTYPE_CODES:
+    shared, ring = _step_part(
+        step,
+        layout.window,
+        beta1,
+        beta2,
+        lr,
+        weight_decay,
+        eps,
+        release,
+        release_scale,
+        (math.copysign(1.0, lr), math.copysign(1.0, eps), math.copysign(1.0, release_scale)),
+    )
+    if param.dtype not in _DTYPE_CODES or n == 0:
+        _check_states(layout, states)
+    if param.dtype not in _DTYPE_CODES:
         # float64 is the oracle's precision: the torch path is the reference for it, and the C++
         # code computes in float32 only.
         torch_step = functools.partial(
@@ -428,57 +581,84 @@ def _prepare(
             release=release,
             release_scale=release_scale,
         )
-        return _Pending(args=None, param=param, work_param=param, copy_back=[], keep=[], torch_step=torch_step)
+        return _Pending(
+            row=None, static=None, param=param, work_param=param, copy_back=[], keep=[], torch_step=torch_step
+        )
     if n == 0:
         return None
 
-    # Work on contiguous tensors; what was copied is copied back at the end (as the torch path does
-    # for a non-contiguous parameter).
-    p = param if param.is_contiguous() else param.contiguous()
     # A gradient of another dtype is rounded to float32 first, which is what the torch path's
     # g.to(float32) does.
     g = grad if grad.dtype in _DTYPE_CODES else grad.to(torch.float32)
     g = g.contiguous()
+    grad_code = _DTYPE_CODES[g.dtype]
     if (
-        window_indices.is_contiguous()
+        param.is_contiguous()
+        and window_indices.is_contiguous()
         and window_values.is_contiguous()
         and error_codes.is_contiguous()
         and error_bounds.is_contiguous()
     ):
-        work = states
+        p, work, copy_back = param, states, []
+        # The state's dtypes and shapes are in it, so that a hit has passed _check_states: a tensor of
+        # another shape at a reused address must not.
+        fingerprint = (
+            param.data_ptr(),
+            param.dtype,
+            grad_code,
+            window_indices.data_ptr(),
+            window_values.data_ptr(),
+            error_codes.data_ptr(),
+            error_bounds.data_ptr(),
+            window_indices.shape,
+            window_values.shape,
+            error_codes.shape,
+            error_bounds.shape,
+            window_indices.dtype,
+            window_values.dtype,
+            error_codes.dtype,
+            error_bounds.dtype,
+            id(layout),
+            position_offset,
+            weight_decay != 0,
+            error_rounding,
+            bool(stochastic_param_rounding),
+            release != 0,
+        )
+        st = _STATICS.get(fingerprint)
+        if st is None or st.layout is not layout:
+            _check_states(layout, states)
+            st = _static(
+                p, grad_code, work, layout, position_offset, weight_decay != 0, error_rounding,
+                stochastic_param_rounding, release != 0,
+            )  # fmt: skip
+            if len(_STATICS) >= _MAX_STATICS:
+                _STATICS.clear()
+            _STATICS[fingerprint] = st
     else:
+        # Work on contiguous copies, new each step (so not cached); what was copied is copied back at
+        # the end, as the torch path does for a non-contiguous parameter.
+        p = param if param.is_contiguous() else param.contiguous()
+        _check_states(layout, states)
         work = tuple(t if t.is_contiguous() else t.contiguous() for t in states)
-
-    stochastic_error = error_rounding == "stochastic"
-    stochastic_param = stochastic_param_rounding and param.dtype == torch.bfloat16
-    sc = functional.step_scalars(
-        step=step,
-        window=m,
-        beta1=beta1,
-        beta2=beta2,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        param_index=param_index,
-        release=release,
-        keys=stochastic_error or stochastic_param,
+        copy_back = [(orig, copy) for orig, copy in zip(states, work) if copy is not orig]
+        st = _static(
+            p, grad_code, work, layout, position_offset, weight_decay != 0, error_rounding,
+            stochastic_param_rounding, release != 0,
+        )  # fmt: skip
+    keys = (
+        _KEYS.pack(stream_key(seed, param_index, step, STREAM_ERROR), stream_key(seed, param_index, step, STREAM_PARAM))
+        if st.keys
+        else _NO_KEYS
     )
-    ring, ring_addresses = _ring_arrays(sc.slots, sc.w1, sc.w2)
-    a = _StepArgs()
-    a.param, a.grad = p.data_ptr(), g.data_ptr()
-    w_idx, w_val, codes, bounds = work
-    a.win_idx, a.win_val, a.codes, a.bounds = w_idx.data_ptr(), w_val.data_ptr(), codes.data_ptr(), bounds.data_ptr()
-    a.slot_of_age, a.w1, a.w2 = ring_addresses
-    a.n, a.block, a.k, a.qblock, a.num_blocks, a.unit = n, B, k, q, layout.num_blocks, unit
-    a.n_slots, a.write_slot, a.position_offset = len(sc.slots), sc.write_slot, position_offset
-    a.lr, a.c1, a.c2, a.eps, a.decay = lr, sc.c1, sc.c2, eps, sc.decay
-    a.keep, a.release_scale, a.release = sc.keep, release_scale, int(release != 0)
-    a.param_dtype, a.grad_dtype = _DTYPE_CODES[p.dtype], _DTYPE_CODES[g.dtype]
-    a.weight_decay = int(weight_decay != 0)
-    a.stochastic_error, a.stochastic_param = int(stochastic_error), int(stochastic_param)
-    a.err_key, a.par_key = sc.err_key, sc.par_key
-    copy_back = [] if work is states else [(orig, copy) for orig, copy in zip(states, work) if copy is not orig]
-    return _Pending(args=a, param=param, work_param=p, copy_back=copy_back, keep=[p, g, *work, ring])
+    return _Pending(
+        row=b"".join((st.head, _ADDRESS.pack(g.data_ptr()), shared, keys)),
+        static=st,
+        param=param,
+        work_param=p,
+        copy_back=copy_back,
+        keep=[p, g, *work, ring],
+    )
 
 
 def _step_all(pending: list[_Pending | None]) -> None:
@@ -488,22 +668,22 @@ def _step_all(pending: list[_Pending | None]) -> None:
     Raises :class:`~microadam.kernels.PartialStepError` naming the positions in ``pending`` not
     stepped when some tensors' state turned out corrupt (the others were stepped).
     """
-    cpp = [(i, x) for i, x in enumerate(pending) if x is not None and x.args is not None]
+    cpp = [(i, x) for i, x in enumerate(pending) if x is not None and x.row is not None]
     failed: list[int] = []
     if cpp:
         lib, (sqrt_fn, sqrt_mode) = _library()
         count = len(cpp)
-        items = (_StepArgs * count)(*(x.args for _, x in cpp))
+        items = (_StepArgs * count).from_buffer_copy(b"".join(x.row for _, x in cpp))  # type: ignore[misc]
         bad = (ctypes.c_int32 * count)()
-        total = sum(x.args.n for _, x in cpp)  # type: ignore[union-attr]
+        total = sum(x.static.n for _, x in cpp)  # type: ignore[union-attr]
         threads = max(1, min(torch.get_num_threads(), total // _GRAIN))
         nbad = lib.microadam_step_cpu_multi(count, items, bad, sqrt_fn, sqrt_mode, threads)
         if nbad < 0:
-            unit = max(x.args.unit for _, x in cpp)  # type: ignore[union-attr]
+            unit = max(x.static.unit for _, x in cpp)  # type: ignore[union-attr]
             # The unit's copy and codes (5 bytes an element), a Top-K block's buffers (about 21 bytes an
             # element) and, with release, a quantization block's squares padded to a power of two.
             need = max(
-                5 * x.args.unit + 21 * x.args.block + (8 * x.args.qblock if x.args.release else 0)  # type: ignore[union-attr]
+                5 * x.static.unit + 21 * x.static.block + (8 * x.static.qblock if x.static.release else 0)  # type: ignore[union-attr]
                 for _, x in cpp
             )
             raise MemoryError(

@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -1448,21 +1449,26 @@ void run_unit(const Args& A, Scratch& S, int64_t u, int& bad) {
 
 }  // namespace
 
-// One tensor's step as Python describes it (kernels/cpu.py's _StepArgs mirrors this layout:
-// pointers, then 64-bit integers, doubles, 32-bit integers).
+// One tensor's step as Python describes it (kernels/cpu.py's _StepArgs mirrors this layout). The
+// fields that stay the same from step to step come first and those of this step after `grad`, so
+// that Python builds a row from two cached byte strings and this step's gradient address (its
+// per-tensor cost is most of a step of many small tensors). Within each part: pointers, 64-bit
+// integers, doubles, 32-bit integers, so that neither side pads differently.
 struct StepArgs {
   void* param;
-  const void* grad;
   int16_t* win_idx;
   uint16_t* win_val;
   uint8_t* codes;
   uint16_t* bounds;
+  int64_t n, block, k, qblock, num_blocks, unit, position_offset;
+  int32_t param_dtype, grad_dtype, weight_decay, stochastic_error, stochastic_param, release;
+  // This step's:
+  const void* grad;
   const int64_t* slot_of_age;
   const float* w1;
   const float* w2;
-  int64_t n, block, k, qblock, num_blocks, unit, n_slots, write_slot, position_offset;
+  int64_t n_slots, write_slot;
   double lr, c1, c2, eps, decay, keep, release_scale;
-  int32_t param_dtype, grad_dtype, weight_decay, stochastic_error, stochastic_param, release;
   uint32_t err_key, par_key;
 };
 
@@ -1510,6 +1516,11 @@ static Args make_args(const StepArgs& s, void* vml_sqrt, int sqrt_mode) {
 }
 
 extern "C" {
+
+// The row's size and where its per-step part starts, which cpu.py compares with its own _StepArgs
+// when it loads the library: a mismatch would have the kernel read the wrong fields.
+int64_t microadam_step_args_size() { return int64_t(sizeof(StepArgs)); }
+int64_t microadam_step_args_step_offset() { return int64_t(offsetof(StepArgs, grad)); }
 
 // One step of `count` tensors. Their units form one list (tensor by tensor, each in order), cut
 // into contiguous runs, one per thread: small tensors share threads and launch one parallel region
