@@ -502,6 +502,25 @@ def test_cached_rows_follow_every_input_that_changes_between_steps(monkeypatch: 
     _assert_states_equal(kept, state, lay.numel, "after a refused step")
 
 
+def test_a_state_of_another_shape_or_dtype_at_the_same_address_is_refused() -> None:
+    """A cached row is looked up by its state's addresses, dtypes and shapes: a view of another shape,
+    or another dtype of the same shape, at the same address is checked again and refused before
+    anything is written."""
+    lay = layout_for(100, block_size=10, density=0.2, quant_block_size=5, window=2)
+    p, g = torch.randn(100, device=DEVICE), torch.randn(100, device=DEVICE)
+    state = _zero_state(lay)
+    tk.microadam_step_triton(p, g, **_args(p, layout=lay, **state))
+    wi = state["window_indices"]
+    same_shape = torch.empty(0, dtype=torch.uint8, device=DEVICE).set_(wi.untyped_storage(), 0, wi.shape, wi.stride())
+    for bad in (wi.view(wi.shape[0], -1, 1), same_shape):
+        assert bad.data_ptr() == wi.data_ptr()
+        before = {name: t.clone() for name, t in state.items()}
+        saved = p.clone()
+        with pytest.raises(ValueError, match="window_indices must be torch.int16 of shape"):
+            tk.microadam_step_triton(p, g, **_args(p, layout=lay, **dict(state, window_indices=bad), step=2))
+        assert torch.equal(p, saved) and all(torch.equal(state[name], before[name]) for name in state)
+
+
 def test_one_launch_for_tensors_at_different_steps_and_hyperparameters(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors of one tile class share a launch even where their per-step columns differ: a tensor
     added later (another step count, so another ring slot and random-stream key), another param

@@ -739,6 +739,16 @@ def _prepare(
         window_values.data_ptr(),
         error_codes.data_ptr(),
         error_bounds.data_ptr(),
+        # _static's check_state holds for a row served from the cache: a tensor of another shape or
+        # dtype at a reused address must be checked again.
+        window_indices.shape,
+        window_values.shape,
+        error_codes.shape,
+        error_bounds.shape,
+        window_indices.dtype,
+        window_values.dtype,
+        error_codes.dtype,
+        error_bounds.dtype,
         window_indices.is_contiguous()
         and window_values.is_contiguous()
         and error_codes.is_contiguous()
