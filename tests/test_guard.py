@@ -709,3 +709,41 @@ def test_no_checkpoint_holds_weights_after_an_unconfirmed_spike(tmp_path):
     guard.spike_run = 0
     guard._act("error_drift", {}, ("raise_density",))
     assert path.read_bytes() != written
+
+
+def test_a_rollback_to_a_snapshot_that_no_longer_fits_changes_nothing():
+    """A param group added after the snapshot (progressive unfreezing): the optimizer refuses the
+    snapshot's state. The rollback used to restore the model first and leave the group's settings
+    half-restored; now it raises saying what to do, and the model, the optimizer and their settings
+    are as they were."""
+    model, x, y = _task()
+    opt = MicroAdam(list(model.parameters())[:2], **KW)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=1000))
+    for _ in range(3):
+        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+        opt.step()
+        opt.zero_grad()
+    guard.take_snapshot()
+    opt.reconfigure(density=0.2)
+    opt.add_param_group({"params": list(model.parameters())[2:], "lr": 1e-3})
+    torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+    opt.step()
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items() if torch.is_tensor(v)}
+    with pytest.raises(RuntimeError, match=r"rollback: the snapshot of step .* does not fit.*take_snapshot"):
+        guard.rollback()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert opt.param_groups[0]["density"] == 0.2 and len(opt.param_groups) == 2
+    st = opt.state[next(model.parameters())]
+    assert all(torch.equal(state[k], st[k]) for k in state) and st["step"] == 4
+    opt.step()  # still usable
+    guard.take_snapshot()
+    guard.rollback()
+
+
+def test_a_scheduler_not_passed_to_the_guard_is_warned_about():
+    model, _, _ = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    with pytest.warns(UserWarning, match=r"learning-rate scheduler .* none was passed.*scheduler=scheduler"):
+        Guard(model, opt, GuardPolicy())

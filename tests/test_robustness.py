@@ -31,11 +31,29 @@ def _trained(n: int = 25, steps: int = 4):
         (lambda st: st["window_indices"].__setitem__((0, 1, 0), -3), "outside their blocks"),
         (lambda st: st["window_indices"].__setitem__((0, 0, 0), 10), "outside their blocks"),
         (lambda st: st["window_indices"].__setitem__((0, 2, 0), 5), "outside their blocks"),  # last block has 5
-        (lambda st: st["window_values"].__setitem__((0, 0, 0), float("nan")), "NaN or Inf"),
-        (lambda st: st["error_bounds"].__setitem__((0, 1), float("inf")), "NaN or Inf"),
+        (lambda st: st["window_values"].__setitem__((0, 0, 0), float("nan")), "holds nan: NaN, Inf or a magnitude"),
+        (lambda st: st["error_bounds"].__setitem__((0, 1), float("inf")), "holds inf: NaN, Inf or a magnitude"),
+        # Finite, but beyond what a step leaves: the next step would turn parameters NaN.
+        (lambda st: st["error_bounds"].__setitem__((0, 1), 3e38), "beyond 2\\*\\*120"),
+        (lambda st: st["window_values"].__setitem__((0, 0, 0), -(2.0**121)), "holds -2.6.*beyond 2\\*\\*120"),
         (lambda st: st["error_bounds"].__setitem__((0, 0), 100.0), "lo > hi"),
+        (lambda st: st.__setitem__("step", 3.5), "step of parameter 0 is 3.5; it must be an integer"),
+        (lambda st: st.__setitem__("step", "x"), "step of parameter 0 is 'x'"),
+        (lambda st: st.__setitem__("step", 2**70), "in \\[0, 2\\*\\*62\\]"),
     ],
-    ids=["negative-index", "index-past-block", "index-past-partial-block", "nan-value", "inf-bound", "lo-above-hi"],
+    ids=[
+        "negative-index",
+        "index-past-block",
+        "index-past-partial-block",
+        "nan-value",
+        "inf-bound",
+        "huge-bound",
+        "huge-value",
+        "lo-above-hi",
+        "fractional-step",
+        "string-step",
+        "huge-step",
+    ],  # fmt: skip
 )
 def test_corrupt_state_values_are_refused_and_change_nothing(corrupt, words):
     (a, b), opt = _trained()
@@ -289,3 +307,198 @@ def test_a_dense_state_no_step_can_leave_is_refused(key, value, words):
     with pytest.raises(ValueError, match=f"'{key}' of parameter 0 {words}.*checkpoint is corrupt"):
         opt.load_state_dict(saved)
     assert all(torch.equal(v, opt.state[a][k]) for k, v in kept.items())
+
+
+def _twins(impl: str):
+    """Two optimizers on equal parameters after 4 equal steps, and the gradient source."""
+    out = []
+    for _ in range(2):
+        (a, b), opt = _trained()
+        for group in opt.param_groups:
+            group["impl"] = impl
+        out.append(((a, b), opt))
+    return out
+
+
+def _assert_same(one, other) -> None:
+    (params, opt), (twin_params, twin) = one, other
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p.detach(), q.detach())
+        assert opt.state[p]["step"] == twin.state[q]["step"]
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, twin.state[q][key]), key
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_an_interrupt_during_the_writes_waits_for_the_step_to_end(monkeypatch, impl):
+    """A Ctrl-C (SIGINT) that arrives while a step writes is delivered when the step has ended, every
+    tensor written and counted: raised at once it left the counts behind the state (the next step
+    then wrote the same ring slot again)."""
+    import os
+    import signal
+
+    one, other = _twins(impl)
+    gen = torch.Generator().manual_seed(7)
+    grads = [torch.randn(25, generator=gen), torch.randn(7, generator=gen)]
+    if impl == "cpp":
+        from microadam.kernels import cpu
+
+        real = cpu._step_all
+
+        def interrupted(pending):
+            real(pending)
+            os.kill(os.getpid(), signal.SIGINT)  # lands just after the C++ call has written
+            return None
+
+        monkeypatch.setattr(cpu, "_step_all", interrupted)
+    else:
+        real = optimizer_module.microadam_step
+
+        def interrupted(p, g, **kw):
+            real(p, g, **kw)
+            os.kill(os.getpid(), signal.SIGINT)
+            return None
+
+        monkeypatch.setattr(optimizer_module, "microadam_step", interrupted)
+    for p, g in zip(one[0], grads):
+        p.grad = g.clone()
+    with pytest.raises(KeyboardInterrupt):
+        one[1].step()
+    monkeypatch.undo()
+    for p, g in zip(other[0], grads):
+        p.grad = g.clone()
+    other[1].step()
+    _assert_same(one, other)
+    for params, opt in (one, other):
+        for p, g in zip(params, grads):
+            p.grad = -g
+        opt.step()
+    _assert_same(one, other)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_a_parameter_resized_between_steps_is_named_and_nothing_moves(impl):
+    one, other = _twins(impl)
+    (a, b), opt = one
+    b.data = torch.randn(9)  # was 7
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    a_before = a.detach().clone()
+    with pytest.raises(
+        ValueError, match=r"parameter 1 has 9 elements \(shape \(9,\)\) but its optimizer state was built for 7"
+    ):
+        opt.step()
+    assert torch.equal(a.detach(), a_before) and opt.state[a]["step"] == 4 and opt.state[b]["step"] == 4
+
+
+def test_a_parameter_whose_elements_share_memory_is_refused():
+    with pytest.raises(ValueError, match=r"params\[1\] \(shape \(4, 3\), strides \(0, 1\)\).*share memory"):
+        MicroAdam([torch.zeros(2), torch.zeros(1, 3).expand(4, 3)], **KW)
+    (a, b), opt = _trained()
+    b.data = torch.zeros(1).expand(7)  # 7 elements on one float, set after the optimizer was built
+    a.grad, b.grad = torch.randn_like(a), torch.randn(7)
+    a_before = a.detach().clone()
+    with pytest.raises(
+        ValueError, match=r"parameter 1 \(shape \(7,\), strides \(0,\)\) has elements that share memory"
+    ):
+        opt.step()
+    assert torch.equal(a.detach(), a_before) and opt.state[a]["step"] == 4
+
+
+def test_a_parameter_listed_twice_is_refused():
+    p = torch.nn.Parameter(torch.zeros(5))
+    with pytest.raises(ValueError, match=r"params\[2\] \(shape \(5,\)\) appears twice"):
+        MicroAdam([p, torch.nn.Parameter(torch.zeros(2)), p], **KW)
+
+
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("lr", float("nan"), "lr"),
+        ("weight_decay", float("inf"), "weight_decay"),
+        ("betas", (1.0, 0.999), "beta parameter at index 0"),
+        ("eps", -1e-8, "eps"),
+        ("lr", -1.0, "lr"),
+    ],
+)
+def test_hyperparameters_edited_in_param_groups_are_checked_at_the_step(key, value, words):
+    """A scheduler or a user edits param_groups directly: a value the constructor refuses is refused at
+    the next step, before anything is written (lr=nan turned every parameter NaN)."""
+    (a, b), opt = _trained()
+    opt.param_groups[0][key] = value
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    before = a.detach().clone(), {k: v.clone() for k, v in opt.state[a].items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match=words):
+        opt.step()
+    assert torch.equal(a.detach(), before[0]) and opt.state[a]["step"] == 4
+    assert all(torch.equal(v, opt.state[a][k]) for k, v in before[1].items())
+
+
+def _failing_on_call(n: int, real):
+    calls = []
+
+    def fn(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise torch.OutOfMemoryError("simulated: out of memory")
+        return real(*args, **kwargs)
+
+    return fn
+
+
+def _snapshot(opt):
+    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for st in opt.state.values()], [
+        {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups
+    ]
+
+
+def _assert_unchanged(opt, snap) -> None:
+    states, groups = _snapshot(opt)
+    assert groups == snap[1]
+    assert len(states) == len(snap[0])
+    for st, before in zip(states, snap[0]):
+        assert st.keys() == before.keys()
+        for k, v in st.items():
+            assert torch.equal(v, before[k]) if torch.is_tensor(v) else v == before[k], k
+
+
+def test_reconfigure_that_runs_out_of_memory_changes_nothing(monkeypatch):
+    """A raised window is where memory grows: the second tensor's allocation failing must not leave
+    the first converted under the old group settings (every later step raised)."""
+    one, other = _twins("cpp")
+    snap = _snapshot(one[1])
+    # Two allocations (indices, values) per tensor: the third is the second tensor's.
+    monkeypatch.setattr(optimizer_module.torch, "zeros", _failing_on_call(3, torch.zeros))
+    with pytest.raises(torch.OutOfMemoryError):
+        one[1].reconfigure(window=6)
+    monkeypatch.undo()
+    _assert_unchanged(one[1], snap)
+    for _, opt in (one, other):
+        opt.reconfigure(window=6)
+    for params, opt in (one, other):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    _assert_same(one, other)
+
+
+def test_fallback_that_runs_out_of_memory_changes_nothing(monkeypatch):
+    """The dense state is 8 bytes a parameter: running out of memory at the second tensor must leave
+    the first with its MicroAdam state and the group not dense (a KeyError at every later step), and
+    a retry must convert both."""
+    import microadam.ops.quant as quant
+
+    one, other = _twins("cpp")
+    snap = _snapshot(one[1])
+    monkeypatch.setattr(quant, "dequantize_blocks", _failing_on_call(2, quant.dequantize_blocks))
+    with pytest.raises(torch.OutOfMemoryError):
+        one[1].fallback_to_adamw()
+    monkeypatch.undo()
+    _assert_unchanged(one[1], snap)
+    for _, opt in (one, other):
+        opt.fallback_to_adamw()
+    for params, opt in (one, other):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    _assert_same(one, other)

@@ -485,6 +485,14 @@ class Guard:
                 "drop 'lower_lr' from the policy's actions.",
                 stacklevel=2,
             )
+        if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):
+            # Every torch scheduler leaves initial_lr in the groups it drives.
+            warnings.warn(
+                "Guard: the optimizer has a learning-rate scheduler (its param_groups hold 'initial_lr') but none "
+                "was passed: a rollback cannot put the schedule back with the weights, and the scheduler's next "
+                "step undoes lower_lr. Pass it: Guard(model, optimizer, policy, scheduler=scheduler)",
+                stacklevel=2,
+            )
         if resume is not False:
             self._resume(resume)
         self.take_snapshot()
@@ -539,14 +547,24 @@ class Guard:
 
     def _restore(self, snap: dict[str, Any]) -> None:
         """Load a snapshot's model, optimizer, scheduler and RNG states in place."""
-        self.model.load_state_dict(snap["model"])
         # The snapshot may predate a change of density, window or a fallback: restore the
         # configuration it was taken under before its state (load_state_dict checks they agree).
+        # The optimizer goes first, and a load it refuses (a param group added since the snapshot)
+        # puts the configuration back: the model and the optimizer are then as they were.
+        config = [{key: group[key] for key in ("density", "window", "dense") if key in group}
+                  for group in self.optimizer.param_groups]  # fmt: skip
         for group, saved in zip(self.optimizer.param_groups, snap["optimizer"]["param_groups"]):
             for key in ("density", "window", "dense"):
                 if key in saved:
                     group[key] = saved[key]
-        self.optimizer.load_state_dict(_to_cpu(snap["optimizer"]))
+        try:
+            self.optimizer.load_state_dict(_to_cpu(snap["optimizer"]))
+        except BaseException:
+            for group, before in zip(self.optimizer.param_groups, config):
+                group.pop("dense", None)
+                group.update(before)
+            raise
+        self.model.load_state_dict(snap["model"])
         # The scheduler goes back with the optimizer, so the learning rate and the schedule's
         # position stay consistent (a chainable scheduler computes the next lr from the current
         # one: restoring only the optimizer's lr would offset it for good).
@@ -604,11 +622,19 @@ class Guard:
         # A second rollback before any new snapshot means the newest one was already damaged
         # (a too-high learning rate degrades the weights for a while before the loss spikes):
         # drop it and go one further back.
-        if self._rolled_back_since_snapshot and len(self._snapshots) > 1:
+        older = self._rolled_back_since_snapshot and len(self._snapshots) > 1
+        snap = self._snapshots[-2 if older else -1]
+        try:
+            self._restore(snap)
+        except Exception as e:
+            raise RuntimeError(
+                f"rollback: the snapshot of step {snap['guard']['step']} does not fit the optimizer any more "
+                f"({type(e).__name__}: {e}); nothing was changed. A param group added or a parameter resized "
+                "after the snapshot does this: take a new snapshot after such a change (guard.take_snapshot())"
+            ) from e
+        if older:
             self._snapshots.pop()
-        snap = self._snapshots[-1]
         self._rolled_back_since_snapshot = True
-        self._restore(snap)
         # lower_lr decisions taken since the snapshot stay in force (else each rollback would
         # undo them and halving again would never compound).
         rescale = self.lr_scale / snap["guard"]["lr_scale"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import signal
+import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from copy import deepcopy
 from functools import partial
 from itertools import chain
@@ -59,6 +62,11 @@ _CHECK_CHUNK = 2**20
 # No useful gradient comes near the limit: fp16's largest value is 65504, and the gradients of a loss
 # scaled by a GradScaler are unscaled before the step.
 GRAD_LIMIT = 2.0**100
+# The largest magnitude a loaded window value or error bound may hold. With gradients within GRAD_LIMIT
+# a step keeps both below 2**114 (benchmarks/grad_limit.py: 40,000 steps of the worst case, +2**100 in
+# every element, paper variant); a value near float32's maximum (3.4e38 = 2**128) turns parameters NaN
+# at the next step, and only an edited or corrupt checkpoint holds one.
+STATE_LIMIT = 2.0**120
 
 # Hyperparameters that fix the shapes and meaning of the saved state: a
 # checkpoint is only valid under the same values.
@@ -95,6 +103,71 @@ def global_offset(t: torch.Tensor) -> int:
         flat += off * stride
         stride *= size
     return flat
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether elements of ``t`` share memory (an ``expand``-ed view): such a tensor cannot be updated
+    in place (torch refuses the write). Exact for zero strides; otherwise a span of memory shorter
+    than the element count (the pigeonhole case)."""
+    if t.is_contiguous() or t.numel() == 0:
+        return False
+    sizes, strides = t.shape, t.stride()
+    if any(st == 0 and n > 1 for n, st in zip(sizes, strides)):
+        return True
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(sizes, strides)) < t.numel()
+
+
+def _check_param(index: int, p: torch.Tensor, state: dict[str, Any] | None) -> None:
+    """Raise, before a step writes anything, for a parameter that cannot be stepped: one whose size
+    changed since its state was built (``p.data = ...``), or one whose elements share memory."""
+    numel = state.get("numel") if state else None
+    if numel is not None and numel != p.numel():
+        raise ValueError(
+            f"parameter {index} has {p.numel()} elements (shape {tuple(p.shape)}) but its optimizer state was "
+            f"built for {numel}: a parameter's size cannot change during training. Restore its size, or train "
+            "the new tensor from scratch by dropping its state (del optimizer.state[param])"
+        )
+    if _overlaps(p):
+        raise ValueError(
+            f"parameter {index} (shape {tuple(p.shape)}, strides {p.stride()}) has elements that share memory "
+            "(an expand()-ed view?) and cannot be updated in place; give the optimizer a tensor of its own "
+            "(param.data = param.data.clone())"
+        )
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then hand each one received to its handler.
+
+    Python handlers, swapped for the block: blocking the signals (``pthread_sigmask``) would hold them
+    for the calling thread only, and the kernel hands a process's signal to any thread that does not
+    block it (torch's worker threads), whose arrival Python then raises in the main thread at once.
+    Python runs handlers on the main thread only, so elsewhere there is nothing to hold.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+    for sig in _HELD_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is None:  # installed outside Python: left alone
+            continue
+        previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in received:
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)  # Python's SIGINT handler raises KeyboardInterrupt here
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(sig)  # the default action (SIGTERM: the process ends)
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _collective_device(device: torch.device) -> torch.device:
@@ -525,7 +598,8 @@ class MicroAdam(Optimizer):
         if isinstance(params, (set, frozenset)):
             raise TypeError(_SET_ERROR)
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for item in params:
+        seen: set[int] = set()
+        for i, item in enumerate(params):
             # (name, tensor) pairs, as from model.named_parameters(): torch (>= 2.6) keeps the names.
             p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
             if not isinstance(p, torch.Tensor):
@@ -541,6 +615,18 @@ class MicroAdam(Optimizer):
                 )
             if not p.is_floating_point():
                 raise TypeError(f"MicroAdam needs floating-point parameters, got {p.dtype}")
+            if id(p) in seen:
+                # torch only warns; MicroAdam would step the tensor twice per step.
+                raise ValueError(
+                    f"params[{i}] (shape {tuple(p.shape)}) appears twice in this param group and would be stepped "
+                    "twice per step; list each tensor once (tied weights are one tensor)"
+                )
+            seen.add(id(p))
+            if _overlaps(local_tensor(p)):
+                raise ValueError(
+                    f"params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) has elements that share memory "
+                    "(an expand()-ed view?) and cannot be updated in place; pass a tensor of its own (.clone())"
+                )
             # A DTensor sharding MicroAdam cannot checkpoint (tensor parallelism's Shard(1), ...) is
             # refused here, not at the first state_dict() after hours of training.
             sharding.shard_spec(p)
@@ -622,6 +708,7 @@ class MicroAdam(Optimizer):
         try:
             for index, group, p, g in work:
                 state = self.state.get(p)  # .get: a skipped step must not leave empty entries behind
+                _check_param(index, local_tensor(p), state)
                 if group.get("dense", False) or not state or "step" not in state:
                     later.append((index, group, p, g, None))
                     continue
@@ -663,64 +750,68 @@ class MicroAdam(Optimizer):
         if early_error is not None:
             raise early_error
 
-        # New states, dense fallbacks and the torch path, after the check (which the state of a
-        # skipped step must not see created). Every many-tensor item is checked before any tensor
-        # is written; a torch-path tensor checks its own arguments as it steps.
-        immediate = []
-        late: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-        for index, group, p, g, args in later:
-            if group.get("dense", False):
-                immediate.append((None, index, group, p, g, None))
-                continue
-            state = self.state[p]
-            if args is not None:  # built before the check (a torch-path tensor with state)
-                immediate.append((state, index, group, p, g, args))
-                continue
-            if "step" not in state:
-                state = self._init_state(p, group)
-            impl, kwargs = self._step_args(index, group, p, g, state, group_kwargs, layouts, phases_of)
-            if phases_of.get(impl) is None:
-                immediate.append((state, index, group, p, g, (impl, kwargs)))
-            else:
-                late.setdefault(impl, []).append((state, kwargs))
-        for impl, items in late.items():
-            prepared.setdefault(impl, []).extend(phases_of[impl][0]([kwargs for _, kwargs in items]))
-            batched.setdefault(impl, []).extend(items)
-        for state, index, group, p, g, args in immediate:
-            if args is None:
-                self._dense_step(p, g, group, index)
-                continue
-            impl, kwargs = args
-            # The counter advances only once the step has succeeded, so a failure (e.g. out of
-            # memory) does not give the unwritten ring slot a wrong age. Parameters already
-            # updated earlier in this step stay updated: retrying the whole step applies their
-            # update twice; restore a checkpoint (or a Guard snapshot) instead.
-            microadam_step(local_tensor(p), local_tensor(g), impl=impl, **kwargs)
-            state["step"] += 1
-        failed: list[int] = []  # parameter indices (param_groups order) a many-tensor call could not step
-        for impl, items in batched.items():
-            bad: set[int] = set()
-            try:
-                # One call for many tensors: small tensors do not cost a kernel launch each.
-                phases_of[impl][1](prepared[impl])
-            except PartialStepError as e:
-                # The call stepped every tensor but the failed ones (positions in the call, which
-                # follow no order a user knows: new states join at the end); the other
-                # implementations' calls still run, so that only the corrupt tensors miss the step.
-                bad = set(e.failed)
-                failed.extend(items[i][1]["param_index"] for i in bad)
-            for i, (state, _) in enumerate(items):
-                if i not in bad:
-                    state["step"] += 1
-        if failed:
-            failed.sort()
-            raise PartialStepError(
-                f"the state of parameter(s) {failed} (their positions in param_groups order) is corrupt: "
-                "window_indices hold an index outside its Top-K block (loaded from a checkpoint of another "
-                "layout?). Every other parameter was stepped; restore a checkpoint (or a Guard snapshot), or "
-                "drop those parameters' state to restart them",
-                failed,
-            )
+        # From the first write to the last step count, SIGINT and SIGTERM wait: a Ctrl-C that landed
+        # between a tensor's write and its count (most of a step's time is the writes) would leave the
+        # count behind the state, and the next step would write the same ring slot again.
+        with _signals_held():
+            # New states, dense fallbacks and the torch path, after the check (which the state of a
+            # skipped step must not see created). Every many-tensor item is checked before any tensor
+            # is written; a torch-path tensor checks its own arguments as it steps.
+            immediate = []
+            late: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+            for index, group, p, g, args in later:
+                if group.get("dense", False):
+                    immediate.append((None, index, group, p, g, None))
+                    continue
+                state = self.state[p]
+                if args is not None:  # built before the check (a torch-path tensor with state)
+                    immediate.append((state, index, group, p, g, args))
+                    continue
+                if "step" not in state:
+                    state = self._init_state(p, group)
+                impl, kwargs = self._step_args(index, group, p, g, state, group_kwargs, layouts, phases_of)
+                if phases_of.get(impl) is None:
+                    immediate.append((state, index, group, p, g, (impl, kwargs)))
+                else:
+                    late.setdefault(impl, []).append((state, kwargs))
+            for impl, items in late.items():
+                prepared.setdefault(impl, []).extend(phases_of[impl][0]([kwargs for _, kwargs in items]))
+                batched.setdefault(impl, []).extend(items)
+            for state, index, group, p, g, args in immediate:
+                if args is None:
+                    self._dense_step(p, g, group, index)
+                    continue
+                impl, kwargs = args
+                # The counter advances only once the step has succeeded, so a failure (e.g. out of
+                # memory) does not give the unwritten ring slot a wrong age. Parameters already
+                # updated earlier in this step stay updated: retrying the whole step applies their
+                # update twice; restore a checkpoint (or a Guard snapshot) instead.
+                microadam_step(local_tensor(p), local_tensor(g), impl=impl, **kwargs)
+                state["step"] += 1
+            failed: list[int] = []  # parameter indices (param_groups order) a many-tensor call could not step
+            for impl, items in batched.items():
+                bad: set[int] = set()
+                try:
+                    # One call for many tensors: small tensors do not cost a kernel launch each.
+                    phases_of[impl][1](prepared[impl])
+                except PartialStepError as e:
+                    # The call stepped every tensor but the failed ones (positions in the call, which
+                    # follow no order a user knows: new states join at the end); the other
+                    # implementations' calls still run, so that only the corrupt tensors miss the step.
+                    bad = set(e.failed)
+                    failed.extend(items[i][1]["param_index"] for i in bad)
+                for i, (state, _) in enumerate(items):
+                    if i not in bad:
+                        state["step"] += 1
+            if failed:
+                failed.sort()
+                raise PartialStepError(
+                    f"the state of parameter(s) {failed} (their positions in param_groups order) is corrupt: "
+                    "window_indices hold an index outside its Top-K block (loaded from a checkpoint of another "
+                    "layout?). Every other parameter was stepped; restore a checkpoint (or a Guard snapshot), or "
+                    "drop those parameters' state to restart them",
+                    failed,
+                )
         return loss
 
     def _step_args(
@@ -765,6 +856,9 @@ class MicroAdam(Optimizer):
     @staticmethod
     def _group_kwargs(group: dict[str, Any]) -> dict[str, Any]:
         """The step arguments that every tensor of ``group`` shares, as plain numbers."""
+        # Checked again at every step, before anything is written: a scheduler or a user edits
+        # param_groups directly, and lr=nan or weight_decay=inf would turn every parameter NaN.
+        _check_group(group)
         beta1, beta2 = group["betas"]
         kwargs = dict(
             lr=float(group["lr"]),
@@ -819,6 +913,9 @@ class MicroAdam(Optimizer):
                 new["window"] = window
             _check_group(new)
             plans.append((group, new))
+        # Every tensor's new window is built before any is assigned: running out of memory half way
+        # (a raised window is the state that grows) leaves the optimizer as it was.
+        converted = []
         for group, new in plans:
             for p in group["params"]:
                 st = self.state.get(p)
@@ -838,7 +935,10 @@ class MicroAdam(Optimizer):
                     dst = (t - 1 - age) % lay.window
                     idx[dst, :, : src_i.shape[1]] = src_i
                     val[dst, :, : src_v.shape[1]] = src_v
-                st["window_indices"], st["window_values"] = idx, val
+                converted.append((st, idx, val))
+        for st, idx, val in converted:
+            st["window_indices"], st["window_values"] = idx, val
+        for group, new in plans:
             group.update(new)
 
     @torch.no_grad()
@@ -887,9 +987,14 @@ class MicroAdam(Optimizer):
         """
         from microadam.ops.quant import dequantize_blocks, unpack_nibbles
 
+        # Every tensor's AdamW state is built before any is assigned: running out of memory half way
+        # (the state grows to 8 bytes per parameter) leaves the optimizer as it was, and a retry
+        # after freeing memory converts everything.
+        switched, dense_state, dropped = [], {}, []
         for group in self._groups(groups):
             if group.get("dense", False):
                 continue
+            switched.append(group)
             b1, b2 = group["betas"]
             for param in group["params"]:
                 st = self.state.get(param)
@@ -897,7 +1002,7 @@ class MicroAdam(Optimizer):
                 dt = torch.float64 if p.dtype == torch.float64 else torch.float32
                 if not st or "window_indices" not in st:
                     if st is not None:
-                        self.state.pop(param)
+                        dropped.append(param)
                     continue
                 lay, t, n = self.layout(p, group), st["step"], p.numel()
                 m = torch.zeros(lay.num_blocks * lay.block, dtype=dt, device=p.device)
@@ -915,12 +1020,16 @@ class MicroAdam(Optimizer):
                 b = st["error_bounds"]
                 e = dequantize_blocks(codes.view(-1, q), b[:, 0], b[:, 1], dt).view(-1)[:n]
                 m, v = m[:n] + e, v[:n] + e * e
-                self.state[param] = {
+                dense_state[param] = {
                     "step": t,
                     "numel": n,
                     "exp_avg": ((1 - b1) * m).view(p.shape),
                     "exp_avg_sq": ((1 - b2) * v).view(p.shape),
                 }
+        for param in dropped:
+            self.state.pop(param)
+        self.state.update(dense_state)
+        for group in switched:
             group["dense"] = True
 
     def _dense_step(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any], index: int) -> None:
@@ -936,11 +1045,16 @@ class MicroAdam(Optimizer):
                 exp_avg=torch.zeros(p.shape, dtype=dt, device=p.device),
                 exp_avg_sq=torch.zeros(p.shape, dtype=dt, device=p.device),
             )
-        st["step"] += 1
-        t, lr = st["step"], float(group["lr"])
+        if st["exp_avg"].shape != p.shape:
+            # Same size, another shape (p.data = p.data.view(...); the size was checked before the step):
+            # the moments follow, as MicroAdam's flat state does.
+            st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].reshape(p.shape), st["exp_avg_sq"].reshape(p.shape)
+        # The count advances with the moments (below), not before: a failure here changes nothing.
+        t, lr = st["step"] + 1, float(group["lr"])
         b1, b2 = group["betas"]
         m, v = st["exp_avg"], st["exp_avg_sq"]
         g32 = g.to(dt)
+        st["step"] = t
         m.lerp_(g32, 1 - b1)
         v.mul_(b2).addcmul_(g32, g32, value=1 - b2)
         denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
@@ -1103,9 +1217,7 @@ class MicroAdam(Optimizer):
                 f"but this parameter has {p.numel()} (shape {tuple(p.shape)}); load it into the same model"
             )
         lay = self.layout(p, group)
-        out: dict[str, Any] = {"step": int(saved["step"]), "numel": int(saved["numel"])}
-        if out["step"] < 0:
-            raise ValueError(f"the loaded step of parameter {pid!r} is {out['step']}; it must be >= 0")
+        out: dict[str, Any] = {"step": _checked_step(pid, saved["step"]), "numel": int(saved["numel"])}
         if group.get("dense", False):
             float_dt = torch.float64 if p.dtype == torch.float64 else torch.float32
             for key in ("exp_avg", "exp_avg_sq"):
@@ -1132,6 +1244,19 @@ class MicroAdam(Optimizer):
         return out
 
 
+def _checked_step(pid: Any, step: Any) -> int:
+    """A loaded step count as an int in [0, 2**62]: an integer or whole float, or a one-element tensor of one."""
+    value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_meta else step
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a whole number stored as a float (3.0) is that count
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= 2**62:
+        raise ValueError(
+            f"the loaded step of parameter {pid!r} is {step!r}; it must be an integer in [0, 2**62] (the number of "
+            "steps taken); the checkpoint is corrupt"
+        )
+    return int(value)
+
+
 def _checked_tensor(pid: Any, key: str, t: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -1152,8 +1277,12 @@ def check_micro_state(pid: Any, saved: dict[str, Any], lay: Layout) -> dict[str,
         key: _checked_tensor(pid, key, saved[key], shape, STATE_DTYPES[key]) for key, shape in state_shapes(lay).items()
     }
     for key in ("window_values", "error_bounds"):
-        if not bool(torch.isfinite(out[key]).all()):
-            raise ValueError(f"the loaded {key!r} of parameter {pid!r} holds NaN or Inf; the checkpoint is corrupt")
+        bad = ~(out[key].abs() <= STATE_LIMIT)  # NaN compares False
+        if bool(bad.any()):
+            raise ValueError(
+                f"the loaded {key!r} of parameter {pid!r} holds {float(out[key][bad][0])}: NaN, Inf or a magnitude "
+                f"beyond 2**120 ({STATE_LIMIT:.3g}), which no step leaves; the checkpoint is corrupt"
+            )
     if lay.numel > 0:
         idx = out["window_indices"].long()
         # Real length of each block: the last one may be partial.

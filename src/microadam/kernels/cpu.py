@@ -662,14 +662,19 @@ def _prepare(
 
 
 def _step_all(pending: list[_Pending | None]) -> None:
-    """Step every pending tensor: the C++ ones in one call (one parallel region), then float64 ones
-    by the torch path; then write copies back. ``None`` entries (empty tensors) need nothing.
+    """Step every pending tensor: float64 ones by the torch path, then the C++ ones in one call (one
+    parallel region); then write copies back. ``None`` entries (empty tensors) need nothing.
 
     Raises :class:`~microadam.kernels.PartialStepError` naming the positions in ``pending`` not
     stepped when some tensors' state turned out corrupt (the others were stepped).
     """
     cpp = [(i, x) for i, x in enumerate(pending) if x is not None and x.row is not None]
     failed: list[int] = []
+    # The torch path's tensors first: one that fails (out of memory) then leaves the C++ ones
+    # unwritten, so that a caller counting steps per tensor is not left behind the state it wrote.
+    for x in pending:
+        if x is not None and x.torch_step is not None:
+            x.torch_step()
     if cpp:
         lib, (sqrt_fn, sqrt_mode) = _library()
         count = len(cpp)
@@ -688,15 +693,12 @@ def _step_all(pending: list[_Pending | None]) -> None:
             )
             raise MemoryError(
                 f"impl='cpp' could not allocate its per-thread scratch (about {need / 1e6:.1f} MB a thread for "
-                f"units of {unit} elements, lcm(block_size, quant_block_size, 2)); nothing was written. Free "
-                "memory, use fewer threads (torch.set_num_threads), a quant_block_size that divides block_size, "
-                "or impl='torch'"
+                f"units of {unit} elements, lcm(block_size, quant_block_size, 2)); no tensor of the C++ call was "
+                "written. Free memory, use fewer threads (torch.set_num_threads), a quant_block_size that divides "
+                "block_size, or impl='torch'"
             )
         if nbad:
             failed = [cpp[j][0] for j in range(count) if bad[j]]
-    for x in pending:
-        if x is not None and x.torch_step is not None:
-            x.torch_step()
     for _, x in cpp:
         for orig, copy in x.copy_back:
             orig.copy_(copy)
