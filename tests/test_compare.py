@@ -720,6 +720,17 @@ def test_a_task_of_the_users_file_runs_in_a_compare(tmp_path, monkeypatch):
     assert get_task("tasks/mine.py:Blobs", width=6).width == 6
 
 
+def test_an_evaluate_without_the_metric_says_what_it_returned(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.py").write_text(_USER_TASK.replace('return {"accuracy":', 'return {"acc":'))
+    plan_file = _write_plan(tmp_path / "plan.toml", {**_USER_PLAN, "task": "mine.py:Blobs"})
+    assert main(["compare", str(plan_file), "--out", "out"]) == 3  # INVALID: the baseline's runs failed
+    runs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()][1:]
+    assert runs and all(r["status"] == "error" for r in runs)
+    words = "evaluate returned a dict with keys ['acc'], without the task's metric 'accuracy'"
+    assert all(words in r["message"] for r in runs), runs[0]["message"]
+
+
 @pytest.mark.parametrize(
     "task,source,words",
     [

@@ -502,3 +502,43 @@ def test_fallback_that_runs_out_of_memory_changes_nothing(monkeypatch):
             p.grad = torch.ones_like(p)
         opt.step()
     _assert_same(one, other)
+
+
+def test_a_skipped_step_names_the_parameter_by_its_model_name():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = MicroAdam(model.named_parameters(), **KW)
+    if "param_names" not in opt.param_groups[0]:
+        pytest.skip("this torch keeps no parameter names in param groups (torch < 2.6)")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model[1].bias.grad[1] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"parameter 3 '1.bias' \(shape \(2,\)\) holds nan"):
+        opt.step()
+
+
+def test_groups_must_be_indices():
+    (a, b), opt = _trained()
+    with pytest.raises(TypeError, match=r"groups takes the indices of param groups, e.g. groups=\[0\], got int 0"):
+        opt.reconfigure(density=0.2, groups=0)
+    with pytest.raises(TypeError, match="must be an int, got str"):
+        opt.fallback_to_adamw(groups=["0"])
+    assert opt.param_groups[0]["density"] == 0.1 and not opt.param_groups[0].get("dense", False)
+
+
+def test_a_near_miss_of_a_setting_in_a_param_group_is_warned_about():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.warns(UserWarning, match="'densty' is not a MicroAdam setting and is ignored; did you mean 'density'"):
+        MicroAdam([{"params": [p], "densty": 0.1}], **KW)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MicroAdam([{"params": [p], "name": "decoder"}], **KW)  # a key of the user's own: kept, no warning
+
+
+def test_a_block_size_edited_in_param_groups_says_it_cannot_change():
+    (a, b), opt = _trained()
+    opt.param_groups[0]["block_size"] = 5
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    with pytest.raises(ValueError, match="block_size and quant_block_size cannot change during training"):
+        opt.step()

@@ -216,8 +216,8 @@ def check_state(layout: Layout, **state: torch.Tensor) -> None:
                 f"{name} must be {dtype} of shape {shape} for this layout (window={layout.window}, "
                 f"{layout.num_blocks} blocks of k={layout.k}, quantization blocks of {layout.quant_block}), got "
                 f"{got}: the state was built for another layout. Change window or density with "
-                "MicroAdam.reconfigure(), not by editing param_groups, and load checkpoints into an optimizer "
-                "built with the same settings"
+                "MicroAdam.reconfigure(), not by editing param_groups (block_size and quant_block_size cannot change "
+                "during training), and load checkpoints into an optimizer built with the same settings"
             )
 
 

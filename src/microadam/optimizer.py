@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 import numbers
 import signal
@@ -298,8 +299,12 @@ def _out_of_range_message(
             "That rank's warning or error names it",
         )
     i, value = found
-    index, _, p, _ = work[i]
-    where = f"the gradient of parameter {index} (shape {tuple(p.shape)})"
+    index, group, p, _ = work[i]
+    # Built from model.named_parameters(), a group holds the names too (torch >= 2.6).
+    names = group.get("param_names")
+    position = next((j for j, q in enumerate(group["params"]) if q is p), None)
+    name = f" {names[position]!r}" if names and position is not None and position < len(names) else ""
+    where = f"the gradient of parameter {index}{name} (shape {tuple(p.shape)})"
     if math.isfinite(value):
         return (
             f"{where} holds {value:.3g}, beyond GRAD_LIMIT = 2**100 ({GRAD_LIMIT:.3g}) in magnitude",
@@ -591,6 +596,17 @@ class MicroAdam(Optimizer):
                 param_group.pop("variant"), param_group.get("release"), param_group.get("release_scale")
             )
             param_group.update(release=release, release_scale=scale)
+        for key in param_group:
+            # torch keeps any key (a group's "name", say); a near miss of a setting is a typo whose value
+            # would be ignored in silence.
+            known = [*self.defaults, "params", "param_names"]
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8) if key not in known else []
+            if close:
+                warnings.warn(
+                    f"param group key {key!r} is not a MicroAdam setting and is ignored; did you mean {close[0]!r}?",
+                    UserWarning,
+                    stacklevel=3,
+                )
         # Check a merged copy before torch appends the group: a refused group must leave no trace.
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_group(merged)
@@ -880,8 +896,14 @@ class MicroAdam(Optimizer):
     def _groups(self, groups: Iterable[int] | None) -> list[dict[str, Any]]:
         if groups is None:
             return list(self.param_groups)
+        if not isinstance(groups, Iterable) or isinstance(groups, (str, bytes)):
+            raise TypeError(
+                f"groups takes the indices of param groups, e.g. groups=[0], got {type(groups).__name__} {groups!r}"
+            )
         out = []
         for i in groups:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise TypeError(f"groups: a param group index must be an int, got {type(i).__name__} {i!r}")
             if not 0 <= i < len(self.param_groups):
                 raise ValueError(f"groups: no param group {i}; this optimizer has {len(self.param_groups)}")
             out.append(self.param_groups[i])

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from microadam.bench.measure import ProgressBar, current_rss, environment, median
+from microadam.bench.measure import ProgressBar, current_rss, environment, median, release_free_memory
 from microadam.bench.optimizers import NotInstalled, build_optimizer, get_spec
 from microadam.bench.spec import Plan, PlanError, Stage
 from microadam.bench.tasks import MissingDependency, TaskSize, get_task
@@ -79,6 +79,17 @@ def _append(path: Path, row: dict[str, Any]) -> None:
         f.flush()
 
 
+def _metric(metrics: Any, task: Any) -> float:
+    """The task's metric from what its ``evaluate`` returned, or a ValueError saying what came back."""
+    if not isinstance(metrics, dict) or task.metric not in metrics:
+        got = f"a dict with keys {sorted(metrics)}" if isinstance(metrics, dict) else type(metrics).__name__
+        raise ValueError(
+            f"{type(task).__name__}.build()'s evaluate returned {got}, without the task's metric {task.metric!r}: "
+            f"return a dict holding it, or set the class's metric to one of its keys"
+        )
+    return metrics[task.metric]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -134,6 +145,7 @@ def run_one(
         "env": environment(device),
     }
     gc.collect()
+    release_free_memory()
     rss_before = current_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -173,12 +185,12 @@ def run_one(
             row["diverged_at"] = step
             break
         if stage.eval_every and step % stage.eval_every == 0 and step < stage.steps:
-            evals.append((step, work.evaluate(model)[task.metric]))
+            evals.append((step, _metric(work.evaluate(model), task)))
         if progress:
             progress.update(step, f"loss {value:.4f}")
     total = time.perf_counter() - start
     metrics = work.evaluate(model)
-    evals.append((stage.steps, metrics[task.metric]))
+    evals.append((stage.steps, _metric(metrics, task)))
     n_params = sum(p.numel() for p in model.parameters())
     sb = state_bytes(opt)
     row.update(
