@@ -542,3 +542,46 @@ def test_a_block_size_edited_in_param_groups_says_it_cannot_change():
     a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
     with pytest.raises(ValueError, match="block_size and quant_block_size cannot change during training"):
         opt.step()
+
+
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda sd: sd.__setitem__("state", [1]), "'state' is a list, not a dict"),
+        (lambda sd: sd.__setitem__("param_groups", None), "'param_groups' must be a list of dicts"),
+        (lambda sd: sd["param_groups"][0].pop("params"), "each with a 'params' list"),
+        (lambda sd: sd["state"].__setitem__(0, torch.zeros(3)), "parameter 0 is a Tensor, not a dict"),
+        (lambda sd: sd["state"].__setitem__(1, None), "parameter 1 is a NoneType, not a dict"),
+        (lambda sd: sd["state"][0].__setitem__("numel", torch.tensor([25, 25])), "numel of parameter 0 is tensor"),
+        (lambda sd: sd["state"][0].__setitem__("numel", 25.5), "numel of parameter 0 is 25.5"),
+    ],
+    ids=["state-list", "groups-none", "group-without-params", "entry-tensor", "entry-none", "numel-2", "numel-float"],
+)
+def test_a_malformed_state_dict_is_named_and_changes_nothing(edit, words):
+    (a, b), opt = _trained()
+    sd = opt.state_dict()
+    sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+    edit(sd)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match=words):
+        opt.load_state_dict(sd)
+    _assert_unchanged(opt, snap)
+
+
+def test_a_float8_parameter_is_refused_when_the_optimizer_is_built():
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    with pytest.raises(TypeError, match=r"got params\[0\] of torch.float8_e4m3fn; keep a master copy"):
+        MicroAdam([torch.zeros(4, dtype=torch.float8_e4m3fn)], **KW)
+
+
+def test_the_torch_path_checks_every_state_before_writing_any():
+    (a, b), opt = _trained()
+    for group in opt.param_groups:
+        group["impl"] = "torch"
+    opt.state[b]["error_bounds"] = opt.state[b]["error_bounds"][:1]  # another layout's shape
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    a_before = a.detach().clone()
+    with pytest.raises(ValueError, match="error_bounds must be torch.bfloat16 of shape"):
+        opt.step()
+    assert torch.equal(a.detach(), a_before) and opt.state[a]["step"] == 4

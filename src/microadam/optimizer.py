@@ -24,6 +24,7 @@ from microadam.functional import (
     DEFAULT_CHUNK,
     IMPLEMENTATIONS,
     STATE_DTYPES,
+    check_state,
     microadam_step,
     state_shapes,
     zero_state,
@@ -169,6 +170,7 @@ def _signals_held() -> Iterator[None]:
 
 
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _collective_device(device: torch.device) -> torch.device:
@@ -629,8 +631,11 @@ class MicroAdam(Optimizer):
                     "store the parameter as a real tensor with a last dimension of 2 (real, imaginary) and "
                     "view it with torch.view_as_complex in forward, or optimize it with torch.optim.AdamW"
                 )
-            if not p.is_floating_point():
-                raise TypeError(f"MicroAdam needs floating-point parameters, got {p.dtype}")
+            if p.dtype not in _PARAM_DTYPES:
+                raise TypeError(
+                    f"MicroAdam steps float32, bfloat16, float16 and float64 parameters, got params[{i}] of {p.dtype}; "
+                    "keep a master copy in one of these (float8 training does, e.g. torchao.float8)"
+                )
             if id(p) in seen:
                 # torch only warns; MicroAdam would step the tensor twice per step.
                 raise ValueError(
@@ -730,6 +735,8 @@ class MicroAdam(Optimizer):
                     continue
                 impl, kwargs = self._step_args(index, group, p, g, state, group_kwargs, layouts, phases_of)
                 if phases_of.get(impl) is None:
+                    # Checked here too (the torch path checks as it steps, after earlier tensors were written).
+                    check_state(kwargs["layout"], **{name: kwargs[name] for name in STATE_DTYPES})
                     later.append((index, group, p, g, (impl, kwargs)))
                     continue
                 batched.setdefault(impl, []).append((state, kwargs))
@@ -1156,6 +1163,27 @@ class MicroAdam(Optimizer):
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"not an optimizer state dict: the key {key!r} is missing")
+        # The structure before the values: a malformed entry is named here, not met as a TypeError deep in.
+        if not isinstance(state_dict["state"], dict):
+            raise ValueError(f"the loaded 'state' is a {type(state_dict['state']).__name__}, not a dict of entries")
+        if not isinstance(state_dict["param_groups"], (list, tuple)) or not all(
+            isinstance(sg, dict) and isinstance(sg.get("params"), (list, tuple)) for sg in state_dict["param_groups"]
+        ):
+            raise ValueError(
+                "the loaded 'param_groups' must be a list of dicts, each with a 'params' list; the checkpoint is "
+                "corrupt or not an optimizer's"
+            )
+        for pid, saved in state_dict["state"].items():
+            if not isinstance(saved, dict):
+                raise ValueError(
+                    f"the loaded state of parameter {pid!r} is a {type(saved).__name__}, not a dict of state tensors; "
+                    "the checkpoint is corrupt or not an optimizer's"
+                )
+            numel = saved.get("numel")
+            if isinstance(numel, torch.Tensor) and numel.numel() == 1 and not numel.is_meta:
+                numel = numel.item()
+            if numel is not None and (isinstance(numel, bool) or not isinstance(numel, int)):
+                raise ValueError(f"the loaded numel of parameter {pid!r} is {numel!r}; it must be an integer")
         groups = self.param_groups
         saved_groups = deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):
