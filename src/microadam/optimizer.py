@@ -155,7 +155,10 @@ def _signals_held() -> Iterator[None]:
         handler = signal.getsignal(sig)
         if handler is None:  # installed outside Python: left alone
             continue
-        previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+        except (ValueError, OSError):  # e.g. a sub-interpreter, which may not set handlers
+            break
     try:
         yield
     finally:
