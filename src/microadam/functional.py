@@ -329,38 +329,10 @@ def microadam_step(
     if n == 0:
         return
     states = (window_indices, window_values, error_codes, error_bounds)
-    if not all(t.is_contiguous() for t in states):
-        # The steps below flatten the state with views. A non-contiguous state (only the functional API
-        # can hand one in: MicroAdam's are its own) is stepped in contiguous copies and copied back, as
-        # the C++ path does; the Triton path refuses it.
-        work = [t.contiguous() for t in states]
-        microadam_step(
-            param,
-            grad,
-            window_indices=work[0],
-            window_values=work[1],
-            error_codes=work[2],
-            error_bounds=work[3],
-            layout=layout,
-            step=step,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            error_rounding=error_rounding,
-            stochastic_param_rounding=stochastic_param_rounding,
-            seed=seed,
-            param_index=param_index,
-            chunk_size=chunk_size,
-            position_offset=position_offset,
-            release=release,
-            release_scale=release_scale,
-        )
-        for t, w in zip(states, work):
-            if w is not t:
-                t.copy_(w)
-        return
+    # The steps below flatten the state with views. A non-contiguous state (only the functional API can
+    # hand one in: MicroAdam's are its own) is stepped in contiguous copies and copied back at the end,
+    # as the C++ path does; the Triton path refuses it.
+    window_indices, window_values, error_codes, error_bounds = (t.contiguous() for t in states)
     cd = compute_dtype(param.dtype)
     device = param.device
     contiguous = param.is_contiguous()
@@ -478,3 +450,6 @@ def microadam_step(
 
     if not contiguous:
         param.copy_(p_flat.view(param.shape))
+    for t, work in zip(states, (window_indices, window_values, error_codes, error_bounds)):
+        if work is not t:
+            t.copy_(work)
