@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -805,3 +806,30 @@ def test_a_users_task_learning_rates_and_values_json_cannot_write(tmp_path, monk
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(PlanError, match="importing pkgx.tasks raised ModuleNotFoundError.*not_installed_dep_xyz"):
         parse_plan({**copy.deepcopy(_USER_PLAN), "task": "pkgx.tasks:Blobs"})
+
+
+_SPAWNED_TASK = _USER_TASK.replace(
+    "class NotATask:",
+    '''class Points(torch.utils.data.Dataset):
+    """Defined in the task file: a worker started by "spawn" must import this file to unpickle it."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.full((4,), float(i))
+
+
+class NotATask:''',
+)
+
+
+def test_a_spawned_worker_imports_the_task_file(tmp_path, monkeypatch):
+    """A DataLoader worker started by "spawn" (the default on macOS and Windows; "forkserver" on Linux from
+    Python 3.14) imports the classes it unpickles by module name: a task file's module must be
+    importable there too."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.py").write_text(_SPAWNED_TASK)
+    module = sys.modules[get_task("mine.py:Blobs").__module__]
+    loader = torch.utils.data.DataLoader(module.Points(), batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    assert [b[:, 0].tolist() for b in loader] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
+import json
 import os
 import sys
 
@@ -80,28 +83,66 @@ def _user_module(name: str) -> object:
     # and two files with the same text stay two modules (each with its own __file__).
     with open(path, "rb") as f:
         digest = hashlib.sha256(path.encode() + b"\0" + f.read()).hexdigest()[:16]
-    key = f"microadam_user_task_{digest}"
+    key = f"{_USER_PACKAGE}.task_{digest}"
     if key in sys.modules:
         return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"task {name!r}: {path} cannot be loaded as a Python module; {_HOW}")
-    # The file's folder on the import path, as `python file.py` would have it: a task may import its
-    # helpers from next to it (their code is not in the run key: only the named file is).
-    folder = os.path.dirname(path)
-    if folder not in sys.path:
-        sys.path.append(folder)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[key] = mod  # before running it, as an import does (dataclasses look their module up)
+    # Where the module's file is, for this process's finder and for those of processes it starts: a
+    # DataLoader worker started by "spawn" or "forkserver" imports the classes it unpickles by module
+    # name, and inherits the environment (the name's parent packages, imported first, install the finder).
+    files = _user_files()
+    files[digest] = path
+    os.environ[_USER_FILES_VAR] = json.dumps(files)
     try:
-        spec.loader.exec_module(mod)
+        return importlib.import_module(key)
     except Exception as e:
-        del sys.modules[key]
+        sys.modules.pop(key, None)
         raise ValueError(f"task {name!r}: importing {path} raised {type(e).__name__}: {e}") from e
     except BaseException:
-        del sys.modules[key]
+        sys.modules.pop(key, None)
         raise
-    return mod
+
+
+# User task modules are named {_USER_PACKAGE}.task_<digest of path and contents>.
+_USER_PACKAGE = "microadam.bench.tasks.user"
+_USER_FILES_VAR = "MICROADAM_USER_TASK_FILES"  # {digest: path}, JSON
+
+
+def _user_files() -> dict[str, str]:
+    try:
+        files = json.loads(os.environ.get(_USER_FILES_VAR, "{}"))
+    except ValueError:
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+class _UserTaskFinder(importlib.abc.MetaPathFinder):
+    """Finds ``{_USER_PACKAGE}`` (an empty package) and its ``task_<digest>`` modules, each the user's file
+    of that digest, with the file's folder put on the import path (as ``python file.py`` would have
+    it: a task may import its helpers from next to it; their code is not in the run key)."""
+
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname == _USER_PACKAGE:
+            return importlib.machinery.ModuleSpec(fullname, None, is_package=True)
+        prefix = _USER_PACKAGE + ".task_"
+        if not fullname.startswith(prefix):
+            return None
+        digest = fullname[len(prefix) :]
+        file = _user_files().get(digest)
+        if file is None:
+            return None
+        with open(file, "rb") as f:
+            if hashlib.sha256(file.encode() + b"\0" + f.read()).hexdigest()[:16] != digest:
+                raise ImportError(f"{file} changed while a run used it; run the compare again", name=fullname)
+        folder = os.path.dirname(file)
+        if folder not in sys.path:
+            sys.path.append(folder)
+        return importlib.util.spec_from_file_location(fullname, file)
+
+
+if not any(isinstance(f, _UserTaskFinder) for f in sys.meta_path):
+    sys.meta_path.append(_UserTaskFinder())
 
 
 def task_class(name: str) -> type[Task]:
