@@ -638,7 +638,7 @@ def test_scratch_that_cannot_be_allocated_fails_the_call_with_nothing_written(tm
     run = subprocess.run([sys.executable, str(script), str(threads)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "MemoryError: impl='cpp' could not allocate its per-thread scratch" in run.stdout, run.stdout
-    assert "no tensor of the C++ call was written" in run.stdout
+    assert "nothing was written" in run.stdout
     assert "untouched True" in run.stdout and "stepped True" in run.stdout
 
 
@@ -728,3 +728,24 @@ def test_a_state_of_another_shape_or_dtype_at_the_same_address_is_refused() -> N
         with pytest.raises(ValueError, match="window_indices must be torch.int16 of shape"):
             cpu.microadam_step_cpp(param, grad, **dict(args, window_indices=bad, step=2))
         assert torch.equal(param, saved) and all(torch.equal(args[k], v) for k, v in before.items())
+
+
+def test_scalars_of_other_types_reach_the_kernel_by_value() -> None:
+    """The step's shared fields are cached by value: a tensor lr changed in place must not keep its old
+    row, a NumPy lr must work, and beta2 = -0.0 must be refused after +0.0 was cached."""
+    import numpy as np
+
+    lr = torch.tensor(1e-2)
+    p_cpp = torch.randn(100)
+    p_torch = p_cpp.clone()
+    s_cpp, s_torch = _small_args(100), _small_args(100)
+    for step, value in enumerate([1e-2, 1.0, 0.5], start=1):
+        lr.fill_(value)
+        g = torch.randn(100)
+        cpu.microadam_step_cpp(p_cpp, g, **dict(s_cpp, lr=lr, step=step))
+        functional.microadam_step(p_torch, g, **dict(s_torch, lr=value, step=step), impl="torch")
+        assert_bits_equal(p_cpp, p_torch, f"parameter after step {step} (lr {value})")
+    cpu.microadam_step_cpp(torch.randn(100), torch.randn(100), **dict(_small_args(100), lr=np.array(1e-2)))
+    cpu.microadam_step_cpp(torch.randn(100), torch.randn(100), **_small_args(100, beta2=0.0))
+    with pytest.raises(ValueError, match=r"needs beta2 >= \+0"):
+        cpu.microadam_step_cpp(torch.randn(100), torch.randn(100), **_small_args(100, beta2=-0.0))

@@ -747,3 +747,28 @@ def test_a_scheduler_not_passed_to_the_guard_is_warned_about():
     torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
     with pytest.warns(UserWarning, match=r"learning-rate scheduler .* none was passed.*scheduler=scheduler"):
         Guard(model, opt, GuardPolicy())
+
+
+def test_a_rollback_that_fails_part_way_puts_everything_back():
+    """The optimizer loads, then the model refuses the snapshot (a buffer registered since): what the
+    optimizer took is put back too, so the rollback changes nothing."""
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=1000))
+    for _ in range(3):
+        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+        opt.step()
+        opt.zero_grad()
+    guard.take_snapshot()
+    torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+    opt.step()
+    opt.reconfigure(density=0.2)
+    model.register_buffer("extra", torch.zeros(2))
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items() if torch.is_tensor(v)}
+    with pytest.raises(RuntimeError, match="does not fit"):
+        guard.rollback()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    st = opt.state[next(model.parameters())]
+    assert opt.param_groups[0]["density"] == 0.2 and st["step"] == 4
+    assert all(torch.equal(state[k], st[k]) for k in state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -354,10 +355,12 @@ def test_an_interrupt_during_the_writes_waits_for_the_step_to_end(monkeypatch, i
         monkeypatch.setattr(cpu, "_step_all", interrupted)
     else:
         real = optimizer_module.microadam_step
+        sent = []
 
         def interrupted(p, g, **kw):
             real(p, g, **kw)
-            os.kill(os.getpid(), signal.SIGINT)
+            if not sent:  # once: the same signal twice is delivered at once (below)
+                sent.append(os.kill(os.getpid(), signal.SIGINT))
             return None
 
         monkeypatch.setattr(optimizer_module, "microadam_step", interrupted)
@@ -585,3 +588,120 @@ def test_the_torch_path_checks_every_state_before_writing_any():
     with pytest.raises(ValueError, match="error_bounds must be torch.bfloat16 of shape"):
         opt.step()
     assert torch.equal(a.detach(), a_before) and opt.state[a]["step"] == 4
+
+
+def test_a_dense_groups_hyperparameters_are_checked_at_the_step_too():
+    (a, b), opt = _trained()
+    opt.fallback_to_adamw()
+    opt.param_groups[0]["lr"] = float("nan")
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    assert torch.equal(a.detach(), before)
+
+
+def test_a_dense_step_that_fails_half_way_changes_nothing(monkeypatch):
+    (a, b), opt = _trained()
+    opt.fallback_to_adamw()
+    snap = _snapshot(opt)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    before = a.detach().clone()
+    real = torch.Tensor.sqrt
+
+    def no_memory(self):
+        raise torch.OutOfMemoryError("simulated: out of memory")
+
+    monkeypatch.setattr(torch.Tensor, "sqrt", no_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        opt.step()
+    monkeypatch.setattr(torch.Tensor, "sqrt", real)
+    _assert_unchanged(opt, snap)
+    assert torch.equal(a.detach(), before)
+
+
+def test_a_float64_parameter_under_impl_cpp_is_counted_as_it_is_written(monkeypatch):
+    """The C++ call hands float64 to the torch path; the optimizer steps it there itself, so that a
+    C++ call failing afterwards (out of memory for its scratch) leaves no write uncounted."""
+    from microadam.kernels import cpu
+
+    a = torch.nn.Parameter(torch.randn(25, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(7))
+    opt = MicroAdam([a, b], **dict(KW, impl="cpp"))
+    for _ in range(2):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+
+    def no_scratch(pending):
+        raise MemoryError("impl='cpp' could not allocate its per-thread scratch (simulated); nothing was written")
+
+    monkeypatch.setattr(cpu, "_step_all", no_scratch)
+    a_before, b_before = a.detach().clone(), b.detach().clone()
+    with pytest.raises(MemoryError):
+        opt.step()
+    for p, before in ((a, a_before), (b, b_before)):
+        assert opt.state[p]["step"] == (2 if torch.equal(p.detach(), before) else 3)
+
+
+def test_every_signal_held_during_a_step_reaches_its_handler(monkeypatch):
+    """SIGINT and SIGTERM during one step: SIGINT's KeyboardInterrupt must not swallow SIGTERM's
+    handler (a cluster's handler that saves a checkpoint before the job is killed)."""
+    import os
+    import signal
+
+    (a, b), opt = _trained()
+    real = optimizer_module.microadam_step
+    for group in opt.param_groups:
+        group["impl"] = "torch"
+
+    sent = []
+
+    def interrupted(p, g, **kw):
+        real(p, g, **kw)
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    terms = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: terms.append(signum))
+    try:
+        monkeypatch.setattr(optimizer_module, "microadam_step", interrupted)
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        with pytest.raises(KeyboardInterrupt):
+            opt.step()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert terms == [signal.SIGTERM]
+    assert opt.state[a]["step"] == opt.state[b]["step"] == 5
+
+
+def test_a_second_ctrl_c_interrupts_a_step_at_once(monkeypatch):
+    """A step that hangs must stay interruptible: the same signal twice is delivered at once."""
+    import os
+    import signal
+
+    (a, b), opt = _trained()
+    for group in opt.param_groups:
+        group["impl"] = "torch"
+    after = []
+
+    def twice(p, g, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        after.append(1)  # not reached: the second one raises in the step
+
+    monkeypatch.setattr(optimizer_module, "microadam_step", twice)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    assert after == []
+
+
+@pytest.mark.parametrize("numel", [np.int64(25), 25.0, torch.tensor(25.0), torch.tensor(25)], ids=str)
+def test_a_whole_number_numel_of_any_type_loads(numel):
+    (a, b), opt = _trained()
+    sd = opt.state_dict()
+    sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+    sd["state"][0]["numel"] = numel
+    opt.load_state_dict(sd)
+    assert opt.state[a]["numel"] == 25 and type(opt.state[a]["numel"]) is int

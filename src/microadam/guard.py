@@ -624,9 +624,13 @@ class Guard:
         # drop it and go one further back.
         older = self._rolled_back_since_snapshot and len(self._snapshots) > 1
         snap = self._snapshots[-2 if older else -1]
+        # All or nothing, as a resume: a snapshot that no longer fits fails part-way (the optimizer
+        # loads, the model refuses a buffer registered since), so what was there is put back.
+        before = self._state()
         try:
             self._restore(snap)
         except Exception as e:
+            self._restore(before)
             raise RuntimeError(
                 f"rollback: the snapshot of step {snap['guard']['step']} does not fit the optimizer any more "
                 f"({type(e).__name__}: {e}); nothing was changed. A param group added or a parameter resized "

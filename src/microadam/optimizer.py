@@ -151,12 +151,19 @@ def _signals_held() -> Iterator[None]:
         return
     received: list[int] = []
     previous: dict[int, Any] = {}
+
+    def hold(signum: int, frame: Any) -> None:
+        if signum in received:
+            # The same signal twice: the user means it (a step that hangs must stay interruptible).
+            _deliver(signum, previous[signum])
+        received.append(signum)
+
     for sig in _HELD_SIGNALS:
         handler = signal.getsignal(sig)
         if handler is None:  # installed outside Python: left alone
             continue
         try:
-            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+            previous[sig] = signal.signal(sig, hold)
         except (ValueError, OSError):  # e.g. a sub-interpreter, which may not set handlers
             break
     try:
@@ -164,12 +171,23 @@ def _signals_held() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for sig in received:
-            handler = previous[sig]
-            if callable(handler):
-                handler(sig, None)  # Python's SIGINT handler raises KeyboardInterrupt here
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(sig)  # the default action (SIGTERM: the process ends)
+        # Every signal received reaches its handler, even after one of them raised (SIGINT's
+        # KeyboardInterrupt must not swallow a SIGTERM's handler); the first exception is raised.
+        error: BaseException | None = None
+        for sig in dict.fromkeys(received):
+            try:
+                _deliver(sig, previous[sig])
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                error = error or e
+        if error is not None:
+            raise error
+
+
+def _deliver(sig: int, handler: Any) -> None:
+    if callable(handler):
+        handler(sig, None)  # Python's SIGINT handler raises KeyboardInterrupt here
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(sig)  # the default action (SIGTERM: the process ends)
 
 
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -733,6 +751,8 @@ class MicroAdam(Optimizer):
             for index, group, p, g in work:
                 state = self.state.get(p)  # .get: a skipped step must not leave empty entries behind
                 _check_param(index, local_tensor(p), state)
+                if id(group) not in group_kwargs:  # checks the group's hyperparameters, dense ones too
+                    group_kwargs[id(group)] = self._group_kwargs(group)
                 if group.get("dense", False) or not state or "step" not in state:
                     later.append((index, group, p, g, None))
                     continue
@@ -858,6 +878,11 @@ class MicroAdam(Optimizer):
             shared = group_kwargs[id(group)] = self._group_kwargs(group)
         p_local = local_tensor(p)
         impl = resolve_impl(group["impl"], p_local)
+        if impl == "cpp" and p_local.dtype == torch.float64:
+            # The C++ call hands float64 to the torch path anyway; stepped here, each such tensor is
+            # counted as it is written (inside the C++ call's batch it was written before the call
+            # could still fail, uncounted).
+            impl = "torch"
         numel = p_local.numel()
         layout = layouts.get((id(group), numel))
         if layout is None:
@@ -1081,20 +1106,18 @@ class MicroAdam(Optimizer):
             # Same size, another shape (p.data = p.data.view(...); the size was checked before the step):
             # the moments follow, as MicroAdam's flat state does.
             st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].reshape(p.shape), st["exp_avg_sq"].reshape(p.shape)
-        # The count advances with the moments (below), not before: a failure here changes nothing.
+        # Everything is computed out of place first and written at the end: a failure (out of memory)
+        # half way changes nothing, so a retry does not apply the gradient to the moments twice. The
+        # price is two moment-sized temporaries, in the fallback only.
         t, lr = st["step"] + 1, float(group["lr"])
         b1, b2 = group["betas"]
-        m, v = st["exp_avg"], st["exp_avg_sq"]
         g32 = g.to(dt)
-        st["step"] = t
-        m.lerp_(g32, 1 - b1)
-        v.mul_(b2).addcmul_(g32, g32, value=1 - b2)
+        m = torch.lerp(st["exp_avg"], g32, 1 - b1)
+        v = (st["exp_avg_sq"] * b2).addcmul_(g32, g32, value=1 - b2)
         denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
         new = p.to(dt) * (1 - lr * group["weight_decay"])
         new.addcdiv_(m, denom, value=-lr / (1 - b1**t))
-        if p.dtype == dt:
-            p.copy_(new)
-        else:
+        if p.dtype != dt:
             from microadam.ops.random import STREAM_PARAM, hash_bits, stream_key
             from microadam.ops.rounding import round_to_dtype
 
@@ -1102,7 +1125,11 @@ class MicroAdam(Optimizer):
             if group["stochastic_rounding"] and p.dtype == torch.bfloat16:
                 key = stream_key(group["seed"], index, t, STREAM_PARAM)
                 bits = hash_bits(torch.arange(p.numel(), device=p.device) + offset, key).view(p.shape)
-            p.copy_(round_to_dtype(new, p.dtype, bits))
+            new = round_to_dtype(new, p.dtype, bits)
+        st["exp_avg"].copy_(m)
+        st["exp_avg_sq"].copy_(v)
+        p.copy_(new)
+        st["step"] = t
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -1182,11 +1209,10 @@ class MicroAdam(Optimizer):
                     f"the loaded state of parameter {pid!r} is a {type(saved).__name__}, not a dict of state tensors; "
                     "the checkpoint is corrupt or not an optimizer's"
                 )
-            numel = saved.get("numel")
-            if isinstance(numel, torch.Tensor) and numel.numel() == 1 and not numel.is_meta:
-                numel = numel.item()
-            if numel is not None and (isinstance(numel, bool) or not isinstance(numel, int)):
-                raise ValueError(f"the loaded numel of parameter {pid!r} is {numel!r}; it must be an integer")
+            if "numel" in saved and _whole_number(saved["numel"]) is None:
+                raise ValueError(
+                    f"the loaded numel of parameter {pid!r} is {saved['numel']!r}; it must be a whole number"
+                )
         groups = self.param_groups
         saved_groups = deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):
@@ -1248,7 +1274,7 @@ class MicroAdam(Optimizer):
             )
         sharded = type(p).__name__ == "DTensor"
         if sharded or "row_ids" in saved:
-            if saved["numel"] != p.numel():
+            if _whole_number(saved["numel"]) != p.numel():
                 raise ValueError(
                     f"the loaded state of parameter {pid!r} was saved for a tensor of {saved['numel']} elements, "
                     f"but this parameter has {p.numel()} (shape {tuple(p.shape)}); load it into the same model"
@@ -1264,13 +1290,13 @@ class MicroAdam(Optimizer):
                 pid,
             )
         p = local_tensor(p)  # a sharded parameter's state is its shard's
-        if saved["numel"] != p.numel():
+        if _whole_number(saved["numel"]) != p.numel():
             raise ValueError(
                 f"the loaded state of parameter {pid!r} was saved for a tensor of {saved['numel']} elements, "
                 f"but this parameter has {p.numel()} (shape {tuple(p.shape)}); load it into the same model"
             )
         lay = self.layout(p, group)
-        out: dict[str, Any] = {"step": _checked_step(pid, saved["step"]), "numel": int(saved["numel"])}
+        out: dict[str, Any] = {"step": _checked_step(pid, saved["step"]), "numel": _whole_number(saved["numel"])}
         if group.get("dense", False):
             float_dt = torch.float64 if p.dtype == torch.float64 else torch.float32
             for key in ("exp_avg", "exp_avg_sq"):
@@ -1297,12 +1323,26 @@ class MicroAdam(Optimizer):
         return out
 
 
+def _whole_number(value: Any) -> int | None:
+    """``value`` as an int if it is a whole number (an int, NumPy integer, a float such as 3.0, or a
+    one-element tensor of one), else None."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_meta:
+            return None
+        value = value.item()
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
 def _checked_step(pid: Any, step: Any) -> int:
-    """A loaded step count as an int in [0, 2**62]: an integer or whole float, or a one-element tensor of one."""
-    value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_meta else step
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # a whole number stored as a float (3.0) is that count
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= 2**62:
+    """A loaded step count as an int in [0, 2**62]: any whole number (:func:`_whole_number`)."""
+    value = _whole_number(step)
+    if value is None or not 0 <= value <= 2**62:
         raise ValueError(
             f"the loaded step of parameter {pid!r} is {step!r}; it must be an integer in [0, 2**62] (the number of "
             "steps taken); the checkpoint is corrupt"

@@ -12,7 +12,7 @@ import json
 import math
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +81,10 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 
 def _metric(metrics: Any, task: Any) -> float:
     """The task's metric from what its ``evaluate`` returned, or a ValueError saying what came back."""
-    if not isinstance(metrics, dict) or task.metric not in metrics:
-        got = f"a dict with keys {sorted(metrics)}" if isinstance(metrics, dict) else type(metrics).__name__
+    if not isinstance(metrics, Mapping) or task.metric not in metrics:
+        got = (
+            f"a dict with keys {sorted(map(str, metrics))}" if isinstance(metrics, Mapping) else type(metrics).__name__
+        )
         raise ValueError(
             f"{type(task).__name__}.build()'s evaluate returned {got}, without the task's metric {task.metric!r}: "
             f"return a dict holding it, or set the class's metric to one of its keys"

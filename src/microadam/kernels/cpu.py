@@ -421,11 +421,6 @@ def _step_part(
     del signs
     if step < 1:
         raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
-    if math.copysign(1.0, beta2) < 0:
-        # The C++ step marks a position not yet seen by the sign bit of its second-moment sum, which
-        # starts at -0 and turns +0 or positive at the first term: that needs terms (v * v) * beta2**age
-        # >= +0. MicroAdam refuses such betas; the functional API's torch path takes them.
-        raise ValueError(f"impl='cpp' needs beta2 >= +0 (not -0.0 or negative), got {beta2!r}; use impl='torch'")
     sc = functional.step_scalars(
         step=step,
         window=window,
@@ -534,20 +529,29 @@ def _prepare(
         raise ValueError(
             f"param ({param.numel()} elements) and grad ({grad.numel()}) must both have layout.numel = {n} elements"
         )
-    # _step_part checks step and beta2, _check_states the state's dtypes and shapes (on a path that
+    # _step_part checks step, _check_states the state's dtypes and shapes (on a path that
     # does not find them in the fingerprint).
     if error_rounding not in _ERROR_ROUNDINGS:
         raise ValueError(f"Invalid error_rounding: {error_rounding!r}; use 'nearest' or 'stochastic'")
     states = (window_indices, window_values, error_codes, error_bounds)
+    if math.copysign(1.0, beta2) < 0:
+        # Here, not in the cached _step_part: -0.0 finds the entry of +0.0 there. The C++ step marks a
+        # position not yet seen by the sign bit of its second-moment sum, which starts at -0 and turns +0
+        # or positive at the first term: that needs terms (v * v) * beta2**age >= +0. MicroAdam refuses
+        # such betas; the functional API's torch path takes them.
+        raise ValueError(f"impl='cpp' needs beta2 >= +0 (not -0.0 or negative), got {beta2!r}; use impl='torch'")
+    # Plain floats for the cache key: a tensor lr (hashed by identity) could change in place, and a
+    # NumPy array is not hashable.
+    lr, eps, release_scale = float(lr), float(eps), float(release_scale)
     shared, ring = _step_part(
         step,
         layout.window,
-        beta1,
-        beta2,
+        float(beta1),
+        float(beta2),
         lr,
-        weight_decay,
+        float(weight_decay),
         eps,
-        release,
+        float(release),
         release_scale,
         (math.copysign(1.0, lr), math.copysign(1.0, eps), math.copysign(1.0, release_scale)),
     )
@@ -662,19 +666,14 @@ def _prepare(
 
 
 def _step_all(pending: list[_Pending | None]) -> None:
-    """Step every pending tensor: float64 ones by the torch path, then the C++ ones in one call (one
-    parallel region); then write copies back. ``None`` entries (empty tensors) need nothing.
+    """Step every pending tensor: the C++ ones in one call (one parallel region), then float64 ones
+    by the torch path; then write copies back. ``None`` entries (empty tensors) need nothing.
 
     Raises :class:`~microadam.kernels.PartialStepError` naming the positions in ``pending`` not
     stepped when some tensors' state turned out corrupt (the others were stepped).
     """
     cpp = [(i, x) for i, x in enumerate(pending) if x is not None and x.row is not None]
     failed: list[int] = []
-    # The torch path's tensors first: one that fails (out of memory) then leaves the C++ ones
-    # unwritten, so that a caller counting steps per tensor is not left behind the state it wrote.
-    for x in pending:
-        if x is not None and x.torch_step is not None:
-            x.torch_step()
     if cpp:
         lib, (sqrt_fn, sqrt_mode) = _library()
         count = len(cpp)
@@ -693,12 +692,15 @@ def _step_all(pending: list[_Pending | None]) -> None:
             )
             raise MemoryError(
                 f"impl='cpp' could not allocate its per-thread scratch (about {need / 1e6:.1f} MB a thread for "
-                f"units of {unit} elements, lcm(block_size, quant_block_size, 2)); no tensor of the C++ call was "
-                "written. Free memory, use fewer threads (torch.set_num_threads), a quant_block_size that divides "
+                f"units of {unit} elements, lcm(block_size, quant_block_size, 2)); nothing was written. "
+                "Free memory, use fewer threads (torch.set_num_threads), a quant_block_size that divides "
                 "block_size, or impl='torch'"
             )
         if nbad:
             failed = [cpp[j][0] for j in range(count) if bad[j]]
+    for x in pending:
+        if x is not None and x.torch_step is not None:
+            x.torch_step()
     for _, x in cpp:
         for orig, copy in x.copy_back:
             orig.copy_(copy)
