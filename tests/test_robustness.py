@@ -705,3 +705,27 @@ def test_a_whole_number_numel_of_any_type_loads(numel):
     sd["state"][0]["numel"] = numel
     opt.load_state_dict(sd)
     assert opt.state[a]["numel"] == 25 and type(opt.state[a]["numel"]) is int
+
+
+def test_a_step_off_the_main_thread_runs_without_holding_signals():
+    """Python sets signal handlers on the main thread only; a step elsewhere (a trainer's worker thread)
+    must neither raise for it nor change the handlers."""
+    import signal
+    import threading
+
+    (a, b), opt = _trained()
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    errors = []
+
+    def run():
+        try:
+            a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+            opt.step()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert errors == [] and opt.state[a]["step"] == 5
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
