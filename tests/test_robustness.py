@@ -729,3 +729,42 @@ def test_a_step_off_the_main_thread_runs_without_holding_signals():
     worker.join()
     assert errors == [] and opt.state[a]["step"] == 5
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+_TERM_TWICE = r"""
+import os, signal, sys
+import torch
+import microadam.optimizer as om
+from microadam import MicroAdam
+signal.signal(signal.SIGTERM, signal.SIG_DFL if sys.argv[1] == "default" else lambda s, f: print("handler", flush=True))
+p = torch.nn.Parameter(torch.randn(10))
+opt = MicroAdam([p], lr=1e-2, impl="torch")
+real = om.microadam_step
+def twice(param, grad, **kw):
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+    real(param, grad, **kw)
+om.microadam_step = twice
+p.grad = torch.randn(10)
+opt.step()
+print("after step", opt.state[p]["step"], flush=True)
+"""
+
+
+@pytest.mark.parametrize("handler", ["default", "python"])
+def test_sigterm_twice_during_a_step_acts_once(tmp_path, handler):
+    """The second SIGTERM is handed on at once: with the default action the process ends (it must not
+    come back to the held handler), a Python handler runs once."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "term_twice.py"
+    script.write_text(_TERM_TWICE)
+    run = subprocess.run([sys.executable, str(script), handler], capture_output=True, text=True, timeout=120)
+    if handler == "default":
+        assert run.returncode == -signal.SIGTERM, (run.returncode, run.stdout, run.stderr[-2000:])
+        assert "after step" not in run.stdout
+    else:
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.count("handler") == 1 and "after step 1" in run.stdout

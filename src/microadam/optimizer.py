@@ -150,12 +150,17 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     received: list[int] = []
+    delivered: set[int] = set()
     previous: dict[int, Any] = {}
 
     def hold(signum: int, frame: Any) -> None:
         if signum in received:
             # The same signal twice: the user means it (a step that hangs must stay interruptible).
+            # Its own handler goes back first: SIG_DFL must act, not come back here.
+            signal.signal(signum, previous[signum])
+            delivered.add(signum)
             _deliver(signum, previous[signum])
+            return
         received.append(signum)
 
     for sig in _HELD_SIGNALS:
@@ -175,6 +180,8 @@ def _signals_held() -> Iterator[None]:
         # KeyboardInterrupt must not swallow a SIGTERM's handler); the first exception is raised.
         error: BaseException | None = None
         for sig in dict.fromkeys(received):
+            if sig in delivered:
+                continue
             try:
                 _deliver(sig, previous[sig])
             except BaseException as e:  # noqa: BLE001 - re-raised below
