@@ -420,8 +420,8 @@ def test_a_parameter_listed_twice_is_refused():
         ("lr", float("nan"), "lr"),
         ("weight_decay", float("inf"), "weight_decay"),
         ("betas", (1.0, 0.999), "beta parameter at index 0"),
-        ("eps", -1e-8, "eps"),
-        ("lr", -1.0, "lr"),
+        ("eps", float("-inf"), "eps"),
+        ("betas", (0.9, -0.1), "beta parameter at index 1"),
     ],
 )
 def test_hyperparameters_edited_in_param_groups_are_checked_at_the_step(key, value, words):
@@ -768,3 +768,23 @@ def test_sigterm_twice_during_a_step_acts_once(tmp_path, handler):
     else:
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.count("handler") == 1 and "after step 1" in run.stdout
+
+
+def test_what_schedulers_set_is_taken_at_the_step():
+    """A scheduler decaying to 0 by repeated arithmetic ends a hair below it (LinearLR with end_factor 0:
+    -4.4e-20 here), and a lambda may return NumPy scalars: torch's optimizers take both after they were
+    built, and so does MicroAdam's per-step check (which is there for NaN and Inf)."""
+    (a, b), opt = _trained()
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, end_factor=0.0, total_iters=5)
+    for _ in range(6):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+        sched.step()
+    assert -1e-15 < opt.param_groups[0]["lr"] < 0.0  # the case: a hair below 0
+    (a, b), opt = _trained()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: np.float32(0.5) ** t)
+    for _ in range(3):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+        sched.step()
+    assert opt.state[a]["step"] == 7

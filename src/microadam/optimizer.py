@@ -349,11 +349,12 @@ def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool = Tr
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: NumPy scalars too (a scheduler's lambda may return np.float32).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
-        bound = f">= {low}" if low_inclusive else f"> {low}"
-        raise ValueError(f"Invalid {name}: {value!r}; it must be finite and {bound}{fix}")
+        bound = "" if low == -math.inf else f" and >= {low}" if low_inclusive else f" and > {low}"
+        raise ValueError(f"Invalid {name}: {value!r}; it must be finite{bound}{fix}")
 
 
 # Named settings of the released error feedback (``MicroAdam(variant=...)``). "release" is the
@@ -405,11 +406,19 @@ def _plain_numbers(group: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_group(group: dict[str, Any]) -> None:
-    """Validate one param group's hyperparameters; raise naming the argument and the value."""
-    _check_number("lr", group["lr"], low=0.0)
-    _check_number("eps", group["eps"], low=0.0)
-    _check_number("weight_decay", group["weight_decay"], low=0.0)
+def _check_group(group: dict[str, Any], *, at_step: bool = False) -> None:
+    """Validate one param group's hyperparameters; raise naming the argument and the value.
+
+    ``at_step``: the check of every step, of values a scheduler or a user may have set since. It asks
+    lr, eps and weight_decay to be finite only, as torch's optimizers take any value set after they
+    were built: a scheduler decaying to 0 by repeated arithmetic can end a hair below it
+    (``LinearLR(start_factor=0.1, end_factor=0.0)`` ends at -4e-21), and a NaN or Inf is what would
+    poison every parameter.
+    """
+    low = -math.inf if at_step else 0.0
+    _check_number("lr", group["lr"], low=low)
+    _check_number("eps", group["eps"], low=low)
+    _check_number("weight_decay", group["weight_decay"], low=low)
     _check_number("release", group.get("release", 0.0), low=0.0)
     if group.get("release", 0.0) > 1.0:
         raise ValueError(
@@ -423,7 +432,7 @@ def _check_group(group: dict[str, Any]) -> None:
     for i, b in enumerate(betas):
         if isinstance(b, torch.Tensor):
             b = b.item()
-        if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
+        if not isinstance(b, numbers.Real) or isinstance(b, bool) or not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b!r}; it must be in [0, 1)")
         if math.copysign(1.0, b) < 0:
             # -0.0 passes the range test, but the C++ step's second-moment sums need weights >= +0.
@@ -916,7 +925,7 @@ class MicroAdam(Optimizer):
         """The step arguments that every tensor of ``group`` shares, as plain numbers."""
         # Checked again at every step, before anything is written: a scheduler or a user edits
         # param_groups directly, and lr=nan or weight_decay=inf would turn every parameter NaN.
-        _check_group(group)
+        _check_group(group, at_step=True)
         beta1, beta2 = group["betas"]
         kwargs = dict(
             lr=float(group["lr"]),
