@@ -35,6 +35,7 @@ __all__ = [
     "availability",
     "release_tiles",
     "resolve_impl",
+    "state_key",
     "TRITON_MAX_K",
     "TRITON_MAX_QUANT_BLOCK",
     "triton_layout_error",
@@ -75,6 +76,29 @@ KERNELS: dict[str, tuple[str, str, str, str, str, str]] = {
         "run_prepared",
     ),
 }
+
+
+def state_key(
+    window_indices: torch.Tensor, window_values: torch.Tensor, error_codes: torch.Tensor, error_bounds: torch.Tensor
+) -> tuple:
+    """The part of a fast path's cached-row fingerprint that the state tensors give: their addresses,
+    shapes and dtypes. A row built (and its state checked) for tensors with this key is right for any
+    tensors with it: a tensor of another shape or dtype at a reused address gets another key and is
+    checked again (the kernels index raw pointers)."""
+    return (
+        window_indices.data_ptr(),
+        window_values.data_ptr(),
+        error_codes.data_ptr(),
+        error_bounds.data_ptr(),
+        window_indices.shape,
+        window_values.shape,
+        error_codes.shape,
+        error_bounds.shape,
+        window_indices.dtype,
+        window_values.dtype,
+        error_codes.dtype,
+        error_bounds.dtype,
+    )
 
 
 def availability(name: str) -> tuple[bool, str]:

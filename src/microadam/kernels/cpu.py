@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from microadam import functional
-from microadam.kernels import PartialStepError
+from microadam.kernels import PartialStepError, state_key
 from microadam.layout import Layout
 from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, stream_key
 
@@ -604,24 +604,12 @@ def _prepare(
         and error_bounds.is_contiguous()
     ):
         p, work, copy_back = param, states, []
-        # The state's dtypes and shapes are in it, so that a hit has passed _check_states: a tensor of
-        # another shape at a reused address must not.
+        # state_key holds the state's dtypes and shapes, so that a hit has passed _check_states.
         fingerprint = (
             param.data_ptr(),
             param.dtype,
             grad_code,
-            window_indices.data_ptr(),
-            window_values.data_ptr(),
-            error_codes.data_ptr(),
-            error_bounds.data_ptr(),
-            window_indices.shape,
-            window_values.shape,
-            error_codes.shape,
-            error_bounds.shape,
-            window_indices.dtype,
-            window_values.dtype,
-            error_codes.dtype,
-            error_bounds.dtype,
+            state_key(window_indices, window_values, error_codes, error_bounds),
             id(layout),
             position_offset,
             weight_decay != 0,

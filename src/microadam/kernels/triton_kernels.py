@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from microadam.functional import StepScalars, check_state, step_scalars
-from microadam.kernels import triton_layout_error
+from microadam.kernels import state_key, triton_layout_error
 from microadam.layout import Layout
 from microadam.ops.random import STREAM_ERROR, STREAM_MOVE, STREAM_PARAM, _mix32_cached, _mix32_int, _param_key
 
@@ -735,20 +735,8 @@ def _prepare(
         grad.dtype,
         grad.device,
         grad.numel(),
-        window_indices.data_ptr(),
-        window_values.data_ptr(),
-        error_codes.data_ptr(),
-        error_bounds.data_ptr(),
-        # _static's check_state holds for a row served from the cache: a tensor of another shape or
-        # dtype at a reused address must be checked again.
-        window_indices.shape,
-        window_values.shape,
-        error_codes.shape,
-        error_bounds.shape,
-        window_indices.dtype,
-        window_values.dtype,
-        error_codes.dtype,
-        error_bounds.dtype,
+        # _static's check_state holds for a row served from the cache.
+        state_key(window_indices, window_values, error_codes, error_bounds),
         window_indices.is_contiguous()
         and window_values.is_contiguous()
         and error_codes.is_contiguous()
