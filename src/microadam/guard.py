@@ -549,21 +549,12 @@ class Guard:
         """Load a snapshot's model, optimizer, scheduler and RNG states in place."""
         # The snapshot may predate a change of density, window or a fallback: restore the
         # configuration it was taken under before its state (load_state_dict checks they agree).
-        # The optimizer goes first, and a load it refuses (a param group added since the snapshot)
-        # puts the configuration back: the model and the optimizer are then as they were.
-        config = [{key: group[key] for key in ("density", "window", "dense") if key in group}
-                  for group in self.optimizer.param_groups]  # fmt: skip
+        # A load that fails part-way is undone by _restore_or_put_back.
         for group, saved in zip(self.optimizer.param_groups, snap["optimizer"]["param_groups"]):
             for key in ("density", "window", "dense"):
                 if key in saved:
                     group[key] = saved[key]
-        try:
-            self.optimizer.load_state_dict(_to_cpu(snap["optimizer"]))
-        except BaseException:
-            for group, before in zip(self.optimizer.param_groups, config):
-                group.pop("dense", None)
-                group.update(before)
-            raise
+        self.optimizer.load_state_dict(_to_cpu(snap["optimizer"]))
         self.model.load_state_dict(snap["model"])
         # The scheduler goes back with the optimizer, so the learning rate and the schedule's
         # position stay consistent (a chainable scheduler computes the next lr from the current
@@ -577,6 +568,17 @@ class Guard:
         random.setstate((random.getstate()[0], tuple(rng["python"]), rng.get("python_gauss_next")))
         if rng.get("numpy") is not None and "numpy" in sys.modules:
             _set_numpy_rng_state(rng["numpy"])
+
+    def _restore_or_put_back(self, snap: dict[str, Any]) -> None:
+        """:meth:`_restore`, all or nothing: a snapshot or checkpoint that does not fit fails part-way (the
+        optimizer loads, the model refuses a buffer registered since; or the other way round), so what
+        was there is put back before the error is raised, and the caller's objects are unchanged."""
+        before = self._state()
+        try:
+            self._restore(snap)
+        except Exception:
+            self._restore(before)
+            raise
 
     def _resume(self, resume: bool | str | os.PathLike[str]) -> None:
         if resume is True:
@@ -600,13 +602,9 @@ class Guard:
                 f"resume: {path} is not a guard checkpoint (it lacks {missing}); pass the guard-last.pt that a "
                 "Guard with checkpoint_dir wrote, or resume=False to start a new run"
             )
-        # All or nothing: a checkpoint of another model or optimizer setup fails part-way (the model
-        # loads, the optimizer refuses); put back what was there, so the caller's objects are unchanged.
-        before = self._state()
         try:
-            self._restore(ckpt)
+            self._restore_or_put_back(ckpt)
         except Exception as e:
-            self._restore(before)
             raise ValueError(
                 f"resume: {path} does not fit this model and optimizer ({type(e).__name__}: {e}); nothing was "
                 "changed. Build them as in the run that wrote it, or pass resume=False to start a new run"
@@ -624,15 +622,11 @@ class Guard:
         # drop it and go one further back.
         older = self._rolled_back_since_snapshot and len(self._snapshots) > 1
         snap = self._snapshots[-2 if older else -1]
-        # All or nothing, as a resume: a snapshot that no longer fits fails part-way (the optimizer
-        # loads, the model refuses a buffer registered since), so what was there is put back.
-        before = self._state()
         try:
-            self._restore(snap)
+            self._restore_or_put_back(snap)
         except Exception as e:
-            self._restore(before)
             raise RuntimeError(
-                f"rollback: the snapshot of step {snap['guard']['step']} does not fit the optimizer any more "
+                f"rollback: the snapshot of step {snap['guard']['step']} does not fit the model and optimizer any more "
                 f"({type(e).__name__}: {e}); nothing was changed. A param group added or a parameter resized "
                 "after the snapshot does this: take a new snapshot after such a change (guard.take_snapshot())"
             ) from e
