@@ -208,6 +208,45 @@ def test_verdict_for_a_loss_metric_uses_percent_increase():
     assert j["criteria"][0]["value"] == pytest.approx(2.5) and not j["passed"]
 
 
+@pytest.mark.parametrize("candidate,passed,words", [(0.0, True, "no increase"), (0.01, False, "beyond any")])
+def test_a_loss_metric_against_a_baseline_of_zero_is_judged_without_a_percentage(candidate, passed, words):
+    """An error rate every baseline seed drove to 0: the percent increase divided by 0 (ZeroDivisionError,
+    and the same on every rerun: the output folder never reached a verdict)."""
+    plan = parse_plan(DIGITS_PLAN | {"criteria": {"max_metric_drop": 2.0, "max_step_time_ratio": False}})
+    rows = [_row("adamw", s, 0.0, 8000, 0.01, higher=False) for s in (0, 1)]
+    rows += [_row("microadam", s, candidate, 900, 0.01, higher=False) for s in (0, 1)]
+    check = judge_stage(plan, plan.stages[0], rows)["microadam"]["criteria"][0]
+    assert check["passed"] is passed and words in check["detail"], check["detail"]
+
+
+def test_a_value_just_over_the_bar_is_printed_with_the_digits_that_show_it():
+    """0.20004 against a bar of 0.2 was printed '0.2x > 0.2x': a failure that read as a pass."""
+    plan = parse_plan(DIGITS_PLAN | {"criteria": {"max_state_ratio": 0.2, "max_step_time_ratio": 2.0}})
+    rows = [_row("adamw", 0, 0.8, 100000, 0.01), _row("microadam", 0, 0.8, 20004, 0.020003)]
+    by = {c["name"]: c for c in judge_stage(plan, plan.stages[0], rows)["microadam"]["criteria"]}
+    assert "optimizer state ratio 0.20004x > 0.2x" in by["state_ratio"]["detail"]
+    assert "step time ratio 2.0003x > 2x" in by["step_time_ratio"]["detail"]
+    rows = [rows[0], _row("microadam", 0, 0.8, 12345, 0.01)]
+    by = {c["name"]: c for c in judge_stage(plan, plan.stages[0], rows)["microadam"]["criteria"]}
+    assert "optimizer state ratio 0.123x <= 0.2x" in by["state_ratio"]["detail"]
+
+
+def test_a_report_where_no_run_has_a_step_time_is_still_written(tmp_path):
+    """Every run diverged within its first steps (NaN in the data): no finite step time, and the bar
+    chart's max() over none raised, so no report was written, on every rerun."""
+    from microadam.bench.report import write_reports
+
+    plan = parse_plan(DIGITS_PLAN)
+    rows = []
+    for opt in ("adamw", "microadam"):
+        row = _row(opt, 0, float("nan"), 8000, float("nan"))
+        row.update(diverged_at=1, optimizer_step_median_s=float("nan"))
+        rows.append(row)
+    write_reports(plan, rows, tmp_path)
+    assert (tmp_path / "report.md").exists() and (tmp_path / "report.html").exists()
+    assert "INVALID" in (tmp_path / "report.md").read_text()
+
+
 def test_missing_data_package_gives_install_command(monkeypatch):
     import importlib.util
 

@@ -233,7 +233,9 @@ def _svg_bars(items: list[tuple[str, str, float]], title: str, unit: str) -> str
         return ""
     w, bar_h, pad = 640, 22, 170
     h = 40 + bar_h * len(items)
-    top = max(v for _, _, v in items if math.isfinite(v)) or 1.0
+    # No finite value at all (every run diverged within its first steps, so none has a step time):
+    # the bars are drawn empty rather than the report not written.
+    top = max((v for _, _, v in items if math.isfinite(v)), default=1.0) or 1.0
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">',
         f'<text x="{w / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',

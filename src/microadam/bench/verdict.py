@@ -88,14 +88,24 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 _ON_THE_BAR = 1e-9
 
 
+def _digits(value: float, limit: float) -> str:
+    """``value`` with 3 significant digits, or as many more as it takes to differ from ``limit`` where
+    it does: 0.20004 printed as 0.2 against a bar of 0.2 read as a pass that failed."""
+    for digits in range(3, 13):
+        text = f"{value:.{digits}g}"
+        if value == limit or float(text) != limit:
+            return text
+    return repr(value)
+
+
 def _check(name: str, value: float, limit: float | None, unit: str, what: str) -> dict[str, Any]:
     if limit is None:
         return {"name": name, "value": value, "limit": None, "passed": True, "detail": f"{what}: not checked"}
     passed = math.isfinite(value) and value <= limit + _ON_THE_BAR * max(1.0, abs(limit))
     if passed:
-        detail = f"{what} {value:.3g}{unit} <= {limit:g}{unit}"
+        detail = f"{what} {_digits(value, limit)}{unit} <= {limit:g}{unit}"
     elif math.isfinite(value):
-        detail = f"{what} {value:.3g}{unit} > {limit:g}{unit}: failed by {value - limit:.3g}{unit}"
+        detail = f"{what} {_digits(value, limit)}{unit} > {limit:g}{unit}: failed by {value - limit:.3g}{unit}"
     else:
         detail = f"{what} could not be measured (diverged or failed)"
     return {"name": name, "value": value, "limit": limit, "passed": passed, "detail": detail}
@@ -120,7 +130,9 @@ def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[st
                 "passed": False,
                 "invalid": True,
                 "reason": f"no valid comparison: the baseline {plan.baseline} has no result for every seed ({why})"
-                f"{own}; fix the baseline's runs and rerun (failed runs are tried again)",
+                f"{own}; fix the baseline's runs and rerun (runs that raised an error are tried again; a run "
+                "that diverged or ended with a non-finite metric is a result of its settings and is kept, so "
+                "change the baseline's settings, e.g. its lr)",
                 "criteria": [],
             }
             continue
@@ -133,12 +145,25 @@ def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[st
         if c["higher_is_better"]:
             drop = 100 * (base["metric_mean"] - c["metric_mean"])
             metric_check = _check("metric_drop", drop, crit.max_metric_drop, " pts", f"{c['metric']} drop")
+        elif base["metric_mean"] == 0:
+            # An increase over a baseline of exactly 0 (an error rate every seed drove to 0) is no
+            # percentage: no increase passes any bar, any increase fails one.
+            drop = 0.0 if c["metric_mean"] <= 0 else math.inf
+            metric_check = _check("metric_drop", drop, crit.max_metric_drop, "%", f"{c['metric']} increase")
+            if crit.max_metric_drop is not None:
+                metric_check["detail"] = f"{c['metric']} {c['metric_mean']:.4g} against the baseline's 0: " + (
+                    "no increase" if drop == 0 else "an increase from 0, beyond any percentage bar"
+                )
         else:
             drop = 100 * (c["metric_mean"] - base["metric_mean"]) / abs(base["metric_mean"])
             metric_check = _check("metric_drop", drop, crit.max_metric_drop, "%", f"{c['metric']} increase")
         # Noise next to the difference: the larger of the two seed spreads, in the same unit.
-        scale = 100 if c["higher_is_better"] else 100 / abs(base["metric_mean"])
-        metric_check["noise"] = noise = scale * max(c["metric_std"], base["metric_std"])
+        if c["higher_is_better"] or base["metric_mean"] != 0:
+            scale = 100 if c["higher_is_better"] else 100 / abs(base["metric_mean"])
+            noise = scale * max(c["metric_std"], base["metric_std"])
+        else:
+            noise = 0.0  # both sides of the comparison with 0 above are exact
+        metric_check["noise"] = noise
         # One seed on either side gives no spread at all, not a spread of 0: the report says so.
         metric_check["single_seed"] = min(c["runs"], base["runs"]) < 2
         if crit.max_metric_drop is not None and abs(drop - crit.max_metric_drop) < noise:
