@@ -489,6 +489,18 @@ def test_non_positive_count_is_a_value_error_naming_it(text):
         plan_memory(text)
 
 
+def test_a_count_too_large_for_a_float_says_so():
+    with pytest.raises(ValueError, match=r"'1e400'; it is too large"):
+        parse_param_count("1e400")
+
+
+def test_a_count_that_is_also_a_folder_here_is_read_as_a_count_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "125m").mkdir()
+    with pytest.warns(UserWarning, match=r"'125m' is read as a parameter count.*pass ./125m"):
+        assert load_model("125m").num_params == 125 * 10**6
+
+
 def test_count_must_be_whole():
     with pytest.raises(ValueError, match="whole number"):
         parse_param_count("1.5")

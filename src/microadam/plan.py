@@ -36,6 +36,7 @@ import math
 import os
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -232,7 +233,9 @@ def parse_param_count(text: str | int | float) -> int:
         shown = repr(text)
     else:
         raise TypeError(f"parameter count must be a number or a string such as '7e9', got {type(text).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid model parameter count: {shown}; it is too large (not a finite number), e.g. 7e9")
+    if value <= 0:
         raise ValueError(f"Invalid model parameter count: {shown}; it must be > 0, e.g. 7e9 or 1.3B")
     if abs(value - round(value)) > 1e-6 * max(1.0, value):
         raise ValueError(f"Invalid model parameter count: {shown}; it must be a whole number of parameters")
@@ -679,6 +682,14 @@ def load_model(model: ModelSpec | str | os.PathLike[str] | int | float | torch.n
         )
     text = os.fspath(model)
     if isinstance(model, str) and _looks_like_count(text):
+        if Path(text).expanduser().exists():
+            # "125m" may be a folder here too: a count is what it reads as, but not in silence.
+            warnings.warn(
+                f"{text!r} is read as a parameter count, though a file or folder of that name exists here; "
+                f"pass ./{text} to read the model from it",
+                UserWarning,
+                stacklevel=2,
+            )
         return ModelSpec.from_count(parse_param_count(text), source=text.strip())
     path = Path(text).expanduser()
     if path.is_file() and path.name.endswith(".safetensors.index.json"):
