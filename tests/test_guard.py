@@ -30,6 +30,14 @@ def _task(seed: int = 0):
     return model, x, y
 
 
+def _fit(model, opt, x, y, steps: int) -> None:
+    """``steps`` plain steps on the first 64 examples."""
+    for _ in range(steps):
+        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def _train(steps: int, policy: GuardPolicy | None = None, inject=None, seed: int = 0):
     """Train with (or without) a guard; `inject(step, model, opt)` may sabotage a step. Returns final loss."""
     model, x, y = _task(seed)
@@ -148,17 +156,11 @@ def test_rollback_restores_model_and_optimizer_exactly():
     model, x, y = _task()
     opt = MicroAdam(model.parameters(), **KW)
     guard = Guard(model, opt, GuardPolicy(snapshot_every=1000))
-    for _ in range(5):
-        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
-        opt.step()
-        opt.zero_grad()
+    _fit(model, opt, x, y, 5)
     guard.take_snapshot()
     saved = [p.detach().clone() for p in model.parameters()]
     saved_state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items() if torch.is_tensor(v)}
-    for _ in range(5):
-        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
-        opt.step()
-        opt.zero_grad()
+    _fit(model, opt, x, y, 5)
     opt.reconfigure(density=0.2)  # even across a change of compression
     guard.rollback()
     assert all(torch.equal(a, b) for a, b in zip(saved, model.parameters()))
@@ -719,10 +721,7 @@ def test_a_rollback_to_a_snapshot_that_no_longer_fits_changes_nothing():
     model, x, y = _task()
     opt = MicroAdam(list(model.parameters())[:2], **KW)
     guard = Guard(model, opt, GuardPolicy(snapshot_every=1000))
-    for _ in range(3):
-        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
-        opt.step()
-        opt.zero_grad()
+    _fit(model, opt, x, y, 3)
     guard.take_snapshot()
     opt.reconfigure(density=0.2)
     opt.add_param_group({"params": list(model.parameters())[2:], "lr": 1e-3})
@@ -755,10 +754,7 @@ def test_a_rollback_that_fails_part_way_puts_everything_back():
     model, x, y = _task()
     opt = MicroAdam(model.parameters(), **KW)
     guard = Guard(model, opt, GuardPolicy(snapshot_every=1000))
-    for _ in range(3):
-        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
-        opt.step()
-        opt.zero_grad()
+    _fit(model, opt, x, y, 3)
     guard.take_snapshot()
     torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
     opt.step()
