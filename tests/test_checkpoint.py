@@ -201,3 +201,94 @@ def test_a_state_saved_with_other_strides_loads_contiguous(impl):
         opts[name].step()
     assert torch.equal(params["a"], params["b"])
     assert all(t.is_contiguous() for t in opts["b"].state[params["b"]].values() if isinstance(t, torch.Tensor))
+
+
+def _stepped(steps: int = 3, **kw) -> tuple[torch.nn.Module, MicroAdam]:
+    model = _model()
+    opt = MicroAdam(model.parameters(), **{**KW, **kw})
+    _train(model, opt, _batches(steps))
+    return model, opt
+
+
+def test_a_checkpoint_taken_where_a_scheduler_left_lr_a_hair_below_zero_loads():
+    # LinearLR(start_factor=0.1, end_factor=0.0) ends at -4.4e-20 here by rounding: a step takes that value,
+    # as torch's optimizers do, and a checkpoint saved then must load, and reconfigure must run.
+    model, opt = _stepped()
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, end_factor=0.0, total_iters=5)
+    for _ in range(5):
+        sched.step()
+    assert opt.param_groups[0]["lr"] < 0
+    sd = _roundtrip(opt.state_dict())
+    fresh = MicroAdam(model.parameters(), **KW)
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    opt.reconfigure(density=0.2)
+    assert opt.param_groups[0]["density"] == 0.2
+
+
+def test_numpy_scalars_a_scheduler_set_are_saved_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    model, opt = _stepped()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: np.float32(0.5) ** t)
+    sched.step()
+    assert type(opt.param_groups[0]["lr"]).__module__ == "numpy"
+    sd = _roundtrip(opt.state_dict())  # torch.load(weights_only=True) refuses NumPy scalars
+    assert type(sd["param_groups"][0]["lr"]) is float
+    assert sd["param_groups"][0]["lr"] == float(opt.param_groups[0]["lr"])
+
+
+def test_another_optimizers_state_dict_is_refused_naming_its_keys():
+    # A never-stepped AdamW has no state to refuse: its groups would have set AdamW's weight decay and
+    # turned the default variant into the paper's without a word.
+    model = _model()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = MicroAdam(model.parameters(), **KW)
+    before = [dict(g, params=None) for g in opt.param_groups]
+    with pytest.raises(ValueError, match=r"none of MicroAdam's settings .*'amsgrad'.*another optimizer"):
+        opt.load_state_dict(adamw.state_dict())
+    assert [dict(g, params=None) for g in opt.param_groups] == before
+
+
+def test_state_dict_post_hooks_see_and_may_replace_the_final_dict():
+    model, opt = _stepped()
+    seen = []
+
+    def hook(optimizer, sd):
+        seen.append(sorted(sd["state"]))
+        return {"wrapped": sd}
+
+    opt.register_state_dict_post_hook(hook)
+    out = opt.state_dict()
+    assert list(out) == ["wrapped"]  # what the hook returned is what the caller gets, as in torch
+    assert seen == [sorted(out["wrapped"]["state"])]
+
+
+def test_a_users_own_state_entry_is_saved_and_loaded_as_torch_does():
+    model, opt = _stepped()
+    opt.state["ema_decay"] = 3
+    sd = _roundtrip(opt.state_dict())
+    assert sd["state"]["ema_decay"] == 3
+    fresh = MicroAdam(model.parameters(), **KW)
+    fresh.load_state_dict(sd)
+    assert fresh.state["ema_decay"] == 3
+    # A parameter's state under a key that is no index would be lost unseen as a user's entry: refused.
+    sd["state"]["0"] = sd["state"].pop(0)
+    with pytest.raises(ValueError, match=r"under the key .0., which no group lists"):
+        MicroAdam(model.parameters(), **KW).load_state_dict(sd)
+
+
+def test_parameters_on_the_meta_device_get_their_state_and_are_counted():
+    # A shape-only dry run (e.g. to measure the state's size) steps meta tensors, as torch's optimizers do.
+    from microadam import state_bytes
+
+    with torch.device("meta"):
+        model = torch.nn.Linear(64, 64)
+    real = torch.nn.Linear(64, 64)
+    opts = [MicroAdam(m.parameters(), **KW) for m in (model, real)]
+    for m, opt in zip((model, real), opts):
+        m(torch.randn(2, 64, device=m.weight.device)).sum().backward()
+        opt.step()
+        opt.step()
+    assert opts[0].state[model.weight]["step"] == 2
+    assert opts[0].state[model.weight]["window_values"].is_meta
+    assert state_bytes(opts[0]) == state_bytes(opts[1])

@@ -556,6 +556,25 @@ def test_rollback_restores_python_and_numpy_random_streams(tmp_path):
     assert ([random.gauss(0, 1) for _ in range(3)], np.random.standard_normal(3).tolist()) == first
 
 
+def test_a_checkpoint_with_numpy_lrs_from_a_scheduler_resumes(tmp_path):
+    # A LambdaLR whose lambda returns np.float32 puts NumPy scalars in the groups and in the scheduler's
+    # own state; the guard's checkpoint holds them as Python numbers, so weights_only loading reads it.
+    np = pytest.importorskip("numpy")
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: np.float32(0.9) ** t)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=2, checkpoint_dir=str(tmp_path)), scheduler=sched)
+    for _ in range(4):
+        loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        sched.step()
+    ckpt = load_checkpoint(guard.checkpoint_path())
+    assert type(ckpt["scheduler"]["_last_lr"][0]) is float
+    Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path)), scheduler=sched, resume=True)
+
+
 def test_grad_scaler_through_guard_step_survives_skipped_steps():
     model, x, y = _task()
     opt = MicroAdam(model.parameters(), **KW)

@@ -238,3 +238,11 @@ def test_step_scalars_without_keys_differ_only_in_keys():
     full, bare = step_scalars(**kw), step_scalars(keys=False, **kw)
     assert (bare.err_key, bare.par_key) == (0, 0) != (full.err_key, full.par_key)
     assert dataclasses.replace(full, err_key=0, par_key=0) == bare
+
+
+@pytest.mark.parametrize("step", [0, -3])
+def test_step_scalars_refuse_a_step_before_the_first(step):
+    """The step is 1-based (already incremented): 0 would divide by zero in the bias corrections."""
+    kw = dict(window=3, beta1=0.9, beta2=0.99, lr=1e-3, weight_decay=0.0, seed=0, param_index=0)
+    with pytest.raises(ValueError, match=rf"step must be >= 1 .*got {step}"):
+        step_scalars(step=step, **kw)

@@ -133,6 +133,9 @@ def step_scalars(
     stochastically: the keys are two hashes in Python per tensor and step, a quarter of the C++
     path's host time per tensor.
     """
+    if step < 1:
+        # Step 0 would divide by zero in the bias corrections (1 - beta**0).
+        raise ValueError(f"step must be >= 1 (this step's number, already incremented: 1 at the first), got {step}")
     # Plain numbers for the cache key: a tensor lr (hashed by identity) could change in place.
     s = _shared_scalars(
         int(step), int(window), float(beta1), float(beta2), float(lr), float(weight_decay), float(release)
@@ -280,7 +283,8 @@ def microadam_step(
         position_offset: flat index of ``param``'s first element in the full tensor when it is a
             shard (FSDP2), so random bits are keyed by global positions.
         release: fraction of the residual error (what Top-K left) released each step as a dense
-            move; 0 is the paper's algorithm (see ``MicroAdam``).
+            move; 0, this function's default, is the paper's algorithm. ``MicroAdam``'s default
+            ``variant="release"`` passes ``release=0.5, release_scale=1.0``: pass them to match it.
         release_scale: RMS of the dense move per quantization block, in units of ``lr``.
     """
     if impl != "torch":

@@ -310,6 +310,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _to_cpu(obj: Any) -> Any:
+    """A copy of ``obj`` with its tensors on the CPU and its NumPy scalars as Python numbers (a scheduler's
+    lambda returning ``np.float32`` puts them in the lrs; the checkpoint must load with weights_only=True)."""
+    if isinstance(obj, numbers.Number) and type(obj) not in (bool, int, float, complex) and hasattr(obj, "item"):
+        return obj.item()
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):

@@ -9,7 +9,7 @@ import numbers
 import signal
 import threading
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from copy import deepcopy
 from functools import partial
@@ -747,6 +747,11 @@ class MicroAdam(Optimizer):
                 loss = closure()
 
         work = self._gradients()
+        # Parameters on the meta device (a shape-only dry run, e.g. to measure the state's size) hold no
+        # values to check or step: their state is created and counted, as torch's optimizers do on meta.
+        meta = [item for item in work if local_tensor(item[2]).is_meta]
+        if meta:
+            work = [item for item in work if not local_tensor(item[2]).is_meta]
         # The group's arguments, converted once per step (id(group) -> kwargs), and each (group, size)
         # layout looked up once: a model's hundreds of tensors share a few groups, and the host time
         # per tensor is what a step of many small tensors costs.
@@ -816,6 +821,13 @@ class MicroAdam(Optimizer):
         # between a tensor's write and its count (most of a step's time is the writes) would leave the
         # count behind the state, and the next step would write the same ring slot again.
         with _signals_held():
+            for _, group, p, _ in meta:
+                state = self.state[p]
+                if group.get("dense", False):
+                    self._dense_state(p, state)
+                elif "step" not in state:
+                    state = self._init_state(p, group)
+                state["step"] += 1
             # New states, dense fallbacks and the torch path, after the check (which the state of a
             # skipped step must not see created). Every many-tensor item is checked before any tensor
             # is written; a torch-path tensor checks its own arguments as it steps.
@@ -984,7 +996,7 @@ class MicroAdam(Optimizer):
                 new["density"] = density
             if window is not None:
                 new["window"] = window
-            _check_group(new)
+            _check_group(new, at_step=True)  # the group's lr may be where a scheduler put it
             plans.append((group, new))
         # Every tensor's new window is built before any is assigned: running out of memory half way
         # (a raised window is the state that grows) leaves the optimizer as it was.
@@ -1105,11 +1117,10 @@ class MicroAdam(Optimizer):
         for group in switched:
             group["dense"] = True
 
-    def _dense_step(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        """AdamW (decoupled weight decay, bias correction as torch.optim.AdamW) on fp32 moments."""
-        st = self.state[p]
-        offset = global_offset(p)
-        p, g = local_tensor(p), local_tensor(g)
+    @staticmethod
+    def _dense_state(param: torch.Tensor, st: dict[str, Any]) -> None:
+        """Create AdamW's fp32 moments (fp64 for a float64 parameter) in ``st`` if it has none."""
+        p = local_tensor(param)
         dt = torch.float64 if p.dtype == torch.float64 else torch.float32
         if "exp_avg" not in st:
             st.update(
@@ -1118,6 +1129,14 @@ class MicroAdam(Optimizer):
                 exp_avg=torch.zeros(p.shape, dtype=dt, device=p.device),
                 exp_avg_sq=torch.zeros(p.shape, dtype=dt, device=p.device),
             )
+
+    def _dense_step(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        """AdamW (decoupled weight decay, bias correction as torch.optim.AdamW) on fp32 moments."""
+        st = self.state[p]
+        offset = global_offset(p)
+        self._dense_state(p, st)
+        p, g = local_tensor(p), local_tensor(g)
+        dt = torch.float64 if p.dtype == torch.float64 else torch.float32
         if st["exp_avg"].shape != p.shape:
             # Same size, another shape (p.data = p.data.view(...); the size was checked before the step):
             # the moments follow, as MicroAdam's flat state does.
@@ -1159,10 +1178,26 @@ class MicroAdam(Optimizer):
         ``torch.distributed.checkpoint`` can reshard it; for a shard that does not
         hold whole blocks this gathers over the mesh, so every rank must call it.
         """
-        sd = super().state_dict()
+        # torch runs the post-hooks inside its state_dict, and what a hook returns is what the caller
+        # gets: this method's own changes are made before them, so a hook sees (and may replace) the
+        # final dict.
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         # An empty entry (left by reading optimizer.state[p] of a parameter never stepped: state is a
-        # defaultdict) is no state: it is not saved.
-        sd["state"] = {k: dict(v) for k, v in sd["state"].items() if v}
+        # defaultdict) is no state: it is not saved. A value that is no dict (a user's own entry under a
+        # key that is no parameter, which torch keeps) is saved as it is.
+        sd["state"] = {
+            k: dict(v) if isinstance(v, dict) else v
+            for k, v in sd["state"].items()
+            if not (isinstance(v, dict) and not v)
+        }
+        # NumPy scalars a scheduler's lambda put in the groups (np.float32 lr) would make the checkpoint
+        # refuse torch.load(weights_only=True); as Python numbers they are the same values.
+        sd["param_groups"] = [_plain_numbers(g) for g in sd["param_groups"]]
         params = [p for g in self.param_groups for p in g["params"]]
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         blob = None
@@ -1179,6 +1214,10 @@ class MicroAdam(Optimizer):
                     partial(self._layout_of, group=group),
                     blob=blob,
                 )
+        for hook in post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     @staticmethod
@@ -1219,7 +1258,21 @@ class MicroAdam(Optimizer):
                 "the loaded 'param_groups' must be a list of dicts, each with a 'params' list; the checkpoint is "
                 "corrupt or not an optimizer's"
             )
+        try:
+            listed = set(chain.from_iterable(sg["params"] for sg in state_dict["param_groups"]))
+        except TypeError as e:
+            raise ValueError(f"the loaded 'param_groups' list parameters by unhashable ids ({e}); the checkpoint is "
+                             "corrupt or not an optimizer's") from e  # fmt: skip
         for pid, saved in state_dict["state"].items():
+            if not _is_param_key(pid, listed):
+                if isinstance(saved, dict) and any(k in saved for k in (*STATE_KEYS, *DENSE_STATE_KEYS)):
+                    # Kept as a user's entry, a parameter's state under a wrong key would be lost unseen.
+                    raise ValueError(
+                        f"the loaded state holds a parameter's state under the key {pid!r}, which no group lists "
+                        "(state_dict() keys it by the parameter's index, as its groups list it): the checkpoint "
+                        "was changed"
+                    )
+                continue  # a user's own entry (torch keeps a key that is no parameter's as it is)
             if not isinstance(saved, dict):
                 raise ValueError(
                     f"the loaded state of parameter {pid!r} is a {type(saved).__name__}, not a dict of state tensors; "
@@ -1236,6 +1289,17 @@ class MicroAdam(Optimizer):
                 f"the loaded state has {len(saved_groups)} parameter groups but this optimizer has {len(groups)}"
             )
         for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if not any(key in sg for key in LAYOUT_KEYS):
+                # Another optimizer's groups (an AdamW state dict, e.g. a training script's optimizer
+                # swapped): loaded, it would set this one's hyperparameters to AdamW's (weight decay
+                # 0.01, the paper's algorithm for a group saved without release) without a word.
+                foreign = sorted(k for k in sg if k not in self.defaults and k not in ("params", "param_names"))
+                raise ValueError(
+                    f"parameter group {gi} of the loaded state has none of MicroAdam's settings {list(LAYOUT_KEYS)}"
+                    f"{f' and has {foreign}' if foreign else ''}: it was saved by another optimizer. Load it into "
+                    "that optimizer, or keep this MicroAdam's fresh state (its hyperparameters are those it was "
+                    "built with)"
+                )
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(
                     f"parameter group {gi}: the loaded state has {len(sg['params'])} parameters "
@@ -1264,12 +1328,17 @@ class MicroAdam(Optimizer):
                 merged.update(VARIANTS["paper"])
             if "param_names" in g and "param_names" not in sg:
                 merged["param_names"] = g["param_names"]
-            _check_group(merged)
+            # As a step checks them: values a scheduler set are saved as they were (LinearLR decaying to 0
+            # ends a hair below it), and a checkpoint taken then must load.
+            _check_group(merged, at_step=True)
             param_groups.append(merged)
         # State is checked against the hyperparameters it will run under (the saved ones).
         group_of = {id(p): g for g in param_groups for p in g["params"]}
         new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
         for pid, saved in state_dict["state"].items():
+            if not _is_param_key(pid, listed):
+                new_state[pid] = saved
+                continue
             if pid not in id_map:
                 raise ValueError(f"the loaded state has an entry for parameter {pid!r}, which no group lists")
             p = id_map[pid]
@@ -1337,6 +1406,13 @@ class MicroAdam(Optimizer):
         contiguous = torch.contiguous_format
         out.update({k: t.to(device=p.device, memory_format=contiguous, copy=True) for k, t in checked.items()})
         return out
+
+
+def _is_param_key(key: Any, listed: set[Any]) -> bool:
+    """Whether a state dict's ``state`` key stands for a parameter: one the saved groups list (an index,
+    as state_dict() saves it, or a name, as torch.distributed.checkpoint passes it), or an int (which,
+    listed by no group, is refused). Any other key is a user's own entry, which torch keeps as it is."""
+    return key in listed or (isinstance(key, numbers.Integral) and not isinstance(key, bool))
 
 
 def _whole_number(value: Any) -> int | None:
