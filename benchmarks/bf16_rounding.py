@@ -292,8 +292,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="MicroAdam variant (release: the default since 2026-11-30; the recorded run of 2026-11-28 was paper)",
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bf16_rounding.jsonl"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSONL to write (default: benchmarks/results/bf16_rounding.jsonl for --variant paper, "
+        "bf16_rounding_<variant>.jsonl for another: a rerun does not overwrite another variant's recorded rows)",
+    )
     args = parser.parse_args(argv)
+    if args.out is None:
+        suffix = "" if args.variant == "paper" else f"_{args.variant}"
+        args.out = Path(f"benchmarks/results/bf16_rounding{suffix}.jsonl")
 
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)

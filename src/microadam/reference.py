@@ -38,7 +38,8 @@ class ReferenceState:
 class ReferenceMicroAdam:
     """MicroAdam over a list of tensors, one hyperparameter set, no speed tricks.
 
-    Call :meth:`step` with the gradients; parameters are updated in place.
+    Call :meth:`step` with the gradients; parameters are updated in place. Its defaults are
+    ``MicroAdam``'s, so ``release=0.5``: pass ``release=0`` for the paper's algorithm.
     """
 
     def __init__(
