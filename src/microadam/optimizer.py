@@ -713,9 +713,13 @@ class MicroAdam(Optimizer):
         state.update(zero_state(lay, p.device))
         return state
 
-    def _gradients(self) -> list[tuple[int, dict[str, Any], torch.Tensor, torch.Tensor]]:
-        """(global index, group, param, grad) for every parameter with a gradient."""
+    def _gradients(
+        self,
+    ) -> tuple[list[tuple[int, dict[str, Any], torch.Tensor, torch.Tensor]], list[tuple[int, dict, Any, Any]]]:
+        """(global index, group, param, grad) for every parameter with a gradient: those with values, and
+        those on the meta device."""
         out = []
+        meta = []
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -731,9 +735,9 @@ class MicroAdam(Optimizer):
                             f"gradient of parameter {index} has {g.numel()} elements but the parameter has "
                             f"{p.numel()}; assign a gradient of the parameter's shape {tuple(p.shape)}"
                         )
-                    out.append((index, group, p, g))
+                    (meta if g.is_meta else out).append((index, group, p, g))
                 index += 1
-        return out
+        return out, meta
 
     def _grads_in_range(self, grads: list[torch.Tensor]) -> bool:
         return grads_in_range(grads)
@@ -746,12 +750,9 @@ class MicroAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        work = self._gradients()
         # Parameters on the meta device (a shape-only dry run, e.g. to measure the state's size) hold no
         # values to check or step: their state is created and counted, as torch's optimizers do on meta.
-        meta = [item for item in work if local_tensor(item[2]).is_meta]
-        if meta:
-            work = [item for item in work if not local_tensor(item[2]).is_meta]
+        work, meta = self._gradients()
         # The group's arguments, converted once per step (id(group) -> kwargs), and each (group, size)
         # layout looked up once: a model's hundreds of tensors share a few groups, and the host time
         # per tensor is what a step of many small tensors costs.
