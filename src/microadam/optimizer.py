@@ -1262,8 +1262,10 @@ class MicroAdam(Optimizer):
         try:
             listed = set(chain.from_iterable(sg["params"] for sg in state_dict["param_groups"]))
         except TypeError as e:
-            raise ValueError(f"the loaded 'param_groups' list parameters by unhashable ids ({e}); the checkpoint is "
-                             "corrupt or not an optimizer's") from e  # fmt: skip
+            raise ValueError(
+                f"the loaded 'param_groups' list parameters by unhashable ids ({e}); the checkpoint is corrupt or "
+                "not an optimizer's"
+            ) from e
         for pid, saved in state_dict["state"].items():
             if not _is_param_key(pid, listed):
                 if isinstance(saved, dict) and any(k in saved for k in (*STATE_KEYS, *DENSE_STATE_KEYS)):
