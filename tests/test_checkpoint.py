@@ -292,3 +292,11 @@ def test_parameters_on_the_meta_device_get_their_state_and_are_counted():
     assert opts[0].state[model.weight]["step"] == 2
     assert opts[0].state[model.weight]["window_values"].is_meta
     assert state_bytes(opts[0]) == state_bytes(opts[1])
+
+
+def test_groups_listing_unhashable_ids_are_refused_as_corrupt():
+    model, opt = _stepped()
+    sd = opt.state_dict()
+    sd["param_groups"][0]["params"] = [[i] for i in sd["param_groups"][0]["params"]]
+    with pytest.raises(ValueError, match="unhashable ids .*corrupt"):
+        MicroAdam(model.parameters(), **KW).load_state_dict(sd)
