@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import subprocess
 import sys
 
 import pytest
@@ -872,3 +873,26 @@ def test_a_spawned_worker_imports_the_task_file(tmp_path, monkeypatch):
     module = sys.modules[get_task("mine.py:Blobs").__module__]
     loader = torch.utils.data.DataLoader(module.Points(), batch_size=4, num_workers=1, multiprocessing_context="spawn")
     assert [b[:, 0].tolist() for b in loader] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
+
+
+def test_a_second_compare_in_the_same_directory_is_refused_naming_the_first(tmp_path):
+    # Two compares writing one records.jsonl would run the same runs twice and interleave their rows.
+    data = copy.deepcopy(DIGITS_PLAN)
+    data["stages"] = data["stages"][:1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242 on elsewhere'); f.flush(); print('held', flush=True); "
+         "time.sleep(60)", str(tmp_path / ".lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PlanError, match=r"another microadam compare \(pid 4242 on elsewhere\) is writing to"):
+            runner.run_plan(parse_plan(data), tmp_path, log=lambda _: None)
+        assert not (tmp_path / "records.jsonl").exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # The lock went with its process: the compare runs now.
+    records = runner.run_plan(parse_plan(data), tmp_path, log=lambda _: None)
+    assert {r["optimizer"] for r in records if r.get("kind") == "run"} == {"adamw", "microadam"}

@@ -7,12 +7,15 @@ interrupted ``compare`` re-reads its records and runs only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
+import os
+import socket
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -232,12 +235,43 @@ def run_plan(
     The records file may also hold runs of earlier versions of the plan (other seeds, settings):
     they are kept, but only runs under this plan's run keys are reused and judged.
     """
-    from microadam.bench.verdict import judge_stage
-
     if out_dir.exists() and not out_dir.is_dir():
         raise PlanError(f"--out {str(out_dir)!r} is a file, not a directory; give a new or existing directory")
     records_path = out_dir / "records.jsonl"
-    records = read_records(records_path)
+    _check_header(read_records(records_path), plan, records_path)
+    # Everything that can stop the run is checked before anything is written.
+    device = resolve_device(plan.device)
+    task = get_task(plan.task, **plan.task_options)
+    try:
+        task.check()
+    except MissingDependency as e:
+        raise MissingDependency(f"task {plan.task!r} cannot run here: {e}") from e
+    with contextlib.ExitStack() as stack:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_exclusive(out_dir))
+            # Read again under the lock: another compare may have written since.
+            records = read_records(records_path)
+            header = _check_header(records, plan, records_path)
+            if header is None:
+                # The plan, with its acceptance bar, is written before any run starts.
+                header = {
+                    "kind": "plan",
+                    "plan": plan.to_dict(),
+                    "fingerprint": plan.fingerprint(),
+                    "date": time.ctime(),
+                }
+                _append(records_path, header)
+                records.append(header)
+        except OSError as e:
+            raise PlanError(
+                f"--out {str(out_dir)!r} cannot be created or written ({e.strerror or e}); give a writable directory"
+            ) from e
+        return _run_stages(plan, device, records, records_path, on_stage_done, log)
+
+
+def _check_header(records: list[dict[str, Any]], plan: Plan, records_path: Path) -> dict[str, Any] | None:
+    """The records' plan header (None if there is none yet); PlanError if it fixed another bar or baseline."""
     header = next((r for r in records if r.get("kind") == "plan"), None)
     if header is not None and (
         header["plan"]["criteria"] != plan.to_dict()["criteria"] or header["plan"]["baseline"] != plan.baseline
@@ -246,24 +280,51 @@ def run_plan(
             f"{records_path} was started with another acceptance bar or baseline ({header['plan']['criteria']}, "
             f"baseline {header['plan']['baseline']!r}); the bar is fixed before the run. Use a new --out directory"
         )
-    # Everything that can stop the run is checked before anything is written.
-    device = resolve_device(plan.device)
-    task = get_task(plan.task, **plan.task_options)
+    return header
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir``'s lock (``out_dir/.lock``, an advisory ``flock``) while a compare writes there.
+
+    Two compares in one directory would run the same runs twice and interleave their rows: the second
+    is refused, naming the first. The lock goes with the process, so a killed compare leaves none
+    behind. Where ``fcntl`` is missing (Windows) nothing is locked.
+    """
     try:
-        task.check()
-    except MissingDependency as e:
-        raise MissingDependency(f"task {plan.task!r} cannot run here: {e}") from e
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if header is None:
-            # The plan, with its acceptance bar, is written before any run starts.
-            header = {"kind": "plan", "plan": plan.to_dict(), "fingerprint": plan.fingerprint(), "date": time.ctime()}
-            _append(records_path, header)
-            records.append(header)
-    except OSError as e:
-        raise PlanError(
-            f"--out {str(out_dir)!r} cannot be created or written ({e.strerror or e}); give a writable directory"
-        ) from e
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(out_dir / ".lock", "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise PlanError(
+                f"another microadam compare ({holder}) is writing to {str(out_dir)!r}: two would run the same runs "
+                "twice. Wait for it to end (rerunning this command then resumes from its records), or give another "
+                "--out"
+            ) from e
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+
+
+def _run_stages(
+    plan: Plan,
+    device: torch.device,
+    records: list[dict[str, Any]],
+    records_path: Path,
+    on_stage_done: Callable[[Stage, list[dict[str, Any]]], None] | None,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The stages of :func:`run_plan`, in ``records_path``'s directory, which it holds."""
+    from microadam.bench.verdict import judge_stage
+
     # Only finished runs are reused: a run that failed or whose optimizer was not installed is
     # tried again, so installing the package or fixing the cause and rerunning is enough.
     done = {r["run_key"]: r for r in records if r.get("kind") == "run" and r.get("status") == "ok"}
