@@ -19,6 +19,13 @@ from microadam.ops import unpack_nibbles
 from microadam.optimizer import resolve_variant
 from microadam.reference import ReferenceMicroAdam
 
+# FSDP2 (public fully_shard, CPU/gloo) and the public torch.distributed.tensor come with torch 2.6; on an
+# older torch those tests are skipped saying so (the single-process core runs on torch >= 2.4).
+NEEDS_FSDP2 = pytest.mark.skipif(
+    torch.torch_version.TorchVersion(torch.__version__) < (2, 6),
+    reason=f"FSDP2 and DTensor on CPU need torch >= 2.6; this is torch {torch.__version__}",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:

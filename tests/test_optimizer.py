@@ -312,7 +312,8 @@ def test_range_check_over_mixed_dtypes_finds_one_bad_element(where, bad, monkeyp
     else:
         index = -1  # the last element: for the fp16 tensor, in its second chunk
     g = grads[where].view(-1)
-    g[index] = bad
+    # torch < 2.5? refuses a Python float beyond float16's range in setitem; a tensor cast gives inf.
+    g[index] = torch.tensor(bad, dtype=torch.float64).to(g.dtype) if g.dtype == torch.float16 else bad
     if bad == _BEYOND and grads[where].dtype == torch.bfloat16:
         assert g[index] == GRAD_LIMIT  # bfloat16 rounds it back to the limit, which is in range
         assert grads_in_range(grads)
@@ -348,7 +349,7 @@ def test_range_check_in_cpp_agrees_with_the_torch_norms():
         for pos in sorted({0, n - 1, n // 2, max(n // 2 - 1, 0), n // 3, min(65536 // 2, n - 1)}):
             for bad in (float("nan"), float("inf"), -2 * GRAD_LIMIT, 3e38):
                 grads = [g.clone() for g in base]
-                grads[i][pos] = bad
+                grads[i][pos] = torch.tensor(bad, dtype=torch.float64).to(grads[i].dtype)  # fp16: inf, any torch
                 assert not cpu.grads_in_range(grads, GRAD_LIMIT) and not torch_verdict(grads), (i, pos, bad)
                 assert not grads_in_range(grads), (i, pos, bad)
     for within in ([GRAD_LIMIT] * 1000, [GRAD_LIMIT, -GRAD_LIMIT]):  # the sum of absolute values passes the limit
@@ -782,3 +783,32 @@ def test_the_skip_flag_of_sharded_gradients_goes_where_the_backend_reduces(monke
         assert optmod._collective_device(torch.device("cpu")) == expected, backend
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
     assert optmod._collective_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+
+
+def test_dtensor_parameters_on_a_torch_before_2_6_are_refused_with_a_message(monkeypatch):
+    # FSDP2 on CPU and the public torch.distributed.tensor came with torch 2.6: an older one would fail
+    # deep in an import at the first step; the parameter is refused when the optimizer is built.
+    from microadam import sharding
+
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    fake = type("DTensor", (), {})()
+    with pytest.raises(RuntimeError, match=r"DTensor \(FSDP2\) parameters with torch >= 2.6; this is torch 2.5.1"):
+        sharding.shard_spec(fake)
+
+
+def test_the_mkl_sqrt_of_an_older_torch_is_found_under_its_lp64_name(monkeypatch):
+    # torch 2.4 bundles MKL 2022, which exports vmsSqrt but not vmsSqrt_64: the C++ path then missed MKL
+    # and could not match torch's sqrt (its tests were skipped or failed on torch 2.4.1).
+    import ctypes
+
+    from microadam.kernels import cpu
+
+    real = ctypes.CDLL(None)  # this process: it has some symbol to stand for MKL's address
+
+    class OldMkl:
+        vmsSqrt = real.free  # noqa: N815 (MKL's name)
+
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    monkeypatch.setattr(cpu.ctypes, "CDLL", lambda path: OldMkl())
+    monkeypatch.setattr(cpu.Path, "glob", lambda self, pattern: iter([self / "libtorch_cpu.so"]))
+    assert cpu._mkl_sqrt() == ctypes.cast(real.free, ctypes.c_void_p).value

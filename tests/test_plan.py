@@ -141,6 +141,8 @@ PEERS = [
 def test_state_matches_the_real_optimizer(key, module, make, settings, dtype):
     if module is not None:
         pytest.importorskip(module)
+    if key == "adafactor" and not hasattr(torch.optim, "Adafactor"):
+        pytest.skip("torch.optim.Adafactor is new in torch 2.5")
     torch.manual_seed(0)
     model = TinyLM().to(dtype)
     opt = make(model)

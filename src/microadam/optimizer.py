@@ -250,6 +250,8 @@ def grads_in_range(grads: list[torch.Tensor]) -> bool:
 # The multi-tensor norm on a GPU needs torch >= 2.6: before it, pytorch/pytorch#140066 (fixed by
 # #140103) dropped chunks after an empty tensor, so a NaN there could go unseen.
 _MULTI_TENSOR_NORM = torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)
+# torch.optim.Optimizer takes (name, tensor) pairs, and keeps the names in "param_names", from torch 2.6.
+_NAMED_PARAMS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)
 # Pieces of at most 2**30 elements for it: a tensor of more than 2**31 made the foreach kernels
 # index out of bounds (pytorch/pytorch#169930).
 _NORM_PIECE = 2**30
@@ -688,6 +690,9 @@ class MicroAdam(Optimizer):
             # A DTensor sharding MicroAdam cannot checkpoint (tensor parallelism's Shard(1), ...) is
             # refused here, not at the first state_dict() after hours of training.
             sharding.shard_spec(p)
+        if not _NAMED_PARAMS:
+            # torch < 2.6 takes tensors only: the names of (name, tensor) pairs are dropped.
+            params = [item[1] if isinstance(item, tuple) and len(item) == 2 else item for item in params]
         super().add_param_group({**param_group, "params": params})
 
     def __getstate__(self) -> dict[str, Any]:

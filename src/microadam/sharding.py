@@ -85,6 +85,12 @@ def shard_spec(p: torch.Tensor) -> ShardSpec | None:
     """The sharding of ``p``, or ``None`` for a plain tensor. Raises for layouts MicroAdam cannot step."""
     if type(p).__name__ != "DTensor":
         return None
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):
+        # The public torch.distributed.tensor and FSDP2 on CPU came with 2.6: older ones fail deep in.
+        raise RuntimeError(
+            f"MicroAdam steps DTensor (FSDP2) parameters with torch >= 2.6; this is torch {torch.__version__}. "
+            "Upgrade torch, or train without sharding the parameters (DDP works on torch >= 2.4)"
+        )
     from torch.distributed.tensor import Replicate, Shard
 
     dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]

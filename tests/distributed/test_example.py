@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.distributed
+from tests.common import NEEDS_FSDP2
+
+pytestmark = [pytest.mark.distributed, NEEDS_FSDP2]
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fsdp_train.py"
 SMALL = ["--d-model", "64", "--layers", "1", "--context", "32", "--batch", "4"]

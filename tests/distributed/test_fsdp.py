@@ -15,10 +15,11 @@ import torch
 import torch.distributed as dist
 
 from microadam import MicroAdam, state_bytes
+from tests.common import NEEDS_FSDP2
 
 from .launch import spawn
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, NEEDS_FSDP2]
 
 KW = dict(lr=3e-3, density=0.05, block_size=512, quant_block_size=64)
 STEPS = 12

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from microadam import MicroAdam
+from tests.common import NEEDS_FSDP2
 
 from .launch import spawn
 from .test_fsdp import KW, _batches, _model
 from .test_reshard import _build, _train
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, NEEDS_FSDP2]
 
 SAVE_AT = 5
 

@@ -16,6 +16,7 @@ import torch
 
 from microadam import MicroAdam
 from microadam.guard import Guard, GuardPolicy
+from tests.common import NEEDS_FSDP2
 
 from .launch import spawn
 
@@ -116,6 +117,7 @@ def _fsdp_resume_worker(rank: int, world: int, folder: str) -> None:
     torch.save({"step": guard.step_count, "opt_steps": steps}, f"{folder}/x{rank}.pt")
 
 
+@NEEDS_FSDP2
 def test_fsdp2_per_rank_guard_checkpoints_resume(tmp_path: Path) -> None:
     # The per-rank file holds DTensors and the sharded optimizer state; resume=True reads it with
     # torch.load(weights_only=True), which the state must pass (an empty bytes object does not).
@@ -157,6 +159,7 @@ def _error_ratio_worker(rank: int, world: int, folder: str) -> None:
         Path(folder, "densities.json").write_text(json.dumps(everyone))
 
 
+@NEEDS_FSDP2
 def test_error_feedback_checks_decide_alike_on_every_fsdp2_rank(tmp_path: Path) -> None:
     """error_feedback_norm() is the rank's shard's: the guard sums both norms' squares over the ranks, so
     every rank judges the whole model's ratio (one rank raised its density while the other did not,

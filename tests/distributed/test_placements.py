@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from microadam import MicroAdam
+from tests.common import NEEDS_FSDP2
 
 from .launch import spawn
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, NEEDS_FSDP2]
 
 
 def _worker(rank: int, world: int) -> None:

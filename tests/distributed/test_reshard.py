@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from microadam import MicroAdam, sharding
+from tests.common import NEEDS_FSDP2
 
 from .launch import spawn
 from .test_fsdp import KW, _batches, _model
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, NEEDS_FSDP2]
 
 SAVE_AT = 5
 

@@ -29,12 +29,13 @@ import torch
 pytest.importorskip("accelerate", reason="accelerate is in the 'integrations' extra")
 
 from microadam import MicroAdam  # noqa: E402
+from tests.common import NEEDS_FSDP2
 
 from ..distributed.launch import spawn  # noqa: E402
 from ..distributed.test_fsdp import KW, _batches, _model  # noqa: E402
 from ..distributed.test_reshard import _build, _shard, _train  # noqa: E402
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, NEEDS_FSDP2]
 
 SAVE_AT = 5
 

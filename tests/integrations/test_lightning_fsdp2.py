@@ -41,9 +41,11 @@ import torch
 
 pytest.importorskip("lightning")
 
+from tests.common import NEEDS_FSDP2
+
 from ..distributed.launch import free_port  # noqa: E402
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, NEEDS_FSDP2]
 
 STEPS = 5  # optimizer steps per epoch and rank; the window (4 slots) has wrapped by the checkpoint
 

@@ -30,8 +30,11 @@ class OptimizerSpec:
     module: str | None  # import that must succeed; None for torch's own
     install: str
     factory: Callable[..., torch.optim.Optimizer]
+    present: Callable[[], bool] | None = None  # a further check (a class of a torch newer than the minimum)
 
     def installed(self) -> bool:
+        if self.present is not None and not self.present():
+            return False
         return self.module is None or importlib.util.find_spec(self.module) is not None
 
 
@@ -134,7 +137,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         # The paper's algorithm exactly (no released error feedback): the default before issue 8.
         OptimizerSpec("microadam_paper", "MicroAdam (paper)", None, "pip install microadam", _microadam_paper),
         OptimizerSpec("adamw", "AdamW (torch, fused)", None, "pip install torch", _adamw),
-        OptimizerSpec("adafactor", "Adafactor (torch)", None, "pip install 'torch>=2.5'", _adafactor),
+        OptimizerSpec(
+            "adafactor",
+            "Adafactor (torch)",
+            None,
+            "pip install 'torch>=2.5'",
+            _adafactor,
+            present=lambda: hasattr(torch.optim, "Adafactor"),  # new in torch 2.5
+        ),
         OptimizerSpec(
             "adamw8bit", "AdamW8bit (bitsandbytes)", "bitsandbytes", "pip install bitsandbytes", _bnb_adamw8bit
         ),

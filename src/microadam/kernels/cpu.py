@@ -197,15 +197,21 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _mkl_sqrt() -> int | None:
-    """Address of MKL's ``vmsSqrt_64`` inside torch's own library, or None (a torch built without MKL)."""
+    """Address of MKL's ``vmsSqrt_64`` (or ``vmsSqrt``) inside torch's own library, or None (a torch
+    built without MKL)."""
     if not torch.backends.mkl.is_available():
         return None
     for path in sorted((Path(torch.__file__).resolve().parent / "lib").glob("libtorch_cpu.*")):
         try:
-            fn = ctypes.CDLL(str(path)).vmsSqrt_64  # already loaded by torch: the same handle
-        except (OSError, AttributeError):
+            lib = ctypes.CDLL(str(path))  # already loaded by torch: the same handle
+        except OSError:
             continue
-        return ctypes.cast(fn, ctypes.c_void_p).value
+        # The ILP64 vmsSqrt_64 of MKL 2023 and later; the MKL 2022 of torch 2.4 has only the LP64
+        # vmsSqrt, whose 32-bit count the C++ side keeps below 2**31 (it calls in pieces of 2**30).
+        for name in ("vmsSqrt_64", "vmsSqrt"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                return ctypes.cast(fn, ctypes.c_void_p).value
     return None
 
 

@@ -305,7 +305,12 @@ inline bool rsqrt_sqrt(float* x, int64_t n) {
 inline void torch_sqrt(float* x, int64_t n, int mode, VmlSqrt vml) {
   if (mode == SQRT_RSQRT && rsqrt_sqrt(x, n)) return;
   if (mode != SQRT_IEEE && vml != nullptr) {
-    vml(n, x, x, VML_MODE);
+    // Pieces of at most 2**30: an older MKL (torch 2.4's) has only the LP64 vmsSqrt, whose count is
+    // a 32-bit int that reads the low half of this 64-bit argument.
+    for (int64_t i = 0; i < n; i += (int64_t(1) << 30)) {
+      const int64_t m = n - i < (int64_t(1) << 30) ? n - i : (int64_t(1) << 30);
+      vml(m, x + i, x + i, VML_MODE);
+    }
   } else {
     for (int64_t i = 0; i < n; ++i) x[i] = std::sqrt(x[i]);
   }
