@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from microadam.optimizer import plain_number
+
 __all__ = ["Guard", "GuardPolicy", "GuardEvent", "save_atomic", "load_checkpoint"]
 
 ACTIONS = {"skip", "rollback", "lower_lr", "raise_density", "raise_window", "fallback_adamw", "raise", "none"}
@@ -312,8 +314,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def _to_cpu(obj: Any) -> Any:
     """A copy of ``obj`` with its tensors on the CPU and its NumPy scalars as Python numbers (a scheduler's
     lambda returning ``np.float32`` puts them in the lrs; the checkpoint must load with weights_only=True)."""
-    if isinstance(obj, numbers.Number) and type(obj) not in (bool, int, float, complex) and hasattr(obj, "item"):
-        return obj.item()
+    plain = plain_number(obj)
+    if plain is not obj:
+        return plain
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):

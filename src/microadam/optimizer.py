@@ -393,18 +393,20 @@ _SET_ERROR = (
 )
 
 
+def plain_number(v: Any) -> Any:
+    """``v`` as a Python number if it is a NumPy scalar (``np.float32(1e-3)``, ``np.int64(10)``: a scheduler's
+    lambda may return one, and ``torch.load(weights_only=True)`` refuses them); anything else as it is."""
+    if isinstance(v, numbers.Number) and type(v) not in (bool, int, float, complex) and hasattr(v, "item"):
+        return v.item()
+    return v
+
+
 def _plain_numbers(group: dict[str, Any]) -> dict[str, Any]:
-    """``group`` with NumPy scalars (``np.float32(1e-3)``, ``np.int64(10)``) as Python numbers, as torch's
-    optimizers accept them; tensors (a tensor lr) and everything else are kept as they are."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, numbers.Number) and type(v) not in (bool, int, float) and hasattr(v, "item"):
-            return v.item()
-        return v
-
-    out = {k: (v if k == "params" else plain(v)) for k, v in group.items()}
+    """``group`` with NumPy scalars as Python numbers, as torch's optimizers accept them; tensors (a tensor
+    lr) and everything else are kept as they are."""
+    out = {k: (v if k == "params" else plain_number(v)) for k, v in group.items()}
     if isinstance(out.get("betas"), (tuple, list)):
-        out["betas"] = tuple(plain(b) for b in out["betas"])
+        out["betas"] = tuple(plain_number(b) for b in out["betas"])
     return out
 
 
