@@ -147,13 +147,14 @@ class ReferenceMicroAdam:
         # 5. moments from the last min(t, m) slots; slot written `age` steps ago weighs beta^age.
         M = torch.zeros(lay.num_blocks * lay.block, dtype=cd)
         S = torch.zeros(lay.num_blocks * lay.block, dtype=cd)
+        # Within a slot the positions are distinct (Top-K picks each index of a block once), so one
+        # index_add_ per slot adds exactly what a loop over its entries would, in the same order of slots.
+        block_starts = torch.arange(lay.num_blocks).unsqueeze(1) * lay.block
         for age in range(min(t, self.m)):
             idx, val = st.window[(t - 1 - age) % self.m]
-            for b in range(lay.num_blocks):
-                for j in range(lay.k):
-                    pos = b * lay.block + int(idx[b, j])
-                    M[pos] += (self.b1**age) * val[b, j]
-                    S[pos] += (self.b2**age) * val[b, j] * val[b, j]
+            pos = (block_starts + idx).reshape(-1)
+            M.index_add_(0, pos, (self.b1**age) * val.reshape(-1))
+            S.index_add_(0, pos, (self.b2**age) * val.reshape(-1) * val.reshape(-1))
         M, S = M[:d], S[:d]
         c1 = (1 - self.b1) / (1 - self.b1**t)
         c2 = (1 - self.b2) / (1 - self.b2**t)
