@@ -70,6 +70,7 @@ def test_logistic_regression_on_digits_tracks_adamw():
     assert loss_m <= loss_a * 1.5 + 0.02, (loss_m, loss_a)
 
 
+@pytest.mark.slow  # a long run of the reference
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_error_feedback_stays_bounded(rounding):
     """||e_t|| / ||g_t|| settles: no growth between the middle and the end of a long run."""

@@ -824,6 +824,7 @@ print("compiled", len(variants))
 """
 
 
+@pytest.mark.slow  # half a minute of compiling on 2 cores
 def test_kernels_compile_for_a_gpu_without_one(tmp_path: Any) -> None:
     """The interpreter accepts code that the compiler rejects (types, shapes, constexpr rules):
     compile every constexpr branch for sm_90 (Triton ships ptxas, no GPU needed) and check the PTX
@@ -923,7 +924,8 @@ def test_bad_arguments_raise_value_errors() -> None:
 # The interpreter computes in numpy, which warns where a window value's square overflows to Inf (that
 # element's update is then 0, as the torch path's and AdamW's).
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.parametrize("variant", ["release", "paper"])
+# The default variant in the default suite, the paper's in CI's slow pass.
+@pytest.mark.parametrize("variant", ["release", pytest.param("paper", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("pattern", LIMIT_PATTERNS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gradients_up_to_the_limit_leave_state_finite_and_beyond_it_are_skipped(
