@@ -761,6 +761,18 @@ def test_a_task_of_the_users_file_runs_in_a_compare(tmp_path, monkeypatch):
     assert get_task("tasks/mine.py:Blobs", width=6).width == 6
 
 
+def test_a_metric_returned_as_a_tensor_gets_a_verdict(tmp_path, monkeypatch):
+    # The verdict of the compare that ran the seeds saw the tensors themselves (the records hold numbers)
+    # and failed in the seeds' standard deviation; a resumed compare worked.
+    monkeypatch.chdir(tmp_path)
+    source = _USER_TASK.replace(".float().mean().item()}", ".float().mean()}")
+    assert source != _USER_TASK
+    (tmp_path / "mine.py").write_text(source)
+    plan_file = _write_plan(tmp_path / "plan.toml", {**_USER_PLAN, "task": "mine.py:Blobs"})
+    assert main(["compare", str(plan_file), "--out", "out"]) == 0
+    assert "accuracy drop" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_an_evaluate_without_the_metric_says_what_it_returned(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.py").write_text(_USER_TASK.replace('return {"accuracy":', 'return {"acc":'))

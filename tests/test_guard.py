@@ -71,7 +71,7 @@ def test_injected_nan_gradients_are_skipped_and_the_run_matches_a_clean_one(tmp_
             next(model.parameters()).grad[0, 0] = float("nan")
         return loss
 
-    log = tmp_path / "events.jsonl"
+    log = tmp_path / "runs" / "events.jsonl"  # a folder not yet made: the guard makes it
     guarded, guard, opt = _train(300, GuardPolicy(log_path=str(log)), nan_at_100)
     assert torch.isfinite(torch.tensor(guarded))
     assert [e.event for e in guard.events] == ["nonfinite", "nonfinite"]

@@ -664,6 +664,9 @@ class Guard:
         # Every rank takes the same decisions on the same values: rank 0 writes the one log.
         if self.policy.log_path and (not self._distributed() or torch.distributed.get_rank() == 0):
             row = asdict(event) | {"time": time.time()}
+            # Its folder made here, as checkpoint_dir's is: a missing one must not stop training at the
+            # first event (a NaN that would only have been skipped).
+            Path(self.policy.log_path).parent.mkdir(parents=True, exist_ok=True)
             with open(self.policy.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -195,6 +196,18 @@ def test_guard_callback_judges_the_loss_trainer_logs(tmp_path, model, accumulati
         assert a == pytest.approx(b, rel=1e-4), (seen, logged)
     if model == "gpt2":
         assert all(3.5 < x < 5.0 for x in seen), "about log(100) = 4.6 per token, at any accumulation"
+
+
+def test_a_second_train_begin_replaces_the_loss_hook():
+    # A train() that raised skips on_train_end: the next train()'s hook must not join the old one.
+    model = torch.nn.Linear(3, 1)
+    opt = MicroAdam(model.parameters(), lr=1e-3)
+    cb = GuardCallback()
+    for _ in range(2):
+        cb.on_train_begin(None, SimpleNamespace(global_step=0), None, model=model, optimizer=opt)
+    assert len(model._forward_hooks) == 1
+    cb.on_train_end(None, None, None)
+    assert not model._forward_hooks
 
 
 def test_guard_callback_warns_when_the_model_returns_no_loss(tmp_path):

@@ -337,7 +337,7 @@ def write_reports(plan: Plan, records: list[dict[str, Any]], out_dir: Path) -> t
     for name, text in (("report.md", render_markdown(plan, records)), ("report.html", render_html(plan, records))):
         path = out_dir / name
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # the HTML says utf-8; the locale's encoding may lack "±"
         tmp.replace(path)
         paths.append(path)
     return paths[0], paths[1]

@@ -200,7 +200,9 @@ def run_one(
     sb = state_bytes(opt)
     row.update(
         status="ok",
-        metrics=metrics,
+        # As the records file holds it (tensors and NumPy scalars as numbers): the verdict of this run's
+        # compare must see what a resumed one reads back.
+        metrics=json.loads(json.dumps(metrics, default=_json_value)),
         loss_curve=_thin(losses),
         eval_curve=evals,
         final_train_loss=losses[-1][1] if losses else None,

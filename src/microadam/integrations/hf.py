@@ -83,6 +83,10 @@ class GuardCallback(TrainerCallback):
         self.guard = Guard(
             model, optimizer, self.policy, scheduler=kwargs.get("lr_scheduler"), start_step=state.global_step
         )
+        # A train() that raised never reached on_train_end: its hook would count every loss twice.
+        if self._hook is not None:
+            self._hook.remove()
+        self._losses.clear()
         self._hook = model.register_forward_hook(self._capture, with_kwargs=True)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
