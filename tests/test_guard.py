@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -209,6 +211,47 @@ def test_falling_behind_a_reference_curve_rolls_back_falls_back_then_asks_for_a_
     first = events[0]
     assert first["event"] == "behind_reference" and first["actions"] == ["rollback", "fallback_adamw"]
     assert first["result"]["fallback"] == "dense AdamW" and first["seen"]["reference_loss"] == 1e-6
+
+
+def _progress_run(guard_policy, steps, nan_at=(), start=None):
+    """A run whose weight counts its own updates (SGD, lr 1, gradient -1): the loss is a steep curve of
+    the steps the weights were trained for, f(w) = 10 exp(-w / 10), whatever rollbacks did."""
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    guard = Guard(model, opt, guard_policy)
+    for step in range(1, steps + 1):
+        model.w.grad = torch.tensor([-1.0])
+        loss = float("nan") if step in nan_at else 10 * math.exp(-model.w.item() / 10)
+        guard.step(loss)
+        opt.zero_grad()
+    return model, guard
+
+
+def test_after_a_rollback_the_reference_is_read_at_the_step_the_weights_were_trained_to(tmp_path):
+    # The reference is the run's own curve as the guard judges it at step s (the mean of the 5 losses
+    # before it, of weights trained for s-6 to s-2 steps), so a healthy run is exactly on it. One NaN at
+    # step 30 rolls back to step 20's snapshot: 10 steps undone.
+    curve = [10 * math.exp(-w / 10) for w in range(200)]
+    reference = [(s, statistics.fmean(curve[max(0, s - 6) : max(1, s - 1)])) for s in range(200)]
+    policy = GuardPolicy(reference_curve=reference, reference_margin=0.1, spike_window=5, snapshot_every=10,
+                         patience=1, max_rollbacks=2, checkpoint_dir=str(tmp_path))  # fmt: skip
+    model, guard = _progress_run(policy, 100, nan_at={30})
+    # Read at the running step, the reference ran 10 steps (e^1 = 2.7x) ahead of the restored weights:
+    # the healthy run was "behind", rolled back again and again until max_rollbacks stopped it.
+    assert [e.event for e in guard.events] == ["nonfinite"]
+    assert guard.events[0].result["rolled_back_to_step"] == 20
+    assert model.w.item() == 90 and guard.reference_lag == 10  # steps 31-100 taken on step 20's weights
+    # The lag travels with the snapshots: a resumed run reads the reference where this one does.
+    assert load_checkpoint(tmp_path / "guard-last.pt")["guard"]["reference_lag"] == 10
+    resumed = Guard(model, torch.optim.SGD(model.parameters(), lr=1.0), policy, resume=True)
+    assert resumed.reference_lag == 10
+    # The check still bites: a run that falls behind the curve at its own step is caught.
+    slow = GuardPolicy(reference_curve=[(s, 0.5 * loss) for s, loss in reference], spike_window=5, patience=1,
+                       on_behind_reference=("none",))  # fmt: skip
+    _, guard = _progress_run(slow, 20)
+    assert guard.events and guard.events[0].event == "behind_reference"
+    assert guard.events[0].seen["reference_step"] == guard.events[0].step
 
 
 def test_policy_validation():
@@ -468,6 +511,48 @@ def test_resume_from_guard_last_restores_the_step_and_continues_bit_for_bit(tmp_
         assert torch.equal(a, b)
 
 
+def test_a_resumed_run_gets_its_own_rollback_budget(tmp_path):
+    # Stopped by max_rollbacks: the checkpoint holds the rollbacks up to the limit.
+    model, _, _ = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    guard = Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path), max_rollbacks=2))
+    for _ in range(2):
+        guard._act("loss_spike", {}, ("rollback",))
+    with pytest.raises(RuntimeError, match="rolled back 3 times"):
+        guard._act("loss_spike", {}, ("rollback",))
+    assert load_checkpoint(tmp_path / "guard-last.pt")["guard"]["rollbacks"] == 2
+    # A person looked and resumes: the first rollback of the resumed run must not stop it.
+    resumed = Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path), max_rollbacks=2), resume=True)
+    assert resumed.rollbacks == 0 and resumed.rollbacks_before_resume == 2
+    resumed._act("loss_spike", {}, ("rollback",))
+    assert resumed.rollbacks == 1
+    again = Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path)), resume=True)
+    assert again.rollbacks_before_resume == 3  # the count of every earlier run
+
+
+def test_a_checkpoint_from_a_machine_with_more_gpus_restores_the_gpus_there_are(monkeypatch):
+    # No GPU here: the CUDA calls are stood in for, as on a process that sees one GPU of the saver's two.
+    model, _, _ = _task()
+    guard = Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    snap = guard._state()
+    snap["rng"]["cuda"] = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    restored = {}
+
+    def set_rng_state(state, device):
+        if device >= 1:
+            raise RuntimeError(f"CUDA error: invalid device ordinal {device}")
+        restored[device] = int(state[0])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state_all", lambda states: [set_rng_state(s, i) for i, s in enumerate(states)]
+    )
+    guard._restore(snap)
+    assert restored == {0: 1}
+
+
 def test_start_step_and_resume_arguments_are_checked(tmp_path):
     model, _, _ = _task()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -499,6 +584,45 @@ def test_checkpoint_on_disk_follows_rollbacks_and_compression_changes(tmp_path):
     assert ckpt["guard"]["lr_scale"] == 0.25 and ckpt["guard"]["rollbacks"] == 2
     guard._act("error_drift", {}, ("raise_density",))
     assert load_checkpoint(tmp_path / "guard-last.pt")["optimizer"]["param_groups"][0]["density"] == 0.2
+
+
+@pytest.mark.parametrize("actions", [("lower_lr",), ("raise_density",), ("fallback_adamw",)])
+def test_a_spike_policy_without_rollback_keeps_the_damaged_weights_off_disk(tmp_path, actions):
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **(KW | {"density": 0.05}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 / (1 + 0.1 * i))
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=5, checkpoint_dir=str(tmp_path)), scheduler=sched)
+    _loop(model, opt, sched, guard, x, y, 5)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(100.0)  # the step that the confirmed spike reports damaged the weights
+    damaged = {k: v.clone() for k, v in model.state_dict().items()}
+    lr = opt.param_groups[0]["lr"]
+    snap_lr = guard._snapshots[-1]["optimizer"]["param_groups"][0]["lr"]  # before step 5's scheduler step
+    guard._act("loss_spike", {}, actions)
+    ckpt = load_checkpoint(tmp_path / "guard-last.pt")
+    assert all(torch.equal(ckpt["model"][k], good[k]) for k in good)  # not the damaged weights
+    # The run goes on as its policy says: from the damaged weights, with the new settings.
+    assert all(torch.equal(model.state_dict()[k], damaged[k]) for k in damaged)
+    group = ckpt["optimizer"]["param_groups"][0]
+    if actions == ("lower_lr",):
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr / 2) and group["lr"] == pytest.approx(snap_lr / 2)
+        assert ckpt["guard"]["lr_scale"] == 0.5 and ckpt["scheduler"]["base_lrs"] == [KW["lr"] / 2]
+    elif actions == ("raise_density",):
+        assert opt.param_groups[0]["density"] == group["density"] == 0.1
+    else:
+        assert opt.param_groups[0]["dense"] and group["dense"]
+    # What is on disk resumes: the good weights under the new settings.
+    model2, _, _ = _task()
+    opt2 = MicroAdam(model2.parameters(), **(KW | {"density": 0.05}))
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda i: 1 / (1 + 0.1 * i))
+    Guard(model2, opt2, GuardPolicy(checkpoint_dir=str(tmp_path)), scheduler=sched2, resume=True)
+    assert all(torch.equal(model2.state_dict()[k], good[k]) for k in good)
+    assert opt2.param_groups[0]["lr"] == group["lr"]
+    assert {k: opt2.param_groups[0][k] for k in ("density", "dense")} == {
+        k: opt.param_groups[0][k] for k in ("density", "dense")
+    }
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no step is ever taken

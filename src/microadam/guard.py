@@ -90,7 +90,8 @@ class GuardPolicy:
             ``density_factor`` above ``max_error_ratio``, lowered below ``min_error_ratio``.
         reference_curve: ``[(step, loss), ...]`` of a baseline run (e.g. a ``microadam compare``
             record's ``loss_curve``); the mean of the last ``spike_window`` losses may exceed the
-            reference's by at most ``reference_margin`` (relative).
+            reference's by at most ``reference_margin`` (relative). The reference is read at the step
+            the weights were trained to: after a rollback, the running step less the steps it undid.
         on_nonfinite, on_spike, on_error_drift, on_behind_reference: the actions, in order.
         lr_factor: ``lower_lr`` multiplies every group's lr, and every lr the scheduler computes
             from, by it (see :class:`Guard`'s ``scheduler``).
@@ -437,7 +438,9 @@ class Guard:
             ``global_step``), so that ``reference_curve`` is read at the right step. Default 0.
         resume: ``True`` (this process's :meth:`checkpoint_path`) or a path to a guard checkpoint: first
             restore the model, optimizer, scheduler, RNG states and the guard's counters (step,
-            recent losses, rollbacks, lr scale) from it. Default ``False``: a new run.
+            recent losses, lr scale, the reference's lag) from it. Default ``False``: a new run. The
+            resumed run gets ``max_rollbacks`` of its own (``rollbacks`` starts at 0; the earlier runs'
+            count is ``rollbacks_before_resume``).
 
     A new guard writes its first snapshot to ``checkpoint_dir`` at once: to continue a run from
     that directory, pass ``resume``, or load ``guard-last.pt`` before constructing the guard.
@@ -473,7 +476,12 @@ class Guard:
         self.behind_run = 0
         self.spike_run = 0
         self.rollbacks = 0
+        self.rollbacks_before_resume = 0  # those of the runs this one resumed (resume=...)
         self.lr_scale = 1.0  # product of every lower_lr so far
+        # Steps that rollbacks undid: the weights were trained for step_count - reference_lag steps,
+        # and reference_curve is read there (at step_count, a healthy run rolled back on a steep curve
+        # looks behind and is rolled back again, one snapshot further each time).
+        self.reference_lag = 0
         self.events: list[GuardEvent] = []
         self._snapshots: deque[dict[str, Any]] = deque(maxlen=self.policy.keep_snapshots)
         self._rolled_back_since_snapshot = False
@@ -524,7 +532,9 @@ class Guard:
                 "step": self.step_count,
                 "losses": list(self.losses),
                 "rollbacks": self.rollbacks,
+                "rollbacks_before_resume": self.rollbacks_before_resume,
                 "lr_scale": self.lr_scale,
+                "reference_lag": self.reference_lag,
             },
         }
 
@@ -571,7 +581,10 @@ class Guard:
         rng = snap["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            # One state per GPU the saving process saw; a process that sees fewer (a resume on another
+            # machine, CUDA_VISIBLE_DEVICES) restores those it has (set_rng_state_all would index past them).
+            for i, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, i)
         random.setstate((random.getstate()[0], tuple(rng["python"]), rng.get("python_gauss_next")))
         if rng.get("numpy") is not None and "numpy" in sys.modules:
             _set_numpy_rng_state(rng["numpy"])
@@ -619,8 +632,11 @@ class Guard:
         saved = ckpt["guard"]
         self.step_count = int(saved["step"])
         self.losses = deque(saved["losses"], maxlen=self.policy.spike_window)
-        self.rollbacks = int(saved["rollbacks"])
+        # max_rollbacks is a budget per run: a run that max_rollbacks stopped is resumed after a person
+        # looked (the runbook), and with the count restored its first rollback would stop it again.
+        self.rollbacks_before_resume = int(saved["rollbacks"]) + int(saved.get("rollbacks_before_resume", 0))
         self.lr_scale = float(saved["lr_scale"])
+        self.reference_lag = int(saved.get("reference_lag", 0))  # absent from checkpoints written before it
 
     def rollback(self) -> int:
         """Restore the last good snapshot in place; return the step it was taken at."""
@@ -647,6 +663,11 @@ class Guard:
             _scale_lr(self.optimizer, self.scheduler, rescale)
         self.losses = deque(snap["guard"]["losses"], maxlen=self.policy.spike_window)
         self.spike_run = 0
+        # The restored weights were trained for the snapshot's steps less its own lag; the step being
+        # judged now (not taken) is the step_count-th, so the next one is trained_for + 1.
+        trained_for = snap["guard"]["step"] - snap["guard"].get("reference_lag", 0)
+        self.reference_lag = self.step_count - trained_for
+        self.behind_run = 0  # misses counted against the state rolled away from
         self._healthy_since_snapshot = 0  # the restored state earns a new snapshot only by healthy steps
         self.rollbacks += 1
         if self.rollbacks > self.policy.max_rollbacks:
@@ -701,8 +722,41 @@ class Guard:
         if self._CHANGES_STATE.intersection(actions) and self.spike_run == 0:
             # (While a spike awaits confirmation the weights are not known good: the file keeps the
             # last state that was; a rollback resets spike_run, so its restored state is written.)
-            self._write_checkpoint(self._state())
+            if event == "loss_spike" and "rollback" not in actions and self.policy.checkpoint_dir:
+                # A confirmed spike means damaged weights; a policy that goes on from them (lower_lr
+                # only) must not put them on disk, where the runbook resumes from.
+                self._write_checkpoint(self._last_good_with_current_settings())
+            else:
+                self._write_checkpoint(self._state())
         return ev
+
+    def _last_good_with_current_settings(self) -> dict[str, Any]:
+        """The last snapshot with the lr scale, density, window and fallbacks in force now: what a resume
+        should start from after an event that changed the settings but kept damaged weights."""
+        snap = self._snapshots[-1]
+        settings = [{k: g[k] for k in ("density", "window", "dense") if k in g} for g in self.optimizer.param_groups]
+        here = self._state()
+        try:
+            self._restore(snap)
+            rescale = self.lr_scale / snap["guard"]["lr_scale"]
+            if rescale != 1.0:
+                _scale_lr(self.optimizer, self.scheduler, rescale)
+            opt = self._microadam()
+            for i, (group, now) in enumerate(zip(opt.param_groups if opt else [], settings)):
+                if group.get("dense", False):
+                    continue
+                if now.get("dense", False):
+                    opt.fallback_to_adamw(groups=[i])
+                    continue
+                changes = {k: now[k] for k in ("density", "window") if k in now and now[k] != group[k]}
+                if changes:
+                    opt.reconfigure(**changes, groups=[i])
+            state = self._state()
+        finally:
+            self._restore(here)  # the run itself goes on from where it is, as its policy says
+        trained_for = snap["guard"]["step"] - snap["guard"].get("reference_lag", 0)
+        state["guard"] |= {"losses": list(snap["guard"]["losses"]), "reference_lag": self.step_count - trained_for}
+        return state
 
     def _microadam(self) -> Any:
         """The MicroAdam under ``self.optimizer``, through wrappers that keep it as ``.optimizer``
@@ -951,14 +1005,16 @@ class Guard:
                 self.spike_run = 0
                 return self._act("loss_spike", seen, p.on_spike)
         self.spike_run = 0
-        ref = self._reference_at(self.step_count)
+        ref_step = self.step_count - self.reference_lag
+        ref = self._reference_at(ref_step)
         if ref is not None and len(self.losses) >= p.spike_window:
             mean = statistics.fmean(self.losses)
             if mean > ref * (1 + p.reference_margin):
                 self.behind_run += 1
                 if self.behind_run >= p.patience:
                     self.behind_run = 0
-                    seen = {"mean_loss": mean, "reference_loss": ref, "margin": p.reference_margin}
+                    seen = {"mean_loss": mean, "reference_loss": ref, "reference_step": ref_step,
+                            "margin": p.reference_margin}  # fmt: skip
                     return self._act("behind_reference", seen, p.on_behind_reference)
             else:
                 self.behind_run = 0
