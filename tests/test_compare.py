@@ -316,6 +316,10 @@ def test_not_installed_optimizer_is_reported_with_install_command(tmp_path, monk
     records = runner.run_plan(parse_plan(data), tmp_path, log=lambda _: None)
     came = [r for r in records if r.get("optimizer") == "came"]
     assert came and all(r["status"] == "not_installed" and "pip install came-pytorch" in r["message"] for r in came)
+    # Never run, so neither judged nor failed: INVALID, saying what to install (it was "FAIL", exit 0).
+    verdict = final_verdict(parse_plan(data), records)
+    assert verdict["came"].startswith("INVALID at stage 'small': came did not run: not installed")
+    assert "pip install came-pytorch" in verdict["came"] and verdict["microadam"].startswith("PASS")
 
 
 @pytest.mark.parametrize(
@@ -700,6 +704,28 @@ def test_run_key_follows_the_contents_of_the_files_and_folders_the_task_options_
     assert key() == relabelled
     (model / "config.json").write_text('{"num_labels": 3}')
     assert key() != relabelled
+
+
+def test_an_output_folder_inside_a_folder_the_task_options_name_keeps_the_run_keys(tmp_path, monkeypatch, capsys):
+    """With --out inside a folder option (root = "."), every record written changed that folder's listing
+    and so every run key: the report said "not run" for the runs just made, and a resume reran them all."""
+    monkeypatch.chdir(tmp_path)
+    source = _USER_TASK.replace("def __init__(self, width: int = 8):", "def __init__(self, width: int = 8, root='.'):")
+    assert source != _USER_TASK
+    (tmp_path / "mine.py").write_text(source)
+    (tmp_path / "data.txt").write_text("the data")
+    plan = {**_USER_PLAN, "task": "mine.py:Blobs", "task_options": {"width": 6, "root": "."}}
+    plan_file = _write_plan(tmp_path / "plan.toml", plan)
+    assert main(["compare", str(plan_file), "--out", "out"]) == 0
+    assert "not run" not in (tmp_path / "out" / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["compare", str(plan_file), "--out", "out"]) == 0
+    assert capsys.readouterr().out.count("recorded earlier, not rerun") == 4
+    # The folder's own files still count: a changed data file is another run.
+    keys = {json.loads(x).get("run_key") for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()}
+    (tmp_path / "data.txt").write_text("other data")
+    parsed = load_plan(plan_file)
+    assert parsed.run_key(parsed.stages[0], "adamw", 0) not in keys
 
 
 _USER_TASK = """

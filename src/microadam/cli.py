@@ -10,7 +10,8 @@ import sys
 __all__ = ["main"]
 
 # Exit codes of `microadam compare`: 1 is --strict's "a candidate did not pass", 2 a usage error (as
-# argparse), and 3 a verdict that could not be reached (INVALID: the baseline's runs failed).
+# argparse), and 3 a verdict that could not be reached (INVALID: the baseline's runs failed, or a
+# candidate is not installed).
 EXIT_INVALID = 3
 
 
@@ -114,7 +115,7 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"records: {out / 'records.jsonl'}\nreport: {md}\nhtml report: {page}")
     verdict = final_verdict(plan, records)
     if any(v.startswith("INVALID") for v in verdict.values()):
-        # Nothing was compared (the baseline's runs failed): no verdict was reached, which a script
+        # Nothing was compared (the baseline's runs failed, a candidate is not installed): no verdict, which a script
         # must notice even without --strict; a FAIL is a verdict and exits 0.
         return EXIT_INVALID
     return 1 if args.strict and any(not v.startswith("PASS") for v in verdict.values()) else 0
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "MiniLM fine-tuned on tweet sentiment, MicroAdam and 8-bit AdamW against AdamW, 2 seeds, 2 stages.",
         epilog=f"Exit status: 0 when a verdict was reached (PASS or FAIL), 1 with --strict when a candidate did not "
         f"pass, 2 for a usage or plan error, {EXIT_INVALID} when a candidate's verdict is INVALID (the baseline's "
-        "runs failed, so nothing was compared).",
+        "runs failed, or the candidate is not installed: nothing was compared).",
     )
     cmp_.add_argument("plan", nargs="?", help="a plan TOML file (default: the built-in quick plan)")
     cmp_.add_argument("--out", help="output directory (default runs/<plan name>); rerun to resume")

@@ -23,7 +23,7 @@ import torch
 
 from microadam.bench.measure import ProgressBar, current_rss, environment, median, release_free_memory
 from microadam.bench.optimizers import NotInstalled, build_optimizer, get_spec
-from microadam.bench.spec import Plan, PlanError, Stage
+from microadam.bench.spec import OUTPUT_MARKER, Plan, PlanError, Stage
 from microadam.bench.tasks import MissingDependency, TaskSize, get_task
 from microadam.memory import state_bytes
 
@@ -251,6 +251,7 @@ def run_plan(
     with contextlib.ExitStack() as stack:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / OUTPUT_MARKER).touch()  # before any run key: see OUTPUT_MARKER
             stack.enter_context(_exclusive(out_dir))
             # Read again under the lock: another compare may have written since.
             records = read_records(records_path)

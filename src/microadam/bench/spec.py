@@ -156,17 +156,27 @@ def _file_digest(path: Path) -> str:
     return _DIGESTS[key]
 
 
+# In every compare output folder (``--out``), made before any run key is computed. A folder that holds
+# it is left out of a task option folder's contents: an ``--out`` inside, say, ``root = "."`` would
+# otherwise change the run keys with every record written (each run "not run" in the report, and a
+# resume rerunning everything).
+OUTPUT_MARKER = ".microadam-compare"
+
+
 def _path_digest(path: Path) -> str:
     """What a run depends on in the file or folder ``path`` (a task option's, :func:`_local_path`).
 
     A file (a data set): its bytes. A folder (a model): each file's name, size and modification
     time, not its bytes (gigabytes of weights), so a copy or a touch is a change too: a rerun, never
-    a stale reuse.
+    a stale reuse. Compare output folders inside it (``OUTPUT_MARKER``) are left out.
     """
     if path.is_file():
         return _file_digest(path)
+    outputs = {m.parent for m in path.rglob(OUTPUT_MARKER)}
     listing = sorted(
-        (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file()
+        (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in path.rglob("*")
+        if f.is_file() and not outputs.intersection(f.parents)
     )
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 

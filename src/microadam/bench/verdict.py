@@ -136,6 +136,18 @@ def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[st
                 "criteria": [],
             }
             continue
+        own = [r for r in rows if r.get("optimizer") == cand and r.get("stage", stage.name) == stage.name]
+        if own and all(r.get("status") == "not_installed" for r in own):
+            # The optimizer never ran: no comparison was made, so no FAIL (which would read as "tried,
+            # not good enough"); INVALID, and compare exits non-zero.
+            result[cand] = {
+                "passed": False,
+                "invalid": True,
+                "reason": f"{cand} did not run: {own[0].get('message', 'not installed')}; install it and rerun "
+                "(the runs already made are reused)",
+                "criteria": [],
+            }
+            continue
         if c["failures"]:
             # Means over the surviving seeds would hide the failure (an optimizer that crashes or
             # diverges on one seed in three is not adopted on the other two).
