@@ -67,6 +67,13 @@ BAD_PLANS = [
     (lambda p: p.update(task_options={"foo": 1}), ["'task_options.foo'", "hidden"]),
     (lambda p: p.update(task="charlm", task_options={"d_model": 10, "n_heads": 3}), ["'task_options'", "divisible"]),
     (lambda p: p.update(name="../../elsewhere"), ["'name'", "'../../elsewhere'"]),
+    # These three raised a traceback (an unhashable name; a date that JSON cannot write) or ran a 0-wide MLP.
+    (lambda p: p.update(optimizers={"v": {"optimizer": ["adamw"]}}), ["'optimizers.v.optimizer'", "['adamw']"]),
+    (
+        lambda p: p.update(task_options={"when": __import__("datetime").date(2026, 12, 1)}),
+        ["'task_options.when'", "2026", "in quotes"],
+    ),  # fmt: skip
+    (lambda p: p.update(task_options={"hidden": 0}), ["'task_options'", "hidden must be a positive integer"]),
 ]
 
 
@@ -306,6 +313,26 @@ def test_a_failing_candidate_stops_escalation(tmp_path):
     assert "state ratio" in final_verdict(parse_plan(data), records)["microadam"]
 
 
+def test_labels_name_the_variant_and_the_arguments_failed_runs_included(tmp_path, monkeypatch):
+    from microadam.bench import optimizers
+
+    data = copy.deepcopy(DIGITS_PLAN)
+    data["candidates"] = ["galore", "g16", "came"]
+    data["optimizers"] = {"g16": {"optimizer": "galore", "rank": 16}}
+    data["stages"] = data["stages"][:1]
+    plan = parse_plan(data)
+    assert runner.run_label(plan, "galore") == "GaLore AdamW (r=64)"
+    assert runner.run_label(plan, "g16") == "GaLore AdamW (r=16) [g16]"
+    # Runs that fail keep the variant's label (they were all "GaLore AdamW (r=64)").
+    monkeypatch.setattr(
+        optimizers.OptimizerSpec, "installed", lambda self: self.module not in ("galore_torch", "came_pytorch")
+    )
+    records = runner.run_plan(plan, tmp_path, log=lambda _: None)
+    labels = {r["optimizer"]: r["label"] for r in records if r.get("kind") == "run"}
+    assert labels == {"adamw": "AdamW (torch, fused)", "galore": "GaLore AdamW (r=64)",
+                      "g16": "GaLore AdamW (r=16) [g16]", "came": "CAME"}  # fmt: skip
+
+
 def test_not_installed_optimizer_is_reported_with_install_command(tmp_path, monkeypatch):
     from microadam.bench import optimizers
 
@@ -379,6 +406,46 @@ def test_lr_schedule_key_is_checked_and_kept_out_of_old_fingerprints():
 
 
 # ---------------------------------------------------------------- audit fixes (A1-A7)
+
+
+def test_the_report_names_every_machine_the_runs_came_from():
+    """A resumed compare ran the baseline on one machine and the candidate on another: the report named
+    only the first machine, and its time ratios read as measured on one."""
+    from microadam.bench.report import render_markdown
+
+    plan = parse_plan(DIGITS_PLAN)
+    here, there = {"cpu": "EPYC", "torch": "2.13.0"}, {"cpu": "Xeon", "torch": "2.13.0"}
+    rows = [_row("adamw", s, 0.8, 8000, 0.01) | {"env": here} for s in (0, 1)]
+    md = render_markdown(plan, rows + [_row("microadam", s, 0.8, 900, 0.01) | {"env": here} for s in (0, 1)])
+    assert "cpu EPYC, torch 2.13.0" in md and "different machines" not in md
+    md = render_markdown(plan, rows + [_row("microadam", s, 0.8, 900, 0.01) | {"env": there} for s in (0, 1)])
+    assert "**The runs come from 2 different machines or versions**" in md
+    assert "1. cpu EPYC, torch 2.13.0 (small adamw seed 0, small adamw seed 1)" in md
+    assert "2. cpu Xeon, torch 2.13.0 (small microadam seed 0, small microadam seed 1)" in md
+
+
+def test_without_proc_memory_is_the_current_rss_or_not_measured(tmp_path, monkeypatch):
+    """Without /proc the figure was ru_maxrss, the process's lifetime peak: every run after the biggest
+    one inherited its peak, and a peak memory criterion compared peaks of other runs."""
+    from microadam.bench import measure
+    from microadam.bench.measure import current_rss
+
+    psutil = pytest.importorskip("psutil")
+    monkeypatch.setattr(measure, "_STATM", str(tmp_path / "no-proc"))  # as on macOS or Windows
+    big = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB touched, then freed: the lifetime peak stays
+    del big
+    here = psutil.Process().memory_info().rss
+    assert abs(current_rss() - here) < 16 * 2**20
+    # With neither /proc nor psutil nothing is measured, and a peak memory bar cannot be judged.
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    assert current_rss() is None
+    data = copy.deepcopy(DIGITS_PLAN) | {"criteria": {"max_peak_memory_ratio": 1.5}}
+    data["stages"] = data["stages"][:1]
+    records = runner.run_plan(parse_plan(data), tmp_path, log=lambda _: None)
+    runs = [r for r in records if r.get("kind") == "run"]
+    assert runs and all(r["status"] == "ok" and r["peak_memory_bytes"] is None for r in runs)
+    verdict = final_verdict(parse_plan(data), records)["microadam"]
+    assert verdict.startswith("INVALID") and "peak memory was not measured" in verdict and "psutil" in verdict
 
 
 def test_report_and_verdict_read_only_the_current_plans_runs():
@@ -633,6 +700,8 @@ def test_a_drop_exactly_on_the_bar_passes(eval_examples, bar):
                 _row("microadam", 0, (right - 1) / eval_examples, 900, 0.01)]  # fmt: skip
         check = judge_stage(plan, stage, rows)["microadam"]["criteria"][0]
         assert check["passed"], (right, check["detail"])
+        # Printed as the bar it is, not as 0.5000000000000004 <= 0.5.
+        assert check["detail"] == f"accuracy drop {bar:g} pts <= {bar:g} pts (on the bar)", (right, check["detail"])
         worse = [rows[0], _row("microadam", 0, (right - 2) / eval_examples, 900, 0.01)]
         if right >= 2:
             assert not judge_stage(plan, stage, worse)["microadam"]["criteria"][0]["passed"], right

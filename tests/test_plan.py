@@ -130,6 +130,10 @@ PEERS = [
     ("adamw4bit-torchao", "torchao", lambda m: _torchao("AdamW4bit")(m.parameters()), {}, torch.float32),
     ("galore", "galore_torch", lambda m: _galore(m.parameters(), rank=8), dict(galore_rank=8), torch.float32),
     ("adam-mini", "adam_mini", _adam_mini, {}, torch.float32),
+    # These three keep their state in the gradients' (the weights') dtype: with bf16 weights it halves.
+    ("adafactor", None, lambda m: torch.optim.Adafactor(m.parameters(), lr=1e-3), {}, torch.bfloat16),
+    ("galore", "galore_torch", lambda m: _galore(m.parameters(), rank=8), dict(galore_rank=8), torch.bfloat16),
+    ("adam-mini", "adam_mini", _adam_mini, {}, torch.bfloat16),
 ]
 
 

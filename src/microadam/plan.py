@@ -870,10 +870,11 @@ class PlanSettings:
         return DTYPE_BYTES[self.grad_dtype or self.param_dtype]
 
 
-# Each state function gives the bytes of optimizer state of one tensor; all state
-# is fp32 unless named otherwise, as these optimizers keep it for fp32 parameters
-# (torch's AdamW, Adafactor, GaLore, Adam-mini and Lion keep it in the parameter's
-# dtype, so with bf16 parameters theirs halves: that is the "AdamW, bf16 state" row).
+# Each state function gives the bytes of optimizer state of one tensor. torch's AdamW keeps
+# its state in the parameter's dtype: the two AdamW rows name theirs (fp32, as with fp32
+# master weights, and bf16). Adafactor, GaLore and Adam-mini follow the gradients' or the
+# weights' dtype (measured: with bf16 weights their state halves); bitsandbytes keeps its
+# 32-bit state in fp32 whatever the weights are.
 
 
 def _adamw(t: TensorSpec, s: PlanSettings) -> int:
@@ -926,21 +927,23 @@ def _torchao4(t: TensorSpec, s: PlanSettings) -> int:
 # factor and a column factor over the last two dims; a full second moment otherwise. A
 # 0-d fp32 step tensor per parameter.
 def _adafactor(t: TensorSpec, s: PlanSettings) -> int:
+    g = s.grad_bytes  # row_var/col_var/variance are made from the gradient (new_zeros, zeros_like)
     if len(t.shape) >= 2:
         lead = math.prod(t.shape[:-2])
-        return 4 * lead * (t.shape[-2] + t.shape[-1]) + 4
-    return 4 * t.numel + 4
+        return g * lead * (t.shape[-2] + t.shape[-1]) + 4
+    return g * t.numel + 4
 
 
 # galore-torch GaLoreAdamW, every 2-D tensor in the GaLore group (proj_type "std"): an
 # (r, min side) orthogonal projector and m, v of (max side, r), with r capped by the
 # smaller side; other tensors dense Adam (m, v). The step is a Python int.
 def _galore(t: TensorSpec, s: PlanSettings) -> int:
+    g = s.grad_bytes  # the projector is cast back to the gradient's dtype; m and v are the projected gradient's
     if len(t.shape) == 2:
         small, large = sorted(t.shape)
         r = min(s.galore_rank, small)
-        return 4 * (r * small + 2 * r * large)
-    return 2 * 4 * t.numel
+        return g * (r * small + 2 * r * large)
+    return 2 * g * t.numel
 
 
 # Adam-mini 1.1.1: one m per parameter; v is one per bias element, one per output row
@@ -954,7 +957,7 @@ def _adam_mini(t: TensorSpec, s: PlanSettings) -> int:
         v = t.shape[0]
     else:
         v = 1
-    return 4 * (t.numel + v)
+    return s.param_bytes * (t.numel + v)  # m is zeros_like(p), v zeros_like a slice of m
 
 
 # Lion: one momentum (bitsandbytes' Lion at 32 bits; lion-pytorch the same in the

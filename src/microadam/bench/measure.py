@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -17,15 +16,23 @@ import torch
 __all__ = ["current_rss", "environment", "median", "ProgressBar", "release_free_memory"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_STATM = "/proc/self/statm"  # Linux only
 
 
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (Linux /proc; else the peak so far)."""
+def current_rss() -> int | None:
+    """Resident set size of this process now, in bytes: Linux's /proc, else psutil's; None if neither is
+    there. Never the process's lifetime peak (``ru_maxrss``): every run of a compare after the first
+    would inherit the largest earlier run's peak."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(_STATM) as f:
             return int(f.read().split()[1]) * _PAGE
-    except OSError:  # pragma: no cover - non-Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
 
 
 def release_free_memory() -> None:

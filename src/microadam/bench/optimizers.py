@@ -31,6 +31,11 @@ class OptimizerSpec:
     install: str
     factory: Callable[..., torch.optim.Optimizer]
     present: Callable[[], bool] | None = None  # a further check (a class of a torch newer than the minimum)
+    detail: Callable[[dict[str, Any]], str] | None = None  # what the label says of the arguments (GaLore's rank)
+
+    def label_for(self, overrides: dict[str, Any]) -> str:
+        """The label of a run with these constructor arguments (``[optimizers.NAME]``'s)."""
+        return self.label if self.detail is None else f"{self.label} ({self.detail(overrides)})"
 
     def installed(self) -> bool:
         if self.present is not None and not self.present():
@@ -90,10 +95,13 @@ def _torchao(cls_name: str) -> Callable[..., torch.optim.Optimizer]:
     return make
 
 
+GALORE_RANK = 64  # GaLore's own example setting for models of this size
+
+
 def _galore(model: torch.nn.Module, lr: float, **kw: Any) -> torch.optim.Optimizer:
     from galore_torch import GaLoreAdamW
 
-    rank = kw.pop("rank", 64)
+    rank = kw.pop("rank", GALORE_RANK)
     update_proj_gap = kw.pop("update_proj_gap", 200)
     scale = kw.pop("scale", 0.25)
     low_rank = [p for p in _params(model) if p.dim() == 2 and min(p.shape) > rank]
@@ -154,7 +162,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "torchao_adamw4bit", "AdamW4bit (torchao)", "torchao", "pip install torchao", _torchao("AdamW4bit")
         ),
-        OptimizerSpec("galore", "GaLore AdamW (r=64)", "galore_torch", "pip install galore-torch", _galore),
+        OptimizerSpec(
+            "galore",
+            "GaLore AdamW",
+            "galore_torch",
+            "pip install galore-torch",
+            _galore,
+            detail=lambda kw: f"r={kw.get('rank', GALORE_RANK)}",
+        ),
         OptimizerSpec("adam_mini", "Adam-mini", "adam_mini", "pip install adam-mini", _adam_mini),
         OptimizerSpec("came", "CAME", "came_pytorch", "pip install came-pytorch", _came),
         OptimizerSpec("lion", "Lion", "lion_pytorch", "pip install lion-pytorch", _lion),

@@ -121,7 +121,18 @@ def render_markdown(plan: Plan, records: list[dict[str, Any]]) -> str:
     """The report as Markdown, from the records of this plan's runs only (see ``select_runs``)."""
     c = plan.criteria
     selected = select_runs(plan, records)
-    env = next((r["env"] for rows in selected.values() for r in rows if "env" in r), {})
+    # Every distinct machine and set of versions the judged runs came from, with the runs of each: a
+    # resumed compare may have run its stages on different machines, and its time and memory ratios
+    # then compare across them.
+    envs: list[tuple[dict[str, Any], list[str]]] = []
+    for stage_name, rows in selected.items():
+        for r in rows:
+            if "env" not in r:
+                continue
+            runs = next((names for e, names in envs if e == r["env"]), None)
+            if runs is None:
+                envs.append((r["env"], runs := []))
+            runs.append(f"{stage_name} {r['optimizer']} seed {r['seed']}")
     # The output folder's first plan fixed the bar (the runner refuses another bar there); a later
     # edit of the plan (other seeds, stages) keeps that date but has a fingerprint of its own.
     header = next((r for r in records if r.get("kind") == "plan"), {})
@@ -148,12 +159,21 @@ def render_markdown(plan: Plan, records: list[dict[str, Any]]) -> str:
         lines.append(f"- **{cand}**: {_line(v)}")
     lines += ["", "## Stages", ""]
     lines += _stage_tables(plan, selected)
-    if env:
+    if envs:
+        lines += ["## Machine", ""]
+        if len(envs) == 1:
+            lines += [", ".join(f"{k} {v}" for k, v in envs[0][0].items()), ""]
+        else:
+            lines += [
+                f"**The runs come from {len(envs)} different machines or versions**: step time and peak memory "
+                "ratios compare runs of different machines where a stage mixes them. Rerun on one machine "
+                "(a new --out) for ratios that count.",
+                "",
+            ]
+            for i, (env, runs) in enumerate(envs):
+                lines += [f"{i + 1}. " + ", ".join(f"{k} {v}" for k, v in env.items()) + f" ({', '.join(runs)})"]
+            lines.append("")
         lines += [
-            "## Machine",
-            "",
-            ", ".join(f"{k} {v}" for k, v in env.items()),
-            "",
             "Peak memory is the process's resident set size sampled after each backward pass and optimizer "
             "step (CPU), or CUDA's max allocated bytes (GPU). Step time is the median over steps after the "
             "first two of forward + backward + optimizer step.",

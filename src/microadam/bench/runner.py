@@ -119,6 +119,14 @@ def make_schedule(opt: torch.optim.Optimizer, kind: str, steps: int) -> torch.op
     raise ValueError(f"Invalid lr_schedule: {kind!r}; use 'constant', 'linear' or 'cosine'")
 
 
+def run_label(plan: Plan, optimizer: str) -> str:
+    """How the report names ``optimizer``'s runs, a failed one's too: the library's optimizer with the
+    arguments its label shows, and the variant's name where the plan names a variant."""
+    base = plan.base_optimizer(optimizer)
+    label = get_spec(base).label_for(plan.overrides(optimizer))
+    return label if base == optimizer else f"{label} [{optimizer}]"
+
+
 def run_one(
     plan: Plan, stage: Stage, optimizer: str, seed: int, device: torch.device, progress: ProgressBar | None = None
 ) -> dict[str, Any]:
@@ -139,7 +147,7 @@ def run_one(
         "stage": stage.name,
         "optimizer": optimizer,
         "base_optimizer": base,
-        "label": get_spec(base).label + ("" if base == optimizer else f" [{optimizer}]"),
+        "label": run_label(plan, optimizer),
         "seed": seed,
         "lr": lr,
         "lr_schedule": plan.lr_schedule,
@@ -151,7 +159,7 @@ def run_one(
     }
     gc.collect()
     release_free_memory()
-    rss_before = current_rss()
+    rss_before = current_rss()  # None where it cannot be read (no /proc, no psutil): not measured
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     size = TaskSize(stage.steps, stage.batch_size, stage.train_examples, stage.eval_examples, stage.eval_every)
@@ -160,6 +168,11 @@ def run_one(
     opt = build_optimizer(base, model, lr, **overrides)
     sched = make_schedule(opt, plan.lr_schedule, stage.steps)
     peak = current_rss()
+
+    def sample(peak: int | None) -> int | None:
+        now = current_rss()
+        return None if peak is None or now is None else max(peak, now)
+
     losses: list[tuple[int, float]] = []
     evals: list[tuple[int, float]] = []
     step_times: list[float] = []
@@ -172,7 +185,7 @@ def run_one(
         opt.zero_grad(set_to_none=True)
         loss = work.loss(model, batch)
         loss.backward()
-        peak = max(peak, current_rss())
+        peak = sample(peak)
         _sync(device)
         t1 = time.perf_counter()
         opt.step()
@@ -180,7 +193,7 @@ def run_one(
         t2 = time.perf_counter()
         if sched is not None:
             sched.step()
-        peak = max(peak, current_rss())
+        peak = sample(peak)
         value = loss.item()
         losses.append((step, value))
         if step > WARMUP_STEPS or stage.steps <= WARMUP_STEPS:
@@ -353,7 +366,14 @@ def _run_stages(
             if key in last_try:
                 log(f"{label}: tried again (last time {last_try[key]['status']}: {last_try[key].get('message', '')})")
             spec = get_spec(plan.base_optimizer(opt_name))
-            failed = dict(kind="run", run_key=key, stage=stage.name, optimizer=opt_name, seed=seed, label=spec.label)
+            failed = dict(
+                kind="run",
+                run_key=key,
+                stage=stage.name,
+                optimizer=opt_name,
+                seed=seed,
+                label=run_label(plan, opt_name),
+            )
             if not spec.installed():
                 row = {**failed, "status": "not_installed", "message": f"not installed: {spec.install}"}
                 log(f"{label}: {spec.label} is not installed ({spec.install})")

@@ -224,6 +224,22 @@ def _expect(value: Any, types: type | tuple[type, ...], path: str, what: str) ->
     return value
 
 
+def _plain_values(value: Any, path: str) -> None:
+    """Every value of the plan is a string, number, boolean, list or table: the plan is written to the
+    records as JSON, and its run keys are hashes of JSON (a TOML date raised a traceback there)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _plain_values(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _plain_values(v, f"{path}[{i}]")
+    elif not isinstance(value, (str, int, float, bool)):
+        raise PlanError(
+            f"{_where(path)}: expected a string, number, boolean, list or table, got {type(value).__name__} "
+            f"{value!r}; write a date or time as a string (in quotes)"
+        )
+
+
 def _positive_int(value: Any, path: str, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -245,6 +261,7 @@ def parse_plan(data: dict[str, Any]) -> Plan:
     from microadam.bench.tasks import TASKS
 
     _expect(data, dict, "<root>", "a table")
+    _plain_values(data, "")
     _unknown(data, _TOP, "")
     for key in ("task", "baseline", "candidates", "stages"):
         if key not in data:
@@ -258,7 +275,7 @@ def parse_plan(data: dict[str, Any]) -> Plan:
     optimizers = _expect(data.get("optimizers", {}), dict, "optimizers", "a table of per-optimizer tables")
     for name, table in optimizers.items():
         _expect(table, dict, f"optimizers.{name}", "a table of keyword arguments (lr = ..., ...)")
-        base = table.get("optimizer", name)
+        base = _expect(table.get("optimizer", name), str, f"optimizers.{name}.optimizer", "an optimizer name")
         if name not in OPTIMIZERS and "optimizer" not in table:
             raise PlanError(
                 f"{_where('optimizers.' + name)}: unknown optimizer; expected one of {', '.join(OPTIMIZERS)}, "

@@ -101,8 +101,12 @@ def _digits(value: float, limit: float) -> str:
 def _check(name: str, value: float, limit: float | None, unit: str, what: str) -> dict[str, Any]:
     if limit is None:
         return {"name": name, "value": value, "limit": None, "passed": True, "detail": f"{what}: not checked"}
-    passed = math.isfinite(value) and value <= limit + _ON_THE_BAR * max(1.0, abs(limit))
-    if passed:
+    tolerance = _ON_THE_BAR * max(1.0, abs(limit))
+    passed = math.isfinite(value) and value <= limit + tolerance
+    if passed and abs(value - limit) <= tolerance:
+        # Float error, not a difference: 0.5000000000000004 is printed as what it is, the bar.
+        detail = f"{what} {limit:g}{unit} <= {limit:g}{unit} (on the bar)"
+    elif passed:
         detail = f"{what} {_digits(value, limit)}{unit} <= {limit:g}{unit}"
     elif math.isfinite(value):
         detail = f"{what} {_digits(value, limit)}{unit} > {limit:g}{unit}: failed by {value - limit:.3g}{unit}"
@@ -154,6 +158,17 @@ def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[st
             result[cand] = {"passed": False, "reason": "; ".join(c["failures"]), "criteria": []}
             continue
         crit = plan.criteria
+        unmeasured = [n for n, s in ((plan.baseline, base), (cand, c)) if not math.isfinite(s["peak_memory_bytes"])]
+        if crit.max_peak_memory_ratio is not None and unmeasured:
+            result[cand] = {
+                "passed": False,
+                "invalid": True,
+                "reason": f"peak memory was not measured for {' and '.join(unmeasured)} (this machine has no "
+                "/proc/self/statm and psutil is not installed), so max_peak_memory_ratio cannot be judged: "
+                "pip install psutil and rerun in a new --out, or drop the criterion",
+                "criteria": [],
+            }
+            continue
         if c["higher_is_better"]:
             drop = 100 * (base["metric_mean"] - c["metric_mean"])
             metric_check = _check("metric_drop", drop, crit.max_metric_drop, " pts", f"{c['metric']} drop")

@@ -17,6 +17,8 @@ class DigitsTask(Task):
     default_lr = {"microadam": 3e-3, "adamw": 1e-3, "lion": 1e-4, "*": 1e-3}
 
     def __init__(self, hidden: int = 256) -> None:
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive integer (the MLP's width), got {hidden!r}")
         self.hidden = hidden
 
     def check(self) -> None:
