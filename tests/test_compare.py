@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from microadam.bench import runner
-from microadam.bench.spec import QUICK_PLAN, PlanError, load_plan, parse_plan
+from microadam.bench.spec import OUTPUT_FILES, QUICK_PLAN, PlanError, load_plan, parse_plan
 from microadam.bench.tasks import MissingDependency, get_task
 from microadam.bench.verdict import final_verdict, judge_stage
 from microadam.cli import main
@@ -795,6 +795,17 @@ def test_an_output_folder_inside_a_folder_the_task_options_name_keeps_the_run_ke
     (tmp_path / "data.txt").write_text("other data")
     parsed = load_plan(plan_file)
     assert parsed.run_key(parsed.stages[0], "adamw", 0) not in keys
+    # Every file compare wrote is one the keys leave out (a new output file must join OUTPUT_FILES).
+    assert {f.name for f in (tmp_path / "out").iterdir()} <= OUTPUT_FILES
+    # --out the option's folder itself: compare's files are left out, the data is not.
+    capsys.readouterr()
+    assert main(["compare", str(plan_file), "--out", "."]) == 0
+    assert capsys.readouterr().out.count("recorded earlier, not rerun") == 0
+    assert main(["compare", str(plan_file), "--out", "."]) == 0
+    assert capsys.readouterr().out.count("recorded earlier, not rerun") == 4
+    (tmp_path / "data.txt").write_text("the data again")
+    assert main(["compare", str(plan_file), "--out", "."]) == 0
+    assert capsys.readouterr().out.count("recorded earlier, not rerun") == 0
 
 
 _USER_TASK = """

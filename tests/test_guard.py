@@ -246,6 +246,11 @@ def test_after_a_rollback_the_reference_is_read_at_the_step_the_weights_were_tra
     assert load_checkpoint(tmp_path / "guard-last.pt")["guard"]["reference_lag"] == 10
     resumed = Guard(model, torch.optim.SGD(model.parameters(), lr=1.0), policy, resume=True)
     assert resumed.reference_lag == 10
+    # Skipped steps put the weights behind the step count as well: 10 isolated NaNs, each skipped.
+    skipping = GuardPolicy(reference_curve=reference, reference_margin=0.1, spike_window=5, patience=2)
+    model, guard = _progress_run(skipping, 80, nan_at=set(range(15, 80, 7)))
+    assert [e.event for e in guard.events] == ["nonfinite"] * 10  # no "behind_reference" on a healthy run
+    assert model.w.item() == 70 and guard.reference_lag == 10
     # The check still bites: a run that falls behind the curve at its own step is caught.
     slow = GuardPolicy(reference_curve=[(s, 0.5 * loss) for s, loss in reference], spike_window=5, patience=1,
                        on_behind_reference=("none",))  # fmt: skip
@@ -511,6 +516,38 @@ def test_resume_from_guard_last_restores_the_step_and_continues_bit_for_bit(tmp_
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("snapshot_every, nan_at, back_to", [(100, 3, 0), (2, 5, 4)])
+def test_after_a_rollback_the_schedule_goes_on_from_the_restored_step(snapshot_every, nan_at, back_to):
+    """A rollback to the constructor's snapshot (step 0) put a plain loop's schedule one step ahead for
+    the rest of the run: that snapshot holds the scheduler already stepped, the later ones not yet."""
+
+    def lrs(nan_step=None):
+        model, x, y = _task()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 / (i + 1))  # step k runs at 1/k
+        guard = Guard(model, opt, GuardPolicy(snapshot_every=snapshot_every, patience=1), scheduler=sched)
+        used = []
+        for step in range(1, 9):
+            loss = torch.nn.functional.mse_loss(model(x[:32]), y[:32])
+            loss.backward()
+            if step == nan_step:
+                loss = torch.tensor(float("nan"))
+            went, _ = guard.before_step(loss)  # guard.step, with the lr the step runs at recorded
+            if went:
+                used.append(opt.param_groups[0]["lr"])
+                opt.step()
+                guard.after_step()
+            opt.zero_grad()
+            sched.step()
+        return used
+
+    clean = lrs()
+    assert clean == pytest.approx([1 / k for k in range(1, 9)])
+    # The rolled-back run repeats the schedule from the step after the restored one.
+    done = nan_at - 1
+    assert lrs(nan_at) == pytest.approx(clean[:done] + clean[back_to : back_to + 8 - nan_at])
+
+
 def test_a_resumed_run_gets_its_own_rollback_budget(tmp_path):
     # Stopped by max_rollbacks: the checkpoint holds the rollbacks up to the limit.
     model, _, _ = _task()
@@ -526,8 +563,14 @@ def test_a_resumed_run_gets_its_own_rollback_budget(tmp_path):
     assert resumed.rollbacks == 0 and resumed.rollbacks_before_resume == 2
     resumed._act("loss_spike", {}, ("rollback",))
     assert resumed.rollbacks == 1
-    again = Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path)), resume=True)
+    again = Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path), max_total_rollbacks=4), resume=True)
     assert again.rollbacks_before_resume == 3  # the count of every earlier run
+    # A job that restarts and resumes by itself is stopped for good by the cap over every resume.
+    again._act("loss_spike", {}, ("rollback",))
+    with pytest.raises(RuntimeError, match="rolled back 5 times over this run and the runs it resumed"):
+        again._act("loss_spike", {}, ("rollback",))
+    with pytest.raises(ValueError, match="max_total_rollbacks must be an int >= 1"):
+        GuardPolicy(max_total_rollbacks=0)
 
 
 def test_a_checkpoint_from_a_machine_with_more_gpus_restores_the_gpus_there_are(monkeypatch):
@@ -592,8 +635,10 @@ def test_a_spike_policy_without_rollback_keeps_the_damaged_weights_off_disk(tmp_
     opt = MicroAdam(model.parameters(), **(KW | {"density": 0.05}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 / (1 + 0.1 * i))
     guard = Guard(model, opt, GuardPolicy(snapshot_every=5, checkpoint_dir=str(tmp_path)), scheduler=sched)
-    _loop(model, opt, sched, guard, x, y, 5)
-    good = {k: v.clone() for k, v in model.state_dict().items()}
+    _loop(model, opt, sched, guard, x, y, 7)  # snapshot at step 5; steps 6 and 7 taken since
+    good = {k: v.clone() for k, v in guard._snapshots[-1]["model"].items()}
+    snap_losses = list(guard._snapshots[-1]["guard"]["losses"])
+    assert snap_losses != list(guard.losses)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(100.0)  # the step that the confirmed spike reports damaged the weights
@@ -603,6 +648,9 @@ def test_a_spike_policy_without_rollback_keeps_the_damaged_weights_off_disk(tmp_
     guard._act("loss_spike", {}, actions)
     ckpt = load_checkpoint(tmp_path / "guard-last.pt")
     assert all(torch.equal(ckpt["model"][k], good[k]) for k in good)  # not the damaged weights
+    # The file's counters are those of its weights: trained for 5 steps at step 7, its losses before them.
+    assert ckpt["guard"]["step"] == 7 and ckpt["guard"]["reference_lag"] == 2
+    assert ckpt["guard"]["losses"] == snap_losses
     # The run goes on as its policy says: from the damaged weights, with the new settings.
     assert all(torch.equal(model.state_dict()[k], damaged[k]) for k in damaged)
     group = ckpt["optimizer"]["param_groups"][0]
@@ -623,6 +671,27 @@ def test_a_spike_policy_without_rollback_keeps_the_damaged_weights_off_disk(tmp_
     assert {k: opt2.param_groups[0][k] for k in ("density", "dense")} == {
         k: opt.param_groups[0][k] for k in ("density", "dense")
     }
+
+
+def test_a_snapshot_that_no_longer_fits_does_not_stop_a_spike_policy_without_rollback(tmp_path):
+    # A param group added after the last snapshot: the snapshot cannot be loaded to build the file.
+    model, x, y = _task()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params[:2], lr=0.01)
+    log = tmp_path / "events.jsonl"
+    guard = Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path), log_path=str(log), on_spike=("lower_lr",)))
+    before = load_checkpoint(tmp_path / "guard-last.pt")
+    opt.add_param_group({"params": params[2:], "lr": 0.01})
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="guard-last.pt not rewritten .*different number of parameter groups"):
+        event = guard._act("loss_spike", {}, ("lower_lr",))
+    # The run goes on at the lowered lr, from the state it was in; the file keeps the earlier good state.
+    assert [g["lr"] for g in opt.param_groups] == [0.005, 0.005] and len(opt.param_groups) == 2
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in live.items())
+    assert "not rewritten" in event.result["checkpoint"]
+    assert "not rewritten" in json.loads(log.read_text().splitlines()[-1])["result"]["checkpoint"]
+    after = load_checkpoint(tmp_path / "guard-last.pt")
+    assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no step is ever taken

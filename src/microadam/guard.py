@@ -91,7 +91,8 @@ class GuardPolicy:
         reference_curve: ``[(step, loss), ...]`` of a baseline run (e.g. a ``microadam compare``
             record's ``loss_curve``); the mean of the last ``spike_window`` losses may exceed the
             reference's by at most ``reference_margin`` (relative). The reference is read at the step
-            the weights were trained to: after a rollback, the running step less the steps it undid.
+            the weights were trained to: the running step less the steps rollbacks undid and the steps
+            the guard skipped.
         on_nonfinite, on_spike, on_error_drift, on_behind_reference: the actions, in order.
         lr_factor: ``lower_lr`` multiplies every group's lr, and every lr the scheduler computes
             from, by it (see :class:`Guard`'s ``scheduler``).
@@ -100,7 +101,11 @@ class GuardPolicy:
         keep_snapshots: snapshots kept; repeated rollbacks with no new snapshot in between go
             one snapshot further back each time.
         max_rollbacks: more rollbacks than this raises ``RuntimeError`` (a run that keeps failing
-            needs a person).
+            needs a person). Counted per run: a resumed run (``resume=``) gets its own.
+        max_total_rollbacks: more rollbacks than this over the run and every run it resumed raises
+            ``RuntimeError`` too (None: no such cap). Set it where a failed job restarts and resumes
+            by itself (torchrun ``--max-restarts``, a requeued job), so a run that keeps degrading
+            stops for good.
         log_path: the JSONL event log (written by rank 0 when several ranks run: they take the
             same decisions).
     """
@@ -129,6 +134,7 @@ class GuardPolicy:
     window_step: int = 10
     max_window: int = 40
     max_rollbacks: int = 5
+    max_total_rollbacks: int | None = None
     keep_snapshots: int = 3
     log_path: str | None = None
 
@@ -206,6 +212,13 @@ class GuardPolicy:
                     f"min_error_ratio ({self.min_error_ratio}) must be below max_error_ratio ({self.max_error_ratio}), "
                     "else the density would be raised and lowered on the same measurement"
                 )
+        if self.max_total_rollbacks is not None:
+            value = self.max_total_rollbacks
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(
+                    f"max_total_rollbacks must be an int >= 1 (rollbacks over every resume) or None, got {value!r}"
+                )
+            self.max_total_rollbacks = int(value)
         if self.auto_density is not None:
             try:
                 lo, hi = self.auto_density
@@ -478,9 +491,10 @@ class Guard:
         self.rollbacks = 0
         self.rollbacks_before_resume = 0  # those of the runs this one resumed (resume=...)
         self.lr_scale = 1.0  # product of every lower_lr so far
-        # Steps that rollbacks undid: the weights were trained for step_count - reference_lag steps,
-        # and reference_curve is read there (at step_count, a healthy run rolled back on a steep curve
-        # looks behind and is rolled back again, one snapshot further each time).
+        # Steps that rollbacks undid or the guard skipped: the weights were trained for
+        # step_count - reference_lag steps, and reference_curve is read there (at step_count, a healthy
+        # run rolled back on a steep curve looks behind and is rolled back again, one snapshot further
+        # each time).
         self.reference_lag = 0
         self.events: list[GuardEvent] = []
         self._snapshots: deque[dict[str, Any]] = deque(maxlen=self.policy.keep_snapshots)
@@ -488,6 +502,9 @@ class Guard:
         self._healthy_since_snapshot = 0
         self._pending_loss: float | None = None
         self._pending_drift: dict[str, Any] | None = None
+        # The schedule a rollback restored, to put back at the next step if the loop stepped the scheduler
+        # in between (see _hold_schedule).
+        self._held_schedule: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
         p = self.policy
         unknown = _scheduler_anchors(scheduler)[2]
         if unknown and any(
@@ -511,6 +528,12 @@ class Guard:
         if resume is not False:
             self._resume(resume)
         self.take_snapshot()
+        if resume is False and scheduler is not None:
+            # This snapshot holds the scheduler as the step about to start uses it: already stepped for
+            # the step before (the later ones, taken inside guard.step, come before the loop's
+            # scheduler.step()). A rollback to it must keep it so (see _hold_schedule). A resumed run's
+            # loop steps the scheduler once after the guard is built (docs/operations.md), as for the others.
+            self._snapshots[-1]["guard"]["scheduler_stepped"] = True
 
     # ------------------------------------------------------------ snapshots
 
@@ -669,14 +692,52 @@ class Guard:
         self.reference_lag = self.step_count - trained_for
         self.behind_run = 0  # misses counted against the state rolled away from
         self._healthy_since_snapshot = 0  # the restored state earns a new snapshot only by healthy steps
+        self._held_schedule = None
+        if snap["guard"].get("scheduler_stepped") and self.scheduler is not None:
+            self._hold_schedule()
         self.rollbacks += 1
+        where = f" at {self.policy.log_path}" if self.policy.log_path else ""
         if self.rollbacks > self.policy.max_rollbacks:
             raise RuntimeError(
                 f"the guard rolled back {self.rollbacks} times (max_rollbacks={self.policy.max_rollbacks}); "
-                "the run keeps degrading: inspect the event log"
-                + (f" at {self.policy.log_path}" if self.policy.log_path else "")
+                f"the run keeps degrading: inspect the event log{where}"
+            )
+        total, cap = self.rollbacks_before_resume + self.rollbacks, self.policy.max_total_rollbacks
+        if cap is not None and total > cap:
+            raise RuntimeError(
+                f"the guard rolled back {total} times over this run and the runs it resumed "
+                f"(max_total_rollbacks={cap}); the run keeps degrading across restarts: inspect the event log{where}"
             )
         return snap["guard"]["step"]
+
+    def _lr_keys(self) -> set[str]:
+        return {"lr", *_scheduler_anchors(self.scheduler)[1]}
+
+    def _hold_schedule(self) -> None:
+        """Remember the schedule as restored, to be put back at the next step.
+
+        A rollback happens inside a step, and the loop steps the scheduler after it (a plain loop,
+        Trainer). After a rollback to a snapshot taken inside a step that is what the schedule needs.
+        The constructor's snapshot was taken with the scheduler already stepped for the step about to
+        run, so the loop's step would put the rest of the run one step ahead. Put back, the schedule
+        runs as if the undone steps had not been (Lightning's callback does the same for its snapshots).
+        """
+        keys = self._lr_keys()
+        groups = [{k: copy.deepcopy(g[k]) for k in keys if k in g} for g in self.optimizer.param_groups]
+        self._held_schedule = (_to_cpu(self.scheduler.state_dict()), groups)
+
+    def _put_back_schedule(self) -> None:
+        held, self._held_schedule = self._held_schedule, None
+        if held is None or self.scheduler is None:
+            return
+        state, groups = held
+        self.scheduler.load_state_dict(state)
+        for group, saved in zip(self.optimizer.param_groups, groups):
+            for key, value in saved.items():
+                if isinstance(group.get(key), torch.Tensor) and isinstance(value, torch.Tensor):
+                    group[key].copy_(value)  # a tensor lr keeps its identity (capturable, fused)
+                else:
+                    group[key] = value
 
     # ------------------------------------------------------------ actions
 
@@ -691,8 +752,13 @@ class Guard:
             with open(self.policy.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def _act(self, event: str, seen: dict[str, Any], actions: tuple[str, ...]) -> GuardEvent:
+    def _act(self, event: str, seen: dict[str, Any], actions: tuple[str, ...], skips: bool = False) -> GuardEvent:
+        """Take ``actions``; ``skips``: the step being judged will not be taken (before_step's events)."""
         result: dict[str, Any] = {}
+        if skips and "rollback" not in actions and tuple(actions) != ("none",):
+            # The weights fall one more step behind the step count, as reference_curve is read (a
+            # rollback sets the lag itself). Counted first: a checkpoint written below holds it.
+            self.reference_lag += 1
         try:
             for i, action in enumerate(actions):
                 if action == "rollback":
@@ -712,22 +778,38 @@ class Guard:
                         f"guard: {event} at step {self.step_count}: {seen} (the policy's 'raise' action)"
                         + (f"; event log at {self.policy.log_path}" if self.policy.log_path else "")
                     )
+            if self._held_schedule is not None:
+                self._hold_schedule()  # as the later actions left it (lower_lr after the rollback)
         except Exception as e:
             # The event that stops the run is the one a person most needs to find in the log.
             result["raised"] = f"{type(e).__name__}: {e}"
             self._log(GuardEvent(self.step_count, event, seen, list(actions), result))
             raise
         ev = GuardEvent(self.step_count, event, seen, list(actions), result)
+        # (While a spike awaits confirmation the weights are not known good: the file keeps the last
+        # state that was; a rollback resets spike_run, so its restored state is written.)
+        rewrite = bool(self._CHANGES_STATE.intersection(actions)) and self.spike_run == 0
+        if rewrite and event == "loss_spike" and "rollback" not in actions and self.policy.checkpoint_dir:
+            # A confirmed spike means damaged weights; a policy that goes on from them (lower_lr only)
+            # must not put them on disk, where the runbook resumes from. Building that state loads the
+            # last snapshot for a moment: if it no longer fits (a param group added since) or a
+            # conversion runs out of memory, the file keeps the earlier good state and the run goes on.
+            try:
+                state = self._last_good_with_current_settings()
+            except Exception as e:
+                rewrite = False
+                result["checkpoint"] = (
+                    f"not rewritten ({type(e).__name__}: {e}): it keeps an earlier good state, without this "
+                    "event's settings"
+                )
+                warnings.warn(
+                    f"Guard: {event} at step {self.step_count}: guard-last.pt {result['checkpoint']}", stacklevel=3
+                )
+        else:
+            state = None
         self._log(ev)
-        if self._CHANGES_STATE.intersection(actions) and self.spike_run == 0:
-            # (While a spike awaits confirmation the weights are not known good: the file keeps the
-            # last state that was; a rollback resets spike_run, so its restored state is written.)
-            if event == "loss_spike" and "rollback" not in actions and self.policy.checkpoint_dir:
-                # A confirmed spike means damaged weights; a policy that goes on from them (lower_lr
-                # only) must not put them on disk, where the runbook resumes from.
-                self._write_checkpoint(self._last_good_with_current_settings())
-            else:
-                self._write_checkpoint(self._state())
+        if rewrite:
+            self._write_checkpoint(self._state() if state is None else state)
         return ev
 
     def _last_good_with_current_settings(self) -> dict[str, Any]:
@@ -921,6 +1003,7 @@ class Guard:
         step only if it says so, then call :meth:`after_step`. ``loss`` may be ``None`` when the
         loop does not expose it; then only gradients are checked.
         """
+        self._put_back_schedule()
         self.step_count += 1
         p = self.policy
         value = float("nan") if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
@@ -943,12 +1026,12 @@ class Guard:
             actions = p.on_nonfinite if self.nonfinite_run < p.patience else ("rollback",)
             if self.nonfinite_run >= p.patience:
                 self.nonfinite_run = 0
-            return False, self._act("nonfinite", seen, actions)
+            return False, self._act("nonfinite", seen, actions, skips=True)
         self.nonfinite_run = 0
 
         observed = None  # an event that only logged (action "none"): returned with the go-ahead
         if loss is not None:
-            event = self._loss_checks(value)
+            event = self._loss_checks(value, skips=True)
             if event is not None and tuple(event.actions) != ("none",):
                 return False, event
             observed = event
@@ -985,8 +1068,9 @@ class Guard:
                     )
         return True, observed
 
-    def _loss_checks(self, value: float) -> GuardEvent | None:
-        """Spike and reference-curve checks of one finite loss; acts and returns the event if one fires."""
+    def _loss_checks(self, value: float, skips: bool = False) -> GuardEvent | None:
+        """Spike and reference-curve checks of one finite loss; acts and returns the event if one fires.
+        ``skips``: an event that acts keeps this step from being taken (before_step; not observe_loss)."""
         p = self.policy
         if len(self.losses) >= min(p.warmup, p.spike_window) and self.step_count > p.warmup:
             med = statistics.median(self.losses)
@@ -1003,7 +1087,7 @@ class Guard:
                     self._pending_loss = None
                     return self._act("loss_spike", seen, ("none",))
                 self.spike_run = 0
-                return self._act("loss_spike", seen, p.on_spike)
+                return self._act("loss_spike", seen, p.on_spike, skips=skips)
         self.spike_run = 0
         ref_step = self.step_count - self.reference_lag
         ref = self._reference_at(ref_step)
@@ -1015,7 +1099,7 @@ class Guard:
                     self.behind_run = 0
                     seen = {"mean_loss": mean, "reference_loss": ref, "reference_step": ref_step,
                             "margin": p.reference_margin}  # fmt: skip
-                    return self._act("behind_reference", seen, p.on_behind_reference)
+                    return self._act("behind_reference", seen, p.on_behind_reference, skips=skips)
             else:
                 self.behind_run = 0
         return None

@@ -156,11 +156,15 @@ def _file_digest(path: Path) -> str:
     return _DIGESTS[key]
 
 
-# In every compare output folder (``--out``), made before any run key is computed. A folder that holds
-# it is left out of a task option folder's contents: an ``--out`` inside, say, ``root = "."`` would
-# otherwise change the run keys with every record written (each run "not run" in the report, and a
-# resume rerunning everything).
+# In every compare output folder (``--out``), made before any run key is computed. In a folder that
+# holds it, the files compare writes there (OUTPUT_FILES) are left out of a task option folder's
+# contents: an ``--out`` inside (or equal to) ``root = "."`` would otherwise change the run keys with
+# every record written (each run "not run" in the report, and a resume rerunning everything). The
+# folder's other files count, as anywhere else: a data file there is data.
 OUTPUT_MARKER = ".microadam-compare"
+OUTPUT_FILES = frozenset(
+    {OUTPUT_MARKER, ".lock", "records.jsonl", "report.md", "report.html", "report.md.tmp", "report.html.tmp"}
+)
 
 
 def _path_digest(path: Path) -> str:
@@ -168,7 +172,7 @@ def _path_digest(path: Path) -> str:
 
     A file (a data set): its bytes. A folder (a model): each file's name, size and modification
     time, not its bytes (gigabytes of weights), so a copy or a touch is a change too: a rerun, never
-    a stale reuse. Compare output folders inside it (``OUTPUT_MARKER``) are left out.
+    a stale reuse. The files of compare output folders in it (``OUTPUT_MARKER``) are left out.
     """
     if path.is_file():
         return _file_digest(path)
@@ -176,7 +180,7 @@ def _path_digest(path: Path) -> str:
     listing = sorted(
         (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
         for f in path.rglob("*")
-        if f.is_file() and not outputs.intersection(f.parents)
+        if f.is_file() and not (f.name in OUTPUT_FILES and f.parent in outputs)
     )
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
