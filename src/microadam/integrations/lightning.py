@@ -69,6 +69,9 @@ class GuardCallback(pl.Callback):
         self.guard = Guard(
             pl_module, _unwrap(trainer.optimizers[0]), self.policy, scheduler=scheduler, start_step=trainer.global_step
         )
+        # Every snapshot here is taken after Lightning's scheduler step (on_train_batch_end), the first
+        # one too, and this callback restores the schedule after a rollback itself (below).
+        self.guard.restores_schedule = False
 
     def _schedule_state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         assert self.guard is not None and self.guard.scheduler is not None
