@@ -115,10 +115,30 @@ def test_hyperparameters_come_from_the_checkpoint_like_torch():
     assert fresh.param_groups[0]["lr"] == 0.5
 
 
-@pytest.mark.parametrize(
-    "key,value",
-    [("window", 5), ("density", 0.2), ("block_size", 32), ("quant_block_size", 32)],
-)
+@pytest.mark.parametrize("key,value", [("window", 6), ("density", 0.2)])
+def test_a_checkpoint_taken_after_reconfigure_resumes_in_an_optimizer_built_as_configured(key, value):
+    """reconfigure() (the Guard's raise_density) changed density during a run; Trainer and Lightning build
+    the optimizer as configured and load the checkpoint, which was refused ("saved with density=0.2")."""
+    import copy
+
+    model = _model()
+    opt = MicroAdam(model.parameters(), **KW)
+    _train(model, opt, _batches(2))
+    opt.reconfigure(**{key: value})
+    _train(model, opt, _batches(1))
+    sd = copy.deepcopy(opt.state_dict())
+    twin = copy.deepcopy(model)
+    resumed = MicroAdam(twin.parameters(), **KW)
+    with pytest.warns(UserWarning, match=f"resumes with {key}={value!r} from the checkpoint .*built with {key}="):
+        resumed.load_state_dict(sd)
+    assert resumed.param_groups[0][key] == value
+    _train(model, opt, _batches(3)[1:])
+    _train(twin, resumed, _batches(3)[1:])
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("key,value", [("block_size", 32), ("quant_block_size", 32)])
 def test_other_layout_raises_naming_both_values_and_changes_nothing(key, value):
     model = _model()
     opt = MicroAdam(model.parameters(), **KW)
@@ -300,3 +320,45 @@ def test_groups_listing_unhashable_ids_are_refused_as_corrupt():
     sd["param_groups"][0]["params"] = [[i] for i in sd["param_groups"][0]["params"]]
     with pytest.raises(ValueError, match="unhashable ids .*corrupt"):
         MicroAdam(model.parameters(), **KW).load_state_dict(sd)
+
+
+def test_impl_is_this_machines_choice_not_the_checkpoints():
+    """A checkpoint of a GPU run built with impl="triton" overrode impl=None on load, and the first step
+    on a CPU machine failed ("impl='triton' needs a CUDA device")."""
+    model = _model()
+    opt = MicroAdam(model.parameters(), **KW)
+    _train(model, opt, _batches(1))
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g["impl"] = "triton"  # as a run on a GPU saves it
+    fresh = MicroAdam(model.parameters(), **KW)
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["impl"] is None
+    _train(model, fresh, _batches(1))
+
+
+def test_reconfigure_takes_numpy_scalars_as_the_constructor_does():
+    np = pytest.importorskip("numpy")
+    model = _model()
+    opt = MicroAdam(model.parameters(), **dict(KW, density=np.float32(0.05), window=np.int64(3)))
+    _train(model, opt, _batches(1))
+    opt.reconfigure(density=np.float32(0.1), window=np.int64(5))
+    assert opt.param_groups[0]["density"] == pytest.approx(0.1) and opt.param_groups[0]["window"] == 5
+    assert type(opt.param_groups[0]["window"]) is int
+
+
+def test_a_meta_device_dry_runs_state_is_refused_by_name():
+    """A dry run's state (meta tensors) loaded into a real optimizer raised "Tensor.item() cannot be called
+    on meta tensors", naming neither the parameter nor the key."""
+    with torch.device("meta"):
+        dry_model = torch.nn.Linear(64, 8)
+    dry = MicroAdam(dry_model.parameters(), lr=1e-3)
+    for p in dry_model.parameters():
+        p.grad = torch.empty_like(p)
+    dry.step()
+    opt = MicroAdam(torch.nn.Linear(64, 8).parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="loaded 'window_indices' of parameter 0 is on the meta device"):
+        opt.load_state_dict(dry.state_dict())
+    assert len(opt.state) == 0
+    with pytest.raises(ValueError, match="error_feedback_norm: the parameters are on the meta device"):
+        dry.error_feedback_norm()

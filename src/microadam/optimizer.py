@@ -73,6 +73,7 @@ STATE_LIMIT = 2.0**120
 # Hyperparameters that fix the shapes and meaning of the saved state: a
 # checkpoint is only valid under the same values.
 LAYOUT_KEYS = ("window", "density", "block_size", "quant_block_size")
+RECONFIGURABLE_KEYS = ("window", "density")  # reconfigure() changes them; the other two are fixed per run
 STATE_KEYS = ("step", "numel", "window_indices", "window_values", "error_codes", "error_bounds")
 DENSE_STATE_KEYS = ("step", "numel", "exp_avg", "exp_avg_sq")
 
@@ -749,6 +750,11 @@ class MicroAdam(Optimizer):
     def _grads_in_range(self, grads: list[torch.Tensor]) -> bool:
         return grads_in_range(grads)
 
+    # Never compiled: inductor drops the bf16 round trips that round the error bounds outward
+    # (ops/quant.py), so a compiled step clamped error-feedback values and changed the state (measured:
+    # 5 steps of impl="torch" under torch.compile moved parameters by up to 0.35 lr). Eager inside a
+    # compiled training step, it gives the same state as everywhere else.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
@@ -996,6 +1002,8 @@ class MicroAdam(Optimizer):
         """
         plans = []
         # Check every group before changing any: a refused change leaves the optimizer as it was.
+        # NumPy scalars as Python numbers, as the constructor takes them (its check wants plain numbers).
+        density, window = plain_number(density), plain_number(window)
         for group in self._groups(groups):
             if group.get("dense", False):
                 raise ValueError("reconfigure: this param group runs dense AdamW after fallback_to_adamw()")
@@ -1050,6 +1058,11 @@ class MicroAdam(Optimizer):
                 p = local_tensor(p)
                 if not st or "error_codes" not in st or p.numel() == 0:
                     continue
+                if st["error_codes"].is_meta:
+                    raise ValueError(
+                        "error_feedback_norm: the parameters are on the meta device (a shape-only dry run): its "
+                        "state holds no values to measure; call it on an optimizer of real parameters"
+                    )
                 q = group["quant_block_size"]
                 # Chunks of whole quantization blocks bound the transient float32 memory.
                 rows = max(2, 2**20 // q)
@@ -1318,7 +1331,20 @@ class MicroAdam(Optimizer):
             for key in LAYOUT_KEYS:
                 # A group that fell back to dense AdamW keeps no window or codes: its state does
                 # not depend on the layout.
-                if key in sg and sg[key] != g[key] and not sg.get("dense", False):
+                if key not in sg or sg[key] == g[key] or sg.get("dense", False):
+                    continue
+                if key in RECONFIGURABLE_KEYS:
+                    # reconfigure() (the Guard's raise_density, raise_window, auto_density) changes these
+                    # during a run, and a run's own checkpoint must resume where it was (Trainer and
+                    # Lightning build the optimizer as configured, then load): the state goes with the
+                    # value it was saved under, as lr does.
+                    warnings.warn(
+                        f"MicroAdam.load_state_dict: parameter group {gi} resumes with {key}={sg[key]!r} from the "
+                        f"checkpoint (this optimizer was built with {key}={g[key]!r}; reconfigure() or the Guard "
+                        f"changed it during the saved run). Call reconfigure({key}=...) after loading to change it",
+                        stacklevel=2,
+                    )
+                else:
                     raise ValueError(
                         f"parameter group {gi}: the checkpoint was saved with {key}={sg[key]!r} but this "
                         f"optimizer has {key}={g[key]!r}; its state only has meaning under the same value. "
@@ -1332,7 +1358,10 @@ class MicroAdam(Optimizer):
         )
         param_groups = []
         for g, sg in zip(groups, saved_groups):
-            merged = {**self.defaults, **sg, "params": g["params"]}
+            # impl is how this machine runs the step, not a hyperparameter (every implementation gives the
+            # same state): the one this optimizer was built with stays (a checkpoint of a GPU run with
+            # impl="triton" loads on a CPU machine).
+            merged = {**self.defaults, **sg, "params": g["params"], "impl": g["impl"]}
             if "release" not in sg:
                 # Saved before release existed: that run was the paper's algorithm; it resumes as one.
                 merged.update(VARIANTS["paper"])
@@ -1453,6 +1482,11 @@ def _checked_step(pid: Any, step: Any) -> int:
 
 
 def _checked_tensor(pid: Any, key: str, t: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(t, torch.Tensor) and t.is_meta:
+        raise ValueError(
+            f"the loaded {key!r} of parameter {pid!r} is on the meta device: the state of a shape-only dry run "
+            "holds no values. Load the checkpoint of a run that trained, or keep this optimizer's state"
+        )
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(
