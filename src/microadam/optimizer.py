@@ -25,10 +25,14 @@ from microadam.functional import (
     IMPLEMENTATIONS,
     STATE_DTYPES,
     check_state,
-    microadam_step,
+    never_compiled,
     state_shapes,
     zero_state,
 )
+
+# The step without functional.microadam_step's compile guard: step() is never compiled itself, and the
+# guard costs a few microseconds a call, a call per tensor.
+from microadam.functional import step_in_place as microadam_step
 from microadam.kernels import PartialStepError, load_phases, resolve_impl, triton_layout_error
 from microadam.layout import MAX_BLOCK_SIZE, Layout, k_per_block, layout_for
 
@@ -750,11 +754,9 @@ class MicroAdam(Optimizer):
     def _grads_in_range(self, grads: list[torch.Tensor]) -> bool:
         return grads_in_range(grads)
 
-    # Never compiled: inductor drops the bf16 round trips that round the error bounds outward
-    # (ops/quant.py), so a compiled step clamped error-feedback values and changed the state (measured:
-    # 5 steps of impl="torch" under torch.compile moved parameters by up to 0.35 lr). Eager inside a
-    # compiled training step, it gives the same state as everywhere else.
-    @torch.compiler.disable
+    # Never compiled (functional.never_compiled says why): eager inside a compiled training step, it
+    # gives the same state as everywhere else.
+    @never_compiled
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""

@@ -567,7 +567,7 @@ def _prepare(
         # float64 is the oracle's precision: the torch path is the reference for it, and the C++
         # code computes in float32 only.
         torch_step = functools.partial(
-            functional.microadam_step,
+            functional.step_in_place,
             param,
             grad,
             window_indices=window_indices,
