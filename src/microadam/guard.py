@@ -701,17 +701,10 @@ class Guard:
         if older:
             self._snapshots.pop()
         self._rolled_back_since_snapshot = True
-        # lower_lr decisions taken since the snapshot stay in force (else each rollback would
-        # undo them and halving again would never compound).
-        rescale = self.lr_scale / snap["guard"]["lr_scale"]
-        if rescale != 1.0:
-            _scale_lr(self.optimizer, self.scheduler, rescale)
+        self._keep_lr_scale(snap)
         self.losses = deque(snap["guard"]["losses"], maxlen=self.policy.spike_window)
         self.spike_run = 0
-        # The restored weights were trained for the snapshot's steps less its own lag; the step being
-        # judged now (not taken) is the step_count-th, so the next one is trained_for + 1.
-        trained_for = snap["guard"]["step"] - snap["guard"].get("reference_lag", 0)
-        self.reference_lag = self.step_count - trained_for
+        self.reference_lag = self._lag_of(snap)
         self.behind_run = 0  # misses counted against the state rolled away from
         self._healthy_since_snapshot = 0  # the restored state earns a new snapshot only by healthy steps
         self._held_schedule = None
@@ -736,6 +729,18 @@ class Guard:
                 f"(max_total_rollbacks={cap}); the run keeps degrading across restarts: inspect the event log{where}"
             )
         return snap["guard"]["step"]
+
+    def _keep_lr_scale(self, snap: dict[str, Any]) -> None:
+        """After restoring ``snap``: the lower_lr decisions taken since it stay in force (else each
+        rollback would undo them and halving again would never compound)."""
+        rescale = self.lr_scale / snap["guard"]["lr_scale"]
+        if rescale != 1.0:
+            _scale_lr(self.optimizer, self.scheduler, rescale)
+
+    def _lag_of(self, snap: dict[str, Any]) -> int:
+        """``reference_lag`` with ``snap``'s weights now: they were trained for the snapshot's steps less
+        its own lag, and the step being judged (not taken) is the step_count-th."""
+        return self.step_count - (snap["guard"]["step"] - snap["guard"].get("reference_lag", 0))
 
     def _lr_keys(self) -> set[str]:
         return {"lr", *_scheduler_anchors(self.scheduler)[1]}
@@ -850,9 +855,7 @@ class Guard:
         here = self._state()
         try:
             self._restore(snap)
-            rescale = self.lr_scale / snap["guard"]["lr_scale"]
-            if rescale != 1.0:
-                _scale_lr(self.optimizer, self.scheduler, rescale)
+            self._keep_lr_scale(snap)
             opt = self._microadam()
             for i, (group, now) in enumerate(zip(opt.param_groups if opt else [], settings)):
                 if group.get("dense", False):
@@ -866,10 +869,9 @@ class Guard:
             state = self._state()
         finally:
             self._restore(here)  # the run itself goes on from where it is, as its policy says
-        trained_for = snap["guard"]["step"] - snap["guard"].get("reference_lag", 0)
         state["guard"] |= {
             "losses": list(snap["guard"]["losses"]),
-            "reference_lag": self.step_count - trained_for,
+            "reference_lag": self._lag_of(snap),
             "scheduler_stepped": bool(snap["guard"].get("scheduler_stepped", False)),  # the snapshot's schedule
         }
         return state
