@@ -1142,6 +1142,56 @@ inline void quantize_block(const Args& A, const float* a, uint8_t* c8, int64_t l
   }
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// The codes of a[i .. i + 8) as eight int32: quantize_block's arithmetic, in the same order.
+template <bool STOCHASTIC>
+inline __m256i codes8(const float* a, int64_t i, __m256 kv, __m256 lov, __m256 sv, __m256i pos) {
+  __m256 r;
+  if (STOCHASTIC) {
+    const __m256i mul = _mm256_set1_epi32(int(HASH_MUL));
+    __m256i h = _mm256_add_epi32(pos, _mm256_set1_epi32(int(uint32_t(uint64_t(i)))));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, mul);
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, mul);
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    r = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1.0p-24f));
+  } else {
+    r = _mm256_set1_ps(0.5f);
+  }
+  __m256 x = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(a + i), kv), lov), sv);
+  x = _mm256_floor_ps(_mm256_add_ps(x, r));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_setzero_ps()), _mm256_set1_ps(float(LEVELS)));
+  return _mm256_cvttps_epi32(x);
+}
+
+// quantize_block and the packing of its codes in one pass, for a block of a multiple of 32 entries
+// that starts on a code byte: 32 codes at a time become 16 bytes (even index in the low nibble)
+// with a few shuffles, where the byte-per-code buffer and the packing loop after it cost 0.6 TSC
+// ticks per element in isolation against 0.43 this way (Zen 3).
+template <bool STOCHASTIC>
+void quantize_packed(const Args& A, const float* a, uint8_t* packed, int64_t len, float keep, float lo, float scale,
+                     int64_t pos0) {
+  const __m256 kv = _mm256_set1_ps(keep), lov = _mm256_set1_ps(lo), sv = _mm256_set1_ps(scale);
+  const __m256i pos = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(uint64_t(pos0)) + A.err_key)),
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i nibbles = _mm256_set1_epi16(0x1001);  // a byte pair (even, odd) -> even + 16 * odd
+  const __m128i order = _mm_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+  for (int64_t i = 0; i < len; i += 32) {
+    // Codes are in [0, 15], so the saturating packs keep them. Both packs work within 128-bit lanes:
+    // the bytes come out as four entries of each vector per lane, whose pairs never straddle two
+    // vectors; the final shuffle puts the byte pairs back in index order.
+    const __m256i w01 = _mm256_packs_epi32(codes8<STOCHASTIC>(a, i, kv, lov, sv, pos),
+                                           codes8<STOCHASTIC>(a, i + 8, kv, lov, sv, pos));
+    const __m256i w23 = _mm256_packs_epi32(codes8<STOCHASTIC>(a, i + 16, kv, lov, sv, pos),
+                                           codes8<STOCHASTIC>(a, i + 24, kv, lov, sv, pos));
+    const __m256i p = _mm256_maddubs_epi16(_mm256_packs_epi16(w01, w23), nibbles);
+    const __m128i q = _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + i / 2), _mm_shuffle_epi8(q, order));
+  }
+}
+#endif
+
 #ifdef __AVX512F__
 // bf16_floor (up = false) or bf16_ceil (up = true) of 16 floats, as 16 uint32 < 2**16: the scalar
 // functions' steps lane by lane (round to nearest even, NaN to 0x7FC0, then one bf16 step toward
@@ -1256,6 +1306,34 @@ void quantize_unit(const Args& A, Scratch& S, int64_t start, int64_t len) {
     }
   }
   block_bounds(A, qlo, qscale, start / q, nq);
+  uint8_t* packed = A.codes + start / 2;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if (q % 32 == 0) {
+    // Every block starts on a code byte (the unit starts on an even entry): full blocks are
+    // quantized straight into the packed codes, a short last block through c8 as below.
+    for (int64_t j = 0; j < nq; ++j) {
+      const int64_t s = j * q, lq = s + q < len ? q : len - s;
+      if (lq == q && qscale[j] > 0.f) {
+        const int64_t pos0 = start + s + A.position_offset;
+        if (A.stochastic_error) {
+          quantize_packed<true>(A, a + s, packed + s / 2, q, keep, qlo[j], qscale[j], pos0);
+        } else {
+          quantize_packed<false>(A, a + s, packed + s / 2, q, keep, qlo[j], qscale[j], pos0);
+        }
+      } else {
+        if (qscale[j] > 0.f) {
+          quantize_block(A, a + s, c8 + s, lq, keep, qlo[j], qscale[j], start + s + A.position_offset);
+        } else {
+          std::memset(c8 + s, 0, size_t(lq));
+        }
+        if (lq & 1) c8[s + lq] = 0;
+        for (int64_t b = s / 2; b < (s + lq + 1) / 2; ++b) packed[b] = uint8_t(c8[2 * b] | (c8[2 * b + 1] << 4));
+      }
+      S.pump(lq / 32);
+    }
+    return;
+  }
+#endif
   for (int64_t j = 0; j < nq; ++j) {
     const int64_t s = j * q, lq = s + q < len ? q : len - s;
     if (qscale[j] > 0.f) {
@@ -1267,7 +1345,6 @@ void quantize_unit(const Args& A, Scratch& S, int64_t start, int64_t len) {
   }
 // Pack, even index in the low nibble; an odd tail gets a zero high nibble.
   if (len & 1) c8[len] = 0;
-  uint8_t* packed = A.codes + start / 2;
   const int64_t nbytes = (len + 1) / 2;
   for (int64_t j = 0; j < nbytes; ++j) packed[j] = uint8_t(c8[2 * j] | (c8[2 * j + 1] << 4));
 }
