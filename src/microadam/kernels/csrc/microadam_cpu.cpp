@@ -523,6 +523,8 @@ void load_sum(const Args& A, Scratch& S, int64_t start, int64_t len) {
 #elif defined(__AVX2__) && defined(__F16C__)
     const __m256 sv = _mm256_set1_ps(scale), lv = _mm256_set1_ps(lo);
     const __m128i nib = _mm_set1_epi8(0x0F);
+    const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i mv = _mm256_setzero_si256();
     for (; i + 16 <= e; i += 16) {
       const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2));
       const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(x, nib), _mm_and_si128(_mm_srli_epi16(x, 4), nib));
@@ -538,12 +540,17 @@ void load_sum(const Args& A, Scratch& S, int64_t start, int64_t len) {
           const __m128i hv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(A.grad) + start + j));
           g = G == BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hv), 16)) : _mm256_cvtph_ps(hv);
         }
-        _mm256_storeu_ps(a + j, _mm256_add_ps(g, err));
+        const __m256 sum = _mm256_add_ps(g, err);
+        _mm256_storeu_ps(a + j, sum);
+        mv = _mm256_max_epu32(mv, _mm256_and_si256(_mm256_castps_si256(sum), absmask));
       }
     }
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), mv);
+    for (int l = 0; l < 8; ++l) m = lanes[l] > m ? lanes[l] : m;
 #endif
-    // The rest of the segment, and its maximum (the whole segment's without AVX-512: a is in L1).
-#ifdef __AVX512F__
+    // The rest of the segment, and its maximum (the whole segment's without a vector loop above).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
     const int64_t m0 = i;
 #else
     const int64_t m0 = s;
