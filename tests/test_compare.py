@@ -775,6 +775,8 @@ def test_run_key_follows_the_contents_of_the_files_and_folders_the_task_options_
     assert key() != relabelled
 
 
+# 13 s: two compares and a rerun; in CI's slow pass (the default suite took 500-530 s of its 600).
+@pytest.mark.slow
 def test_an_output_folder_inside_a_folder_the_task_options_name_keeps_the_run_keys(tmp_path, monkeypatch, capsys):
     """With --out inside a folder option (root = "."), every record written changed that folder's listing
     and so every run key: the report said "not run" for the runs just made, and a resume reran them all."""

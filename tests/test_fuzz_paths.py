@@ -21,7 +21,7 @@ What must hold after every step (``docs/algorithm.md``):
   bf16/fp16 parameter under release: bit-equal outside the window's positions and within two
   roundings at them. For that comparison the torch path starts each step from triton's parameters.
 
-The fast list (17 seeds) runs in about 35 s on 2 CPU cores; ``slow`` runs 24 more (about 70 s). A longer
+The fast list (8 seeds) runs in about 40 s on 2 CPU cores; ``slow`` runs 33 more (about two minutes). A longer
 search: ``run_case(draw_case(seed), triton=True)`` over more seeds.
 """
 
@@ -438,12 +438,13 @@ def _has_nan(run: Run) -> bool:
 
 
 # Seed 23 found a bug of the code before f1a42f7 (a block's min or max of -0 and +0 stored as either
-# zero, depending on the path's order of comparisons).
-FAST_SEEDS = [*range(8), 23]
-# 32 more seeds run in CI's slow pass (about two minutes on 2 cores, outside the default suite's 10); a
+# zero, depending on the path's order of comparisons). Seed 2 (11 s, the longest) runs in the slow pass:
+# the default suite took 500-530 s of its 600 on 2 cores.
+FAST_SEEDS = [0, 1, *range(3, 8), 23]
+# 33 more seeds run in CI's slow pass (about two minutes on 2 cores, outside the default suite's 10); a
 # longer search runs run_case(draw_case(seed), triton=True) over more seeds (83 more passed when this was
 # written).
-SLOW_SEEDS = [s for s in range(8, 41) if s not in FAST_SEEDS]
+SLOW_SEEDS = [2, *(s for s in range(8, 41) if s not in FAST_SEEDS)]
 
 
 @pytest.mark.parametrize("seed", FAST_SEEDS)
