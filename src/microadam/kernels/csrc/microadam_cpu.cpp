@@ -356,7 +356,7 @@ struct Scratch {
   std::vector<int32_t> cidx;     //                   their block index
   std::vector<uint16_t> gmask16; // candidate mask of each 16-entry group of a block (AVX-512)
   std::vector<uint8_t> gmask;    // candidate mask of each 8-entry group (AVX2), padded to 32 groups
-  std::vector<uint16_t> glist;   // groups with a candidate
+  std::vector<uint16_t> glist;   // 16-entry groups with a candidate (AVX-512)
   std::vector<float> qlo, qscale;  // per quantization block of the unit: min, max, then lo, scale
   std::vector<float> qinv;       // release: per quantization block, mean square, rms, then scale / rms
   std::vector<float> sq;         // release: one block's squares, padded to a power of two
@@ -417,9 +417,12 @@ struct Scratch {
     }
     grow(ckey, block + 16, 0u);
     grow(skey, block + 32, 0u);
+#ifdef __AVX512F__
     grow(gmask16, block / 16 + 1, uint16_t(0));
+    grow(glist, block / 16 + 1, uint16_t(0));
+#else
     grow(gmask, block / 8 + 32, uint8_t(0));
-    grow(glist, block / 8 + 1, uint16_t(0));
+#endif
     grow(cidx, block + 16, 0);
     if ((int64_t)mom.size() < 2 * (block + 16)) {
       mom.assign(2 * (block + 16), 0.f);
@@ -1289,6 +1292,21 @@ inline void block_bounds(const Args& A, float* qlo, float* qscale, int64_t qb0, 
   }
 }
 
+// Block j's codes, one per byte, into c8 + s (zeros for a block of scale 0: every entry equals lo).
+inline void block_codes(const Args& A, const float* a, uint8_t* c8, int64_t s, int64_t lq, float keep, float lo,
+                        float scale, int64_t start) {
+  if (scale > 0.f) {
+    quantize_block(A, a + s, c8 + s, lq, keep, lo, scale, start + s + A.position_offset);
+  } else {
+    std::memset(c8 + s, 0, size_t(lq));
+  }
+}
+
+// Bytes [b0, b1) of the packed codes from c8, even index in the low nibble.
+inline void pack_codes(const uint8_t* c8, uint8_t* packed, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) packed[b] = uint8_t(c8[2 * b] | (c8[2 * b + 1] << 4));
+}
+
 void quantize_unit(const Args& A, Scratch& S, int64_t start, int64_t len) {
   const float* a = S.a.data();
   uint8_t* c8 = S.c8.data();
@@ -1328,13 +1346,9 @@ void quantize_unit(const Args& A, Scratch& S, int64_t start, int64_t len) {
           quantize_packed<false>(A, a + s, packed + s / 2, q, keep, qlo[j], qscale[j], pos0);
         }
       } else {
-        if (qscale[j] > 0.f) {
-          quantize_block(A, a + s, c8 + s, lq, keep, qlo[j], qscale[j], start + s + A.position_offset);
-        } else {
-          std::memset(c8 + s, 0, size_t(lq));
-        }
+        block_codes(A, a, c8, s, lq, keep, qlo[j], qscale[j], start);
         if (lq & 1) c8[s + lq] = 0;
-        for (int64_t b = s / 2; b < (s + lq + 1) / 2; ++b) packed[b] = uint8_t(c8[2 * b] | (c8[2 * b + 1] << 4));
+        pack_codes(c8, packed, s / 2, (s + lq + 1) / 2);
       }
       S.pump(lq / 32);
     }
@@ -1343,17 +1357,11 @@ void quantize_unit(const Args& A, Scratch& S, int64_t start, int64_t len) {
 #endif
   for (int64_t j = 0; j < nq; ++j) {
     const int64_t s = j * q, lq = s + q < len ? q : len - s;
-    if (qscale[j] > 0.f) {
-      quantize_block(A, a + s, c8 + s, lq, keep, qlo[j], qscale[j], start + s + A.position_offset);
-    } else {
-      std::memset(c8 + s, 0, size_t(lq));
-    }
+    block_codes(A, a, c8, s, lq, keep, qlo[j], qscale[j], start);
     S.pump(lq / 32);
   }
-// Pack, even index in the low nibble; an odd tail gets a zero high nibble.
-  if (len & 1) c8[len] = 0;
-  const int64_t nbytes = (len + 1) / 2;
-  for (int64_t j = 0; j < nbytes; ++j) packed[j] = uint8_t(c8[2 * j] | (c8[2 * j + 1] << 4));
+  if (len & 1) c8[len] = 0;  // an odd tail gets a zero high nibble
+  pack_codes(c8, packed, 0, (len + 1) / 2);
 }
 
 // ------------------------------------------------------------------ phase 4: moments and update
