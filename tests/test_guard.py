@@ -516,19 +516,29 @@ def test_resume_from_guard_last_restores_the_step_and_continues_bit_for_bit(tmp_
         assert torch.equal(a, b)
 
 
+# Schedules for the rollback tests: one that sets the lr only (step k: 1/k), and one that also cycles
+# the momentum, which a rollback must put back with the lr.
+_SCHEDULES = {
+    "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 / (i + 1)),
+    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=20, cycle_momentum=True),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(_SCHEDULES))
 @pytest.mark.parametrize("snapshot_every, nan_at, back_to", [(100, 3, 0), (2, 5, 4)])
 @pytest.mark.parametrize("stop_after", [None, 3, 4], ids=["run", "resumed-at-3", "resumed-at-4"])
 def test_after_a_rollback_the_schedule_goes_on_from_the_restored_step(
-    snapshot_every, nan_at, back_to, stop_after, tmp_path
+    snapshot_every, nan_at, back_to, stop_after, schedule, tmp_path
 ):
     """A rollback to the constructor's snapshot (step 0) put a plain loop's schedule one step ahead for
     the rest of the run: that snapshot holds the scheduler already stepped, the later ones not yet. A run
-    stopped after it and resumed by the recipe (resume=True, scheduler.step()) must go on the same way."""
+    stopped after it and resumed by the recipe (resume=True, scheduler.step()) must go on the same way.
+    What the scheduler writes besides the lr (OneCycleLR's momentum) goes back with it."""
 
     def build():
         model, x, y = _task()
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        return model, x, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 / (i + 1))  # step k: 1/k
+        opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+        return model, x, opt, _SCHEDULES[schedule](opt)
 
     def lrs(nan_step=None, stop=None):
         model, x, opt, sched = build()
@@ -547,18 +557,23 @@ def test_after_a_rollback_the_schedule_goes_on_from_the_restored_step(
             loss.backward()
             went, _ = guard.before_step(loss)  # guard.step, with the lr the step runs at recorded
             if went:
-                used.append((step, opt.param_groups[0]["lr"]))
+                used.append((step, (opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"])))
                 opt.step()
                 guard.after_step()
             opt.zero_grad()
             sched.step()
-        return [lr for _, lr in used]
+        return [v for _, pair in used for v in pair]  # lr, momentum of each step taken, flat
 
     clean = lrs()
-    assert clean == pytest.approx([1 / k for k in range(1, 9)])
+    if schedule == "lambda":
+        assert clean == pytest.approx([v for k in range(1, 9) for v in (1 / k, 0.9)])
+    else:  # both change at every step: a step taken with another step's momentum is seen
+        assert len(set(clean[0::2])) == len(set(clean[1::2])) == 8
+    clean = [clean[i : i + 2] for i in range(0, 16, 2)]
     # The rolled-back run repeats the schedule from the step after the restored one.
     done = nan_at - 1
-    assert lrs(nan_at, stop_after) == pytest.approx(clean[:done] + clean[back_to : back_to + 8 - nan_at])
+    expected = clean[:done] + clean[back_to : back_to + 8 - nan_at]
+    assert lrs(nan_at, stop_after) == pytest.approx([v for pair in expected for v in pair])
 
 
 def test_a_resumed_run_gets_its_own_rollback_budget(tmp_path):

@@ -507,10 +507,10 @@ class Guard:
         # Whether the scheduler is already stepped for the step about to run. Inside a step (a plain loop,
         # Trainer: the loop steps the scheduler after guard.step) it is not: the snapshots taken there
         # and the checkpoints written there are not (the resume recipe steps it once). Before the first
-        # step it is, and after a rollback to a snapshot taken then (see _hold_schedule).
+        # step it is, and after a rollback to a snapshot taken then (see hold_schedule).
         self._scheduler_stepped = False
         # The schedule a rollback restored, to put back at the next step if the loop stepped the scheduler
-        # in between (see _hold_schedule).
+        # in between (see hold_schedule).
         self._held_schedule: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
         # Loops whose snapshots are all taken after the scheduler's step restore the schedule themselves
         # after a rollback (the Lightning callback) and set this False.
@@ -545,7 +545,7 @@ class Guard:
         if resume is not False and self._scheduler_stepped and scheduler is not None:
             # The resume recipe steps the scheduler once ("finish that step", right for a checkpoint
             # written inside a step); this one was written with it already stepped: undo that step.
-            self._hold_schedule()
+            self.hold_schedule()
 
     # ------------------------------------------------------------ snapshots
 
@@ -710,7 +710,7 @@ class Guard:
         self._held_schedule = None
         self._scheduler_stepped = bool(snap["guard"].get("scheduler_stepped", False))
         if self._scheduler_stepped and self.scheduler is not None and self.restores_schedule:
-            self._hold_schedule()
+            self.hold_schedule()
         self.rollbacks += 1
         where = f" at {self.policy.log_path}" if self.policy.log_path else ""
         total, cap = self.rollbacks_before_resume + self.rollbacks, self.policy.max_total_rollbacks
@@ -742,25 +742,26 @@ class Guard:
         its own lag, and the step being judged (not taken) is the step_count-th."""
         return self.step_count - (snap["guard"]["step"] - snap["guard"].get("reference_lag", 0))
 
-    def _lr_keys(self) -> set[str]:
-        return {"lr", *_scheduler_anchors(self.scheduler)[1]}
-
-    def _hold_schedule(self) -> None:
-        """Remember the schedule as restored, to be put back at the next step.
+    def hold_schedule(self) -> None:
+        """Remember the schedule as restored, to be put back by :meth:`settle_schedule`.
 
         A rollback happens inside a step, and the loop steps the scheduler after it (a plain loop,
         Trainer). After a rollback to a snapshot taken inside a step that is what the schedule needs.
         The constructor's snapshot was taken with the scheduler already stepped for the step about to
         run, so the loop's step would put the rest of the run one step ahead. Put back, the schedule
-        runs as if the undone steps had not been (Lightning's callback does the same for its snapshots).
+        runs as if the undone steps had not been. The Lightning callback, whose snapshots are all taken
+        after the scheduler's step, calls this itself after a rollback in ``before_step``.
+
+        Every key of each param group but ``params`` is held, not the learning rates only: a scheduler
+        may write others (OneCycleLR and CyclicLR cycle ``momentum`` or ``betas``; with the lrs alone the
+        first step after a rollback took its momentum one step ahead).
         """
-        keys = self._lr_keys()
-        groups = [{k: copy.deepcopy(g[k]) for k in keys if k in g} for g in self.optimizer.param_groups]
+        groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self._held_schedule = (_to_cpu(self.scheduler.state_dict()), groups)
 
     def settle_schedule(self) -> None:
         """Put back the schedule a rollback restored, if the loop has stepped the scheduler since (see
-        :meth:`_hold_schedule`). ``before_step`` does it; a loop that saves its own checkpoints between
+        :meth:`hold_schedule`). ``before_step`` does it; a loop that saves its own checkpoints between
         the scheduler's step and the next ``before_step`` (Trainer) calls it first."""
         held, self._held_schedule = self._held_schedule, None
         if held is None or self.scheduler is None:
@@ -814,7 +815,7 @@ class Guard:
                         + (f"; event log at {self.policy.log_path}" if self.policy.log_path else "")
                     )
             if self._held_schedule is not None:
-                self._hold_schedule()  # as the later actions left it (lower_lr after the rollback)
+                self.hold_schedule()  # as the later actions left it (lower_lr after the rollback)
         except Exception as e:
             # The event that stops the run is the one a person most needs to find in the log.
             result["raised"] = f"{type(e).__name__}: {e}"

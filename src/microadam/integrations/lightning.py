@@ -23,7 +23,6 @@ MicroAdam's own (integer state kept exact).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -60,7 +59,6 @@ class GuardCallback(pl.Callback):
         self._stepped = False  # an optimizer step (taken or skipped) ends this batch
         self._losses: list[float] = []
         self._interval = "step"
-        self._schedule_after_rollback: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         configs = getattr(trainer, "lr_scheduler_configs", None) or []
@@ -73,11 +71,6 @@ class GuardCallback(pl.Callback):
         # one too, and this callback restores the schedule after a rollback itself (below).
         self.guard.restores_schedule = False
 
-    def _schedule_state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        assert self.guard is not None and self.guard.scheduler is not None
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.guard.optimizer.param_groups]
-        return copy.deepcopy(self.guard.scheduler.state_dict()), copy.deepcopy(groups)
-
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         assert self.guard is not None, "on_train_start creates the guard"
         go, event = self.guard.before_step(None)
@@ -89,10 +82,10 @@ class GuardCallback(pl.Callback):
         # Lightning steps a per-step scheduler after this batch whatever the guard did. Its
         # snapshots are taken after that step (in on_train_batch_end), so a rollback here restores
         # a scheduler level with the optimizer, and Lightning's step would put it one ahead for the
-        # rest of the run: remember the restored schedule and put it back after Lightning's step.
+        # rest of the run: the guard holds the restored schedule, put back after Lightning's step.
         rolled_back = event is not None and "rollback" in event.actions
         if rolled_back and self.guard.scheduler is not None and self._interval == "step":
-            self._schedule_after_rollback = self._schedule_state()
+            self.guard.hold_schedule()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.guard is None:
@@ -106,13 +99,7 @@ class GuardCallback(pl.Callback):
             return
         self._stepped = False
         losses, self._losses = self._losses, []
-        if self._schedule_after_rollback is not None:
-            sched_state, groups = self._schedule_after_rollback
-            self._schedule_after_rollback = None
-            assert self.guard.scheduler is not None
-            self.guard.scheduler.load_state_dict(sched_state)
-            for group, saved in zip(self.guard.optimizer.param_groups, groups):
-                group.update(saved)
+        self.guard.settle_schedule()  # after a rollback in on_before_optimizer_step (nothing otherwise)
         if not self._went:
             return
         self._went = False
