@@ -575,7 +575,7 @@ def test_a_float8_parameter_is_refused_when_the_optimizer_is_built():
     if not hasattr(torch, "float8_e4m3fn"):
         pytest.skip("this torch has no float8")
     with pytest.raises(TypeError, match=r"got params\[0\] of torch.float8_e4m3fn; keep a master copy"):
-        MicroAdam([torch.zeros(4, dtype=torch.float8_e4m3fn)], **KW)
+        MicroAdam([torch.zeros(4, dtype=torch.float8_e4m3fn, requires_grad=True)], **KW)
 
 
 def test_the_torch_path_checks_every_state_before_writing_any():
@@ -788,3 +788,163 @@ def test_what_schedulers_set_is_taken_at_the_step():
         opt.step()
         sched.step()
     assert opt.state[a]["step"] == 7
+
+
+# ---------------------------------------------------------------- found by the audit of 2026-12-01 (session 18)
+
+
+def test_a_dense_fallback_follows_a_parameter_converted_to_float64_and_back():
+    """After fallback_to_adamw, model.double() made the first float64 tensor fail the step after the
+    tensors before it were written (a retry stepped them twice). The moments now follow the dtype."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6))
+    opt = MicroAdam(m.parameters(), **KW)
+    m(torch.randn(2, 6)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    opt.fallback_to_adamw()
+    for dtype in (torch.float64, torch.float32):
+        m[1].to(dtype)
+        m[1](m[0](torch.randn(2, 6)).to(dtype)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert {opt.state[p]["exp_avg"].dtype for p in m[1].parameters()} == {dtype}
+        assert {opt.state[p]["step"] for p in m.parameters()} == {3 if dtype == torch.float32 else 2}
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+    # A float32 dense checkpoint loads into the float64 model (its moments cast, as torch casts them).
+    sd = opt.state_dict()
+    m.double()
+    again = MicroAdam(m.parameters(), **KW)
+    again.fallback_to_adamw()
+    again.load_state_dict(sd)
+    assert {st["exp_avg"].dtype for st in again.state.values()} == {torch.float64}
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "float8_e4m3fn"])
+def test_a_parameter_converted_to_a_dtype_microadam_cannot_step_is_named_at_the_step(dtype):
+    if not hasattr(torch, dtype):
+        pytest.skip(f"this torch has no {dtype}")
+    (a, b), opt = _trained()
+    snap = _snapshot(opt)
+    before = [a.detach().clone(), b.detach().clone()]
+    b.data = b.data.to(getattr(torch, dtype))
+    a.grad, b.grad = torch.randn_like(a), torch.ones(7).to(getattr(torch, dtype))
+    with pytest.raises(TypeError, match=rf"parameter 1 \(shape \(7,\)\) is torch.{dtype} and has a gradient.*convert"):
+        opt.step()
+    _assert_unchanged(opt, snap)
+    assert torch.equal(a.detach(), before[0])
+
+
+def test_a_frozen_integer_parameter_is_accepted_and_left_alone():
+    """A LoRA model over int8 base weights: MicroAdam(model.parameters()) works, as torch's optimizers do."""
+    q = torch.nn.Parameter(torch.randint(-127, 127, (6, 6), dtype=torch.int8), requires_grad=False)
+    lora = torch.nn.Linear(6, 6)
+    opt = MicroAdam([q, *lora.parameters()], **KW)
+    q_before = q.detach().clone()
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        (lora(x) + x @ q.float()).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(q, q_before) and q not in opt.state
+    assert all(opt.state[p]["step"] == 3 for p in lora.parameters())
+    # One that is given a gradient anyway is refused at the step, by name, before anything is written.
+    q.grad = torch.ones_like(q)
+    with pytest.raises(TypeError, match=r"parameter 0 \(shape \(6, 6\)\) is torch.int8 and has a gradient"):
+        opt.step()
+    assert torch.equal(q, q_before) and all(opt.state[p]["step"] == 3 for p in lora.parameters())
+
+
+@pytest.mark.parametrize(
+    "call,error,words",
+    [
+        (lambda opt: opt.load_state_dict("ckpt/optimizer.pt"), TypeError, r"got str \(a path\? load it first"),
+        (lambda opt: opt.load_state_dict(None), TypeError, "takes the dict that optimizer.state_dict"),
+        (lambda opt: opt.add_param_group([torch.zeros(3)]), TypeError, "param_group must be a dict, got list"),
+        (lambda opt: MicroAdam([torch.zeros(3)], lr=1e-3, variant=[]), ValueError, r"Invalid variant: \[\]"),
+        (lambda opt: Guard(torch.nn.Linear(2, 1), opt, {"snapshot_every": 5}), TypeError, "must be a GuardPolicy"),
+        (lambda opt: Guard(torch.nn.Linear(2, 1), None), TypeError, "optimizer must be a torch.optim.Optimizer"),
+        (lambda opt: Guard(None, opt), TypeError, "model must be a torch.nn.Module"),
+        (lambda opt: GuardPolicy(on_spike=None), TypeError, "on_spike must be a tuple of actions, got NoneType"),
+    ],
+    ids=[
+        "load-path",
+        "load-none",
+        "group-list",
+        "variant-list",
+        "policy-dict",
+        "guard-no-opt",
+        "guard-no-model",
+        "actions-none",
+    ],
+)
+def test_a_wrong_kind_of_argument_is_named_and_changes_nothing(call, error, words):
+    (a, b), opt = _trained()
+    snap = _snapshot(opt)
+    with pytest.raises(error, match=words):
+        call(opt)
+    _assert_unchanged(opt, snap)
+
+
+def test_a_reference_curve_of_numpy_numbers_is_taken_as_python_numbers():
+    steps, losses = np.arange(0, 50, 10), np.linspace(2.0, 1.0, 5, dtype=np.float32)
+    policy = GuardPolicy(reference_curve=list(zip(steps, losses)))
+    assert policy.reference_curve[1] == (10, pytest.approx(1.75)) and type(policy.reference_curve[1][0]) is int
+    assert type(policy.reference_curve[1][1]) is float
+
+
+@pytest.mark.parametrize("loss", [torch.ones(8), "0.5", [0.5]], ids=["per-sample", "str", "list"])
+def test_a_loss_that_is_not_one_number_is_refused_before_the_guard_counts_the_step(loss):
+    (a, b), opt = _trained()
+    guard = Guard(torch.nn.ParameterList([a, b]), opt, GuardPolicy())
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    snap = _snapshot(opt)
+    for _ in range(2):
+        with pytest.raises((TypeError, ValueError), match="the guard judges one loss per step.*nothing was changed"):
+            guard.step(loss)
+    assert guard.step_count == 0
+    _assert_unchanged(opt, snap)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+@pytest.mark.parametrize(
+    "name,value,words",
+    [
+        ("error_rounding", "bogus", "Invalid error_rounding: 'bogus'"),
+        ("lr", float("nan"), "Invalid lr: nan; it must be a finite number"),
+        ("eps", float("inf"), "Invalid eps: inf"),
+        ("weight_decay", float("nan"), "Invalid weight_decay"),
+        ("beta1", 1.0, r"Invalid beta1: 1.0; it must be in \[0, 1\)"),
+        ("beta2", 1.5, "Invalid beta2: 1.5"),
+        ("release", 2.0, r"Invalid release: 2.0; it must be in \[0, 1\]"),
+        ("release_scale", -1.0, "Invalid release_scale: -1.0; it must be a finite number >= 0"),
+    ],
+)
+def test_the_functional_step_refuses_what_microadam_refuses_on_every_path(impl, name, value, words):
+    """The torch path took an unknown error_rounding as 'nearest' (the C++ path refused it), and both
+    took lr=nan (every parameter NaN) or beta1=1 (a division by zero)."""
+    from microadam.functional import microadam_step, zero_state
+    from microadam.layout import layout_for
+
+    lay = layout_for(300, block_size=64, density=0.1, quant_block_size=32, window=4)
+    state = zero_state(lay, "cpu")
+    param = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    before = param.clone(), {k: v.clone() for k, v in state.items()}
+    kw = dict(layout=lay, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, error_rounding="nearest",
+              stochastic_param_rounding=False, seed=0, param_index=0, impl=impl, release=0.5)  # fmt: skip
+    kw[name] = value
+    with pytest.raises(ValueError, match=words):
+        microadam_step(param, torch.ones(300), **state, **kw)
+    assert torch.equal(param, before[0]) and all(torch.equal(v, before[1][k]) for k, v in state.items())
+
+
+def test_a_fraction_lr_is_kept_as_a_float_and_the_checkpoint_loads_weights_only(tmp_path):
+    import fractions
+
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = MicroAdam([p], lr=fractions.Fraction(1, 1000), betas=(fractions.Fraction(9, 10), 0.999))
+    assert type(opt.param_groups[0]["lr"]) is float and type(opt.param_groups[0]["betas"][0]) is float
+    p.grad = torch.randn(10)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    MicroAdam([p], lr=1e-3).load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))

@@ -32,6 +32,7 @@ from microadam.ops.topk import block_topk
 
 __all__ = [
     "microadam_step",
+    "check_hyperparameters",
     "release_move",
     "compute_dtype",
     "chunk_elements",
@@ -247,6 +248,48 @@ def _add_at(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> Non
         out.index_put_((index,), values, accumulate=True)
 
 
+def check_hyperparameters(
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    error_rounding: str,
+    release: float = 0.0,
+    release_scale: float = 1.0,
+) -> None:
+    """Raise ``ValueError`` naming the argument for a value no step can take: a NaN or infinite lr, eps,
+    weight decay or release scale would turn the parameter NaN, a beta of 1 divides by zero.
+
+    What ``MicroAdam`` checks of its param groups at every step, for the functional API's callers;
+    every implementation runs it first, so they refuse the same arguments.
+    """
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("release_scale", release_scale)):
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"Invalid {name}: {value!r}; it must be a number") from None
+        if not math.isfinite(x) or (name == "release_scale" and x < 0):
+            bound = "a finite number >= 0" if name == "release_scale" else "a finite number"
+            raise ValueError(f"Invalid {name}: {value!r}; it must be {bound}")
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        try:
+            ok = 0.0 <= float(value) < 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"Invalid {name}: {value!r}; it must be in [0, 1), e.g. beta1=0.9, beta2=0.999")
+    try:
+        ok = 0.0 <= float(release) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"Invalid release: {release!r}; it must be in [0, 1] (0 is the paper's algorithm)")
+    if error_rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"Invalid error_rounding: {error_rounding!r}; use 'nearest' or 'stochastic'")
+
+
 def step_in_place(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -294,7 +337,23 @@ def step_in_place(
             move; 0, this function's default, is the paper's algorithm. ``MicroAdam``'s default
             ``variant="release"`` passes ``release=0.5, release_scale=1.0``: pass them to match it.
         release_scale: RMS of the dense move per quantization block, in units of ``lr``.
+
+    Raises ``ValueError`` for a hyperparameter no step can take (:func:`check_hyperparameters`) and
+    for a state of the wrong shape or dtype, before anything is written. It does not check the
+    gradient: a NaN or Inf in ``grad`` enters the state. ``MicroAdam.step`` checks every gradient first
+    (and skips or raises); a caller of this function checks its own
+    (``microadam.optimizer.grads_in_range([grad])``).
     """
+    check_hyperparameters(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        error_rounding=error_rounding,
+        release=release,
+        release_scale=release_scale,
+    )
     if impl != "torch":
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"Invalid impl: {impl!r}; choose one of {IMPLEMENTATIONS}")

@@ -143,7 +143,13 @@ class GuardPolicy:
             value = getattr(self, name)
             if isinstance(value, str):  # ("skip") is a string, not a tuple: a common slip
                 raise TypeError(f"{name} must be a tuple of actions, got the string {value!r}; write ({value!r},)")
-            actions = tuple(value)
+            try:
+                actions = tuple(value)
+            except TypeError:
+                raise TypeError(
+                    f"{name} must be a tuple of actions, got {type(value).__name__} {value!r}; write e.g. "
+                    f"{name}=('skip',), or ('none',) to only log the event"
+                ) from None
             bad = [a for a in actions if a not in ACTIONS]
             if bad:
                 raise ValueError(f"{name}: unknown action {bad[0]!r}; choose from {sorted(ACTIONS)}")
@@ -235,19 +241,43 @@ class GuardPolicy:
             for i, point in enumerate(self.reference_curve):
                 try:
                     step, loss = point
-                    ok = all(not isinstance(v, bool) and isinstance(v, (int, float)) for v in (step, loss))
+                    # Any real numbers (np.arange steps, np.float32 losses), kept as Python ones.
+                    ok = all(not isinstance(v, bool) and isinstance(v, numbers.Real) for v in (step, loss))
+                    if ok:
+                        step = int(step) if isinstance(step, numbers.Integral) else float(step)
+                        loss = float(loss)
                     ok = ok and step >= 0 and math.isfinite(step) and math.isfinite(loss)
                 except (TypeError, ValueError):
                     ok = False
                 if not ok:
                     raise ValueError(
-                        f"reference_curve[{i}] must be a (step, loss) pair with step >= 0 and a finite loss, "
-                        f"got {point!r}"
+                        f"reference_curve[{i}] must be a (step, loss) pair of numbers with step >= 0 and a finite "
+                        f"loss, got {point!r}"
                     )
                 curve.append((step, loss))
             if not curve:
                 raise ValueError("reference_curve is empty; pass None to turn the reference check off")
             self.reference_curve = curve
+
+
+def _loss_value(loss: Any) -> float:
+    """``loss`` as a Python float; ``TypeError``/``ValueError`` saying what to pass for anything but one number."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"the guard judges one loss per step, got a tensor of shape {tuple(loss.shape)} (per-sample losses?); "
+                "pass the reduced loss (loss.mean()); nothing was changed"
+            )
+        return float(loss.detach())
+    try:
+        if isinstance(loss, (bool, str, bytes)):
+            raise TypeError
+        return float(loss)  # a Python or NumPy number, a one-element array
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"the guard judges one loss per step, got {type(loss).__name__} {loss!r}; pass the loss as a number or a "
+            "one-element tensor; nothing was changed"
+        ) from None
 
 
 @dataclass
@@ -476,6 +506,20 @@ class Guard:
         start_step: int | None = None,
         resume: bool | str | os.PathLike[str] = False,
     ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"Guard's model must be a torch.nn.Module, got {type(model).__name__}: Guard(model, optimizer)"
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"Guard's optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}: "
+                "Guard(model, optimizer, policy), with an optimizer wrapper's inner optimizer if need be"
+            )
+        if policy is not None and not isinstance(policy, GuardPolicy):
+            raise TypeError(
+                f"Guard's policy must be a GuardPolicy or None (the defaults), got {type(policy).__name__} "
+                f"{policy!r}: pass GuardPolicy(**settings)"
+            )
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.policy = policy or GuardPolicy()
         if start_step is not None:
@@ -1040,11 +1084,12 @@ class Guard:
         step only if it says so, then call :meth:`after_step`. ``loss`` may be ``None`` when the
         loop does not expose it; then only gradients are checked.
         """
+        # The loss first: a loss that is not one number raises before anything is counted or changed.
+        value = float("nan") if loss is None else _loss_value(loss)
         self.settle_schedule()
         self._scheduler_stepped = False  # from here to the loop's scheduler.step(), it is not
         self.step_count += 1
         p = self.policy
-        value = float("nan") if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         if loss is not None:
             value = self._mean_over_ranks(value)
         finite_loss = loss is None or math.isfinite(value)
@@ -1145,7 +1190,7 @@ class Guard:
     def observe_loss(self, loss: torch.Tensor | float) -> GuardEvent | None:
         """For loops that expose the loss only after the step (Lightning): check it, then do
         :meth:`after_step`'s bookkeeping. A spike rolls back the step that was just taken too."""
-        value = self._mean_over_ranks(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
+        value = self._mean_over_ranks(_loss_value(loss))
         if not math.isfinite(value):
             # The step was already taken (its gradients were finite), so skipping is no longer
             # possible: roll back to before it.

@@ -6,11 +6,12 @@ import contextlib
 import difflib
 import math
 import numbers
+import os
 import signal
 import threading
 import warnings
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from copy import deepcopy
 from functools import partial
 from itertools import chain
@@ -378,7 +379,7 @@ def resolve_variant(variant: str, release: float | None, release_scale: float | 
 
     ``variant="paper"`` is the paper's algorithm, so it refuses a nonzero ``release``.
     """
-    if variant not in VARIANTS:
+    if not isinstance(variant, str) or variant not in VARIANTS:
         raise ValueError(f"Invalid variant: {variant!r}; use one of {sorted(VARIANTS)}")
     preset = VARIANTS[variant]
     if variant == "paper" and release not in (None, 0, 0.0):
@@ -401,8 +402,13 @@ _SET_ERROR = (
 def plain_number(v: Any) -> Any:
     """``v`` as a Python number if it is a NumPy scalar (``np.float32(1e-3)``, ``np.int64(10)``: a scheduler's
     lambda may return one, and ``torch.load(weights_only=True)`` refuses them); anything else as it is."""
-    if isinstance(v, numbers.Number) and type(v) not in (bool, int, float, complex) and hasattr(v, "item"):
-        return v.item()
+    if isinstance(v, numbers.Number) and type(v) not in (bool, int, float, complex):
+        if hasattr(v, "item"):
+            return v.item()
+        if isinstance(v, numbers.Integral):
+            return int(v)
+        if isinstance(v, numbers.Real):
+            return float(v)  # a Fraction: a checkpoint must load with weights_only=True
     return v
 
 
@@ -636,6 +642,11 @@ class MicroAdam(Optimizer):
         self._warned_nonfinite = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(
+                f"param_group must be a dict, got {type(param_group).__name__}: "
+                "optimizer.add_param_group({'params': tensors, 'lr': ...})"
+            )
         param_group = _plain_numbers(param_group)
         if "variant" in param_group:
             # A group may name a variant too: it stands for its (release, release_scale).
@@ -671,16 +682,22 @@ class MicroAdam(Optimizer):
                     f"MicroAdam optimizes tensors, got {type(p).__name__} in params; pass model.parameters() "
                     "or model.named_parameters()"
                 )
-            if p.is_complex():
+            if not p.requires_grad:
+                # Frozen (a quantized base weight of a LoRA model, int8): never given a gradient, so
+                # never stepped, as in torch's optimizers. One that gets a gradient anyway is refused
+                # at the step (_gradients).
+                pass
+            elif p.is_complex():
                 raise TypeError(
                     f"MicroAdam does not support complex parameters (got {p.dtype}, shape {tuple(p.shape)}); "
                     "store the parameter as a real tensor with a last dimension of 2 (real, imaginary) and "
                     "view it with torch.view_as_complex in forward, or optimize it with torch.optim.AdamW"
                 )
-            if p.dtype not in _PARAM_DTYPES:
+            elif p.dtype not in _PARAM_DTYPES:
                 raise TypeError(
                     f"MicroAdam steps float32, bfloat16, float16 and float64 parameters, got params[{i}] of {p.dtype}; "
-                    "keep a master copy in one of these (float8 training does, e.g. torchao.float8)"
+                    "keep a master copy in one of these (float8 training does, e.g. torchao.float8), or freeze it "
+                    "(requires_grad=False) if it is not trained"
                 )
             if id(p) in seen:
                 # torch only warns; MicroAdam would step the tensor twice per step.
@@ -741,6 +758,15 @@ class MicroAdam(Optimizer):
                         raise TypeError(
                             f"MicroAdam does not support sparse gradients (parameter {index}, layout {g.layout}); "
                             "use a dense embedding (sparse=False) or torch.optim.SparseAdam for it"
+                        )
+                    if p.dtype not in _PARAM_DTYPES:
+                        # Converted after it was added (model.to(dtype)), or frozen and given a gradient
+                        # anyway: refused here, before the range check (which cannot reduce float8).
+                        raise TypeError(
+                            f"parameter {index} (shape {tuple(p.shape)}) is {p.dtype} and has a gradient, but "
+                            "MicroAdam steps float32, bfloat16, float16 and float64 parameters (converted after the "
+                            "optimizer was built? model.to(dtype)); convert it back, or freeze it "
+                            "(requires_grad=False, grad=None); nothing was changed"
                         )
                     if g.numel() != p.numel():
                         raise ValueError(
@@ -1164,6 +1190,11 @@ class MicroAdam(Optimizer):
             # Same size, another shape (p.data = p.data.view(...); the size was checked before the step):
             # the moments follow, as MicroAdam's flat state does.
             st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].reshape(p.shape), st["exp_avg_sq"].reshape(p.shape)
+        if st["exp_avg"].dtype != dt:
+            # The parameter became float64, or stopped being (model.double() after the fallback): the
+            # moments follow, as torch's load_state_dict casts them (else the first such tensor failed
+            # the step after the tensors before it were written).
+            st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(dt), st["exp_avg_sq"].to(dt)
         # Everything is computed out of place first and written at the end: a failure (out of memory)
         # half way changes nothing, so a retry does not apply the gradient to the moments twice. The
         # price is two moment-sized temporaries, in the fallback only.
@@ -1263,6 +1294,13 @@ class MicroAdam(Optimizer):
         parameter size raises ``ValueError`` naming both values, and the
         optimizer is left as it was.
         """
+        if not isinstance(state_dict, Mapping):
+            path = isinstance(state_dict, (str, os.PathLike))
+            hint = " (a path? load it first: torch.load(path, weights_only=True))" if path else ""
+            raise TypeError(
+                f"load_state_dict takes the dict that optimizer.state_dict() returned, got "
+                f"{type(state_dict).__name__}{hint}; nothing was changed"
+            )
         state_dict = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -1426,7 +1464,10 @@ class MicroAdam(Optimizer):
         if group.get("dense", False):
             float_dt = torch.float64 if p.dtype == torch.float64 else torch.float32
             for key in ("exp_avg", "exp_avg_sq"):
-                out[key] = _checked_tensor(pid, key, saved[key], tuple(p.shape), float_dt).to(
+                t = saved[key]
+                if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float64):
+                    t = t.to(float_dt)  # saved from a float64 model into a float32 one, or back, as torch casts
+                out[key] = _checked_tensor(pid, key, t, tuple(p.shape), float_dt).to(
                     p.device, memory_format=torch.contiguous_format, copy=True
                 )
                 # exp_avg_sq may hold +Inf: the square of a gradient beyond about 1.8e19 (within GRAD_LIMIT)
