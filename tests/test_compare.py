@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -29,6 +30,10 @@ DIGITS_PLAN = {
         {"name": "medium", "steps": 8, "batch_size": 32, "seeds": [0, 1], "eval_examples": 100},
     ],
 }
+
+# DIGITS_PLAN with one seed per stage: for the verdict tests of one row per optimizer (a stage judges
+# only when every planned seed has a record).
+ONE_SEED = DIGITS_PLAN | {"stages": [s | {"seeds": [0]} for s in DIGITS_PLAN["stages"]]}
 
 
 def test_quick_plan_is_valid_and_has_two_seeds_and_three_optimizers():
@@ -127,6 +132,12 @@ BAD_PATHS = [
     ("plan is not UTF-8", ["not UTF-8", "save it as UTF-8"]),
     ("--out is a file", ["--out", "is a file"]),
     ("--out under a file", ["--out", "cannot be created"]),
+    # Found by the audit of 2026-12-01: each was a traceback, or (the last) overwrote the user's file.
+    ("records.jsonl is a folder", ["records.jsonl' is a folder", "new --out"]),
+    ("records.jsonl is not UTF-8", ["not a compare records file (not UTF-8", "new --out"]),
+    ("records.jsonl holds a JSON list", ["line 1 is not a record (a JSON object)", "new --out"]),
+    ("records.jsonl header without a plan", ["plan header holds no plan", "new --out"]),
+    ("--out holds the user's report.md", ["already holds report.md, which compare did not write", "new or empty"]),
 ]
 
 
@@ -140,9 +151,28 @@ def test_bad_plan_path_or_out_is_a_one_line_error(case, words, tmp_path, capsys)
         "plan is not UTF-8": ["compare", str(tmp_path / "latin1.toml")],
         "--out is a file": ["compare", str(plan), "--out", str(afile)],
         "--out under a file": ["compare", str(plan), "--out", str(afile / "sub")],
-    }[case]
+    }.get(case)
     (tmp_path / "latin1.toml").write_bytes('name = "caf\u00e9"\n'.encode("latin-1"))
+    out = tmp_path / "out"
+    if case.startswith("records.jsonl") or case.startswith("--out holds"):
+        out.mkdir()
+        argv = ["compare", str(plan), "--out", str(out)]
+        records = out / "records.jsonl"
+        if case == "records.jsonl is a folder":
+            records.mkdir()
+        elif case == "records.jsonl is not UTF-8":
+            records.write_bytes(b"\xff\xfe garbage\n")
+        elif case == "records.jsonl holds a JSON list":
+            records.write_text("[1, 2]\n5\n")
+        elif case == "records.jsonl header without a plan":
+            records.write_text('{"kind": "plan"}\n')
+        else:
+            (out / "report.md").write_text("my notes\n")
     err = _one_line_error(capsys, argv)
+    if case == "--out holds the user's report.md":
+        assert (out / "report.md").read_text() == "my notes\n" and sorted(p.name for p in out.iterdir()) == [
+            "report.md"
+        ]
     for w in words:
         assert w in err, (w, err)
     assert afile.read_text() == ""
@@ -209,7 +239,7 @@ def test_verdict_passes_and_fails_by_criterion_with_margins():
 
 
 def test_verdict_for_a_loss_metric_uses_percent_increase():
-    plan = parse_plan(DIGITS_PLAN | {"criteria": {"max_metric_drop": 2.0}})
+    plan = parse_plan(ONE_SEED | {"criteria": {"max_metric_drop": 2.0}})
     stage = plan.stages[0]
     rows = [_row("adamw", 0, 2.00, 8000, 0.01, higher=False), _row("microadam", 0, 2.05, 900, 0.01, higher=False)]
     j = judge_stage(plan, stage, rows)["microadam"]
@@ -229,7 +259,7 @@ def test_a_loss_metric_against_a_baseline_of_zero_is_judged_without_a_percentage
 
 def test_a_value_just_over_the_bar_is_printed_with_the_digits_that_show_it():
     """0.20004 against a bar of 0.2 was printed '0.2x > 0.2x': a failure that read as a pass."""
-    plan = parse_plan(DIGITS_PLAN | {"criteria": {"max_state_ratio": 0.2, "max_step_time_ratio": 2.0}})
+    plan = parse_plan(ONE_SEED | {"criteria": {"max_state_ratio": 0.2, "max_step_time_ratio": 2.0}})
     rows = [_row("adamw", 0, 0.8, 100000, 0.01), _row("microadam", 0, 0.8, 20004, 0.020003)]
     by = {c["name"]: c for c in judge_stage(plan, plan.stages[0], rows)["microadam"]["criteria"]}
     assert "optimizer state ratio 0.20004x > 0.2x" in by["state_ratio"]["detail"]
@@ -693,7 +723,7 @@ def test_an_epoch_with_no_full_batch_is_an_error_not_a_hang():
 def test_a_drop_exactly_on_the_bar_passes(eval_examples, bar):
     """One example fewer right in 200 is a drop of 0.5 points, computed as 0.5000000000000004: it
     failed a 0.5 bar "by 4.44e-16 pts" in 175 of the 199 possible cases."""
-    plan = parse_plan(DIGITS_PLAN | {"criteria": {"max_metric_drop": bar}})
+    plan = parse_plan(ONE_SEED | {"criteria": {"max_metric_drop": bar}})
     stage = plan.stages[0]
     for right in range(1, eval_examples):
         rows = [_row("adamw", 0, right / eval_examples, 8000, 0.01),
@@ -708,7 +738,7 @@ def test_a_drop_exactly_on_the_bar_passes(eval_examples, bar):
 
 
 def test_a_criterion_set_to_false_is_not_checked_and_the_report_says_so():
-    plan = parse_plan(DIGITS_PLAN | {"criteria": {"max_step_time_ratio": False, "max_state_ratio": 0.2}})
+    plan = parse_plan(ONE_SEED | {"criteria": {"max_step_time_ratio": False, "max_state_ratio": 0.2}})
     assert plan.criteria.max_step_time_ratio is None and plan.criteria.max_state_ratio == 0.2
     rows = [_row("adamw", 0, 0.8, 8000, 0.01), _row("microadam", 0, 0.8, 900, 0.5)]  # 50x slower
     assert judge_stage(plan, plan.stages[0], rows)["microadam"]["passed"]
@@ -1016,3 +1046,71 @@ def test_a_second_compare_in_the_same_directory_is_refused_naming_the_first(tmp_
     # The lock went with its process: the compare runs now.
     records = runner.run_plan(parse_plan(data), tmp_path, log=lambda _: None)
     assert {r["optimizer"] for r in records if r.get("kind") == "run"} == {"adamw", "microadam"}
+
+
+# ---------------------------------------------------------------- found by the audit of 2026-12-01 (session 18)
+
+
+@pytest.mark.parametrize("writes", ["a cache once", "a log every run"])
+def test_a_task_that_writes_into_its_data_folder_gets_every_run_judged(writes, tmp_path, monkeypatch):
+    """The run keys hold the digest of the folders the task options name. A task writing there while it
+    ran changed the keys between the runs and the report: the verdict judged the baseline on one seed
+    (a cache), or said "not run" for runs just made and exited 0 (a log per run)."""
+    monkeypatch.chdir(tmp_path)
+    cache, log = os.path.join("dd", "cache"), 'os.path.join("dd", f"run-{time.time_ns()}.log")'
+    write = {
+        "a cache once": f"if not os.path.exists({cache!r}): open({cache!r}, 'w').write('x')",
+        "a log every run": f"open({log}, 'w').write('x')",
+    }[writes]
+    source = _USER_TASK.replace("import torch\n", "import os, time\nimport torch\n", 1)
+    source = source.replace("def __init__(self, width: int = 8):", "def __init__(self, width: int = 8, root='dd'):")
+    build = "    def build(self, *, seed, size, device):\n"
+    source = source.replace(build, f"{build}        {write}\n")
+    assert write in source and "root='dd'" in source
+    (tmp_path / "mine.py").write_text(source)
+    (tmp_path / "dd").mkdir()
+    plan = {**_USER_PLAN, "task": "mine.py:Blobs", "task_options": {"root": "dd"}}
+    plan_file = _write_plan(tmp_path / "plan.toml", plan)
+    assert main(["compare", str(plan_file), "--out", "out"]) == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    # Judged on both seeds of both optimizers (a verdict on the tiny model's state ratio: FAIL).
+    assert "not run" not in report and "one seed" not in report and "accuracy drop" in report
+    assert len(list((tmp_path / "dd").iterdir())) == (1 if writes == "a cache once" else 4)
+
+
+def test_a_stage_missing_a_planned_seed_is_invalid_not_judged_on_the_rest():
+    plan = parse_plan(DIGITS_PLAN)
+    stage = plan.stages[0]
+    rows = [_row(o, s, 0.9, 1000 if o == "adamw" else 100, 0.01) for o in ("adamw", "microadam") for s in stage.seeds]
+    assert judge_stage(plan, stage, rows)["microadam"]["passed"]
+    gone = [r for r in rows if not (r["optimizer"] == "adamw" and r["seed"] == stage.seeds[-1])]
+    j = judge_stage(plan, stage, gone)["microadam"]
+    assert j["invalid"] and f"no record of adamw seeds [{stage.seeds[-1]}]" in j["reason"]
+    # No record of a candidate at all: INVALID (compare exits 3), not "not run" with exit 0.
+    assert final_verdict(plan, [])["microadam"].startswith("INVALID at stage 'small': no record of its runs")
+
+
+@pytest.mark.parametrize("value", ["acc.reshape(1).tolist()", "str(acc.item())", "acc.repeat(2)"])
+def test_a_metric_that_is_not_one_number_is_a_run_error_naming_it(value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    old = 'return {"accuracy": (m(x[192:]).argmax(1) == y[192:]).float().mean().item()}'
+    new = f'acc = (m(x[192:]).argmax(1) == y[192:]).float().mean()\n                return {{"accuracy": {value}}}'
+    source = _USER_TASK.replace(old, new)
+    assert source != _USER_TASK
+    (tmp_path / "mine.py").write_text(source)
+    plan_file = _write_plan(tmp_path / "plan.toml", {**_USER_PLAN, "task": "mine.py:Blobs"})
+    for _ in range(2):  # and again: nothing was stored that stops the next compare
+        assert main(["compare", str(plan_file), "--out", "out"]) == 3  # INVALID: the baseline's runs failed
+    runs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()][1:]
+    assert runs and all(r["status"] == "error" and "the metric must be one number" in r["message"] for r in runs)
+    # A record an earlier version stored with such a metric is a failed run, not a crash of the verdict.
+    digits = parse_plan(DIGITS_PLAN)
+    seeds = digits.stages[0].seeds
+    stored = [{**_row("adamw", s, 0.9, 1000, 0.01), "metrics": {"accuracy": [0.9]}} for s in seeds]
+    j = judge_stage(digits, digits.stages[0], stored + [_row("microadam", s, 0.9, 100, 0.01) for s in seeds])
+    assert j["microadam"]["invalid"] and "ended with accuracy = [0.9]" in j["microadam"]["reason"]
+
+
+def test_a_plan_name_with_a_nul_byte_is_a_plan_error():
+    with pytest.raises(PlanError, match="or NUL, got 'a\\\\x00b'"):
+        parse_plan({**DIGITS_PLAN, "name": "a\x00b"})

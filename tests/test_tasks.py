@@ -211,6 +211,13 @@ def test_text_classification_reads_jsonl_pairs_and_int_labels(tmp_path: Any) -> 
     as_json = tmp_path / "pairs.json"
     as_json.write_text(json.dumps(rows), encoding="utf-8")
     assert read_records(str(as_json)) == rows
+    # A .json file of one object is one JSON line (it was refused "expected ... one object per line").
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(rows[0]), encoding="utf-8")
+    assert read_records(str(one)) == rows[:1]
+    one.write_text("[1, 2] 3", encoding="utf-8")  # neither a document nor object lines: still refused
+    with pytest.raises(ValueError, match="one.json"):
+        read_records(str(one))
 
     model = _minilm()
     task = get_task(

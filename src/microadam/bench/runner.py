@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import math
+import numbers
 import os
 import socket
 import time
@@ -49,15 +50,31 @@ def resolve_device(name: str) -> torch.device:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """All rows of a records file; a torn last line (a killed writer) is ignored."""
+    """All rows of a records file; a torn last line (a killed writer) is ignored.
+
+    ``PlanError`` (naming the file) for what is no records file: a folder, bytes that are not UTF-8,
+    a line of JSON that is not an object.
+    """
     if not path.exists():
         return []
+    fix = "give compare a new --out, or move the file away"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise PlanError(f"{str(path)!r} is a folder, not compare's records file; {fix}") from None
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{str(path)!r} is not a compare records file (not UTF-8 text: {e.reason}); {fix}") from None
+    except OSError as e:
+        raise PlanError(f"{str(path)!r} cannot be read ({e.strerror or e}); {fix}") from None
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for i, line in enumerate(text.splitlines()):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(row, dict):
+            raise PlanError(f"{str(path)!r} line {i + 1} is not a record (a JSON object): not compare's file; {fix}")
+        rows.append(row)
     return rows
 
 
@@ -92,7 +109,24 @@ def _metric(metrics: Any, task: Any) -> float:
             f"{type(task).__name__}.build()'s evaluate returned {got}, without the task's metric {task.metric!r}: "
             f"return a dict holding it, or set the class's metric to one of its keys"
         )
-    return metrics[task.metric]
+    return _number(metrics[task.metric], task.metric, type(task).__name__)
+
+
+def _number(value: Any, name: str, where: str) -> float:
+    """A metric as a Python float: a number, or a one-element tensor or array. Anything else raises
+    (the run is recorded as an error naming it): the verdict compares numbers, and a list or a string
+    stored as a finished run's metric would stop every later compare of the folder."""
+    if hasattr(value, "item") and not isinstance(value, numbers.Number):
+        try:
+            value = value.item()  # a one-element tensor or array, a NumPy scalar
+        except (ValueError, RuntimeError, TypeError):
+            pass  # more than one element: refused below
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{where}.build()'s evaluate returned {name} = {value!r} ({type(value).__name__}); the metric must be one "
+            "number (a float, or a one-element tensor): return e.g. float(accuracy)"
+        )
+    return float(value)
 
 
 def _sync(device: torch.device) -> None:
@@ -208,14 +242,15 @@ def run_one(
             progress.update(step, f"loss {value:.4f}")
     total = time.perf_counter() - start
     metrics = work.evaluate(model)
-    evals.append((stage.steps, _metric(metrics, task)))
+    final = _metric(metrics, task)
+    evals.append((stage.steps, final))
     n_params = sum(p.numel() for p in model.parameters())
     sb = state_bytes(opt)
     row.update(
         status="ok",
         # As the records file holds it (tensors and NumPy scalars as numbers): the verdict of this run's
         # compare must see what a resumed one reads back.
-        metrics=json.loads(json.dumps(metrics, default=_json_value)),
+        metrics={**json.loads(json.dumps(metrics, default=_json_value)), task.metric: final},
         loss_curve=_thin(losses),
         eval_curve=evals,
         final_train_loss=losses[-1][1] if losses else None,
@@ -253,6 +288,15 @@ def run_plan(
     if out_dir.exists() and not out_dir.is_dir():
         raise PlanError(f"--out {str(out_dir)!r} is a file, not a directory; give a new or existing directory")
     records_path = out_dir / "records.jsonl"
+    if out_dir.is_dir() and not (out_dir / OUTPUT_MARKER).exists() and not records_path.exists():
+        # A folder compare did not make (one made before the marker existed holds records.jsonl): its
+        # own report files must not be overwritten.
+        taken = [n for n in ("report.md", "report.html") if (out_dir / n).exists()]
+        if taken:
+            raise PlanError(
+                f"--out {str(out_dir)!r} already holds {' and '.join(taken)}, which compare did not write (no "
+                f"{OUTPUT_MARKER} marker there) and would overwrite; give a new or empty --out"
+            )
     _check_header(read_records(records_path), plan, records_path)
     # Everything that can stop the run is checked before anything is written.
     device = resolve_device(plan.device)
@@ -265,6 +309,10 @@ def run_plan(
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / OUTPUT_MARKER).touch()  # before any run key: see OUTPUT_MARKER
+            # The run keys' digest of the task options' files and folders, taken now, before any run: a
+            # task that writes into its own data folder (a cache, a log) must not change the keys of
+            # this compare's runs (the report would not find them).
+            plan.freeze_data()
             stack.enter_context(_exclusive(out_dir))
             # Read again under the lock: another compare may have written since.
             records = read_records(records_path)
@@ -289,6 +337,13 @@ def run_plan(
 def _check_header(records: list[dict[str, Any]], plan: Plan, records_path: Path) -> dict[str, Any] | None:
     """The records' plan header (None if there is none yet); PlanError if it fixed another bar or baseline."""
     header = next((r for r in records if r.get("kind") == "plan"), None)
+    if header is not None and not (
+        isinstance(header.get("plan"), dict) and isinstance(header["plan"].get("criteria"), dict)
+    ):
+        raise PlanError(
+            f"{records_path}'s plan header holds no plan with its acceptance bar: the file is damaged or not "
+            "compare's; give compare a new --out"
+        )
     if header is not None and (
         header["plan"]["criteria"] != plan.to_dict()["criteria"] or header["plan"]["baseline"] != plan.baseline
     ):

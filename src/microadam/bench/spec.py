@@ -112,15 +112,34 @@ class Plan:
             what["lr_schedule"] = self.lr_schedule
         # A data file or model folder rewritten under the same path is another run: its contents
         # are in the key. Left out when no option names one, so the built-in tasks keep their keys.
+        data = self.data_digests()
+        if data:
+            what["data"] = data
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+    def data_digests(self) -> dict[str, str]:
+        """The digests of the files and folders the task options name (and of a user's task file) that
+        :meth:`run_key` holds: as they are now, or as :meth:`freeze_data` fixed them."""
+        frozen = self.__dict__.get("_frozen_data")
+        if frozen is not None:
+            return dict(frozen)
         data = {k: _path_digest(p) for k, v in sorted(self.task_options.items()) if (p := _local_path(v)) is not None}
         # A task of the user's file: its code makes the run as much as its data does.
         from microadam.bench.tasks import task_file
 
         if (code := task_file(self.task)) is not None and Path(code).is_file():
             data["task:code"] = _path_digest(Path(code))
-        if data:
-            what["data"] = data
-        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+        return data
+
+    def freeze_data(self) -> None:
+        """Fix :meth:`data_digests` (and so the run keys) for this plan object at their current values.
+
+        ``compare`` calls it before any run: a task that writes into its own data folder while it runs
+        (a cache, a log) must not change the keys of this compare's runs, or the report would not find
+        them. A later compare takes the folder as it finds it then (a changed folder is a rerun).
+        """
+        object.__setattr__(self, "_frozen_data", None)
+        object.__setattr__(self, "_frozen_data", self.data_digests())  # frozen dataclass: a cache, not a field
 
 
 def device_kind(device: str) -> str:
@@ -379,8 +398,8 @@ def parse_plan(data: dict[str, Any]) -> Plan:
     _check_learning_rates(task, task_options, [baseline, *candidates], optimizers)
     name = _expect(data.get("name", "plan"), str, "name", "a string")
     # The name is the default output folder (runs/<name>): it must not climb out of it.
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise PlanError(f"{_where('name')}: expected a folder name without '/' or '\\', got {name!r}")
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise PlanError(f"{_where('name')}: expected a folder name without '/', '\\' or NUL, got {name!r}")
     return Plan(
         name=name,
         task=task,

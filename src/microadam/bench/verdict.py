@@ -12,7 +12,7 @@ __all__ = ["judge_stage", "summarize", "final_verdict", "select_runs"]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
+    values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -26,8 +26,9 @@ def _failure(r: dict[str, Any]) -> str | None:
     if "diverged_at" in r:
         return f"diverged (non-finite loss at step {r['diverged_at']})"
     value = r["metrics"].get(r["metric"])
-    if value is None or not math.isfinite(value):
-        return f"ended with {r['metric']} = {value}"
+    # Not a number: a record of an earlier version, which stored what evaluate returned as it was.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"ended with {r['metric']} = {value!r}"
     return None
 
 
@@ -117,12 +118,29 @@ def _check(name: str, value: float, limit: float | None, unit: str, what: str) -
 
 def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """For each candidate run in this stage: passed or not, and each criterion with its margin."""
-    summary = summarize([r for r in rows if r.get("stage") == stage.name])
+    rows = [r for r in rows if r.get("stage") == stage.name]
+    summary = summarize(rows)
     base = summary.get(plan.baseline)
     result: dict[str, dict[str, Any]] = {}
+    # Every planned seed must have a record: means over the seeds that happen to be there would be
+    # judged as if they were the plan's (a compare that was stopped, records of another version).
+    missing = {
+        name: [seed for seed in stage.seeds if not any(r["optimizer"] == name and r["seed"] == seed for r in rows)]
+        for name in (plan.baseline, *plan.candidates)
+    }
     for cand in plan.candidates:
         c = summary.get(cand)
         if c is None:
+            continue
+        gaps = [f"{name} seeds {missing[name]}" for name in (plan.baseline, cand) if missing[name]]
+        if gaps:
+            result[cand] = {
+                "passed": False,
+                "invalid": True,
+                "reason": f"no record of {' and '.join(gaps)} of stage '{stage.name}'; rerun the same compare "
+                "command in this --out (it runs only what is missing)",
+                "criteria": [],
+            }
             continue
         if base is None or base["failures"]:
             # Checked before the candidate's own failures: when the baseline's runs fail too (a
@@ -257,9 +275,16 @@ def final_verdict(plan: Plan, records: list[dict[str, Any]]) -> dict[str, str]:
     verdict = {}
     for cand in plan.candidates:
         verdict[cand] = "not run"
-        for stage in plan.stages:
+        for si, stage in enumerate(plan.stages):
             rows = selected.get(stage.name, [])
             if not any(r["optimizer"] == cand for r in rows):
+                if si == 0:
+                    # A candidate is run at the first stage whatever happens: no record of it means the
+                    # compare did not finish (or the records are of another plan), not a verdict.
+                    verdict[cand] = (
+                        f"INVALID at stage '{stage.name}': no record of its runs; rerun the same compare command "
+                        "in this --out (it runs only what is missing)"
+                    )
                 break
             j = judge_stage(plan, stage, rows).get(cand)
             if j is None:

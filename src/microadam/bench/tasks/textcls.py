@@ -88,10 +88,11 @@ def _read(path: str) -> tuple[list[dict[str, Any]], Callable[[int], str]]:
             rows = json.loads(text)
         except json.JSONDecodeError:
             rows = None  # not one document: read it as JSON lines, as the datasets library does
-        if rows is not None:
-            if not isinstance(rows, list):
-                raise ValueError(f"{path}: expected a JSON list of objects or one object per line")
+        if isinstance(rows, list):
             return rows, lambda i: f"item {i + 1} (1-based) of the JSON list"
+        if rows is not None and not isinstance(rows, dict):
+            raise ValueError(f"{path}: expected a JSON list of objects or one object per line")
+        # One object (a file of one example) is one JSON line: read below as such.
     rows, lines = [], []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters that
     # splitlines() ends a line at, which would cut an object in two and shift the line numbers.
