@@ -607,15 +607,7 @@ class Guard:
                 "numpy": _numpy_rng_state(),
             },
             "scheduler": _to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
-            "guard": {
-                "step": self.step_count,
-                "losses": list(self.losses),
-                "rollbacks": self.rollbacks,
-                "rollbacks_before_resume": self.rollbacks_before_resume,
-                "lr_scale": self.lr_scale,
-                "reference_lag": self.reference_lag,
-                "scheduler_stepped": self._scheduler_stepped,
-            },
+            "guard": {**self.counters(), "scheduler_stepped": self._scheduler_stepped},
         }
 
     def checkpoint_path(self) -> Path | None:
@@ -702,14 +694,7 @@ class Guard:
                 f"resume: {path} is not a guard checkpoint (it lacks {missing}); pass the guard-last.pt that a "
                 "Guard with checkpoint_dir wrote, or resume=False to start a new run"
             )
-        total = int(ckpt["guard"]["rollbacks"]) + int(ckpt["guard"].get("rollbacks_before_resume", 0))
-        cap = self.policy.max_total_rollbacks
-        if cap is not None and total > cap:
-            # A job that restarts by itself must stop for good here, not train on until its next rollback.
-            raise RuntimeError(
-                f"resume: the runs that wrote {path} rolled back {total} times (max_total_rollbacks={cap}); "
-                "the run keeps degrading across restarts: inspect the event log, then raise the cap or start over"
-            )
+        self._check_total_rollbacks(ckpt["guard"], str(path))
         try:
             self._restore_or_put_back(ckpt)
         except Exception as e:
@@ -719,13 +704,44 @@ class Guard:
             ) from e
         saved = ckpt["guard"]
         self.step_count = int(saved["step"])
+        self.load_counters(saved)
+        self._scheduler_stepped = bool(saved.get("scheduler_stepped", False))
+
+    def counters(self) -> dict[str, Any]:
+        """What a resumed run needs of this guard's history, as plain numbers: its step, the losses the
+        spike check compares with, the rollbacks (this run's and before), the lower_lr scale and the
+        reference lag. In ``guard-last.pt``; the Trainer and Lightning callbacks keep it in their own
+        checkpoints and give it back with :meth:`load_counters` when the framework resumes."""
+        return {
+            "step": self.step_count,
+            "losses": list(self.losses),
+            "rollbacks": self.rollbacks,
+            "rollbacks_before_resume": self.rollbacks_before_resume,
+            "lr_scale": self.lr_scale,
+            "reference_lag": self.reference_lag,
+        }
+
+    def load_counters(self, saved: dict[str, Any], where: str = "the checkpoint") -> None:
+        """Continue from :meth:`counters` of the run that wrote ``where`` (its step is not taken: the
+        caller sets the step, from the checkpoint or from the framework's). Raises ``RuntimeError``
+        where the rollbacks over every resumed run are beyond ``max_total_rollbacks``."""
+        self._check_total_rollbacks(saved, where)
         self.losses = deque(saved["losses"], maxlen=self.policy.spike_window)
         # max_rollbacks is a budget per run: a run that max_rollbacks stopped is resumed after a person
         # looked (the runbook), and with the count restored its first rollback would stop it again.
         self.rollbacks_before_resume = int(saved["rollbacks"]) + int(saved.get("rollbacks_before_resume", 0))
         self.lr_scale = float(saved["lr_scale"])
         self.reference_lag = int(saved.get("reference_lag", 0))  # absent from checkpoints written before it
-        self._scheduler_stepped = bool(saved.get("scheduler_stepped", False))
+
+    def _check_total_rollbacks(self, saved: dict[str, Any], where: str) -> None:
+        total = int(saved["rollbacks"]) + int(saved.get("rollbacks_before_resume", 0))
+        cap = self.policy.max_total_rollbacks
+        if cap is not None and total > cap:
+            # A job that restarts by itself must stop for good here, not train on until its next rollback.
+            raise RuntimeError(
+                f"resume: the runs that wrote {where} rolled back {total} times (max_total_rollbacks={cap}); "
+                "the run keeps degrading across restarts: inspect the event log, then raise the cap or start over"
+            )
 
     def rollback(self) -> int:
         """Restore the last good snapshot in place; return the step it was taken at."""

@@ -187,8 +187,10 @@ def test_guard_callback_counts_on_from_the_resumed_global_step(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert cb.guard.step_count == resumed.state.global_step == 6
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed.jsonl").read_text().splitlines()]
-    # Step 4 is not judged: the loss window (spike_window=1) refills with the first resumed step.
-    assert steps == [5, 6]
+    # The loss history comes back with the checkpoint (the spike window, of 1): step 4 is judged too,
+    # as in the run that was not stopped.
+    full = [json.loads(x)["step"] for x in (tmp_path / "full.jsonl").read_text().splitlines()]
+    assert steps == [s for s in full if s > 3] == [4, 5, 6]
 
 
 class _LMData(torch.utils.data.Dataset):
@@ -280,3 +282,40 @@ def test_guard_callback_scales_token_shares_by_the_ranks_like_trainer():
         args = SimpleNamespace(average_tokens_across_devices=averaged, world_size=ranks)
         cb.on_pre_optimizer_step(args, None, None)
         assert cb.guard._pending_loss == pytest.approx(expected)
+
+
+def test_a_resumed_trainer_keeps_the_guards_counters(tmp_path):
+    """resume_from_checkpoint built the guard anew: the reference lag (where reference_curve is read),
+    the loss history and the rollbacks that max_total_rollbacks counts over every resume started at 0."""
+
+    def run(out, nan_at=None, resume=None):
+        model = _tiny_bert()
+        calls = {"n": 0}
+        real_forward = model.forward
+
+        @functools.wraps(real_forward)
+        def forward(*a, **k):
+            out_ = real_forward(*a, **k)
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] == nan_at:
+                    out_.loss = out_.loss * float("nan")
+            return out_
+
+        model.forward = forward
+        cb = GuardCallback(GuardPolicy(snapshot_every=1, patience=1, max_total_rollbacks=1))
+        trainer = transformers.Trainer(
+            model=model, args=_args(tmp_path / out), train_dataset=_Data(), optimizer_cls_and_kwargs=(MicroAdam, KW),
+            callbacks=[cb],
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return cb.guard
+
+    full = run("a", nan_at=2)  # step 2 rolled back to step 1's snapshot; checkpoint-3 written after
+    assert full.rollbacks == 1 and full.reference_lag == 1
+    resumed = run("b", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert resumed.rollbacks_before_resume == 1 and resumed.reference_lag == full.reference_lag
+    assert list(resumed.losses) == pytest.approx(list(full.losses))
+    # A rollback after the resume is the second over the run: beyond max_total_rollbacks=1.
+    with pytest.raises(RuntimeError, match=r"rolled back 2 times over this run and the runs it resumed"):
+        run("c", nan_at=1, resume=str(tmp_path / "a" / "checkpoint-3"))

@@ -146,3 +146,26 @@ def test_guard_callback_counts_on_from_the_resumed_global_step(tmp_path):
     assert cb.guard.step_count == t2.global_step == 16
     events = [json.loads(x)["step"] for x in (tmp_path / "resumed.jsonl").read_text().splitlines()]
     assert events == list(range(10, 17))
+
+
+def test_a_resumed_fit_keeps_the_guards_counters(tmp_path):
+    """fit(ckpt_path=...) built the guard anew: the reference lag (where reference_curve is read), the loss
+    history and the rollbacks that max_total_rollbacks counts over every resume started at 0."""
+
+    def callback():
+        return GuardCallback(GuardPolicy(snapshot_every=1, patience=1, max_total_rollbacks=1))
+
+    first = callback()
+    t = _trainer(tmp_path / "a", max_epochs=1, callbacks=[first])
+    t.fit(Regressor(nan_at=3), _loader())  # step 3 rolled back to step 2's snapshot
+    assert first.guard.rollbacks == 1 and first.guard.reference_lag == 1
+    ckpt = tmp_path / "a.ckpt"
+    t.save_checkpoint(ckpt)
+    cb = callback()
+    t2 = _trainer(tmp_path / "b", max_epochs=2, enable_checkpointing=False, callbacks=[cb])
+    t2.fit(Regressor(), _loader(), ckpt_path=str(ckpt))
+    assert cb.guard.rollbacks_before_resume == 1 and cb.guard.reference_lag == first.guard.reference_lag
+    # A rollback after the resume is the second over the run: beyond max_total_rollbacks=1.
+    t3 = _trainer(tmp_path / "c", max_epochs=2, enable_checkpointing=False, callbacks=[callback()])
+    with pytest.raises(RuntimeError, match=r"rolled back 2 times over this run and the runs it resumed"):
+        t3.fit(Regressor(nan_at=1), _loader(), ckpt_path=str(ckpt))

@@ -52,6 +52,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 __all__ = ["GuardCallback"]
 
+_STATE_KEY = "microadam.GuardCallback"  # the guard's counters in TrainerState.stateful_callbacks
+
 
 class GuardCallback(TrainerCallback):
     """Run a :class:`~microadam.guard.Guard` inside ``transformers.Trainer``."""
@@ -83,6 +85,13 @@ class GuardCallback(TrainerCallback):
         self.guard = Guard(
             model, optimizer, self.policy, scheduler=kwargs.get("lr_scheduler"), start_step=state.global_step
         )
+        # After resume_from_checkpoint the Trainer state is the checkpoint's, with the counters this
+        # callback left in it (on_step_end): the guard goes on with the run's reference lag, loss history
+        # and rollback counts (max_total_rollbacks counts over every resume), not from zero.
+        saved = getattr(state, "stateful_callbacks", None)  # transformers >= 4.41
+        resumed = saved.get(_STATE_KEY) if isinstance(saved, dict) and state.global_step else None
+        if resumed:
+            self.guard.load_counters(resumed["attributes"], f"the checkpoint of step {state.global_step}")
         # A train() that raised never reached on_train_end: its hook would count every loss twice.
         if self._hook is not None:
             self._hook.remove()
@@ -127,6 +136,11 @@ class GuardCallback(TrainerCallback):
         # first snapshot has its schedule put back now, so that the checkpoint holds it.
         if self.guard is not None:
             self.guard.settle_schedule()
+            # Into the Trainer state, which Trainer writes to trainer_state.json with each checkpoint.
+            # Under a key of no callback class: Trainer's restore_callback_states_from_checkpoint would
+            # otherwise replace this callback with one built from saved arguments (a default policy).
+            if isinstance(getattr(state, "stateful_callbacks", None), dict):
+                state.stateful_callbacks[_STATE_KEY] = {"args": {}, "attributes": self.guard.counters()}
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._hook is not None:

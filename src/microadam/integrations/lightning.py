@@ -59,6 +59,7 @@ class GuardCallback(pl.Callback):
         self._stepped = False  # an optimizer step (taken or skipped) ends this batch
         self._losses: list[float] = []
         self._interval = "step"
+        self._resumed: dict[str, Any] | None = None  # the guard's counters in the checkpoint resumed from
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         configs = getattr(trainer, "lr_scheduler_configs", None) or []
@@ -70,6 +71,19 @@ class GuardCallback(pl.Callback):
         # Every snapshot here is taken after Lightning's scheduler step (on_train_batch_end), the first
         # one too, and this callback restores the schedule after a rollback itself (below).
         self.guard.restores_schedule = False
+        if self._resumed is not None:
+            # fit(ckpt_path=...): the guard goes on with the run's reference lag, loss history and
+            # rollback counts (max_total_rollbacks counts over every resume), not from zero.
+            resumed, self._resumed = self._resumed, None
+            self.guard.load_counters(resumed, f"the checkpoint of step {resumed.get('step')}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The guard's counters, saved in Lightning's checkpoint (``Guard.counters``)."""
+        return {"guard": self.guard.counters()} if self.guard is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Called by Lightning when it resumes, before ``on_train_start`` builds the guard."""
+        self._resumed = state_dict.get("guard")
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         assert self.guard is not None, "on_train_start creates the guard"
