@@ -38,6 +38,24 @@ def _tiny_bert() -> torch.nn.Module:
     return transformers.BertForSequenceClassification(cfg)
 
 
+def _nan_at(model: torch.nn.Module, nan_at: int | None) -> torch.nn.Module:
+    """``model`` with the loss of its ``nan_at``-th training forward made NaN (None: never)."""
+    calls = {"n": 0}
+    real_forward = model.forward
+
+    @functools.wraps(real_forward)  # Trainer reads forward's signature to pick the input columns
+    def forward(*a, **k):
+        out = real_forward(*a, **k)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == nan_at:
+                out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = forward
+    return model
+
+
 def _args(tmp_path, **kw) -> transformers.TrainingArguments:
     base = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=6, save_steps=3, logging_steps=1,
@@ -80,20 +98,7 @@ def test_trainer_optimizer_cls_and_resume_from_checkpoint_is_exact(tmp_path):
 
 def test_guard_callback_skips_nan_steps_and_logs(tmp_path):
     log = tmp_path / "guard.jsonl"
-    model = _tiny_bert()
-    calls = {"n": 0}
-    real_forward = model.forward
-
-    @functools.wraps(real_forward)  # Trainer reads forward's signature to pick the input columns
-    def forward(*a, **k):  # make the 3rd training forward's loss NaN
-        out = real_forward(*a, **k)
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                out.loss = out.loss * float("nan")
-        return out
-
-    model.forward = forward
+    model = _nan_at(_tiny_bert(), 3)  # the 3rd training forward's loss NaN
     trainer = transformers.Trainer(
         model=model, args=_args(tmp_path / "t", save_steps=100), train_dataset=_Data(),
         optimizer_cls_and_kwargs=(MicroAdam, KW),
@@ -112,20 +117,7 @@ def test_after_a_rollback_to_the_first_snapshot_the_schedule_and_its_checkpoint_
     checkpoint Trainer saves right after it held the schedule one step ahead too."""
 
     def run(nan_at, out):
-        model = _tiny_bert()
-        calls = {"n": 0}
-        real_forward = model.forward
-
-        @functools.wraps(real_forward)
-        def forward(*a, **k):
-            out_ = real_forward(*a, **k)
-            if model.training:
-                calls["n"] += 1
-                if calls["n"] == nan_at:
-                    out_.loss = out_.loss * float("nan")
-            return out_
-
-        model.forward = forward
+        model = _nan_at(_tiny_bert(), nan_at)
         used = []
 
         class Record(transformers.TrainerCallback):
@@ -289,20 +281,7 @@ def test_a_resumed_trainer_keeps_the_guards_counters(tmp_path):
     the loss history and the rollbacks that max_total_rollbacks counts over every resume started at 0."""
 
     def run(out, nan_at=None, resume=None):
-        model = _tiny_bert()
-        calls = {"n": 0}
-        real_forward = model.forward
-
-        @functools.wraps(real_forward)
-        def forward(*a, **k):
-            out_ = real_forward(*a, **k)
-            if model.training:
-                calls["n"] += 1
-                if calls["n"] == nan_at:
-                    out_.loss = out_.loss * float("nan")
-            return out_
-
-        model.forward = forward
+        model = _nan_at(_tiny_bert(), nan_at)
         cb = GuardCallback(GuardPolicy(snapshot_every=1, patience=1, max_total_rollbacks=1))
         trainer = transformers.Trainer(
             model=model, args=_args(tmp_path / out), train_dataset=_Data(), optimizer_cls_and_kwargs=(MicroAdam, KW),
