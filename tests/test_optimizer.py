@@ -675,6 +675,8 @@ def test_a_state_of_another_layout_is_refused_by_every_path(impl, edit):
     assert all(torch.equal(v, opt.state[p][k]) for k, v in state_before.items())
 
 
+# In CI's slow pass: the default suite took 626 s of its 600 on 2 cores (2026-12-01). 9 s.
+@pytest.mark.slow
 def test_cpp_path_is_available_under_a_float64_default_dtype():
     """The C++ path's sqrt probe reads its buffers as float32, whatever torch's default dtype."""
     import subprocess
