@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from microadam.layout import Layout
-from microadam.ops.quant import dequantize_blocks, pack_nibbles, quantize_blocks, unpack_nibbles
+from microadam.ops.quant import RELEASE_RMS_FLOOR, dequantize_blocks, pack_nibbles, quantize_blocks, unpack_nibbles
 from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, hash_bits, stream_key
 from microadam.ops.rounding import round_to_dtype
 from microadam.ops.topk import block_topk
@@ -89,7 +89,8 @@ def release_move(rest: torch.Tensor, count: torch.Tensor, scale: float) -> torch
     ``rest`` is ``[blocks, q]`` (the residual after Top-K, zero-padded), ``count`` the real
     elements of each block. The sum of squares is taken by halving (pad the row to a power of two
     with zeros, then add its two halves until one column is left), an order every implementation
-    can repeat exactly; a block whose residual is all zero does not move.
+    can repeat exactly; a block whose residual is all zero (an RMS below ``RELEASE_RMS_FLOOR``) does
+    not move.
     """
     sq = rest * rest
     width = 1 << max(sq.shape[1] - 1, 0).bit_length()
@@ -99,7 +100,8 @@ def release_move(rest: torch.Tensor, count: torch.Tensor, scale: float) -> torch
         width //= 2
         sq = sq[:, :width] + sq[:, width:]
     rms = (sq[:, 0] / count).sqrt()
-    inv = torch.where(rms > 0, scale / rms, 0.0)
+    # RELEASE_RMS_FLOOR: float64's way to "all zero" (see ops.quant).
+    inv = torch.where(rms >= RELEASE_RMS_FLOOR, scale / rms, 0.0)
     return rest * inv[:, None]
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from microadam.layout import Layout, layout_for
-from microadam.ops.quant import bf16_ceil, bf16_floor
+from microadam.ops.quant import RELEASE_RMS_FLOOR, bf16_ceil, bf16_floor
 from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, hash_bits, stream_key
 from microadam.ops.rounding import round_to_dtype
 
@@ -126,7 +126,7 @@ class ReferenceMicroAdam:
             x = a[j * self.q : (j + 1) * self.q]
             if self.release:
                 rms = (x * x).sum().div(x.numel()).sqrt()
-                if rms > 0:
+                if rms >= RELEASE_RMS_FLOOR:  # below it: all zero (see ops.quant)
                     move[j * self.q : (j + 1) * self.q] = x * (self.release_scale / rms)
                 x.mul_(1 - self.release) if self.release < 1 else x.zero_()
             lo = bf16_floor(x.min() + 0.0).to(cd)  # -0 becomes +0, as in ops.quant.quantize_blocks
