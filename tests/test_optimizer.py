@@ -746,9 +746,7 @@ def test_a_released_block_whose_gradient_stops_stops_moving(dtype):
         if name == "optimizer":
             opt = MicroAdam([p], lr=1e-3, block_size=256, quant_block_size=128, window=10)
         else:
-            ref = ReferenceMicroAdam(
-                [x], lr=1e-3, block_size=256, quant_block_size=128, window=10, compute_dtype=dtype
-            )
+            ref = ReferenceMicroAdam([x], lr=1e-3, block_size=256, quant_block_size=128, window=10, compute_dtype=dtype)
         last = 0
         for t in range(1, 201):
             g = torch.randn(256, generator=torch.Generator().manual_seed(0)) if t == 1 else torch.zeros(256)
