@@ -408,6 +408,27 @@ def test_a_parameter_whose_elements_share_memory_is_refused():
     assert torch.equal(a.detach(), a_before) and opt.state[a]["step"] == 4
 
 
+def test_two_parameters_on_the_same_elements_are_refused_and_disjoint_views_are_not():
+    """A transposed view made a second parameter (a hand-tied decoder): the C++ and Triton paths
+    stepped it on a copy and wrote the copy back over the other parameter's update."""
+    a = torch.nn.Parameter(torch.randn(16, 24))
+    match = r"params\[1\] \(shape \(24, 16\)\) shares memory with params\[0\] \(shape \(16, 24\)\).*Tie them"
+    with pytest.raises(ValueError, match=match):
+        MicroAdam([a, torch.nn.Parameter(a.data.t())], **KW)
+    with pytest.raises(ValueError, match=r"params\[1\] \(shape \(16, 24\)\) shares memory with params\[0\]"):
+        MicroAdam([a, torch.nn.Parameter(a.data)], **KW)
+    opt = MicroAdam([a], **KW)
+    with pytest.raises(ValueError, match=r"params\[0\] \(shape \(8, 24\)\) shares memory with params\[0\] of param"):
+        opt.add_param_group({"params": [torch.nn.Parameter(a.data[8:])]})
+    assert len(opt.param_groups) == 1
+    # Views of one buffer with no element in common (interleaved columns, halves), and a frozen
+    # parameter on a trained one's memory (never stepped), are accepted.
+    buf = torch.zeros(10, 4)
+    MicroAdam([torch.nn.Parameter(buf[:, ::2]), torch.nn.Parameter(buf[:, 1::2])], **KW)
+    MicroAdam([torch.nn.Parameter(buf[:5]), torch.nn.Parameter(buf[5:])], **KW)
+    MicroAdam([a, torch.nn.Parameter(a.data.t(), requires_grad=False)], **KW)
+
+
 def test_a_parameter_listed_twice_is_refused():
     p = torch.nn.Parameter(torch.zeros(5))
     with pytest.raises(ValueError, match=r"params\[2\] \(shape \(5,\)\) appears twice"):

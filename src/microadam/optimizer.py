@@ -125,6 +125,35 @@ def _overlaps(t: torch.Tensor) -> bool:
     return 1 + sum((n - 1) * abs(st) for n, st in zip(sizes, strides)) < t.numel()
 
 
+def _storage_key(t: torch.Tensor) -> tuple[torch.device, int] | None:
+    """Which memory ``t`` lives in, or None for a tensor that holds none (empty, on meta)."""
+    if t.numel() == 0 or t.is_meta:
+        return None
+    try:
+        return t.device, t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None  # a wrapper tensor subclass without storage of its own: nothing to compare
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors on one storage have an element in common (views of one buffer that
+    interleave, or lie side by side, have none)."""
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        return t.storage_offset() * t.element_size(), (t.storage_offset() + extent) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    if a.element_size() != b.element_size():
+        return True  # overlapping bytes of two dtypes: not worth telling apart
+    size = a.element_size()
+    mask = torch.zeros(max(a1, b1) // size, dtype=torch.bool)
+    mask.as_strided(a.shape, a.stride(), a.storage_offset()).fill_(True)
+    return bool(mask.as_strided(b.shape, b.stride(), b.storage_offset()).any())
+
+
 def _check_param(index: int, p: torch.Tensor, state: dict[str, Any] | None) -> None:
     """Raise, before a step writes anything, for a parameter that cannot be stepped: one whose size
     changed since its state was built (``p.data = ...``), or one whose elements share memory."""
@@ -674,6 +703,16 @@ class MicroAdam(Optimizer):
             raise TypeError(_SET_ERROR)
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         seen: set[int] = set()
+        # The memory of every parameter already held, to refuse a new one on the same elements: the
+        # many-tensor paths step a non-contiguous parameter on a copy made before the call and copy it
+        # back after, so one of two updates of the same elements was lost (the torch path applied both,
+        # one after the other). Views of one buffer that do not overlap stay fine.
+        held: dict[tuple[torch.device, int], list[tuple[int, int, torch.Tensor]]] = {}
+        for gi, g in enumerate(self.param_groups):
+            for j, q in enumerate(g["params"]):
+                key = _storage_key(local_tensor(q)) if q.requires_grad else None
+                if key is not None:
+                    held.setdefault(key, []).append((gi, j, q))
         for i, item in enumerate(params):
             # (name, tensor) pairs, as from model.named_parameters(): torch (>= 2.6) keeps the names.
             p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
@@ -711,6 +750,20 @@ class MicroAdam(Optimizer):
                     f"params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) has elements that share memory "
                     "(an expand()-ed view?) and cannot be updated in place; pass a tensor of its own (.clone())"
                 )
+            # A frozen parameter is never stepped: it may share a trained one's memory.
+            key = _storage_key(local_tensor(p)) if p.requires_grad else None
+            for gi, j, q in held.get(key, []) if key is not None else []:
+                if q is not p and _share_elements(local_tensor(p), local_tensor(q)):
+                    where = f"params[{j}] of param group {gi}" if gi < len(self.param_groups) else f"params[{j}]"
+                    raise ValueError(
+                        f"params[{i}] (shape {tuple(p.shape)}) shares memory with {where} (shape "
+                        f"{tuple(q.shape)}): the optimizer would step those elements twice per step, and its C++ "
+                        "and Triton paths would lose one of the two updates. Tie them as one tensor "
+                        "(decoder.weight = encoder.weight, with a transpose in forward if needed), or give one a "
+                        "copy of its own (nn.Parameter(w.detach().clone()))"
+                    )
+            if key is not None:
+                held.setdefault(key, []).append((len(self.param_groups), i, p))
             # A DTensor sharding MicroAdam cannot checkpoint (tensor parallelism's Shard(1), ...) is
             # refused here, not at the first state_dict() after hours of training.
             sharding.shard_spec(p)
