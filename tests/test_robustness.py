@@ -568,6 +568,37 @@ def test_a_block_size_edited_in_param_groups_says_it_cannot_change():
         opt.step()
 
 
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_a_block_size_edit_that_keeps_the_states_shapes_is_refused_too(impl):
+    """100 elements make two quantization blocks of 64 or of 96: the shapes did not catch the edit,
+    and the error codes were decoded with another block's bounds, in silence."""
+    p = torch.nn.Parameter(torch.zeros(100))
+    kw = dict(lr=1e-2, block_size=32, quant_block_size=64, density=0.1, window=3)
+    opt = MicroAdam([p], impl=impl, **kw)
+    for t in range(3):
+        p.grad = torch.randn(100, generator=torch.Generator().manual_seed(t))
+        opt.step()
+    opt.param_groups[0]["quant_block_size"] = 96
+    before = p.detach().clone()
+    state_before = {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match=r"param group 0 was stepped with block_size=32, quant_block_size=64 and now"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and opt.state[p]["step"] == 3
+    assert all(torch.equal(v, opt.state[p][k]) for k, v in state_before.items())
+    # Put back, the run goes on; a new group, or one whose state was dropped, takes new values.
+    opt.param_groups[0]["quant_block_size"] = 64
+    opt.step()
+    assert opt.state[p]["step"] == 4
+    opt.state.clear()
+    opt.param_groups[0]["quant_block_size"] = 96
+    opt.step()
+    assert opt.state[p]["error_bounds"].shape == (2, 2)
+    # A checkpoint loaded into an optimizer built with the saved sizes resumes.
+    fresh = MicroAdam([p], impl=impl, **{**kw, "quant_block_size": 96})
+    fresh.load_state_dict(opt.state_dict())
+    fresh.step()
+
+
 @pytest.mark.parametrize(
     "edit,words",
     [

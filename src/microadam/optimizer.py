@@ -669,6 +669,9 @@ class MicroAdam(Optimizer):
         super().__init__(params, defaults)
         self.skipped_steps = 0
         self._warned_nonfinite = False
+        # id(group) -> (group, (block_size, quant_block_size) its states were stepped with): see
+        # _check_blocks. The group itself is held so that its id cannot be reused by another dict.
+        self._blocks: dict[int, tuple[dict[str, Any], tuple[int, int]]] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
@@ -779,6 +782,7 @@ class MicroAdam(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_blocks", {})
         self.__dict__.setdefault("_warned_nonfinite", False)
 
     @staticmethod
@@ -869,6 +873,7 @@ class MicroAdam(Optimizer):
                 _check_param(index, local_tensor(p), state)
                 if id(group) not in group_kwargs:  # checks the group's hyperparameters, dense ones too
                     group_kwargs[id(group)] = self._group_kwargs(group)
+                    self._check_blocks(group)
                 if group.get("dense", False) or not state or "step" not in state:
                     later.append((index, group, p, g, None))
                     continue
@@ -982,6 +987,28 @@ class MicroAdam(Optimizer):
                     failed,
                 )
         return loss
+
+    def _check_blocks(self, group: dict[str, Any]) -> None:
+        """Raise if ``group``'s block sizes were edited since its states were stepped with others.
+
+        The state's shapes catch most such edits (``check_state``), but not one that leaves them as
+        they were (100 elements: ``quant_block_size`` 64 or 96 both make two blocks); the error codes
+        would then be decoded with another block's bounds, in silence. A group without MicroAdam state
+        takes new values (its states are built with them).
+        """
+        now = (group["block_size"], group["quant_block_size"])
+        held = self._blocks.get(id(group))
+        if held is not None and held[1] != now:
+            if any("window_indices" in self.state.get(p, ()) for p in group["params"]):
+                index = next(i for i, g in enumerate(self.param_groups) if g is group)
+                (block, quant), (new_block, new_quant) = held[1], now
+                raise ValueError(
+                    f"param group {index} was stepped with block_size={block}, quant_block_size={quant} and now "
+                    f"has block_size={new_block}, quant_block_size={new_quant}: block_size and quant_block_size "
+                    "cannot change during training (the state is laid out by them). Put them back; to train with "
+                    "others, build a new MicroAdam, whose state starts empty. Nothing was changed"
+                )
+        self._blocks[id(group)] = (group, now)
 
     def _step_args(
         self,
@@ -1478,6 +1505,7 @@ class MicroAdam(Optimizer):
                 continue  # no state (an empty entry, as older versions saved): the parameter starts fresh
             new_state[p] = self._checked_param_state(pid, p, saved, group_of[id(p)])
         self.__setstate__({"state": new_state, "param_groups": param_groups})
+        self._blocks = {}  # the new groups' states were checked against their block sizes above
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
