@@ -362,3 +362,55 @@ def test_a_meta_device_dry_runs_state_is_refused_by_name():
     assert len(opt.state) == 0
     with pytest.raises(ValueError, match="error_feedback_norm: the parameters are on the meta device"):
         dry.error_feedback_norm()
+
+
+def _dcp_pair(block_size: int, seed: int) -> tuple[torch.nn.Module, MicroAdam]:
+    """A trained 8x8 linear layer: 64 elements make two Top-K blocks (k=1) under block_size 48 or 32,
+    so two such checkpoints have the same state shapes and only the settings tell them apart."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8, bias=False)
+    opt = MicroAdam(model.parameters(), lr=1e-2, density=0.02, block_size=block_size, quant_block_size=16, window=2)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 8, generator=gen)).square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+def test_a_load_refused_under_torch_distributed_checkpoint_leaves_no_mixed_state(tmp_path):
+    """torch.distributed.checkpoint loads in place: dcp.load fills get_state_dict()'s template, which
+    holds the live state tensors, and set_optimizer_state_dict(full_state_dict=True) fills a template
+    it asks for. A load refused after that left the checkpoint's values with this run's counters (the
+    next step found window indices of another layout). The full-state template is now a copy (nothing
+    changes); after dcp.load the overwritten state is dropped, and the error says so."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        get_state_dict,
+        set_optimizer_state_dict,
+        set_state_dict,
+    )
+
+    saved_model, saved_opt = _dcp_pair(48, seed=1)
+    full = get_optimizer_state_dict(saved_model, saved_opt, options=StateDictOptions(full_state_dict=True))
+    model, opt = _dcp_pair(32, seed=2)
+    (p,) = model.parameters()
+    before = {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match="saved with block_size=48 but this optimizer has block_size=32"):
+        set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
+    assert opt.state[p]["step"] == 3 and all(torch.equal(v, opt.state[p][k]) for k, v in before.items())
+
+    msd, osd = get_state_dict(saved_model, saved_opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt"))
+    msd, osd = get_state_dict(model, opt)
+    template = {"model": msd, "optim": osd}
+    dcp.load(template, checkpoint_id=str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match=r"block_size=48.*state of parameter\(s\) \[0\].*was dropped"):
+        set_state_dict(model, opt, model_state_dict=template["model"], optim_state_dict=template["optim"])
+    assert p not in opt.state or not opt.state[p]
+    opt.zero_grad()
+    model(torch.randn(4, 8)).square().mean().backward()
+    opt.step()  # starts the state afresh
+    assert opt.state[p]["step"] == 1

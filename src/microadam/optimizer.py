@@ -1348,6 +1348,16 @@ class MicroAdam(Optimizer):
                     partial(self._layout_of, group=group),
                     blob=blob,
                 )
+        if sharding.loading_through_dcp():
+            # A template that set_optimizer_state_dict fills with the checkpoint's values before it calls
+            # load_state_dict: copies, so that a load refused there leaves the state as it was (one
+            # transient copy of the state, on a resume only).
+            sd["state"] = {
+                k: {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+                if isinstance(v, dict)
+                else v
+                for k, v in sd["state"].items()
+            }
         for hook in post_hooks.values():
             result = hook(self, sd)
             if result is not None:
@@ -1374,6 +1384,39 @@ class MicroAdam(Optimizer):
         parameter size raises ``ValueError`` naming both values, and the
         optimizer is left as it was.
         """
+        try:
+            self._load_state_dict(state_dict)
+        except Exception as e:
+            dropped = self._drop_overwritten(state_dict) if sharding.loading_through_dcp() else []
+            if not dropped:
+                raise
+            raise ValueError(
+                f"{e}. The checkpoint had already been written into this optimizer's state tensors: dcp.load "
+                "fills the template that get_state_dict() hands out, which holds the live state (for every torch "
+                f"optimizer). So the state of parameter(s) {dropped} (their positions in param_groups order), no "
+                "longer this run's, was dropped: they start fresh at their next step, unless a checkpoint that "
+                "fits is loaded"
+            ) from e
+
+    def _drop_overwritten(self, state_dict: Any) -> list[int]:
+        """Drop the state of every parameter whose live state tensors are among ``state_dict``'s (a DCP
+        template that dcp.load filled); return their positions in param_groups order."""
+        incoming: set[tuple[torch.device, int]] = set()
+        entries = state_dict.get("state") if isinstance(state_dict, Mapping) else None
+        for saved in entries.values() if isinstance(entries, Mapping) else ():
+            for v in saved.values() if isinstance(saved, Mapping) else ():
+                key = _storage_key(local_tensor(v)) if isinstance(v, torch.Tensor) else None
+                if key is not None:
+                    incoming.add(key)
+        dropped = []
+        for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
+            st = self.state.get(p)
+            if st and any(isinstance(v, torch.Tensor) and _storage_key(v) in incoming for v in st.values()):
+                del self.state[p]
+                dropped.append(i)
+        return dropped
+
+    def _load_state_dict(self, state_dict: Any) -> None:
         if not isinstance(state_dict, Mapping):
             path = isinstance(state_dict, (str, os.PathLike))
             hint = " (a path? load it first: torch.load(path, weights_only=True))" if path else ""

@@ -315,15 +315,35 @@ def flattening_requested(depth: int = 8) -> bool:
     torch's own ``NotImplementedError`` ("Flattening optimizer state_dict only supports ...") says so:
     nothing is saved wrong.
     """
-    frame = sys._getframe(1)
+    frame = _caller(_FLATTENING_CALLER, depth)
+    return frame is not None and bool(getattr(frame.f_locals.get("info"), "flatten_optimizer_state_dict", False))
+
+
+# torch's set_optimizer_state_dict (and set_state_dict) loads through this function: it may ask the
+# optimizer for its state_dict() as a template and copy the checkpoint's values into it before it
+# calls load_state_dict (full_state_dict=True does), and the template of dcp.load comes from
+# get_state_dict. Both hold the live state tensors, as for every torch optimizer.
+_LOAD_CALLER = ("torch.distributed.checkpoint.state_dict", "_load_optim_state_dict")
+
+
+def loading_through_dcp(depth: int = 12) -> bool:
+    """Whether torch's ``set_optimizer_state_dict`` (or ``set_state_dict``) is on the call stack, at most
+    ``depth`` frames up. If a later torch renames the function this answers ``False``: a refused load
+    is then reported as for any caller."""
+    return _caller(_LOAD_CALLER, depth) is not None
+
+
+def _caller(name: tuple[str, str], depth: int) -> Any:
+    """The frame of function ``name`` (module, function) at most ``depth`` frames above the caller of
+    this module's function, or None."""
+    frame = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
-            return False
-        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == _FLATTENING_CALLER:
-            info = frame.f_locals.get("info")
-            return bool(getattr(info, "flatten_optimizer_state_dict", False))
+            return None
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == name:
+            return frame
         frame = frame.f_back
-    return False
+    return None
 
 
 def _wire(key: str, t: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,59 @@ def test_full_state_dict_from_2_ranks_loads_into_one_plain_process_and_back_into
     assert res["rest"] == ck["rest"]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _linear_8x8(block_size: int) -> tuple[torch.nn.Module, MicroAdam]:
+    """64 elements, 32 per rank: two Top-K blocks (k=1) under block_size 48 or 32, so two such states
+    have the same shapes and only the settings tell them apart."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8, bias=False)
+    fully_shard(model)
+    opt = MicroAdam(model.parameters(), lr=1e-2, density=0.02, block_size=block_size, quant_block_size=16, window=2)
+    gen = torch.Generator().manual_seed(block_size)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 8, generator=gen)).square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+def _refused_broadcast_worker(rank: int, world: int, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    saved_model, saved_opt = _linear_8x8(48)
+    msd, osd = get_state_dict(saved_model, saved_opt, options=StateDictOptions(full_state_dict=True))
+    model, opt = _linear_8x8(32)
+    (p,) = model.parameters()
+    before = {k: _local(v).clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    try:
+        set_state_dict(
+            model, opt, model_state_dict=msd, optim_state_dict=osd,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )  # fmt: skip
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    changed = [k for k, v in before.items() if not torch.equal(v, _local(opt.state[p][k]))]
+    torch.save({"refused": refused, "changed": changed}, f"{out}/refused{rank}.pt")
+
+
+def test_a_refused_broadcast_load_leaves_every_ranks_state_as_it_was(tmp_path):
+    """broadcast_from_rank0 copies the checkpoint into the template that the optimizer's state_dict()
+    returned, tensor by tensor, before load_state_dict checks it: a template holding the live state left
+    the checkpoint's values with this run's counters after a refused load. The template asked for inside
+    set_state_dict is now a copy."""
+    spawn(_refused_broadcast_worker, str(tmp_path))
+    for rank in range(2):
+        res = torch.load(tmp_path / f"refused{rank}.pt", weights_only=False)
+        assert "saved with block_size=48 but this optimizer has block_size=32" in (res["refused"] or ""), res
+        assert res["changed"] == [], res
+
+
 def test_global_layout_indices_that_do_not_fit_int16_are_refused_not_wrapped():
     # One process, no group: the state of a sharded save as a plain dict, with an index widened to
     # int32. A value that fits is narrowed and loads; 2**16 + 3 would wrap to the valid index 3.
