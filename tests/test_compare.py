@@ -138,6 +138,11 @@ BAD_PATHS = [
     ("records.jsonl holds a JSON list", ["line 1 is not a record (a JSON object)", "new --out"]),
     ("records.jsonl header without a plan", ["plan header holds no plan", "new --out"]),
     ("--out holds the user's report.md", ["already holds report.md, which compare did not write", "new or empty"]),
+    # Found by the audit of session 19: any records.jsonl beside it passed for compare's, and report.md was lost.
+    (
+        "--out holds the user's report.md and records.jsonl",
+        ["already holds records.jsonl and report.md, which compare did not write", "new or empty"],
+    ),
 ]
 
 
@@ -168,11 +173,14 @@ def test_bad_plan_path_or_out_is_a_one_line_error(case, words, tmp_path, capsys)
             records.write_text('{"kind": "plan"}\n')
         else:
             (out / "report.md").write_text("my notes\n")
+            if case.endswith("records.jsonl"):
+                records.write_text('{"a": 1}\n')
     err = _one_line_error(capsys, argv)
-    if case == "--out holds the user's report.md":
-        assert (out / "report.md").read_text() == "my notes\n" and sorted(p.name for p in out.iterdir()) == [
-            "report.md"
-        ]
+    if case.startswith("--out holds"):
+        assert (out / "report.md").read_text() == "my notes\n"
+        assert sorted(p.name for p in out.iterdir()) == sorted(["report.md", *(["records.jsonl"] * records.exists())])
+        assert not records.exists() or records.read_text() == '{"a": 1}\n'
+
     for w in words:
         assert w in err, (w, err)
     assert afile.read_text() == ""
@@ -940,6 +948,11 @@ def test_an_evaluate_without_the_metric_says_what_it_returned(tmp_path, monkeypa
             ["raised OSError: no disk"],
         ),
         ("mine.py:Blobs", _USER_TASK.replace('{"*": 1e-2}', "1e-2"), ["default_lr must be a dict"]),
+        (
+            "mine.py:Blobs",
+            _USER_TASK.replace('metric = "accuracy"', 'metric = "accuracy"\n    higher_is_better = "False"'),
+            ["higher_is_better must be True (an accuracy) or False (a loss), got 'False'"],
+        ),
         ("no_such_package.tasks:Blobs", None, ["no module 'no_such_package.tasks'", "'path/to/tasks.py:Blobs'"]),
         ("mine.py:Blobs", _USER_TASK.replace('{"*": 1e-2}', "{}"), ["no learning rate for 'adamw'", "lr = ..."]),
         ("blobs", None, ["unknown task 'blobs'", "'file.py:ClassName'"]),
@@ -952,6 +965,7 @@ def test_an_evaluate_without_the_metric_says_what_it_returned(tmp_path, monkeypa
         "import-value-error",
         "constructor-fails",
         "lr-not-a-dict",
+        "higher-is-better-a-string",
         "no-module",
         "no-lr",
         "unknown-name",

@@ -288,16 +288,19 @@ def run_plan(
     if out_dir.exists() and not out_dir.is_dir():
         raise PlanError(f"--out {str(out_dir)!r} is a file, not a directory; give a new or existing directory")
     records_path = out_dir / "records.jsonl"
-    if out_dir.is_dir() and not (out_dir / OUTPUT_MARKER).exists() and not records_path.exists():
-        # A folder compare did not make (one made before the marker existed holds records.jsonl): its
-        # own report files must not be overwritten.
-        taken = [n for n in ("report.md", "report.html") if (out_dir / n).exists()]
-        if taken:
+    records = read_records(records_path)
+    if out_dir.is_dir() and not (out_dir / OUTPUT_MARKER).exists():
+        # A folder compare did not make: its own files must not be overwritten or appended to. One made
+        # before the marker existed is compare's if its records.jsonl holds compare's plan header (any
+        # records.jsonl is not: a user's file of that name lost the report files beside it).
+        taken = [n for n in ("records.jsonl", "report.md", "report.html") if (out_dir / n).exists()]
+        if taken and not any(r.get("kind") == "plan" for r in records):
             raise PlanError(
                 f"--out {str(out_dir)!r} already holds {' and '.join(taken)}, which compare did not write (no "
-                f"{OUTPUT_MARKER} marker there) and would overwrite; give a new or empty --out"
+                f"{OUTPUT_MARKER} marker there, no plan header in a records.jsonl) and would overwrite or append "
+                "to; give a new or empty --out"
             )
-    _check_header(read_records(records_path), plan, records_path)
+    _check_header(records, plan, records_path)
     # Everything that can stop the run is checked before anything is written.
     device = resolve_device(plan.device)
     task = get_task(plan.task, **plan.task_options)

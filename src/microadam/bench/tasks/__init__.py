@@ -174,6 +174,12 @@ def task_class(name: str) -> type[Task]:
         )
     if not isinstance(cls.metric, str) or not cls.metric:
         raise ValueError(f"task {name!r}: metric must name a value of what evaluate() returns, got {cls.metric!r}")
+    if not isinstance(cls.higher_is_better, bool):
+        # A string "False" is truthy: a loss would be judged as an accuracy, and a worse candidate pass.
+        raise ValueError(
+            f"task {name!r}: higher_is_better must be True (an accuracy) or False (a loss), got "
+            f"{cls.higher_is_better!r}"
+        )
     if not isinstance(cls.default_lr, dict):
         raise ValueError(
             f"task {name!r}: default_lr must be a dict of learning rates by optimizer name ('*' for the "
