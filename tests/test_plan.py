@@ -251,6 +251,12 @@ FAMILIES = [
     dict(LLAMA, model_type="mistral", architectures=["MistralForCausalLM"], head_dim=32),
     dict(LLAMA, model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True),
     dict(LLAMA, model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=24),
+    # Without num_key_value_heads: transformers' defaults are 8 (Mistral) and 32 (Qwen), not the heads'
+    # number (audit of session 19: counted as Llama's, Qwen3 was a third of its size).
+    *(
+        {k: v for k, v in dict(LLAMA, model_type=mt, architectures=[arch]).items() if k != "num_key_value_heads"}
+        for mt, arch in (("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2Model"), ("qwen3", "Qwen3ForCausalLM"))
+    ),
     dict(
         model_type="gpt2",
         architectures=["GPT2LMHeadModel"],

@@ -311,14 +311,25 @@ def _transformers_major() -> int | None:
         return None
 
 
-def _decoder_tensors(cfg: dict[str, Any], source: str, with_head: bool) -> list[TensorSpec]:
+# transformers' num_key_value_heads where a config leaves it out (5.x; Llama's is num_attention_heads):
+# Mistral's 8 and Qwen's 32 change the count of a config that relies on them.
+_KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32, "qwen3": 32}
+
+
+def _decoder_tensors(cfg: dict[str, Any], source: str, with_head: bool) -> tuple[list[TensorSpec], list[str]]:
+    """The tensors of a Llama-family decoder, and the fields taken from transformers' defaults."""
     mt = cfg["model_type"]
     H = _require(cfg, source, "hidden_size")
     I = _require(cfg, source, "intermediate_size")  # noqa: E741 - the paper's name
     L = _require(cfg, source, "num_hidden_layers")
     V = _require(cfg, source, "vocab_size")
     nh = _require(cfg, source, "num_attention_heads")
-    nkv = cfg.get("num_key_value_heads") or nh
+    defaulted = []
+    nkv = cfg.get("num_key_value_heads")
+    if nkv is None:
+        nkv = _KV_HEADS_DEFAULT.get(mt, nh)
+        if mt in _KV_HEADS_DEFAULT:
+            defaulted.append(f"num_key_value_heads={nkv}")
     hd = cfg.get("head_dim") or (128 if mt == "qwen3" else H // nh)
     attn_bias = bool(cfg.get("attention_bias", False))
     qkv_bias, o_bias = (True, False) if mt == "qwen2" else (attn_bias, attn_bias)
@@ -342,7 +353,7 @@ def _decoder_tensors(cfg: dict[str, Any], source: str, with_head: bool) -> list[
     t.append(TensorSpec("model.norm.weight", (H,)))
     if with_head and not cfg.get("tie_word_embeddings", False):
         t.append(TensorSpec("lm_head.weight", (V, H)))
-    return t
+    return t, defaulted
 
 
 def _gpt2_tensors(cfg: dict[str, Any], source: str, with_head: bool) -> list[TensorSpec]:
@@ -525,7 +536,8 @@ def _model_from_config(cfg: dict[str, Any], source: str) -> ModelSpec:
             arch = known[0]
             notes.append(f"the config names no architecture; counted as {arch}")
         if mt in _DECODERS:
-            tensors: Sequence[TensorSpec] = _decoder_tensors(cfg, source, with_head=arch.endswith("ForCausalLM"))
+            tensors, defaulted = _decoder_tensors(cfg, source, with_head=arch.endswith("ForCausalLM"))
+            notes += _defaults_note(defaulted)
         elif mt == "gpt2":
             tensors = _gpt2_tensors(cfg, source, with_head=arch == "GPT2LMHeadModel")
         else:
