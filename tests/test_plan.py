@@ -518,6 +518,17 @@ def test_count_must_be_whole():
         parse_param_count("1.5")
 
 
+def test_counts_are_exact_and_odd_ones_are_named():
+    """Found by the audit of session 19: counts went through a float (9007199254740993 printed as
+    ...992), 7e-9 said "num_params: 0", and NaN said "too large"."""
+    assert parse_param_count("9007199254740993") == 9007199254740993
+    assert parse_param_count("1e30") == 10**30
+    with pytest.raises(ValueError, match=r"'7e-9'; it is less than one parameter"):
+        parse_param_count("7e-9")
+    with pytest.raises(ValueError, match=r"nan; it is not a number"):
+        parse_param_count(float("nan"))
+
+
 def test_bare_count_is_large_tensors_of_the_same_total():
     spec = ModelSpec.from_count(7 * 10**9 + 12345)
     assert spec.num_params == 7 * 10**9 + 12345

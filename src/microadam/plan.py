@@ -39,6 +39,7 @@ import struct
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -219,27 +220,33 @@ def parse_param_count(text: str | int | float) -> int:
     """
     if isinstance(text, bool):
         raise TypeError(f"parameter count must be a number or a string such as '7e9', got bool {text!r}")
+    # Decimal, not float: a count is exact however large (9007199254740993 is not 2**53 + 0).
     if isinstance(text, (int, float)):
-        value = float(text)
+        value = Decimal(text)
         shown = repr(text)
     elif isinstance(text, str):
         m = _COUNT_RE.match(text)
         if not _looks_like_count(text) or m is None:
             raise ValueError(f"Invalid model parameter count: {text!r}; write it as 7e9, 6.74B, 125M or 350k")
         try:
-            value = float(m.group(1).replace("_", "").replace(",", "")) * _SUFFIX[m.group(2).lower()]
-        except ValueError:
+            value = Decimal(m.group(1).replace("_", "").replace(",", "")) * _SUFFIX[m.group(2).lower()]
+        except ArithmeticError:
             raise ValueError(f"Invalid model parameter count: {text!r}; write it as 7e9, 6.74B, 125M or 350k") from None
         shown = repr(text)
     else:
         raise TypeError(f"parameter count must be a number or a string such as '7e9', got {type(text).__name__}")
-    if not math.isfinite(value):
+    if value.is_nan():
+        raise ValueError(f"Invalid model parameter count: {shown}; it is not a number; give one such as 7e9")
+    if not math.isfinite(float(value)):  # the plan's byte counts are floats
         raise ValueError(f"Invalid model parameter count: {shown}; it is too large (not a finite number), e.g. 7e9")
     if value <= 0:
         raise ValueError(f"Invalid model parameter count: {shown}; it must be > 0, e.g. 7e9 or 1.3B")
-    if abs(value - round(value)) > 1e-6 * max(1.0, value):
+    whole = value.to_integral_value()
+    if abs(value - whole) > Decimal("1e-6") * max(Decimal(1), value):
         raise ValueError(f"Invalid model parameter count: {shown}; it must be a whole number of parameters")
-    return int(round(value))
+    if whole < 1:
+        raise ValueError(f"Invalid model parameter count: {shown}; it is less than one parameter, e.g. 7e9")
+    return int(whole)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
