@@ -728,3 +728,10 @@ def test_cli_keeps_demo():
     with pytest.raises(SystemExit) as e:
         main(["demo", "--help"])
     assert e.value.code == 0
+
+
+def test_numpy_settings_are_taken_as_numbers_as_microadam_takes_them():
+    np = pytest.importorskip("numpy")
+    assert plan_memory("7e9", density=np.float64(0.02), window=np.int64(5)) == plan_memory(
+        "7e9", density=0.02, window=5
+    )

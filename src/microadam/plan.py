@@ -861,6 +861,11 @@ class PlanSettings:
     galore_rank: int = 128
 
     def __post_init__(self) -> None:
+        for name in ("window", "density", "block_size", "quant_block_size", "galore_rank"):
+            value = getattr(self, name)
+            if type(value).__module__ == "numpy" and hasattr(value, "item"):
+                # A NumPy scalar (np.float32(0.01)) as a Python number, as MicroAdam takes it.
+                object.__setattr__(self, name, value.item())
         for name in ("param_dtype", "grad_dtype"):
             value = getattr(self, name)
             if value is None and name == "grad_dtype":
