@@ -527,6 +527,8 @@ def test_counts_are_exact_and_odd_ones_are_named():
         parse_param_count("7e-9")
     with pytest.raises(ValueError, match=r"nan; it is not a number"):
         parse_param_count(float("nan"))
+    with pytest.raises(ValueError, match=r"the model is an empty string.*'\.' for the current folder"):
+        load_model("")  # an unset shell variable: it planned the current folder
 
 
 def test_bare_count_is_large_tensors_of_the_same_total():

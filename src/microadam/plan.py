@@ -691,6 +691,12 @@ def load_model(model: ModelSpec | str | os.PathLike[str] | int | float | torch.n
     if isinstance(model, (int, float)) and not isinstance(model, bool):
         n = parse_param_count(model)
         return ModelSpec.from_count(n, source=f"{model:g}" if isinstance(model, float) else f"{n:,}")
+    if isinstance(model, str) and not model.strip():
+        # Path("") is the current folder: an empty argument (an unset shell variable) planned whatever it held.
+        raise ValueError(
+            "the model is an empty string; give a parameter count (7e9), a config.json, a folder, or '.' "
+            "for the current folder"
+        )
     if not isinstance(model, (str, os.PathLike)):
         import torch
 
