@@ -1382,7 +1382,10 @@ class MicroAdam(Optimizer):
         used. Everything is checked before anything changes: a state saved with
         another window, density, block size, quantization block size or
         parameter size raises ``ValueError`` naming both values, and the
-        optimizer is left as it was.
+        optimizer is left as it was. The exception: inside torch's
+        ``set_state_dict`` after ``dcp.load``, whose template held the live
+        state tensors, the checkpoint is already in them; those parameters'
+        state is then dropped (they start fresh), and the error says so.
         """
         try:
             self._load_state_dict(state_dict)
