@@ -321,7 +321,7 @@ def flattening_requested(depth: int = 8) -> bool:
 
 # torch's set_optimizer_state_dict (and set_state_dict) loads through this function: it may ask the
 # optimizer for its state_dict() as a template and copy the checkpoint's values into it before it
-# calls load_state_dict (full_state_dict=True does), and the template of dcp.load comes from
+# calls load_state_dict (full_state_dict=True with broadcast_from_rank0 does), and the template of dcp.load comes from
 # get_state_dict. Both hold the live state tensors, as for every torch optimizer.
 _LOAD_CALLER = ("torch.distributed.checkpoint.state_dict", "_load_optim_state_dict")
 
