@@ -209,3 +209,20 @@ def step_at_the_grad_limit(
         opt.step()
     assert opt.skipped_steps == 1 and opt.state[p]["step"] == steps
     assert all(torch.equal(a, b) for a, b in zip(before, floats()))
+
+
+def trained_linear_8x8(block_size: int, seed: int, shard: Any = None) -> tuple[torch.nn.Module, MicroAdam]:
+    """An 8x8 linear layer trained 3 steps: its 64 elements make two Top-K blocks (k=1) under block_size
+    48 or 32, so two such states have the same shapes and only the settings tell them apart (for the
+    checkpoint-refusal tests). ``shard`` (e.g. ``fully_shard``) is applied to the model first."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8, bias=False)
+    if shard is not None:
+        shard(model)
+    opt = MicroAdam(model.parameters(), lr=1e-2, density=0.02, block_size=block_size, quant_block_size=16, window=2)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 8, generator=gen)).square().mean().backward()
+        opt.step()
+    return model, opt

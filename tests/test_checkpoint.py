@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from microadam import MicroAdam
-from tests.common import CONFIGS, Config, ids
+from tests.common import CONFIGS, Config, ids, trained_linear_8x8
 
 KW = dict(lr=1e-2, window=4, density=0.1, block_size=64, quant_block_size=16, weight_decay=0.01)
 
@@ -364,20 +364,6 @@ def test_a_meta_device_dry_runs_state_is_refused_by_name():
         dry.error_feedback_norm()
 
 
-def _dcp_pair(block_size: int, seed: int) -> tuple[torch.nn.Module, MicroAdam]:
-    """A trained 8x8 linear layer: 64 elements make two Top-K blocks (k=1) under block_size 48 or 32,
-    so two such checkpoints have the same state shapes and only the settings tell them apart."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 8, bias=False)
-    opt = MicroAdam(model.parameters(), lr=1e-2, density=0.02, block_size=block_size, quant_block_size=16, window=2)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(3):
-        opt.zero_grad()
-        model(torch.randn(4, 8, generator=gen)).square().mean().backward()
-        opt.step()
-    return model, opt
-
-
 def test_a_load_refused_under_torch_distributed_checkpoint_leaves_no_mixed_state(tmp_path):
     """torch.distributed.checkpoint loads in place: dcp.load fills get_state_dict()'s template, which
     holds the live state tensors, and set_optimizer_state_dict(full_state_dict=True) fills a template
@@ -393,9 +379,9 @@ def test_a_load_refused_under_torch_distributed_checkpoint_leaves_no_mixed_state
         set_state_dict,
     )
 
-    saved_model, saved_opt = _dcp_pair(48, seed=1)
+    saved_model, saved_opt = trained_linear_8x8(48, seed=1)
     full = get_optimizer_state_dict(saved_model, saved_opt, options=StateDictOptions(full_state_dict=True))
-    model, opt = _dcp_pair(32, seed=2)
+    model, opt = trained_linear_8x8(32, seed=2)
     (p,) = model.parameters()
     before = {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
     with pytest.raises(ValueError, match="saved with block_size=48 but this optimizer has block_size=32"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from microadam import MicroAdam
-from tests.common import NEEDS_FSDP2
+from tests.common import NEEDS_FSDP2, trained_linear_8x8
 
 from .launch import spawn
 from .test_fsdp import KW, _batches, _model
@@ -71,29 +71,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _linear_8x8(block_size: int) -> tuple[torch.nn.Module, MicroAdam]:
-    """64 elements, 32 per rank: two Top-K blocks (k=1) under block_size 48 or 32, so two such states
-    have the same shapes and only the settings tell them apart."""
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 8, bias=False)
-    fully_shard(model)
-    opt = MicroAdam(model.parameters(), lr=1e-2, density=0.02, block_size=block_size, quant_block_size=16, window=2)
-    gen = torch.Generator().manual_seed(block_size)
-    for _ in range(3):
-        opt.zero_grad()
-        model(torch.randn(4, 8, generator=gen)).square().mean().backward()
-        opt.step()
-    return model, opt
-
-
 def _refused_broadcast_worker(rank: int, world: int, out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
 
-    saved_model, saved_opt = _linear_8x8(48)
+    saved_model, saved_opt = trained_linear_8x8(48, seed=48, shard=fully_shard)
     msd, osd = get_state_dict(saved_model, saved_opt, options=StateDictOptions(full_state_dict=True))
-    model, opt = _linear_8x8(32)
+    model, opt = trained_linear_8x8(32, seed=32, shard=fully_shard)
     (p,) = model.parameters()
     before = {k: _local(v).clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
     try:
