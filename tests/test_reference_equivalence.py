@@ -57,10 +57,18 @@ def _run(config: Config, dtype: torch.dtype, steps: int = STEPS, none_every: int
 DEFAULT_DTYPES = (torch.float32, torch.bfloat16)
 
 
+# The longest config (10-11 s a row on 2 cores) runs in CI's slow pass: the default suite took 586 of
+# its 600 s in the fresh-clone CI of 2026-12-01 20:06 UTC. Its layout stays here without chunks
+# ("odd-blocks"), and with chunks under release ("release-half-odd-chunked", the default variant's).
+SLOW_CONFIGS = {"odd-blocks-chunked"}
+
+
 @pytest.mark.parametrize(
     "dtype", [pytest.param(d, marks=() if d in DEFAULT_DTYPES else pytest.mark.slow) for d in DTYPES], ids=str
 )
-@pytest.mark.parametrize("config", ids(CONFIGS))
+@pytest.mark.parametrize(
+    "config", [pytest.param(c, id=c.id, marks=pytest.mark.slow if c.id in SLOW_CONFIGS else ()) for c in CONFIGS]
+)
 def test_fast_path_equals_reference(config: Config, dtype: torch.dtype) -> None:
     _run(config, dtype)
 
