@@ -26,12 +26,13 @@ __all__ = [
 LEVELS = 15
 
 # Released error feedback (``release`` > 0) moves a quantization block by its residual rescaled to an
-# RMS of ``release_scale``; a block whose residual is all zero does not move. The bounds above are
-# rounded outward to bf16, so they never fall below bf16's smallest subnormal (9.2e-41): a residual
-# whose gradient stopped decays to that and stays. In float32 its squares underflow and the RMS is 0;
-# in float64 (a float64 parameter's compute dtype) they do not, and the block was moved by
-# lr * release_scale every step, forever. So an RMS below float32's smallest normal counts as all zero:
-# in float32, where an RMS is 0 or at least sqrt(2**-149) ~ 4e-23, this changes nothing.
+# RMS of ``release_scale``; a block whose residual is all zero does not move. The quantization bounds
+# (bf16_floor / bf16_ceil below) are rounded outward to bf16, so they never fall below bf16's smallest
+# subnormal (9.2e-41): a residual whose gradient stopped decays to that and stays. In float32 its
+# squares underflow and the RMS is 0; in float64 (a float64 parameter's compute dtype) they do not, and
+# the block was moved by lr * release_scale every step, forever. So an RMS below float32's smallest
+# normal counts as all zero: in float32, where an RMS is 0 or at least sqrt(2**-149) ~ 4e-23, this
+# changes nothing.
 RELEASE_RMS_FLOOR = torch.finfo(torch.float32).tiny
 
 
