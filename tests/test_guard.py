@@ -1016,3 +1016,25 @@ def test_a_rollback_that_fails_part_way_puts_everything_back():
     st = opt.state[next(model.parameters())]
     assert opt.param_groups[0]["density"] == 0.2 and st["step"] == 4
     assert all(torch.equal(state[k], st[k]) for k in state)
+
+
+def test_no_snapshot_is_taken_on_an_unconfirmed_spike_after_a_drift_step():
+    """The healthy count reaches snapshot_every on a step that acts on error drift (no snapshot then);
+    the next step is a first spike: its weights must not become the snapshot a confirmed spike rolls
+    back to (found by an audit: the rollback went to the spiked weights of step 6)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    opt = MicroAdam(model.parameters(), lr=1e-3, density=0.01)
+    policy = GuardPolicy(
+        snapshot_every=5, error_check_every=5, max_error_ratio=1e-9, on_error_drift=("none",), warmup=2, spike_window=5
+    )
+    guard = Guard(model, opt, policy)
+    x = torch.randn(8, 64)
+    events = []
+    for step in range(1, 8):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        events.append(guard.step(1.0 if step < 6 else 100.0 + step))  # steps 6, 7: a spike
+    assert events[4].event == "error_drift"
+    assert events[5].event == "loss_spike" and events[5].actions == ["none"]
+    assert events[6].actions[0] == "rollback" and events[6].result["rolled_back_to_step"] == 0

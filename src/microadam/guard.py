@@ -1229,6 +1229,8 @@ class Guard:
         drift, self._pending_drift, self._pending_loss = self._pending_drift, None, None
         if drift is not None:
             event = self._act("error_drift", drift, self.policy.on_error_drift)
-        elif self._healthy_since_snapshot >= self.policy.snapshot_every:
+        elif self.spike_run == 0 and self._healthy_since_snapshot >= self.policy.snapshot_every:
+            # spike_run too: the count may have reached snapshot_every on a step that acted on drift
+            # instead, and this step may be a first spike, whose weights no snapshot may hold.
             self.take_snapshot()
         return event
