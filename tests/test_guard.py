@@ -1038,3 +1038,24 @@ def test_no_snapshot_is_taken_on_an_unconfirmed_spike_after_a_drift_step():
     assert events[4].event == "error_drift"
     assert events[5].event == "loss_spike" and events[5].actions == ["none"]
     assert events[6].actions[0] == "rollback" and events[6].result["rolled_back_to_step"] == 0
+
+
+def test_sparse_gradients_are_checked_not_crashed_on():
+    """The guard takes any torch optimizer: SparseAdam's sparse gradients (nn.Embedding(sparse=True))
+    crashed the range check at every step, after the step was counted (found by an audit)."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=0.1)
+    guard = Guard(emb, opt, GuardPolicy())
+    before = emb.weight.detach().clone()
+    emb(torch.tensor([1, 2])).sum().backward()
+    assert guard.step(1.0) is None
+    assert not torch.equal(emb.weight, before)  # stepped
+    opt.zero_grad()
+    stepped = emb.weight.detach().clone()
+    out = emb(torch.tensor([3, 3]))
+    (out * torch.tensor([float("nan"), 1.0, 1.0, 1.0])).sum().backward()
+    event = guard.step(1.0)
+    assert event is not None and event.event == "nonfinite" and event.actions == ["skip"]
+    assert "weight holds nan" in event.seen["gradient"]
+    assert torch.equal(emb.weight, stepped)  # skipped

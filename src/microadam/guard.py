@@ -466,6 +466,17 @@ def _set_numpy_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
+def _values_of(grad: torch.Tensor) -> torch.Tensor:
+    """The values a gradient holds, as a dense tensor the range check can reduce: a sparse gradient's
+    stored values (``nn.Embedding(sparse=True)`` with ``torch.optim.SparseAdam``), the tensor itself
+    otherwise. Coalesced first: an index given twice is added, as the optimizer will."""
+    if grad.layout == torch.sparse_coo:
+        return grad.coalesce().values()
+    if grad.layout != torch.strided:
+        return grad.values()  # compressed layouts (CSR, ...) store each element once
+    return grad
+
+
 class Guard:
     """Watch a training run through its loss and its optimizer; act on degradation.
 
@@ -1006,7 +1017,7 @@ class Guard:
 
         every = [p for g in self.optimizer.param_groups for p in g["params"]]
         params = [p for p in every if p.grad is not None]
-        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        grads = [_values_of(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad) for p in params]
         here = grads_in_range(grads)
         if self._all_ranks(here, all_of=True):
             return None
