@@ -1059,3 +1059,27 @@ def test_sparse_gradients_are_checked_not_crashed_on():
     assert event is not None and event.event == "nonfinite" and event.actions == ["skip"]
     assert "weight holds nan" in event.seen["gradient"]
     assert torch.equal(emb.weight, stepped)  # skipped
+
+
+def test_counters_given_back_after_the_constructor_hold_in_its_snapshot(tmp_path):
+    """The Trainer and Lightning callbacks build the guard (which snapshots at once) and then give back
+    the resumed run's counters: a rollback to that first snapshot must not apply the restored lower_lr
+    again nor restart the reference lag from 0, and guard-last.pt must hold the earlier rollbacks
+    (found by an audit: lr 1.25e-4 instead of 2.5e-4 after a Trainer resume)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)
+    opt = MicroAdam(model.parameters(), lr=5e-4)  # lowered once (lr_scale 0.5) in the run resumed from
+    policy = GuardPolicy(patience=3, checkpoint_dir=str(tmp_path))
+    guard = Guard(model, opt, policy, start_step=100)
+    saved = {"step": 100, "losses": [1.0] * 5, "rollbacks": 1, "rollbacks_before_resume": 0, "lr_scale": 0.5}
+    guard.load_counters(saved | {"reference_lag": 7})
+    on_disk = load_checkpoint(guard.checkpoint_path())["guard"]
+    assert on_disk["rollbacks_before_resume"] == 1 and on_disk["lr_scale"] == 0.5 and on_disk["reference_lag"] == 7
+    x = torch.randn(4, 16)
+    opt.zero_grad()
+    model(x).sum().backward()
+    for _ in range(3):  # the third NaN in a row rolls back to the first snapshot
+        event = guard.step(float("nan"))
+    assert event.actions == ["rollback"] and event.result["rolled_back_to_step"] == 100
+    assert opt.param_groups[0]["lr"] == 5e-4
+    assert guard.reference_lag == 7 + 3

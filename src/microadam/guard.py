@@ -743,6 +743,17 @@ class Guard:
         self.rollbacks_before_resume = int(saved["rollbacks"]) + int(saved.get("rollbacks_before_resume", 0))
         self.lr_scale = float(saved["lr_scale"])
         self.reference_lag = int(saved.get("reference_lag", 0))  # absent from checkpoints written before it
+        # The Trainer and Lightning callbacks call this after the constructor took its first snapshot, at
+        # this step, with fresh counters: a rollback to it would apply the restored lower_lr once more
+        # (lr_scale / the snapshot's) and take its reference lag from 0, and a crash before the next
+        # snapshot would resume from a file without the earlier runs' rollbacks. A snapshot of this step
+        # holds this step's counters.
+        newest = self._snapshots[-1] if self._snapshots else None
+        for snap in self._snapshots:
+            if snap["guard"]["step"] == self.step_count:
+                snap["guard"].update(self.counters())
+        if newest is not None and newest["guard"]["step"] == self.step_count:
+            self._write_checkpoint(newest)
 
     def _check_total_rollbacks(self, saved: dict[str, Any], where: str) -> None:
         total = int(saved["rollbacks"]) + int(saved.get("rollbacks_before_resume", 0))
