@@ -1083,3 +1083,31 @@ def test_counters_given_back_after_the_constructor_hold_in_its_snapshot(tmp_path
     assert event.actions == ["rollback"] and event.result["rolled_back_to_step"] == 100
     assert opt.param_groups[0]["lr"] == 5e-4
     assert guard.reference_lag == 7 + 3
+
+
+def test_a_skipped_nan_batch_leaves_no_nan_in_batchnorm_statistics(tmp_path):
+    """The forward pass of a skipped NaN batch has already written NaN into BatchNorm's running
+    statistics; the training losses after it stay finite (batch statistics), so they stayed NaN in
+    every later snapshot and in guard-last.pt, and evaluation gave NaN (found by an audit)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    # An attention-mask-like buffer that is -inf by design stays as it is.
+    model.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+    opt = MicroAdam(model.parameters(), lr=1e-3)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=2, checkpoint_dir=str(tmp_path)))
+    events = []
+    for step in range(1, 6):
+        x = torch.randn(16, 8)
+        if step == 2:
+            x[0, 0] = float("nan")
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        events.append(guard.step(loss))
+    assert events[1].event == "nonfinite" and events[1].seen["buffers_restored"] == ["1.running_mean", "1.running_var"]
+    assert model[1].running_mean.isfinite().all() and model[1].running_var.isfinite().all()
+    saved = load_checkpoint(guard.checkpoint_path())["model"]
+    assert saved["1.running_mean"].isfinite().all() and saved["1.running_var"].isfinite().all()
+    assert torch.equal(model.mask, torch.tensor([0.0, float("-inf")]))
+    model.eval()
+    assert model(torch.randn(2, 8)).isfinite().all()

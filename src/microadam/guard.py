@@ -1144,6 +1144,9 @@ class Guard:
             }
             if bad_gradient is not None:
                 seen["gradient"] = bad_gradient
+            repaired = self._repair_buffers()
+            if repaired:
+                seen["buffers_restored"] = repaired
             actions = p.on_nonfinite if self.nonfinite_run < p.patience else ("rollback",)
             if self.nonfinite_run >= p.patience:
                 self.nonfinite_run = 0
@@ -1188,6 +1191,31 @@ class Guard:
                         GuardEvent(self.step_count, "low_error", {"error_ratio": ratio}, ["lower_density"], result)
                     )
         return True, observed
+
+    def _repair_buffers(self) -> list[str]:
+        """Put back, from the last snapshot, each floating buffer of the model that holds NaN or Inf now
+        but did not there; return their names.
+
+        For a step about to be skipped for a non-finite loss or gradient: its forward pass has already
+        run, and a NaN input has written NaN into BatchNorm's running statistics. The training losses
+        that follow use batch statistics and stay finite, so nothing else would ever notice, and every
+        later snapshot and guard-last.pt would hold them (evaluation output all NaN). The snapshot's
+        values are at most ``snapshot_every`` healthy steps old: for running averages, a few updates
+        fewer. A buffer that was not finite in the snapshot either (an attention mask of -inf) is left
+        as it is.
+        """
+        if not self._snapshots:
+            return []
+        saved = self._snapshots[-1]["model"]
+        repaired = []
+        for name, buf in self.model.named_buffers():
+            if not buf.is_floating_point() or name not in saved or bool(buf.isfinite().all()):
+                continue
+            good = saved[name]
+            if good.shape == buf.shape and bool(good.isfinite().all()):
+                buf.copy_(good)
+                repaired.append(name)
+        return repaired
 
     def _loss_checks(self, value: float, skips: bool = False) -> GuardEvent | None:
         """Spike and reference-curve checks of one finite loss; acts and returns the event if one fires.
