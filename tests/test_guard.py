@@ -1111,3 +1111,33 @@ def test_a_skipped_nan_batch_leaves_no_nan_in_batchnorm_statistics(tmp_path):
     assert torch.equal(model.mask, torch.tensor([0.0, float("-inf")]))
     model.eval()
     assert model(torch.randn(2, 8)).isfinite().all()
+
+
+def test_a_rollback_restores_the_optimizers_parameters_outside_the_model(tmp_path):
+    """A parameter the optimizer holds but the model does not (a loss module's temperature): a rollback
+    restored its optimizer state but not its value, so a NaN in it was never undone and the guard rolled
+    back until max_rollbacks stopped the run (found by an audit). It is in the snapshot and the checkpoint."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    temp = torch.nn.Parameter(torch.ones(()))
+    opt = MicroAdam([*model.parameters(), temp], lr=0.1)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=100, patience=1, checkpoint_dir=str(tmp_path)))
+    x = torch.randn(16, 8)
+    for _ in range(4):
+        opt.zero_grad()
+        (model(x).mean() * temp).pow(2).backward()
+        guard.step(1.0)
+    assert temp.item() != 1.0
+    with torch.no_grad():
+        temp.fill_(float("inf"))
+    opt.zero_grad()
+    (model(x).mean() * temp).pow(2).backward()
+    event = guard.step(float("nan"))
+    assert event.actions == ["rollback"] and event.result["rolled_back_to_step"] == 0
+    assert temp.item() == 1.0 and temp not in opt.state
+    assert load_checkpoint(guard.checkpoint_path())["outside_params"] == {2: torch.tensor(1.0)}
+    # Another set of outside parameters does not fit a snapshot: refused, nothing changed.
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    with pytest.raises(RuntimeError, match=r"outside the model \(position: shape\) are \{2: \(\), 3: \(3,\)\}"):
+        guard.rollback()
+    assert temp.item() == 1.0

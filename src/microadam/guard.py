@@ -466,6 +466,11 @@ def _set_numpy_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _values_of(grad: torch.Tensor) -> torch.Tensor:
     """The values a gradient holds, as a dense tensor the range check can reduce: a sparse gradient's
     stored values (``nn.Embedding(sparse=True)`` with ``torch.optim.SparseAdam``), the tensor itself
@@ -619,7 +624,17 @@ class Guard:
             },
             "scheduler": _to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
             "guard": {**self.counters(), "scheduler_stepped": self._scheduler_stepped},
+            "outside_params": {i: _to_cpu(_local(p)) for i, p in self._outside_params()},
         }
+
+    def _outside_params(self) -> list[tuple[int, torch.Tensor]]:
+        """The optimizer's parameters that are not the model's (a loss module's temperature, a head built
+        apart), with their positions among all of the optimizer's: the model's state_dict does not hold
+        them, and a rollback that restored their optimizer state but not their values would pair the
+        two wrongly (and never undo a NaN in one)."""
+        mine = {id(p) for p in self.model.parameters()}
+        every = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return [(i, p) for i, p in enumerate(every) if id(p) not in mine]
 
     def checkpoint_path(self) -> Path | None:
         """Where this process writes (and ``resume=True`` reads) its checkpoint: ``guard-last.pt`` in
@@ -654,8 +669,22 @@ class Guard:
             for key in ("density", "window", "dense"):
                 if key in saved:
                     group[key] = saved[key]
+        outside = self._outside_params()
+        saved_outside = snap.get("outside_params")  # absent from checkpoints written before it
+        if saved_outside is not None:
+            have = {i: tuple(_local(p).shape) for i, p in outside}
+            held = {i: tuple(t.shape) for i, t in saved_outside.items()}
+            if have != held:
+                raise ValueError(
+                    f"the optimizer's parameters outside the model (position: shape) are {have} here but {held} "
+                    "in the snapshot; pass the same parameters to the optimizer, in the same order"
+                )
         self.optimizer.load_state_dict(_to_cpu(snap["optimizer"]))
         self.model.load_state_dict(snap["model"])
+        if saved_outside is not None:
+            with torch.no_grad():
+                for i, p in outside:
+                    _local(p).copy_(saved_outside[i])
         # The scheduler goes back with the optimizer, so the learning rate and the schedule's
         # position stay consistent (a chainable scheduler computes the next lr from the current
         # one: restoring only the optimizer's lr would offset it for good).
@@ -1028,7 +1057,7 @@ class Guard:
 
         every = [p for g in self.optimizer.param_groups for p in g["params"]]
         params = [p for p in every if p.grad is not None]
-        grads = [_values_of(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad) for p in params]
+        grads = [_values_of(_local(p.grad)) for p in params]
         here = grads_in_range(grads)
         if self._all_ranks(here, all_of=True):
             return None
