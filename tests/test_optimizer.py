@@ -895,3 +895,38 @@ def test_the_functional_step_is_eager_under_compile_too_and_import_stays_light()
     code = "import sys, microadam, microadam.functional; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_state_bytes_counts_each_storage_once_and_whole():
+    """Two state tensors that are views of one buffer count the buffer once; a view counts the whole
+    buffer it keeps alive (GaLore's fp32 projector is a slice of the SVD factor: counted by its
+    elements, its state looked 6x smaller than the memory it held; found by an audit)."""
+
+    class Views(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            for p in self.param_groups[0]["params"]:
+                buf = torch.zeros(2, p.numel())
+                self.state[p].update(a=buf[0], b=buf[1], top=torch.zeros(64, 10)[:2])
+
+    p = torch.nn.Parameter(torch.zeros(100))
+    opt = Views([p])
+    opt.step()
+    assert state_bytes(opt) == 2 * 100 * 4 + 64 * 10 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_bytes_of_galore_is_the_memory_it_holds(dtype):
+    pytest.importorskip("galore_torch")
+    from galore_torch import GaLoreAdamW
+
+    p = torch.nn.Parameter(torch.zeros(256, 64, dtype=dtype))
+    opt = GaLoreAdamW([{"params": [p], "rank": 8, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}])
+    p.grad = torch.randn(256, 64).to(dtype)
+    opt.step()
+    size = dtype.itemsize
+    # fp32: the projector is Vh[:8] of the 64 x 64 factor; bf16: an 8 x 64 copy. m, v: 256 x 8.
+    projector = 64 * 64 * 4 if dtype == torch.float32 else 8 * 64 * size
+    assert state_bytes(opt) == projector + 2 * 256 * 8 * size

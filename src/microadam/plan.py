@@ -965,14 +965,19 @@ def _adafactor(t: TensorSpec, s: PlanSettings) -> int:
 
 
 # galore-torch GaLoreAdamW, every 2-D tensor in the GaLore group (proj_type "std"): an
-# (r, min side) orthogonal projector and m, v of (max side, r), with r capped by the
-# smaller side; other tensors dense Adam (m, v). The step is a Python int.
+# orthogonal projector of r rows of the min side (holding the whole min-side square factor in
+# fp32, below) and m, v of (max side, r), with r capped by the smaller side; other tensors
+# dense Adam (m, v). The step is a Python int.
 def _galore(t: TensorSpec, s: PlanSettings) -> int:
-    g = s.grad_bytes  # the projector is cast back to the gradient's dtype; m and v are the projected gradient's
+    g = s.grad_bytes  # m and v are the projected gradient's dtype
     if len(t.shape) == 2:
         small, large = sorted(t.shape)
         r = min(s.galore_rank, small)
-        return g * (r * small + 2 * r * large)
+        # The projector is the first r rows (or columns) of the SVD's small x small factor, computed in
+        # float32. galore-torch 1.0 casts it back to another gradient dtype (a copy of r x small), but
+        # keeps a float32 gradient's as a slice, and the slice holds the whole factor alive.
+        projector = 4 * small * small if g == 4 else g * r * small
+        return projector + 2 * g * r * large
     return 2 * g * t.numel
 
 
@@ -1056,7 +1061,7 @@ OPTIMIZERS: tuple[_Optimizer, ...] = (
         "galore",
         "GaLore AdamW",
         _galore,
-        what="galore-torch: rank-r projector + rank-r m, v for every 2-D tensor; Adam for the rest",
+        what="galore-torch: rank-r projector (fp32: the whole SVD factor) + rank-r m, v per matrix; Adam for the rest",
     ),
     _Optimizer(
         "adam-mini",
