@@ -474,6 +474,8 @@ def test_without_proc_memory_is_the_current_rss_or_not_measured(tmp_path, monkey
 
     psutil = pytest.importorskip("psutil")
     monkeypatch.setattr(measure, "_STATM", str(tmp_path / "no-proc"))  # as on macOS or Windows
+    monkeypatch.setattr(measure, "_STATUS", str(tmp_path / "no-proc"))
+    monkeypatch.setattr(measure, "_CLEAR_REFS", str(tmp_path / "no-proc-dir" / "clear_refs"))
     big = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB touched, then freed: the lifetime peak stays
     del big
     here = psutil.Process().memory_info().rss
@@ -1093,7 +1095,8 @@ def test_a_task_that_writes_into_its_data_folder_gets_every_run_judged(writes, t
     report = (tmp_path / "out" / "report.md").read_text()
     # Judged on both seeds of both optimizers (a verdict on the tiny model's state ratio: FAIL).
     assert "not run" not in report and "one seed" not in report and "accuracy drop" in report
-    assert len(list((tmp_path / "dd").iterdir())) == (1 if writes == "a cache once" else 4)
+    # A log per build: the 4 runs and compare's warm-up (runner.warm_up).
+    assert len(list((tmp_path / "dd").iterdir())) == (1 if writes == "a cache once" else 5)
 
 
 def test_a_stage_missing_a_planned_seed_is_invalid_not_judged_on_the_rest():
@@ -1136,3 +1139,67 @@ def test_a_metric_that_is_not_one_number_is_a_run_error_naming_it(value, tmp_pat
 def test_a_plan_name_with_a_nul_byte_is_a_plan_error():
     with pytest.raises(PlanError, match="or NUL, got 'a\\\\x00b'"):
         parse_plan({**DIGITS_PLAN, "name": "a\x00b"})
+
+
+_LEFT_RESIDENT: list[torch.Tensor] = []  # what a peer's "library" keeps after its run (see below)
+
+
+def test_cpu_peak_memory_sees_a_steps_temporaries_and_not_what_earlier_runs_left(tmp_path, monkeypatch):
+    """Found by an audit. (1) The CPU peak was sampled between steps, so a 126 MiB temporary inside a
+    step was missed: the high-water mark sees it. (2) It was the whole process's resident set, so what an
+    earlier run left resident (a peer's library, 154 MiB for torchao.optim) counted in every later run:
+    an identical copy of the baseline run after it measured 1.22x. The peak is now what the run added."""
+    from microadam.bench import optimizers
+
+    if not runner.reset_peak_rss():
+        pytest.skip("needs Linux's /proc/self/clear_refs")  # every CI machine here is Linux: fails in CI
+    adamw = optimizers.OPTIMIZERS["adamw"]
+    temporary = 160 * 2**20
+
+    class Hungry(torch.optim.AdamW):
+        def step(self, closure=None):
+            scratch = torch.ones(temporary, dtype=torch.uint8)  # touched, then freed within the step
+            del scratch
+            return super().step(closure)
+
+    def hungry(model, lr, **kw):
+        return Hungry(model.parameters(), lr=lr)
+
+    def leaves_resident(model, lr, **kw):
+        _LEFT_RESIDENT.append(torch.ones(temporary, dtype=torch.uint8))  # as an import would, for good
+        return adamw.factory(model, lr, **kw)
+
+    for name, factory in (("hungry", hungry), ("leaves", leaves_resident)):
+        monkeypatch.setitem(
+            optimizers.OPTIMIZERS, name, optimizers.OptimizerSpec(name, name, None, "", factory)
+        )  # fmt: skip
+    data = copy.deepcopy(ONE_SEED) | {
+        "candidates": ["hungry", "leaves", "again"],
+        "optimizers": {"again": {"optimizer": "adamw"}},
+        "criteria": {
+            "max_metric_drop": 100.0,
+            "max_state_ratio": False,
+            "max_step_time_ratio": False,
+            "max_peak_memory_ratio": 1.25,
+        },
+    }
+    data["stages"] = data["stages"][:1]
+    try:
+        records = runner.run_plan(parse_plan(data), tmp_path, log=lambda _: None)
+    finally:
+        _LEFT_RESIDENT.clear()
+    peak = {r["optimizer"]: r["peak_memory_bytes"] for r in records if r.get("kind") == "run"}
+    assert {r["peak_memory_basis"] for r in records if r.get("kind") == "run"} == {"high-water"}
+    assert peak["hungry"] - peak["adamw"] > 0.9 * temporary
+    assert peak["leaves"] - peak["adamw"] > 0.9 * temporary
+    assert abs(peak["again"] - peak["adamw"]) < 0.25 * peak["adamw"]  # run after "leaves"
+    verdict = final_verdict(parse_plan(data), records)
+    assert verdict["again"].startswith("PASS") and verdict["hungry"].startswith("FAIL")
+
+
+def test_peak_memory_of_records_from_before_the_run_basis_is_not_compared_with_new_ones():
+    plan = parse_plan(ONE_SEED | {"criteria": {"max_metric_drop": 100.0, "max_peak_memory_ratio": 2.0}})
+    base = _row("adamw", 0, 0.9, 100, 0.01, plan=plan)  # an older microadam's record: no basis
+    cand = _row("microadam", 0, 0.9, 10, 0.01, plan=plan) | {"peak_memory_basis": "high-water"}
+    result = judge_stage(plan, plan.stages[0], [base, cand])["microadam"]
+    assert result["invalid"] and "measured in different ways (high-water, process" in result["reason"]

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["current_rss", "environment", "median", "ProgressBar", "release_free_memory"]
+__all__ = ["current_rss", "environment", "median", "peak_rss", "ProgressBar", "release_free_memory", "reset_peak_rss"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _STATM = "/proc/self/statm"  # Linux only
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
 
 
 def current_rss() -> int | None:
@@ -33,6 +35,35 @@ def current_rss() -> int | None:
     except ImportError:
         return None
     return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss() -> int | None:
+    """The resident set's high-water mark since :func:`reset_peak_rss` (Linux's ``VmHWM``), in bytes;
+    None where there is none to read."""
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart :func:`peak_rss` from the resident set now (Linux: 5 written to ``/proc/self/clear_refs``);
+    False where it cannot be, and the caller must sample :func:`current_rss` instead.
+
+    The high-water mark sees every page a run touches, inside an optimizer step too: samples taken
+    between steps missed a step's temporaries (above glibc's mmap threshold they are handed back to
+    the system as they are freed; 126 MiB of a 12.6M-parameter torch-path step, found by an audit).
+    """
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return peak_rss() is not None
 
 
 def release_free_memory() -> None:

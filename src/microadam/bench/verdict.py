@@ -78,6 +78,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "final_train_loss",
         ):
             entry[key], entry[key + "_std"] = _stats([r.get(key) for r in ok])
+        # Rows of an older microadam have no basis: their CPU peak was the whole process's resident set.
+        entry["peak_memory_basis"] = sorted({r.get("peak_memory_basis", "process") for r in ok})
         entry["lr"] = ok[0]["lr"]
         entry["diverged"] = [r["seed"] for r in ok if "diverged_at" in r]
         out[name] = entry
@@ -184,6 +186,17 @@ def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[st
                 "reason": f"peak memory was not measured for {' and '.join(unmeasured)} (this machine has no "
                 "/proc/self/statm and psutil is not installed), so max_peak_memory_ratio cannot be judged: "
                 "pip install psutil and rerun in a new --out, or drop the criterion",
+                "criteria": [],
+            }
+            continue
+        bases = sorted(set(base["peak_memory_basis"]) | set(c["peak_memory_basis"]))
+        if crit.max_peak_memory_ratio is not None and len(bases) > 1:
+            result[cand] = {
+                "passed": False,
+                "invalid": True,
+                "reason": f"the peak memory of {plan.baseline} and {cand} was measured in different ways "
+                f"({', '.join(bases)}: records of different versions of microadam in one --out), so "
+                "max_peak_memory_ratio cannot be judged: rerun in a new --out",
                 "criteria": [],
             }
             continue
