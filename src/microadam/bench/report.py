@@ -174,9 +174,10 @@ def render_markdown(plan: Plan, records: list[dict[str, Any]]) -> str:
                 lines += [f"{i + 1}. " + ", ".join(f"{k} {v}" for k, v in env.items()) + f" ({', '.join(runs)})"]
             lines.append("")
         lines += [
-            "Peak memory is the process's resident set size sampled after each backward pass and optimizer "
-            "step (CPU), or CUDA's max allocated bytes (GPU). Step time is the median over steps after the "
-            "first two of forward + backward + optimizer step.",
+            "Peak memory is what each run added to the process's resident set at its high-water mark (CPU; "
+            "after a warm-up, so that the process's one-time costs fall in none of the runs; docs/compare.md), "
+            "or CUDA's max allocated bytes (GPU). Step time is the median over steps after the first two of "
+            "forward + backward + optimizer step.",
             "",
         ]
     return "\n".join(lines)
