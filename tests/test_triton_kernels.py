@@ -958,3 +958,29 @@ def test_a_negative_zero_lr_is_not_taken_for_zero_from_the_cache() -> None:
         out.extend(p.clone() for p in params)
     for g, w in zip(got, want):
         assert torch.equal(g.view(torch.int32), w.view(torch.int32)), (g, w)
+
+
+def test_a_step_bumps_the_parameters_version_counter() -> None:
+    """Raw-pointer writes bypassed autograd's version counter: a graph that saved the parameter before
+    the step backpropagated through the stepped values in silence (found by an audit)."""
+    p = torch.nn.Parameter(torch.randn(100, device=DEVICE))
+    opt = MicroAdam([p], lr=1e-2, impl="triton", block_size=64, density=0.1, quant_block_size=16, window=2)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    y = (p * p).sum()
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_a_window_index_outside_its_block_writes_nothing_outside_the_parameter() -> None:
+    """A corrupt window index (in memory; loads check them) made the update kernel write past the
+    parameter, into what the allocator put after it (found by an audit)."""
+    buf = torch.zeros(200, device=DEVICE)
+    p = buf[:100]
+    args = _args(p)
+    tk.microadam_step_triton(p, torch.randn(100, device=DEVICE), **args)
+    args["window_indices"][0, 1, 0] = 50  # the last block holds 36 elements: position 114
+    tk.microadam_step_triton(p, torch.randn(100, device=DEVICE), **dict(args, step=2))
+    assert torch.count_nonzero(buf[100:]) == 0
+    assert torch.count_nonzero(p) > 0

@@ -570,7 +570,9 @@ if triton is not None:
             pos_all = blk * B + idx_all.to(tl.int64)
             # A zero value moves nothing (u == 0 wherever all values are 0, and its position's
             # other entries carry the same u), so only nonzero entries write: padding never does.
-            ok_all = emask_all & (val_all != 0)
+            # Nor does an index outside the block (a corrupt state in memory; loads check indices):
+            # it would write past the parameter, into whatever the allocator put there.
+            ok_all = emask_all & (val_all != 0) & (idx_all >= 0) & (pos_all < tl.minimum(blk * B + B, n))
             p = _load_param(param_ptr + pos_all, ok_all, PARAM_KIND)
             new_all = _round_param(p * decay - lr * u, pos_all + offset, par_key, stoch, PARAM_KIND)
         else:
@@ -603,7 +605,7 @@ if triton is not None:
                 den = tl.sqrt_rn(c2 * mom2) + eps
                 u = tl.where(den > 0, tl.div_rn(c1 * mom1, tl.where(den > 0, den, 1.0)), 0.0)
                 pos = blk * B + idx_j.to(tl.int64)
-                ok = emask & (val_j != 0)
+                ok = emask & (val_j != 0) & (idx_j >= 0) & (pos < tl.minimum(blk * B + B, n))
                 p = _load_param(param_ptr + pos, ok, PARAM_KIND)
                 new = _round_param(p * decay - lr * u, pos + offset, par_key, stoch, PARAM_KIND)
                 here = (slots == j)[:, None]
@@ -1106,6 +1108,11 @@ def _launch(works: list[_Work]) -> None:
         if w.copy_back is not None:
             param, work_param = w.copy_back
             param.copy_(work_param.view(param.shape))
+        else:
+            # Raw-pointer writes bypass autograd's version counter; bump it as an in-place op would, so
+            # a graph that saved the parameter refuses to backpropagate through the stepped values (as
+            # the torch and C++ paths do; found by an audit).
+            torch.autograd.graph.increment_version(w.keep[0])
 
 
 def _launch_batch(key: tuple, batch: list[_Work]) -> None:
