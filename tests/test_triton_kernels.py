@@ -115,6 +115,8 @@ CASES = [
         steps=5,
         release=0.5,
     ),
+    # k = 103 > 64: the update kernel compares another slot's entries in two chunks of 64 (CH).
+    Case("many-entries-chunked", ((1500,),), block_size=1024, density=0.1, quant_block_size=128, window=3, steps=4),
     Case("release-small", SMALL, release=0.5),
     Case("release-all-wd", ((7,), (139,)), release=1.0, release_scale=0.7, weight_decay=0.1),
     Case(
@@ -583,7 +585,9 @@ def test_each_launch_has_its_tensors_gpu_made_current(monkeypatch: pytest.Monkey
     monkeypatch.setattr(tk, "_launch_batch", lambda key, batch: launched.append((str(key[0]), str(entered[-1]))))
 
     def work(device: str) -> Any:
-        return types.SimpleNamespace(static=types.SimpleNamespace(key=(torch.device(device), 0)), copy_back=None)
+        return types.SimpleNamespace(
+            static=types.SimpleNamespace(key=(torch.device(device), 0)), copy_back=None, keep=(torch.zeros(1),)
+        )
 
     tk._launch([work("cuda:1"), work("cuda:0"), work("cpu"), work("cuda:1")])
     assert launched == [("cuda:1", "cuda:1"), ("cuda:0", "cuda:0"), ("cpu", "None")]
@@ -799,18 +803,21 @@ variants = [
     # ... and a quantization block of several rows (4 Top-K blocks of 16).
     (c, compress, dict(RP2=4, CP2=16, TK_MODE=0, Q_MODE=1, PAIRS=True, GRAD_KIND=0, RADIX_BITS=2,
                        RELEASE=True, PARAM_KIND=1, LOG_CP2=4, LOG_RP2=2)),
-    (tk._update_kernel, update, dict(KP2=4, MP2=4, DT=64, PARAM_KIND=1, VEC_SLOTS=True)),
-    (tk._update_kernel, update, dict(KP2=16, MP2=4, DT=64, PARAM_KIND=2, VEC_SLOTS=False)),
-    (tk._update_kernel, update, dict(KP2=8, MP2=2, DT=64, PARAM_KIND=0, VEC_SLOTS=True)),
+    (tk._update_kernel, update, dict(KP2=4, MP2=4, DT=64, PARAM_KIND=1, VEC_SLOTS=True, CH=4)),
+    (tk._update_kernel, update, dict(KP2=16, MP2=4, DT=64, PARAM_KIND=2, VEC_SLOTS=False, CH=16)),
+    (tk._update_kernel, update, dict(KP2=8, MP2=2, DT=64, PARAM_KIND=0, VEC_SLOTS=True, CH=8)),
     # The default layout's update tile (k = 41, window 10, blocks of 4096), with the launcher's warps.
-    (tk._update_kernel, update, dict(KP2=64, MP2=16, DT=1024, PARAM_KIND=1, VEC_SLOTS=False)),
+    (tk._update_kernel, update, dict(KP2=64, MP2=16, DT=1024, PARAM_KIND=1, VEC_SLOTS=False, CH=64)),
+    # The Guard's max_density (0.1, k = 410) at blocks of 4096: compared whole it took 70 s to compile.
+    (tk._update_kernel, update, dict(KP2=512, MP2=16, DT=1024, PARAM_KIND=1, VEC_SLOTS=False, CH=64)),
 ]
 for kernel, sig, constexprs in variants:
     src = ASTSource(kernel, dict(sig, **{name: "constexpr" for name in constexprs}), constexprs=constexprs)
     # The warps the launcher gives each tile (_launch_batch): races between warps show in the PTX.
     if kernel is tk._update_kernel:
         kp2, mp2 = constexprs["KP2"], constexprs["MP2"]
-        elements = max(constexprs["DT"], mp2 * kp2 * kp2 if constexprs["VEC_SLOTS"] else kp2 * kp2)
+        elements = max(constexprs["DT"], mp2 * kp2 * kp2 if constexprs["VEC_SLOTS"] else kp2 * constexprs["CH"])
+        assert constexprs["CH"] == tk.update_chunk(kp2)
     else:
         elements = constexprs["RP2"] * constexprs["CP2"]
     options = dict(enable_fp_fusion=False, num_warps=tk._num_warps(elements))
@@ -838,7 +845,7 @@ def test_kernels_compile_for_a_gpu_without_one(tmp_path: Any) -> None:
         [sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 10" in out.stdout
+    assert "compiled 11" in out.stdout
 
 
 def _args(param: torch.Tensor, **over: Any) -> dict[str, Any]:

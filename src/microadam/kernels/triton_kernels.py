@@ -507,6 +507,7 @@ if triton is not None:
         DT: tl.constexpr,
         PARAM_KIND: tl.constexpr,
         VEC_SLOTS: tl.constexpr,
+        CH: tl.constexpr,
     ):
         pid = tl.program_id(0)
         t = tl.load(prog_tensor + pid).to(tl.int64)
@@ -576,7 +577,11 @@ if triton is not None:
             p = _load_param(param_ptr + pos_all, ok_all, PARAM_KIND)
             new_all = _round_param(p * decay - lr * u, pos_all + offset, par_key, stoch, PARAM_KIND)
         else:
-            # Large windows: one slot at a time keeps the compared tile at KP2 * KP2.
+            # Large windows: one slot at a time, and its entries against another slot's CH at a time,
+            # keep the compared tile at KP2 * CH (CH <= 64). Compared whole (KP2 * KP2), k = 410
+            # (density 0.1, the Guard's default max_density, at block 4096) took 70 s to compile for
+            # sm_90 and k = 1024 over 150 s (found by an audit). A position occurs at most once in a
+            # slot, so each chunk's sum is that one term or zeros: the moments are the same, bit for bit.
             if PARAM_KIND == 0:
                 new_all = tl.full([MP2, KP2], 0, tl.float32)
             elif PARAM_KIND == 1:
@@ -594,14 +599,17 @@ if triton is not None:
                 mom2 = tl.full([KP2], 0, tl.float32)
                 for age in range(n_valid):
                     base_a = (((write_slot - age + m) % m) * nb + blk) * k
-                    idx_a = tl.load(widx_ptr + base_a + e, mask=emask, other=-1).to(tl.int32)
-                    bits_a = tl.load(wval_ptr + base_a + e, mask=emask, other=0).to(tl.uint16, bitcast=True)
-                    val_a = (bits_a.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
                     w1 = tl.load(w1_ptr + age)
                     w2 = tl.load(w2_ptr + age)
-                    match = idx_j[:, None] == idx_a[None, :]
-                    mom1 += tl.reduce(tl.where(match, (val_a * w1)[None, :], 0.0), 1, _SUM)
-                    mom2 += tl.reduce(tl.where(match, (val_a * val_a * w2)[None, :], 0.0), 1, _SUM)
+                    for c0 in range(0, KP2, CH):  # a loop, not unrolled: unrolled, k = 410 took 217 s
+                        ea = c0 + tl.arange(0, CH)
+                        amask = ea < k
+                        idx_a = tl.load(widx_ptr + base_a + ea, mask=amask, other=-1).to(tl.int32)
+                        bits_a = tl.load(wval_ptr + base_a + ea, mask=amask, other=0).to(tl.uint16, bitcast=True)
+                        val_a = (bits_a.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+                        match = idx_j[:, None] == idx_a[None, :]
+                        mom1 += tl.reduce(tl.where(match, (val_a * w1)[None, :], 0.0), 1, _SUM)
+                        mom2 += tl.reduce(tl.where(match, (val_a * val_a * w2)[None, :], 0.0), 1, _SUM)
                 den = tl.sqrt_rn(c2 * mom2) + eps
                 u = tl.where(den > 0, tl.div_rn(c1 * mom1, tl.where(den > 0, den, 1.0)), 0.0)
                 pos = blk * B + idx_j.to(tl.int64)
@@ -642,6 +650,12 @@ _INTERPRETED = triton is not None and type(_compress_kernel).__name__ == "Interp
 
 
 # ---------------------------------------------------------------------- host side
+
+
+def update_chunk(kp2: int) -> int:
+    """How many of another slot's entries the update kernel compares at a time (its ``CH``): the
+    compared tile is ``KP2 * CH`` (see the kernel)."""
+    return min(kp2, 64)
 
 
 def _next_pow2(x: int) -> int:
@@ -1153,7 +1167,8 @@ def _launch_batch(key: tuple, batch: list[_Work]) -> None:
         DT=dt,
         PARAM_KIND=param_kind,
         VEC_SLOTS=vec_slots,
-        num_warps=_num_warps(max(dt, mp2 * kp2 * kp2 if vec_slots else kp2 * kp2)),
+        CH=update_chunk(kp2),
+        num_warps=_num_warps(max(dt, mp2 * kp2 * kp2 if vec_slots else kp2 * update_chunk(kp2))),
         enable_fp_fusion=False,
     )
 
