@@ -1,8 +1,12 @@
 """Peak transient memory of one MicroAdam step on CPU, measured as growth of the process's peak RSS.
 
 Each measurement runs in a fresh subprocess: allocate the parameter, its gradient and the optimizer
-state, record the peak RSS, take one step, record it again. The difference is what the step
-allocated at its peak beyond the long-lived tensors. Prints a table and writes JSONL.
+state, record the peak RSS, take one step, record it again (``first_step``: the process's first step,
+which also pays one-time costs: loading the C++ library, starting OpenMP's threads, growing the
+per-thread scratch). Then steps until the window is full and once more, the last one measured alone:
+the high-water mark restarted just before it (Linux, ``/proc/self/clear_refs``) less the resident set
+then (``steady``: what every later step of a training run allocates at its peak). Prints a table and
+writes JSONL.
 
     python benchmarks/transient_memory.py --numel 64M --chunks 262144,1048576,4194304 --impls torch,cpp
 
@@ -13,6 +17,7 @@ per thread, while the torch path's scale with ``chunk_size``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -22,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from microadam.bench.measure import current_rss, peak_rss, release_free_memory, reset_peak_rss
 
 
 def _measure(numel: int, chunk: int, dtype: str, error_rounding: str, impl: str, variant: str) -> dict:
@@ -35,6 +42,17 @@ def _measure(numel: int, chunk: int, dtype: str, error_rounding: str, impl: str,
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     opt.step()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(opt.param_groups[0]["window"]):
+        opt.step()
+    steady = None
+    if reset_peak_rss():  # Linux; elsewhere only the first step is measured
+        gc.collect()
+        release_free_memory()
+        start = current_rss()
+        reset_peak_rss()
+        opt.step()
+        peak = peak_rss()
+        steady = None if peak is None or start is None else max(0, peak - start)
     return dict(
         numel=numel,
         chunk=chunk,
@@ -42,7 +60,8 @@ def _measure(numel: int, chunk: int, dtype: str, error_rounding: str, impl: str,
         error_rounding=error_rounding,
         impl=impl,
         variant=variant,
-        transient_bytes=after - before,
+        transient_bytes=after - before,  # the process's first step (the name of earlier rows)
+        steady_transient_bytes=steady,
     )
 
 
@@ -68,8 +87,11 @@ def main() -> None:
         return
     numel = _parse(args.numel)
     rows = []
-    print("| impl | numel | dtype | error rounding | chunk | transient MB | bytes per chunk element |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| impl | numel | dtype | error rounding | chunk | first step MiB | bytes per chunk element | "
+        "steady step MiB | % of the parameter's bytes |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     cases = [
         (impl, dtype, rounding, chunk)
         for impl in args.impls.split(",")
@@ -94,9 +116,12 @@ def main() -> None:
             command=" ".join(sys.argv),
         )
         rows.append(row)
+        steady = row["steady_transient_bytes"]
+        param_bytes = numel * getattr(torch, dtype).itemsize
         print(
             f"| {impl} | {numel:,} | {dtype} | {rounding} | {chunk:,} | {row['transient_bytes'] / 2**20:.1f} | "
-            f"{row['transient_bytes'] / chunk:.1f} |"
+            f"{row['transient_bytes'] / chunk:.1f} | "
+            + ("n/a | n/a |" if steady is None else f"{steady / 2**20:.2f} | {100 * steady / param_bytes:.2f} |")
         )
     with open(args.out, "a") as f:
         for row in rows:
