@@ -919,9 +919,10 @@ def test_the_scaler_is_ready_for_the_next_step_after_the_guard_raises():
     guard = Guard(model, opt, GuardPolicy(on_nonfinite=("raise",)))
     for step in range(3):
         loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+        if step == 1:
+            loss = loss * float("nan")  # a NaN loss (a NaN gradient at scale > 1 is an fp16 overflow)
         scaler.scale(loss).backward()
         if step == 1:
-            next(model.parameters()).grad[0, 0] = float("nan")
             with pytest.raises(RuntimeError, match="raise"):
                 guard.step(loss, scaler=scaler)
         else:
@@ -1141,3 +1142,28 @@ def test_a_rollback_restores_the_optimizers_parameters_outside_the_model(tmp_pat
     with pytest.raises(RuntimeError, match=r"outside the model \(position: shape\) are \{2: \(\), 3: \(3,\)\}"):
         guard.rollback()
     assert temp.item() == 1.0
+
+
+def test_fp16_overflows_the_scaler_handles_are_skipped_but_never_rolled_back():
+    """A GradScaler's overflow steps (a run's first steps at the default scale often overflow, and a
+    resumed run starts at it again) counted towards patience as non-finite steps: with patience 1
+    each one rolled back. At a scale above 1 they are now skipped and logged, not counted; at scale 1
+    an out-of-range gradient is the model's own and is acted on as before."""
+    for init_scale, expected in ((2.0**10, "overflow"), (1.0, "nonfinite")):
+        model, x, y = _task()
+        opt = MicroAdam(model.parameters(), **KW)
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        guard = Guard(model, opt, GuardPolicy(patience=1))
+        for step in range(1, 7):
+            loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+            scaler.scale(loss).backward()
+            if step in (3, 4):
+                next(model.parameters()).grad[0, 0] = float("inf")
+            guard.step(loss, scaler=scaler)
+            opt.zero_grad()
+        assert [(e.step, e.event) for e in guard.events] == [(3, expected), (4, expected)]
+        if expected == "overflow":
+            assert all(e.actions == ["skip"] for e in guard.events) and guard.rollbacks == 0
+            assert all(s["step"] == 4 for s in opt.state.values())
+        else:
+            assert all(e.actions == ["rollback"] for e in guard.events) and guard.rollbacks == 2

@@ -1129,7 +1129,7 @@ class Guard:
             # raises "No inf checks were recorded prior to update" without it.
             scaler.unscale_(self.optimizer)
         try:
-            go, event = self.before_step(loss)
+            go, event = self.before_step(loss, grad_scale=None if scaler is None else float(scaler.get_scale()))
             if go:
                 if scaler is not None:
                     scaler.step(self.optimizer)
@@ -1143,13 +1143,22 @@ class Guard:
                 scaler.update()
         return event
 
-    def before_step(self, loss: torch.Tensor | float | None) -> tuple[bool, GuardEvent | None]:
+    def before_step(
+        self, loss: torch.Tensor | float | None, *, grad_scale: float | None = None
+    ) -> tuple[bool, GuardEvent | None]:
         """Checks before ``optimizer.step()``: ``(True, None)`` to go ahead (``(True, event)`` when an event
         was only logged, e.g. a first spike), ``(False, event)`` if the guard acted.
 
         For loops that call ``optimizer.step()`` themselves (Trainer, Lightning): call this first,
         step only if it says so, then call :meth:`after_step`. ``loss`` may be ``None`` when the
         loop does not expose it; then only gradients are checked.
+
+        ``grad_scale``: a ``GradScaler``'s scale this step (:meth:`step` passes it), after
+        ``scaler.unscale_``. With a finite loss, a gradient out of range at a scale above 1 is an fp16
+        overflow, which the scaler handles by skipping the step and lowering the scale (a run's first
+        steps at the default 65536 often overflow): the guard skips it too and logs an ``overflow``
+        event, but does not count it towards ``patience``, so it never rolls back for it. Once the
+        scale is down to 1, an out-of-range gradient is the model's own and counts as non-finite.
         """
         # The loss first: a loss that is not one number raises before anything is counted or changed.
         value = float("nan") if loss is None else _loss_value(loss)
@@ -1165,6 +1174,12 @@ class Guard:
 
         # The loss is the ranks' mean, so every rank skips the gradients' collective check together.
         bad_gradient = self._out_of_range_gradient() if finite_loss else None
+        if bad_gradient is not None and loss is not None and grad_scale is not None and grad_scale > 1.0:
+            seen = {"loss": value, "gradient": bad_gradient, "grad_scale": grad_scale}
+            repaired = self._repair_buffers()
+            if repaired:
+                seen["buffers_restored"] = repaired
+            return False, self._act("overflow", seen, ("skip",), skips=True)
         if not finite_loss or bad_gradient is not None:
             self.nonfinite_run += 1
             seen = {
