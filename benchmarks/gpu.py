@@ -39,7 +39,7 @@ transient memory <= 1% of the parameters' bytes; ``state_bytes`` exactly the CPU
 
 Usage, from the repository root (``pip install -e . --no-deps`` or ``PYTHONPATH=src``)::
 
-    PYTHONPATH=src python3 benchmarks/gpu.py --out $OUT/gpu.jsonl        # the H200 run, ~3-4 min
+    PYTHONPATH=src python3 benchmarks/gpu.py --out $OUT/gpu.jsonl        # the H200 run: 5-7 min (device timeout_s 540)
     python benchmarks/gpu.py --device cpu --sizes tiny                    # CPU: Triton's interpreter
     python benchmarks/gpu.py --check-only
     python benchmarks/gpu.py --skip-check --sizes 1.3B --dtypes bf16 --optimizers microadam_triton,adamw_fused

@@ -1203,3 +1203,21 @@ def test_peak_memory_of_records_from_before_the_run_basis_is_not_compared_with_n
     cand = _row("microadam", 0, 0.9, 10, 0.01, plan=plan) | {"peak_memory_basis": "high-water"}
     result = judge_stage(plan, plan.stages[0], [base, cand])["microadam"]
     assert result["invalid"] and "measured in different ways (high-water, process" in result["reason"]
+
+
+def test_bytes_per_param_counts_the_parameters_the_optimizers_train(tmp_path, monkeypatch):
+    """A task that freezes part of its model: the optimizers hold state for the trainable parameters
+    only, and per parameter of the whole model AdamW's 8 bytes looked like 2.7 (found by an audit)."""
+    monkeypatch.chdir(tmp_path)
+    source = _USER_TASK.replace(
+        "        def batches():", "        model[0].requires_grad_(False)\n\n        def batches():", 1
+    )
+    assert source != _USER_TASK
+    (tmp_path / "mine.py").write_text(source)
+    plan_file = _write_plan(tmp_path / "plan.toml", {**_USER_PLAN, "task": "mine.py:Blobs"})
+    assert main(["compare", str(plan_file), "--out", "out"]) == 0
+    runs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()][1:]
+    adamw = [r for r in runs if r["optimizer"] == "adamw"]
+    trained = 6 * 2 + 2  # the second Linear(6, 2); the first, Linear(4, 6), is frozen
+    assert all(r["num_trainable_params"] == trained and r["num_params"] == trained + 4 * 6 + 6 for r in adamw)
+    assert all(r["bytes_per_param"] == (8 * trained + 2 * 4) / trained for r in adamw)  # m, v; two 4-byte steps

@@ -294,6 +294,9 @@ def run_one(
     final = _metric(metrics, task)
     evals.append((stage.steps, final))
     n_params = sum(p.numel() for p in model.parameters())
+    # Per trainable parameter: the optimizers are given those only, and a task that freezes part of its
+    # model (a backbone) would otherwise show every optimizer's state as smaller than it is per parameter.
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sb = state_bytes(opt)
     row.update(
         status="ok",
@@ -304,8 +307,9 @@ def run_one(
         eval_curve=evals,
         final_train_loss=losses[-1][1] if losses else None,
         num_params=n_params,
+        num_trainable_params=n_trained,
         state_bytes=sb,
-        bytes_per_param=sb / n_params if n_params else None,
+        bytes_per_param=sb / n_trained if n_trained else None,
         rss_before_bytes=rss_before,
         peak_rss_bytes=peak,
         # On a CPU, what the run added to the resident set at its peak: the process's libraries and
