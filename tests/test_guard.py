@@ -1167,3 +1167,21 @@ def test_fp16_overflows_the_scaler_handles_are_skipped_but_never_rolled_back():
             assert all(s["step"] == 4 for s in opt.state.values())
         else:
             assert all(e.actions == ["rollback"] for e in guard.events) and guard.rollbacks == 2
+
+
+def test_the_checkpoint_is_rewritten_before_the_event_is_logged(tmp_path, monkeypatch):
+    """A crash while the log line is written (a full disk) must find guard-last.pt already holding the
+    state the rollback restored, not the snapshot it just judged damaged."""
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=1, checkpoint_dir=str(tmp_path), log_path=str(tmp_path / "l")))
+    for _ in range(3):
+        torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+        guard.step(1.0)
+        opt.zero_grad()
+    guard._act("loss_spike", {}, ("rollback",))  # to the newest snapshot (step 3)
+    monkeypatch.setattr(guard, "_log", lambda event: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        guard._act("loss_spike", {}, ("rollback",))  # again: one further back (step 2's snapshot)
+    saved = load_checkpoint(guard.checkpoint_path())["model"]
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # step 2's weights

@@ -954,9 +954,12 @@ class Guard:
                 )
         else:
             state = None
-        self._log(ev)
+        # The checkpoint before the log line: after a rollback one snapshot further back, the file holds
+        # the newest snapshot, just judged damaged, until it is rewritten; a crash while the log is
+        # written must not leave it there for the resume.
         if rewrite:
             self._write_checkpoint(self._state() if state is None else state)
+        self._log(ev)
         return ev
 
     def _last_good_with_current_settings(self) -> dict[str, Any]:
