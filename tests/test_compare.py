@@ -1192,9 +1192,11 @@ def test_cpu_peak_memory_sees_a_steps_temporaries_and_not_what_earlier_runs_left
     assert {r["peak_memory_basis"] for r in records if r.get("kind") == "run"} == {"high-water"}
     assert peak["hungry"] - peak["adamw"] > 0.9 * temporary
     assert peak["leaves"] - peak["adamw"] > 0.9 * temporary
-    assert abs(peak["again"] - peak["adamw"]) < 0.25 * peak["adamw"]  # run after "leaves"
+    # Run after "leaves": the same as the baseline within the noise of a tiny model's few MiB, not 160 MiB
+    # more. (Their ratio is not asserted: a MiB of noise on 3 MiB moves it by a third.)
+    assert abs(peak["again"] - peak["adamw"]) < 0.1 * temporary
     verdict = final_verdict(parse_plan(data), records)
-    assert verdict["again"].startswith("PASS") and verdict["hungry"].startswith("FAIL")
+    assert verdict["hungry"].startswith("FAIL") and verdict["leaves"].startswith("FAIL")
 
 
 def test_peak_memory_of_records_from_before_the_run_basis_is_not_compared_with_new_ones():
