@@ -761,6 +761,7 @@ print(importlib.reload(tk).available()[1])
 """
 
 
+@pytest.mark.slow  # 8 s (a fresh process importing torch twice): the default suite took 612 s (2026-12-01)
 def test_unavailable_without_interpreter_or_cuda_says_how_to_fix() -> None:
     """A fresh process with neither TRITON_INTERPRET nor a GPU (then neither triton): a clear error
     that names the fix, and no silent fallback to the torch path."""
