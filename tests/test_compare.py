@@ -1223,3 +1223,14 @@ def test_bytes_per_param_counts_the_parameters_the_optimizers_train(tmp_path, mo
     trained = 6 * 2 + 2  # the second Linear(6, 2); the first, Linear(4, 6), is frozen
     assert all(r["num_trainable_params"] == trained and r["num_params"] == trained + 4 * 6 + 6 for r in adamw)
     assert all(r["bytes_per_param"] == (8 * trained + 2 * 4) / trained for r in adamw)  # m, v; two 4-byte steps
+
+
+def test_a_baseline_that_added_no_memory_is_judged_not_divided_by():
+    """A tiny model's baseline run can add no page to the resident set (peak memory 0): the verdict
+    divided by it (ZeroDivisionError in the fresh-clone CI of 68e2d21)."""
+    plan = parse_plan(ONE_SEED | {"criteria": {"max_metric_drop": 100.0, "max_peak_memory_ratio": 2.0}})
+    base = _row("adamw", 0, 0.9, 100, 0.01, plan=plan) | {"peak_memory_bytes": 0}
+    for cand_peak, passed in ((0, True), (4096, False)):
+        cand = _row("microadam", 0, 0.9, 10, 0.01, plan=plan) | {"peak_memory_bytes": cand_peak}
+        result = judge_stage(plan, plan.stages[0], [base, cand])["microadam"]
+        assert result["passed"] is passed

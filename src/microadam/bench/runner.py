@@ -321,7 +321,7 @@ def run_one(
         peak_memory_bytes=(
             torch.cuda.max_memory_allocated(device)
             if device.type == "cuda"
-            else (None if peak is None or rss_before is None else peak - rss_before)
+            else (None if peak is None or rss_before is None else max(0, peak - rss_before))
         ),
         peak_memory_basis="allocator" if device.type == "cuda" else ("high-water" if high_water else "sampled"),
         step_time_median_s=median(step_times),

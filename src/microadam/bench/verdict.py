@@ -86,6 +86,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _ratio(value: float, baseline: float) -> float:
+    """value / baseline, where a baseline of 0 (a tiny model's run that added no page to the resident
+    set) gives 1 for 0 and infinity for more, not a ZeroDivisionError."""
+    if baseline == 0:
+        return 1.0 if value == 0 else math.inf
+    return value / baseline
+
+
 # A value this close to the bar is on it: means of fractions carry float error (a drop of 1 example
 # in 200 is 0.5000000000000004 points), and a candidate exactly on the bar must not fail by 4e-16.
 _ON_THE_BAR = 1e-9
@@ -247,7 +255,7 @@ def judge_stage(plan: Plan, stage: Stage, rows: list[dict[str, Any]]) -> dict[st
             ),
             _check(
                 "peak_memory_ratio",
-                c["peak_memory_bytes"] / base["peak_memory_bytes"],
+                _ratio(c["peak_memory_bytes"], base["peak_memory_bytes"]),
                 crit.max_peak_memory_ratio,
                 "x",
                 "peak memory ratio",
