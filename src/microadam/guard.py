@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from microadam.optimizer import plain_number
+from microadam.optimizer import local_tensor, plain_number
 
 __all__ = ["Guard", "GuardPolicy", "GuardEvent", "save_atomic", "load_checkpoint"]
 
@@ -466,11 +466,6 @@ def _set_numpy_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor (FSDP2), the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _values_of(grad: torch.Tensor) -> torch.Tensor:
     """The values a gradient holds, as a dense tensor the range check can reduce: a sparse gradient's
     stored values (``nn.Embedding(sparse=True)`` with ``torch.optim.SparseAdam``), the tensor itself
@@ -624,7 +619,7 @@ class Guard:
             },
             "scheduler": _to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
             "guard": {**self.counters(), "scheduler_stepped": self._scheduler_stepped},
-            "outside_params": {i: _to_cpu(_local(p)) for i, p in self._outside_params()},
+            "outside_params": {i: _to_cpu(local_tensor(p)) for i, p in self._outside_params()},
         }
 
     def _outside_params(self) -> list[tuple[int, torch.Tensor]]:
@@ -672,7 +667,7 @@ class Guard:
         outside = self._outside_params()
         saved_outside = snap.get("outside_params")  # absent from checkpoints written before it
         if saved_outside is not None:
-            have = {i: tuple(_local(p).shape) for i, p in outside}
+            have = {i: tuple(local_tensor(p).shape) for i, p in outside}
             held = {i: tuple(t.shape) for i, t in saved_outside.items()}
             if have != held:
                 raise ValueError(
@@ -684,7 +679,7 @@ class Guard:
         if saved_outside is not None:
             with torch.no_grad():
                 for i, p in outside:
-                    _local(p).copy_(saved_outside[i])
+                    local_tensor(p).copy_(saved_outside[i])
         # The scheduler goes back with the optimizer, so the learning rate and the schedule's
         # position stay consistent (a chainable scheduler computes the next lr from the current
         # one: restoring only the optimizer's lr would offset it for good).
@@ -1060,7 +1055,7 @@ class Guard:
 
         every = [p for g in self.optimizer.param_groups for p in g["params"]]
         params = [p for p in every if p.grad is not None]
-        grads = [_values_of(_local(p.grad)) for p in params]
+        grads = [_values_of(local_tensor(p.grad)) for p in params]
         here = grads_in_range(grads)
         if self._all_ranks(here, all_of=True):
             return None
@@ -1215,8 +1210,6 @@ class Guard:
             # everything, both sums grow by the world size alike. Every rank gets the same ratio and
             # takes the same decision (a density changed on one rank only would change its state's
             # shapes and mismatch the next collective).
-            from microadam.optimizer import local_tensor
-
             gsq = sum(float(local_tensor(g).double().square().sum()) for g in grads)
             esq = opt.error_feedback_norm()[0] ** 2
             esq, gsq = self._sum_over_ranks([esq, gsq])
