@@ -466,6 +466,29 @@ def _set_numpy_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
+def unscaled_grad_scale(scaler: Any, optimizer: torch.optim.Optimizer) -> float | None:
+    """A framework's fp16 ``GradScaler``'s scale this step, once ``optimizer``'s gradients are unscaled
+    (``None`` without an enabled scaler): for :meth:`Guard.before_step`'s ``grad_scale`` in loops that
+    step through the scaler themselves (the Trainer and Lightning callbacks).
+
+    The guard must judge the true gradients (the range check, the error-drift ratio) and must know
+    the scale to tell an fp16 overflow, which the scaler skips and handles, from the model's own
+    non-finite gradient. Frameworks have usually unscaled them already (to clip or to measure the
+    norm); where they have not, this does, once. ``unscale_`` also records the inf check that
+    ``scaler.step`` uses: on a step the guard skips by dropping the gradients, the scaler still sees
+    the overflow, skips the step too and lowers its scale.
+    """
+    if scaler is None or not callable(getattr(scaler, "is_enabled", None)) or not scaler.is_enabled():
+        return None
+    try:
+        scaler.unscale_(optimizer)
+    except RuntimeError as e:
+        # It runs once per step, and the framework ran it. Any other failure is not ours to hide.
+        if "already been called" not in str(e):
+            raise
+    return float(scaler.get_scale())
+
+
 def _values_of(grad: torch.Tensor) -> torch.Tensor:
     """The values a gradient holds, as a dense tensor the range check can reduce: a sparse gradient's
     stored values (``nn.Embedding(sparse=True)`` with ``torch.optim.SparseAdam``), the tensor itself
@@ -1152,11 +1175,12 @@ class Guard:
         loop does not expose it; then only gradients are checked.
 
         ``grad_scale``: a ``GradScaler``'s scale this step (:meth:`step` passes it), after
-        ``scaler.unscale_``. With a finite loss, a gradient out of range at a scale above 1 is an fp16
-        overflow, which the scaler handles by skipping the step and lowering the scale (a run's first
-        steps at the default 65536 often overflow): the guard skips it too and logs an ``overflow``
-        event, but does not count it towards ``patience``, so it never rolls back for it. Once the
-        scale is down to 1, an out-of-range gradient is the model's own and counts as non-finite.
+        ``scaler.unscale_``. With a finite loss (or none given: the Lightning callback, which sees the
+        loss only after the step), a gradient out of range at a scale above 1 is an fp16 overflow,
+        which the scaler handles by skipping the step and lowering the scale (a run's first steps at
+        the default 65536 often overflow): the guard skips it too and logs an ``overflow`` event, but
+        does not count it towards ``patience``, so it never rolls back for it. The scale halves at
+        each, so a model whose own gradients are non-finite is acted on once it is down to 1.
         """
         # The loss first: a loss that is not one number raises before anything is counted or changed.
         value = float("nan") if loss is None else _loss_value(loss)
@@ -1172,8 +1196,8 @@ class Guard:
 
         # The loss is the ranks' mean, so every rank skips the gradients' collective check together.
         bad_gradient = self._out_of_range_gradient() if finite_loss else None
-        if bad_gradient is not None and loss is not None and grad_scale is not None and grad_scale > 1.0:
-            seen = {"loss": value, "gradient": bad_gradient, "grad_scale": grad_scale}
+        if bad_gradient is not None and grad_scale is not None and grad_scale > 1.0:
+            seen = {"loss": None if loss is None else value, "gradient": bad_gradient, "grad_scale": grad_scale}
             repaired = self._repair_buffers()
             if repaired:
                 seen["buffers_restored"] = repaired

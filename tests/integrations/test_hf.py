@@ -276,6 +276,67 @@ def test_guard_callback_scales_token_shares_by_the_ranks_like_trainer():
         assert cb.guard._pending_loss == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("trainer_unscaled", [True, False], ids=["clipped", "not-clipped"])
+def test_under_fp16_an_overflow_is_the_scalers_to_skip_not_a_nonfinite_step(trainer_unscaled):
+    """Under ``fp16=True`` Trainer's GradScaler, which accelerate's optimizer wrapper holds, overflows at
+    its first scales. The callback must judge unscaled gradients and tell the overflow from a model's
+    own non-finite step: skipped, the scaler's scale lowered, nothing counted towards ``patience`` (the
+    callback saw no scaler: with patience=1 it rolled back, and without Trainer's own unscale_ the
+    scaler never saw the overflow). fp16 AMP needs CUDA, so the hooks are called here in Trainer's
+    order, around accelerate's real wrapper and a CPU GradScaler; before the step Trainer has unscaled
+    the gradients when it clipped (transformers 5 measures the norm every step), not otherwise."""
+    accelerate = pytest.importorskip("accelerate", reason="accelerate is in the 'integrations' extra")
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    class Model(torch.nn.Module):  # returns its loss, as Trainer's models do (the callback's hook reads it)
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": self.lin(x).square().mean()}
+
+    accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model, reference = Model(), Model()
+    reference.load_state_dict(model.state_dict())
+    opt, ref_opt = MicroAdam(model.parameters(), **KW), MicroAdam(reference.parameters(), **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    wrapped = AcceleratedOptimizer(opt, device_placement=False, scaler=scaler)
+    cb = GuardCallback(GuardPolicy(patience=1, snapshot_every=1))
+    cb.on_train_begin(None, SimpleNamespace(global_step=0), None, model=model, optimizer=wrapped)
+
+    def trainer_step(x, overflow=False):
+        scaler.scale(model(x)["loss"]).backward()
+        if overflow:
+            model.lin.weight.grad[0, 0] = float("inf")
+        if trainer_unscaled:
+            scaler.unscale_(opt)
+        cb.on_pre_optimizer_step(None, None, None, model=model, optimizer=wrapped)
+        wrapped.step()
+        cb.on_optimizer_step(None, None, None)
+        wrapped.zero_grad()
+
+    xs = [torch.randn(2, 4) for _ in range(3)]
+    for i, x in enumerate(xs):
+        if i == 1:
+            before = [p.detach().clone() for p in model.parameters()]
+            trainer_step(x, overflow=True)
+            assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+            assert scaler.get_scale() == 2.0**15 and wrapped.step_was_skipped
+            assert [e.event for e in cb.guard.events] == ["overflow"] and cb.guard.events[0].seen[
+                "grad_scale"
+            ] == 2.0**16
+            assert cb.guard.nonfinite_run == 0 and cb.guard.rollbacks == 0
+            continue
+        trainer_step(x)
+        reference(x)["loss"].backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        # Scaling by a power of two and back is exact: the same weights as a run without a scaler.
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+
+
 def test_a_resumed_trainer_keeps_the_guards_counters(tmp_path):
     """resume_from_checkpoint built the guard anew: the reference lag (where reference_curve is read),
     the loss history and the rollbacks that max_total_rollbacks counts over every resume started at 0."""

@@ -83,6 +83,35 @@ def test_guard_callback_skips_a_nan_step(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class _Overflows(Regressor):
+    """A loss a million times larger at one step: finite in fp32, but its scaled gradients overflow fp16."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e6 if self.calls == 3 else loss
+
+
+def test_under_16_mixed_an_overflow_is_the_scalers_to_skip_not_a_nonfinite_step(tmp_path):
+    """Under precision="16-mixed" the plugin's GradScaler skips an overflow step and lowers its scale.
+    The callback did not know the scale, so the guard took the overflow for the model's own non-finite
+    gradient, and with patience=1 rolled back. (fp16 autocast runs on CPU here with a CPU GradScaler.)"""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    log = tmp_path / "guard.jsonl"
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer = _trainer(
+        tmp_path, max_epochs=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        callbacks=[GuardCallback(GuardPolicy(patience=1, log_path=str(log)))],
+    )  # fmt: skip
+    model = _Overflows()
+    trainer.fit(model, _loader())
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(e["step"], e["event"], e["actions"]) for e in events] == [(3, "overflow", ["skip"])]
+    assert events[0]["seen"]["grad_scale"] == 2.0**16 and scaler.get_scale() == 2.0**15
+    assert all(s["step"] == 7 for s in trainer.optimizers[0].state.values())  # 8 batches, one skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 class _Recorder(Regressor):
     """Records each training_step's loss as training_step computes it (before Lightning scales it)."""
 

@@ -21,7 +21,9 @@ The guard::
 The callback reads each training loss from the model's output (a forward hook
 on ``outputs.loss``), checks it and the gradients in ``on_pre_optimizer_step``,
 and, where the guard skips or rolls back, drops the gradients so Trainer's
-``optimizer.step()`` changes nothing.
+``optimizer.step()`` changes nothing. Under ``fp16=True`` it gives the guard the
+scale of Trainer's ``GradScaler``, so an fp16 overflow is skipped (and left to the
+scaler), not counted as a non-finite step.
 
 The loss it judges is the step's loss as Trainer logs it. Over gradient
 accumulation that is the mean of the micro-batches' losses, except where Trainer
@@ -43,7 +45,7 @@ from typing import Any
 
 import torch
 
-from microadam.guard import Guard, GuardPolicy
+from microadam.guard import Guard, GuardPolicy, unscaled_grad_scale
 
 try:
     from transformers import TrainerCallback
@@ -119,7 +121,9 @@ class GuardCallback(TrainerCallback):
             )
             self._warned_no_loss = True
         self._losses.clear()
-        go, _ = self.guard.before_step(loss)
+        # Under fp16=True, Trainer's GradScaler: accelerate's optimizer wrapper holds it.
+        scale = unscaled_grad_scale(getattr(kwargs.get("optimizer"), "scaler", None), self.guard.optimizer)
+        go, _ = self.guard.before_step(loss, grad_scale=scale)
         self._went = go
         if not go:
             # Trainer calls optimizer.step() next regardless: with no gradients it changes nothing.

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from microadam.guard import Guard, GuardPolicy
+from microadam.guard import Guard, GuardPolicy, unscaled_grad_scale
 
 try:
     import lightning.pytorch as pl
@@ -87,7 +87,9 @@ class GuardCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         assert self.guard is not None, "on_train_start creates the guard"
-        go, event = self.guard.before_step(None)
+        # Under precision="16-mixed", the precision plugin's GradScaler (it has unscaled the gradients).
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        go, event = self.guard.before_step(None, grad_scale=unscaled_grad_scale(scaler, _unwrap(optimizer)))
         self._went, self._stepped = go, True
         if not go:
             for group in _unwrap(optimizer).param_groups:
