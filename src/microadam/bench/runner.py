@@ -171,13 +171,16 @@ def run_label(plan: Plan, optimizer: str) -> str:
 
 def warm_up(plan: Plan, stage: Stage, device: torch.device) -> None:
     """Pay this process's one-time costs before the first measured run: build the task, take one
-    training step with the baseline and evaluate, and build every optimizer of the plan on its model.
+    training step with the baseline and evaluate, then one step with every candidate.
 
     A run's CPU peak memory is what it adds to the resident set, and without this the first run (the
     baseline's) also paid for importing the task's and the optimizers' libraries and for torch's
     first use of each operation: 153 MiB of a digits run's 165 MiB, which made every candidate look
-    smaller beside it. What an optimizer's first step compiles (torchao's torch.compile) still falls
-    in its first run. Anything that fails here is left to the run, which records it.
+    smaller beside it. A candidate's first step also pays what it compiles (torchao's optimizers are
+    torch.compile'd), once per process and parameter shapes: without its step here that fell in its
+    first run only (88 MiB of torchao's 8-bit AdamW's first digits run, docs/compare.md). A task whose
+    stages change the parameters' shapes compiles again in that stage's first run. Anything that fails
+    here is left to the run, which records it.
     """
     try:
         task = get_task(plan.task, **plan.task_options)
@@ -198,7 +201,11 @@ def warm_up(plan: Plan, stage: Stage, device: torch.device) -> None:
                 kwargs = plan.overrides(name)
                 kwargs.pop("lr", None)
                 try:
-                    build_optimizer(cand, work.model, 1e-3, **kwargs)
+                    opt = build_optimizer(cand, work.model, 1e-3, **kwargs)
+                    work.loss(work.model, next(work.batches)).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    del opt
                 except Exception:
                     pass
         del work
@@ -502,7 +509,7 @@ def _run_stages(
                 log(f"{label}: {spec.label} is not installed ({spec.install})")
             else:
                 if not warm:
-                    log("  warming up (the task, one baseline step, every optimizer built once; not measured)")
+                    log("  warming up (the task built, one step of every optimizer; not measured)")
                     warm_up(plan, stage, device)
                     warm = True
                 try:
