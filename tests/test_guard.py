@@ -804,7 +804,10 @@ def test_a_checkpoint_with_numpy_lrs_from_a_scheduler_resumes(tmp_path):
     Guard(model, opt, GuardPolicy(checkpoint_dir=str(tmp_path)), scheduler=sched, resume=True)
 
 
-def test_grad_scaler_through_guard_step_survives_skipped_steps():
+@pytest.mark.parametrize("clip", [False, True], ids=["guard-unscales", "clipped-first"])
+def test_grad_scaler_through_guard_step_survives_skipped_steps(clip):
+    """A loop that clips calls scaler.unscale_ first: guard.step then judges the unscaled gradients
+    as they are (it raised "unscale_() has already been called")."""
     model, x, y = _task()
     opt = MicroAdam(model.parameters(), **KW)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -814,7 +817,10 @@ def test_grad_scaler_through_guard_step_survives_skipped_steps():
         scaler.scale(loss).backward()
         if step in (3, 4):
             next(model.parameters()).grad[0, 0] = float("inf")  # an fp16-style overflow
-        guard.step(loss, scaler=scaler)  # unscale_, check, scaler.step, scaler.update
+        if clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)
+        guard.step(loss, scaler=scaler)  # unscale_ (unless done), check, scaler.step, scaler.update
         opt.zero_grad()
     assert [e.step for e in guard.events] == [3, 4]
     assert scaler.get_scale() == 2.0**8  # halved on each overflow the scaler saw through unscale_

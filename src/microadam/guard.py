@@ -577,6 +577,7 @@ class Guard:
         # each time).
         self.reference_lag = 0
         self.events: list[GuardEvent] = []
+        self._micro_losses: list[float] = []  # an accelerate accumulation window's losses so far (step)
         self._snapshots: deque[dict[str, Any]] = deque(maxlen=self.policy.keep_snapshots)
         self._rolled_back_since_snapshot = False
         self._healthy_since_snapshot = 0
@@ -1139,20 +1140,46 @@ class Guard:
         """Check this step's loss and gradients, then step the optimizer or act. Returns the event, if any.
 
         With a ``torch.amp.GradScaler`` (after ``scaler.scale(loss).backward()``), pass it as
-        ``scaler``: the guard unscales the gradients, checks them, steps through
-        ``scaler.step(optimizer)`` and calls ``scaler.update()``, on a skipped step too. Do not call
-        ``scaler.unscale_`` yourself then (it may run once per step); a loop that clips gradients
-        follows the pattern in ``docs/operations.md`` instead.
+        ``scaler``: the guard unscales the gradients (unless ``scaler.unscale_`` ran already this step,
+        say to clip them), checks them, steps through ``scaler.step(optimizer)`` and calls
+        ``scaler.update()``, on a skipped step too.
+
+        With accelerate, give the guard the optimizer ``accelerator.prepare`` returned and call this
+        where the loop would call ``optimizer.step()``: under ``fp16`` the guard uses the scaler that
+        wrapper holds (``scaler`` may be omitted) and lets the wrapper step and update it; under
+        gradient accumulation (``accelerator.accumulate``) a micro-batch that does not sync only
+        records its loss, and the step that syncs is judged on the mean of the window's losses, so
+        ``patience``, ``snapshot_every`` and ``reference_curve`` count optimizer steps.
         """
-        if scaler is not None:
-            # The guard must judge the true gradients, and scaler.update() needs the inf check that
-            # unscale_ records: on a step the guard skips, scaler.step() never runs and update()
-            # raises "No inf checks were recorded prior to update" without it.
-            scaler.unscale_(self.optimizer)
+        # accelerate's gradient accumulation: its wrapper's step() does nothing until the window's last
+        # micro-batch, whose gradients hold the whole window's (a NaN in one stays until then).
+        state = getattr(self.optimizer, "gradient_state", None)
+        if state is not None and not getattr(state, "sync_gradients", True):
+            self._micro_losses.append(_loss_value(loss))
+            return None
+        if self._micro_losses:
+            window, self._micro_losses = [*self._micro_losses, _loss_value(loss)], []
+            loss = math.fsum(window) / len(window)
+        # accelerate's AcceleratedOptimizer under fp16 holds the GradScaler, and its step() runs
+        # scaler.step and scaler.update itself: the guard unscales its inner optimizer's gradients
+        # (the one scaler.step is keyed by) and, on a step it takes, leaves the rest to the wrapper.
+        held = getattr(self.optimizer, "scaler", None)
+        wrapper_steps = held is not None and hasattr(self.optimizer, "optimizer") and scaler in (None, held)
+        if wrapper_steps:
+            scaler = held
+        inner = self.optimizer.optimizer if wrapper_steps else self.optimizer
+        # The guard must judge the true gradients, and scaler.update() needs the inf check that
+        # unscale_ records: on a step the guard skips, scaler.step() never runs and update() raises
+        # "No inf checks were recorded prior to update" without it.
+        scale = unscaled_grad_scale(scaler, inner)
+        updated = False
         try:
-            go, event = self.before_step(loss, grad_scale=None if scaler is None else float(scaler.get_scale()))
+            go, event = self.before_step(loss, grad_scale=scale)
             if go:
-                if scaler is not None:
+                if wrapper_steps:
+                    self.optimizer.step()
+                    updated = True
+                elif scaler is not None:
                     scaler.step(self.optimizer)
                 else:
                     self.optimizer.step()
@@ -1160,7 +1187,7 @@ class Guard:
         finally:
             # Also when the guard raises: a caller that catches it and goes on must find the scaler
             # ready for the next step, not mid-step ("unscale_() has already been called").
-            if scaler is not None:
+            if scaler is not None and not updated:
                 scaler.update()
         return event
 
@@ -1172,7 +1199,9 @@ class Guard:
 
         For loops that call ``optimizer.step()`` themselves (Trainer, Lightning): call this first,
         step only if it says so, then call :meth:`after_step`. ``loss`` may be ``None`` when the
-        loop does not expose it; then only gradients are checked.
+        loop does not expose it; then only gradients are checked. Under gradient accumulation call it
+        once per optimizer step, on the micro-batch that steps (:meth:`step` does that by itself
+        under accelerate).
 
         ``grad_scale``: a ``GradScaler``'s scale this step (:meth:`step` passes it), after
         ``scaler.unscale_``. With a finite loss (or none given: the Lightning callback, which sees the

@@ -198,3 +198,31 @@ def test_a_resumed_fit_keeps_the_guards_counters(tmp_path):
     t3 = _trainer(tmp_path / "c", max_epochs=2, enable_checkpointing=False, callbacks=[callback()])
     with pytest.raises(RuntimeError, match=r"rolled back 2 times over this run and the runs it resumed"):
         t3.fit(Regressor(nan_at=1), _loader(), ckpt_path=str(ckpt))
+
+
+def test_guard_callback_refuses_more_than_one_optimizer(tmp_path):
+    """With two optimizers (manual optimization) the callback guarded the first one only: it checked only
+    its gradients, once per optimizer, and a rollback put back every weight but only its state (the
+    second optimizer's NaN moments stayed, and the run rolled back until max_rollbacks stopped it)."""
+
+    class TwoOptimizers(Regressor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            for opt in self.optimizers():
+                opt.zero_grad()
+            self.manual_backward(loss)
+            for opt in self.optimizers():
+                opt.step()
+            return loss
+
+        def configure_optimizers(self):
+            return [MicroAdam(self.net[0].parameters(), lr=1e-3), MicroAdam(self.net[2].parameters(), lr=1e-3)]
+
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[GuardCallback(GuardPolicy())])
+    with pytest.raises(ValueError, match=r"exactly one optimizer, and this Trainer has 2 .*a param group per module"):
+        trainer.fit(TwoOptimizers(), _loader())

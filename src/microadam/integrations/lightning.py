@@ -62,6 +62,14 @@ class GuardCallback(pl.Callback):
         self._resumed: dict[str, Any] | None = None  # the guard's counters in the checkpoint resumed from
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if len(trainer.optimizers) != 1:
+            # Snapshots hold the whole module: with two optimizers a rollback put back every weight but
+            # only the first optimizer's state, and only its gradients were checked (once per optimizer).
+            raise ValueError(
+                f"GuardCallback guards exactly one optimizer, and this Trainer has {len(trainer.optimizers)} "
+                "(configure_optimizers): return one optimizer, with a param group per module if they need "
+                "other settings, or train without the callback"
+            )
         configs = getattr(trainer, "lr_scheduler_configs", None) or []
         scheduler = configs[0].scheduler if configs else None
         self._interval = configs[0].interval if configs else "step"
