@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -301,8 +303,7 @@ def test_dense_state_with_an_infinite_second_moment_saves_loads_and_continues():
 )  # fmt: skip
 def test_a_dense_state_no_step_can_leave_is_refused(key, value, words):
     a, opt = _dense_after_huge_gradient()
-    saved = opt.state_dict()
-    saved["state"][0][key] = saved["state"][0][key].clone()
+    saved = copy.deepcopy(opt.state_dict())  # edited below: the entries are the optimizer's live ones
     saved["state"][0][key][3] = value
     kept = {k: v.clone() for k, v in opt.state[a].items() if isinstance(v, torch.Tensor)}
     with pytest.raises(ValueError, match=f"'{key}' of parameter 0 {words}.*checkpoint is corrupt"):
@@ -970,11 +971,18 @@ def test_a_loss_that_is_not_one_number_is_refused_before_the_guard_counts_the_st
         ("beta2", 1.5, "Invalid beta2: 1.5"),
         ("release", 2.0, r"Invalid release: 2.0; it must be in \[0, 1\]"),
         ("release_scale", -1.0, "Invalid release_scale: -1.0; it must be a finite number >= 0"),
+        ("step", torch.tensor(3.0), r"Invalid step: tensor\(3\.\); it must be an int >= 1"),
+        ("step", 1.5, "Invalid step: 1.5; it must be an int"),
+        ("step", 0, "Invalid step: 0; it must be >= 1"),
+        ("seed", 2**32, r"Invalid seed: 4294967296; it must be in \[0, 2\*\*32\)"),
+        ("seed", -1, "Invalid seed: -1"),
     ],
 )
 def test_the_functional_step_refuses_what_microadam_refuses_on_every_path(impl, name, value, words):
     """The torch path took an unknown error_rounding as 'nearest' (the C++ path refused it), and both
-    took lr=nan (every parameter NaN) or beta1=1 (a division by zero)."""
+    took lr=nan (every parameter NaN) or beta1=1 (a division by zero). A float tensor step (torch.optim's
+    own states keep one) failed with an unnamed error deep in the hashing, and a seed of 2**32 or more
+    used the low 32 bits' random stream, another seed's."""
     from microadam.functional import microadam_step, zero_state
     from microadam.layout import layout_for
 
@@ -990,6 +998,29 @@ def test_the_functional_step_refuses_what_microadam_refuses_on_every_path(impl, 
     assert torch.equal(param, before[0]) and all(torch.equal(v, before[1][k]) for k, v in state.items())
 
 
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_the_functional_step_with_grad_enabled_steps_a_leaf_parameter_as_under_no_grad(impl):
+    """Outside no_grad the torch path wrote the state, then failed at the in-place update of a leaf that
+    requires grad (a retry applied the gradient twice), while the C++ path stepped. Both step now."""
+    from microadam.functional import microadam_step, zero_state
+    from microadam.layout import layout_for
+
+    lay = layout_for(300, block_size=64, density=0.1, quant_block_size=32, window=4)
+    kw = dict(layout=lay, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, error_rounding="nearest",
+              stochastic_param_rounding=False, seed=0, param_index=0, impl=impl, release=0.5)  # fmt: skip
+    init, grads = torch.randn(300), [torch.randn(300) for _ in range(3)]
+    runs = []
+    for grad_mode in (False, True):
+        param, state = torch.nn.Parameter(init.clone()), zero_state(lay, "cpu")
+        with torch.set_grad_enabled(grad_mode):
+            for t, g in enumerate(grads, 1):
+                microadam_step(param, g, **state, step=t, **kw)
+        runs.append((param.detach(), state))
+    (p0, s0), (p1, s1) = runs
+    assert torch.equal(p0, p1) and all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert not torch.equal(p1, init)
+
+
 def test_a_fraction_lr_is_kept_as_a_float_and_the_checkpoint_loads_weights_only(tmp_path):
     import fractions
 
@@ -1000,3 +1031,44 @@ def test_a_fraction_lr_is_kept_as_a_float_and_the_checkpoint_loads_weights_only(
     opt.step()
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     MicroAdam([p], lr=1e-3).load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+
+
+def test_a_bad_hyperparameter_at_step_or_load_names_its_param_group():
+    """With several groups (no decay for biases, as Trainer builds them) "Invalid lr: inf" did not say
+    which group a scheduler or an edit had broken, at a step or in a checkpoint."""
+    a, b = torch.nn.Parameter(torch.randn(40)), torch.nn.Parameter(torch.randn(8))
+    opt = MicroAdam([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], lr=1e-2)
+    a.grad, b.grad = torch.randn(40), torch.randn(8)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    opt.param_groups[1]["lr"] = float("inf")
+    with pytest.raises(ValueError, match=r"^param_groups\[1\]: Invalid lr: inf"):
+        opt.step()
+    opt.param_groups[1]["lr"] = 1e-2
+    saved["param_groups"][1]["betas"] = (0.9, 1.0)
+    with pytest.raises(ValueError, match=r"^the loaded param group 1: Invalid beta"):
+        opt.load_state_dict(saved)
+
+
+def test_a_first_step_whose_implementation_is_missing_creates_and_counts_nothing(monkeypatch):
+    """A missing implementation (impl="triton" without CUDA, "cpp" without a compiler) was found in the
+    write phase of a first step: the states were already created and a meta-device parameter's step
+    already counted, so once the impl was fixed the meta parameter was one step ahead."""
+    real = optimizer_module.load_phases
+
+    def missing(name):
+        if name == "cpp":
+            raise RuntimeError("impl='cpp' is not available here (test)")
+        return real(name)
+
+    a, b = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(50))
+    meta = torch.nn.Parameter(torch.empty(10, device="meta"))
+    opt = MicroAdam([{"params": [a, meta], "impl": "torch"}, {"params": [b], "impl": "cpp"}], lr=1e-2)
+    a.grad, b.grad, meta.grad = torch.randn(50), torch.randn(50), torch.empty(10, device="meta")
+    monkeypatch.setattr(optimizer_module, "load_phases", missing)
+    with pytest.raises(RuntimeError, match="impl='cpp' is not available"):
+        opt.step()
+    assert not any(opt.state.get(p) for p in (a, b, meta))
+    opt.param_groups[1]["impl"] = "torch"
+    opt.step()
+    assert [opt.state[p]["step"] for p in (a, meta, b)] == [1, 1, 1]

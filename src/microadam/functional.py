@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -528,6 +530,39 @@ def step_in_place(
             t.copy_(work)
 
 
-# The public step: eager even inside a compiled function. MicroAdam.step, itself never compiled, calls
-# step_in_place and does not pay the wrapper's cost per tensor.
-microadam_step = never_compiled(step_in_place)
+def _check_counters(step: object, seed: object) -> None:
+    """The functional API's ``step`` and ``seed``, which ``MicroAdam`` keeps itself: an int ``step`` >= 1
+    (torch.optim's own states keep a float tensor step, which failed deep in the hashing with an
+    unnamed error) and a ``seed`` in [0, 2**32) (a larger one aliased the low 32 bits' stream)."""
+    try:
+        t = operator.index(step)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            f"Invalid step: {step!r}; it must be an int >= 1, this step's number (1 at the first), e.g. int(step)"
+        ) from None
+    if t < 1:
+        raise ValueError(
+            f"Invalid step: {t}; it must be >= 1 (this step's number, already incremented: 1 at the first)"
+        )
+    try:
+        sd = operator.index(seed)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"Invalid seed: {seed!r}; it must be an int in [0, 2**32)") from None
+    if not 0 <= sd < 2**32:
+        raise ValueError(f"Invalid seed: {sd}; it must be in [0, 2**32) (e.g. seed % 2**32)")
+
+
+@functools.wraps(step_in_place)
+def _public_step(param: torch.Tensor, grad: torch.Tensor, **kwargs: Any) -> None:
+    if "step" in kwargs and "seed" in kwargs:  # else step_in_place names the missing argument
+        _check_counters(kwargs["step"], kwargs["seed"])
+    # MicroAdam.step runs under no_grad; a caller of this function may not. With grad enabled the torch
+    # path wrote the state and then failed at the in-place update of a leaf parameter (a retry applied
+    # the gradient twice), while the C++ path, which writes through pointers, stepped.
+    with torch.no_grad():
+        step_in_place(param, grad, **kwargs)
+
+
+# The public step: checked, under no_grad, eager even inside a compiled function. MicroAdam.step, itself
+# never compiled, calls step_in_place and does not pay the wrapper's cost per tensor.
+microadam_step = never_compiled(_public_step)

@@ -872,9 +872,15 @@ class MicroAdam(Optimizer):
                 state = self.state.get(p)  # .get: a skipped step must not leave empty entries behind
                 _check_param(index, local_tensor(p), state)
                 if id(group) not in group_kwargs:  # checks the group's hyperparameters, dense ones too
-                    group_kwargs[id(group)] = self._group_kwargs(group)
+                    group_kwargs[id(group)] = self._named_group_check(group, self._group_kwargs)
                     self._check_blocks(group)
                 if group.get("dense", False) or not state or "step" not in state:
+                    if not group.get("dense", False):
+                        # A new state's implementation is loaded now, so that one missing here (impl="triton"
+                        # without CUDA, "cpp" without a compiler) is raised before any state is created.
+                        impl = resolve_impl(group["impl"], local_tensor(p))
+                        if impl != "torch" and impl not in phases_of:
+                            phases_of[impl] = load_phases(impl)
                     later.append((index, group, p, g, None))
                     continue
                 impl, kwargs = self._step_args(index, group, p, g, state, group_kwargs, layouts, phases_of)
@@ -921,13 +927,6 @@ class MicroAdam(Optimizer):
         # between a tensor's write and its count (most of a step's time is the writes) would leave the
         # count behind the state, and the next step would write the same ring slot again.
         with _signals_held():
-            for _, group, p, _ in meta:
-                state = self.state[p]
-                if group.get("dense", False):
-                    self._dense_state(p, state)
-                elif "step" not in state:
-                    state = self._init_state(p, group)
-                state["step"] += 1
             # New states, dense fallbacks and the torch path, after the check (which the state of a
             # skipped step must not see created). Every many-tensor item is checked before any tensor
             # is written; a torch-path tensor checks its own arguments as it steps.
@@ -977,6 +976,14 @@ class MicroAdam(Optimizer):
                 for i, (state, _) in enumerate(items):
                     if i not in bad:
                         state["step"] += 1
+            # Counted last: a step that raised before (a new state's arguments refused) counts none.
+            for _, group, p, _ in meta:
+                state = self.state[p]
+                if group.get("dense", False):
+                    self._dense_state(p, state)
+                elif "step" not in state:
+                    state = self._init_state(p, group)
+                state["step"] += 1
             if failed:
                 failed.sort()
                 raise PartialStepError(
@@ -1053,6 +1060,15 @@ class MicroAdam(Optimizer):
         if phases_of.get(impl) is not None:
             kwargs["param"], kwargs["grad"] = p_local, local_tensor(g)
         return impl, kwargs
+
+    def _named_group_check(self, group: dict[str, Any], check: Callable[[dict[str, Any]], Any]) -> Any:
+        """``check(group)``, its error naming the group: a model has several (no decay for biases), and
+        "Invalid lr: inf" does not say which one a scheduler or an edit of param_groups broke."""
+        try:
+            return check(group)
+        except (TypeError, ValueError) as e:
+            index = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
+            raise type(e)(f"param_groups[{index}]: {e}") from None
 
     @staticmethod
     def _group_kwargs(group: dict[str, Any]) -> dict[str, Any]:
@@ -1305,9 +1321,12 @@ class MicroAdam(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The state as plain tensors and Python scalars (loads with ``torch.load(weights_only=True)``).
 
-        Each parameter's entry is a new dict (torch hands out the live one), so
-        editing the returned dict cannot change this optimizer. Tensors are
-        shared, not copied, as in torch. A sharded (DTensor) parameter's entry is
+        As in torch, each parameter's entry is the live one, tensors shared, not
+        copied: a dict kept and saved after further steps holds the later state,
+        whole (a copy of each entry held its step count, a Python int, at the
+        time of the call, while its tensors moved on: the resumed run went wrong
+        in silence). Copy it (``copy.deepcopy``) to keep this step's state. A
+        sharded (DTensor) parameter's entry is
         in the global layout of :mod:`microadam.sharding`, as DTensors, so
         ``torch.distributed.checkpoint`` can reshard it; for a shard that does not
         hold whole blocks this gathers over the mesh, so every rank must call it.
@@ -1324,11 +1343,7 @@ class MicroAdam(Optimizer):
         # An empty entry (left by reading optimizer.state[p] of a parameter never stepped: state is a
         # defaultdict) is no state: it is not saved. A value that is no dict (a user's own entry under a
         # key that is no parameter, which torch keeps) is saved as it is.
-        sd["state"] = {
-            k: dict(v) if isinstance(v, dict) else v
-            for k, v in sd["state"].items()
-            if not (isinstance(v, dict) and not v)
-        }
+        sd["state"] = {k: v for k, v in sd["state"].items() if not (isinstance(v, dict) and not v)}
         # NumPy scalars a scheduler's lambda put in the groups (np.float32 lr) would make the checkpoint
         # refuse torch.load(weights_only=True); as Python numbers they are the same values.
         sd["param_groups"] = [_plain_numbers(g) for g in sd["param_groups"]]
@@ -1523,7 +1538,7 @@ class MicroAdam(Optimizer):
             )
         )
         param_groups = []
-        for g, sg in zip(groups, saved_groups):
+        for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
             # impl is how this machine runs the step, not a hyperparameter (every implementation gives the
             # same state): the one this optimizer was built with stays (a checkpoint of a GPU run with
             # impl="triton" loads on a CPU machine).
@@ -1535,7 +1550,10 @@ class MicroAdam(Optimizer):
                 merged["param_names"] = g["param_names"]
             # As a step checks them: values a scheduler set are saved as they were (LinearLR decaying to 0
             # ends a hair below it), and a checkpoint taken then must load.
-            _check_group(merged, at_step=True)
+            try:
+                _check_group(merged, at_step=True)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"the loaded param group {gi}: {e}") from None
             param_groups.append(merged)
         # State is checked against the hyperparameters it will run under (the saved ones).
         group_of = {id(p): g for g in param_groups for p in g["params"]}
