@@ -31,7 +31,10 @@ One script for one call on a lent H200, under 5 minutes, ending with tables. Two
    step minus allocated just before it).
    MicroAdam (triton) and fused AdamW run first, largest size first, then the slower torch path
    (seconds a step at 1.3B) and the peers, smallest first: if ``--budget-s`` (default 270 s)
-   runs out, the targets are measured and the rest is cut short or marked skipped.
+   runs out, the targets are measured and the rest is cut short or marked skipped. Nothing starts
+   after ``--hard-s`` (420 s), whatever compiling took; the check phase starts no case after
+   ``--hard-s`` less ``--min-timing-s``. Every row (checks, measurements, the targets' verdicts)
+   is appended to ``--out`` as soon as it is made, so a call cut short keeps what it measured.
 
 Targets (the final table): at 1.3B, MicroAdam (triton)'s median step time <= fused AdamW's;
 transient memory <= 1% of the parameters' bytes; ``state_bytes`` exactly the CPU formula
@@ -72,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import faulthandler
 import gc
 import importlib.metadata
 import importlib.util
@@ -516,22 +520,39 @@ def check_grads_in_range(device: torch.device) -> dict[str, Any]:
     return {"phase": "check", "case": "range check", "ok": not failures, "failures": failures, "notes": []}
 
 
-def run_checks(device: torch.device, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def run_checks(
+    device: torch.device,
+    log: Callable[[str], None],
+    write: Callable[[dict[str, Any]], None] | None = None,
+    deadline: float = math.inf,
+) -> list[dict[str, Any]]:
+    """Phase 1. Each row is written as soon as it is made (a run killed later keeps it); the cases not
+    started by ``deadline`` are skipped (``ok`` None), so that the timing phase keeps its time."""
     rows = []
+
+    def done(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if write is not None:
+            write(row)
+        state = "skipped" if row["ok"] is None else "ok" if row["ok"] else "FAILED: " + row["failures"][0]
+        log(f"[check] {row['case']}: {state}")
+
     try:
-        rows.append(check_grads_in_range(device))
+        row = check_grads_in_range(device)
     except Exception as e:
-        rows.append({"phase": "check", "case": "range check", "ok": False, "failures": [f"raised {_err(e)}"]})
+        row = {"phase": "check", "case": "range check", "ok": False, "failures": [f"raised {_err(e)}"]}
         log(traceback.format_exc())
-    log(f"[check] range check: {'ok' if rows[-1]['ok'] else 'FAILED: ' + rows[-1]['failures'][0]}")
+    done(row)
     for case in CHECK_CASES:
+        if time.perf_counter() > deadline:
+            done({"phase": "check", "case": case.name, "ok": None, "failures": [], "notes": []})
+            continue
         try:
             row = run_check_case(case, device)
         except Exception as e:  # the torch path or the setup broke: a failed check, not a crash
             row = {"phase": "check", "case": case.name, "ok": False, "failures": [f"raised {_err(e)}"], "notes": []}
             log(traceback.format_exc())
-        log(f"[check] {case.name}: {'ok' if row['ok'] else 'FAILED: ' + row['failures'][0]}")
-        rows.append(row)
+        done(row)
         free_memory(device)
     return rows
 
@@ -687,7 +708,7 @@ def measure(
         "error": None,
     }
     if time.perf_counter() > deadline:
-        row["error"] = "skipped: --budget-s ran out"
+        row["error"] = "skipped: the time budget ran out (--budget-s, --hard-s)"
         return row
     params: list[torch.nn.Parameter] = []
     opt = None
@@ -703,7 +724,7 @@ def measure(
         row["first_step_s"] = time.perf_counter() - t0
         for _ in range(warmup - 1):
             if time.perf_counter() > deadline:
-                raise OverBudgetError("skipped during warm-up: --budget-s ran out")
+                raise OverBudgetError("skipped during warm-up: the time budget ran out (--budget-s, --hard-s)")
             clock.step_ms(opt)
         times: list[float] = []
         box_end = time.perf_counter() + args.time_box
@@ -806,6 +827,10 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
+def _check_result(ok: bool | None) -> str:
+    return "skipped (time)" if ok is None else "PASS" if ok else "FAIL"
+
+
 def check_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| check | steps | result | max param diff (triton / single) "
@@ -823,9 +848,7 @@ def check_table(rows: list[dict[str, Any]]) -> str:
         else:
             sb = str(sizes)
         first = r["failures"][0].replace("|", "/") if r["failures"] else ""
-        lines.append(
-            f"| {r['case']} | {r.get('steps', '')} | {'PASS' if r['ok'] else 'FAIL'} | {diff} | {sb} | {first} |"
-        )
+        lines.append(f"| {r['case']} | {r.get('steps', '')} | {_check_result(r['ok'])} | {diff} | {sb} | {first} |")
     return "\n".join(lines)
 
 
@@ -951,6 +974,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="seconds the timing phase gets at least, past --budget-s if the checks took longer (their kernel "
         "compilation counts there: an sm_90 compile of the default compress tile took 26 s on a busy 2-core host)",
     )
+    parser.add_argument(
+        "--hard-s",
+        type=float,
+        default=None,
+        help="seconds from the start after which nothing new starts, whatever --min-timing-s asks (default 420 "
+        "on cuda: a measurement started just before it may still compile kernels for about a minute, and the "
+        "lent device's call ends at 540-600 s; none on cpu). The check phase starts no case after "
+        "--hard-s less --min-timing-s",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check-only", action="store_true", help="phase 1 only")
     mode.add_argument("--skip-check", action="store_true", help="phase 2 only")
@@ -959,6 +991,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.dtypes = _split(args.dtypes)
     if args.budget_s is None:
         args.budget_s = 1800.0 if args.device == "cpu" else 270.0
+    if args.hard_s is None:
+        args.hard_s = math.inf if args.device == "cpu" else 420.0
     if unknown := [s for s in args.sizes if s not in SIZES]:
         parser.error(f"unknown sizes {unknown}; choose from {list(SIZES)}")
     if unknown := [d for d in args.dtypes if d not in DTYPES]:
@@ -1001,19 +1035,21 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps({**row, **env}, default=str) + "\n")
 
     log(f"{env.get('gpu') or 'CPU'}, torch {env['torch']}, {env['packages']}, python {env['python']}")
+    # A hang (a kernel that never ends, a wait on a broken device) at least shows where it was.
+    if math.isfinite(args.hard_s):
+        faulthandler.dump_traceback_later(args.hard_s + 90, exit=False)
     check_rows: list[dict[str, Any]] = []
     if not args.skip_check:
-        check_rows = run_checks(device, log)
-        for row in check_rows:
-            write(row)
+        hard_checks = start + args.hard_s - (0 if args.check_only else args.min_timing_s)
+        check_rows = run_checks(device, log, write, deadline=hard_checks)
     time_rows: list[dict[str, Any]] = []
     if not args.check_only:
         # The targets' rows come first in the timing phase: a check phase slowed by compiling must not
-        # leave them skipped (the call's own timeout, 600 s at most on the lent device, is the hard cap).
-        deadline = max(start + args.budget_s, time.perf_counter() + args.min_timing_s)
+        # leave them skipped, but nothing starts after --hard-s (the device call's own timeout).
+        deadline = min(max(start + args.budget_s, time.perf_counter() + args.min_timing_s), start + args.hard_s)
         time_rows = run_timing(device, args, deadline, log, write)
 
-    failed_checks = [r for r in check_rows if not r["ok"]]
+    failed_checks = [r for r in check_rows if r["ok"] is False]
     failed_micro = [
         r for r in time_rows if r["optimizer"].startswith("microadam") and (r["error"] or "").startswith("failed")
     ]
@@ -1042,6 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
         if verdicts:
             print("\n## Targets\n")
             print(targets_table(verdicts))
+            for v in verdicts:  # the verdicts in the JSONL too: the printed tables are lost with the call's log
+                write({"phase": "target", **v})
     return 1 if failed_checks or failed_micro else 0
 
 
