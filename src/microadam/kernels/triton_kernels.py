@@ -1020,7 +1020,9 @@ def _num_warps(elements: int) -> int:
     # About 16 elements of the largest tile per thread, at most 8 warps: compiled for sm_90 without
     # a GPU (cuobjdump -res-usage), the 4096-element compress tile of the default block takes 253
     # registers and no spill at 8 warps, but spills 56 bytes at 16, where a thread may hold only
-    # 128. The interpreter ignores it.
+    # 128. That is Triton 3.9; the lent H200's image has Triton 3.6, whose code for the same bf16
+    # tile spills 1064 bytes a thread (1512 for the paper variant), measured the same way: its step
+    # times are that version's. The interpreter ignores it.
     return max(1, min(8, _next_pow2(elements) // 512))
 
 
