@@ -421,3 +421,27 @@ def test_a_state_dict_kept_while_training_goes_on_is_saved_whole():
     resumed_opt.load_state_dict(saved["opt"])
     assert _train(resumed, resumed_opt, batches[5:]) == _train(model, opt, batches[5:])
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+
+
+def test_the_count_of_skipped_steps_is_saved_and_loaded():
+    """Copies (deepcopy, pickle) kept optimizer.skipped_steps but checkpoints did not: a resumed run
+    counted from 0. A count that is not a whole number >= 0 is refused, changing nothing."""
+    model = _model()
+    opt = MicroAdam(model.parameters(), **KW)
+    _train(model, opt, _batches(2))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    with pytest.warns(RuntimeWarning, match="skipped a step"):
+        opt.step()
+    saved = _roundtrip(opt.state_dict())
+    assert saved["skipped_steps"] == 1
+    fresh = MicroAdam(model.parameters(), **KW)
+    fresh.load_state_dict(saved)
+    assert fresh.skipped_steps == 1
+    saved["skipped_steps"] = -1
+    with pytest.raises(ValueError, match="the loaded 'skipped_steps' is -1, not a whole number >= 0"):
+        fresh.load_state_dict(saved)
+    assert fresh.skipped_steps == 1
+    del saved["skipped_steps"]  # as torch.distributed.checkpoint keeps only "state" and "param_groups"
+    fresh.load_state_dict(saved)
+    assert fresh.skipped_steps == 1

@@ -296,10 +296,8 @@ def _act(run: Run, action: tuple[Any, ...], case: Case) -> None:
         buf.seek(0)
         saved = torch.load(buf, weights_only=True)
         if action[1] == "fresh":
-            skipped = run.opt.skipped_steps
             groups = [{k: v for k, v in g.items() if k != "params"} for g in run.opt.param_groups]
-            run.opt = _build(run.impl, run.params, case, groups)
-            run.opt.skipped_steps = skipped
+            run.opt = _build(run.impl, run.params, case, groups)  # skipped_steps comes with the state dict
         run.opt.load_state_dict(saved)
 
 
