@@ -1082,3 +1082,17 @@ def test_a_first_step_whose_implementation_is_missing_creates_and_counts_nothing
     opt.param_groups[1]["impl"] = "torch"
     opt.step()
     assert [opt.state[p]["step"] for p in (a, meta, b)] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_a_state_that_no_longer_fits_names_its_parameter(impl):
+    """A window edited in param_groups (not through reconfigure) leaves every state of the group in
+    another layout: the error said "window_indices must be ... of shape (4, 1, 1)" without saying whose."""
+    a, b = torch.nn.Parameter(torch.randn(40)), torch.nn.Parameter(torch.randn(8))
+    opt = MicroAdam([{"params": [a]}, {"params": [b]}], lr=1e-2, window=4, impl=impl)
+    a.grad, b.grad = torch.randn(40), torch.randn(8)
+    opt.step()
+    opt.param_groups[1]["window"] = 10
+    with pytest.raises(ValueError, match=r"^parameter 1: window_indices must be torch.int16 of shape .*reconfigure"):
+        opt.step()
+    assert opt.state[a]["step"] == 1 and opt.state[b]["step"] == 1

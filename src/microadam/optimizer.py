@@ -899,7 +899,10 @@ class MicroAdam(Optimizer):
                 impl, kwargs = self._step_args(index, group, p, g, state, group_kwargs, layouts, phases_of)
                 if phases_of.get(impl) is None:
                     # Checked here too (the torch path checks as it steps, after earlier tensors were written).
-                    check_state(kwargs["layout"], **{name: kwargs[name] for name in STATE_DTYPES})
+                    try:
+                        check_state(kwargs["layout"], **{name: kwargs[name] for name in STATE_DTYPES})
+                    except ValueError as e:
+                        raise ValueError(f"parameter {index}: {e}") from None
                     later.append((index, group, p, g, (impl, kwargs)))
                     continue
                 batched.setdefault(impl, []).append((state, kwargs))

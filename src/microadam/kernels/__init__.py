@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -76,6 +77,19 @@ KERNELS: dict[str, tuple[str, str, str, str, str, str]] = {
         "run_prepared",
     ),
 }
+
+
+def prepare_each(prepare: Callable[..., Any], steps: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """``[prepare(**item) for item in steps]``, a refused item's error naming it by its ``param_index``
+    (the optimizer passes each parameter's position in param_groups order): one call prepares all of
+    a step's tensors, and "window_indices must be ... of shape ..." did not say whose state it was."""
+    out = []
+    for item in steps:
+        try:
+            out.append(prepare(**item))
+        except ValueError as e:
+            raise ValueError(f"parameter {item.get('param_index', '?')}: {e}") from None
+    return out
 
 
 def state_key(

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from microadam import functional
-from microadam.kernels import PartialStepError, state_key
+from microadam.kernels import PartialStepError, prepare_each, state_key
 from microadam.layout import Layout
 from microadam.ops.random import STREAM_ERROR, STREAM_PARAM, stream_key
 
@@ -788,7 +788,7 @@ def microadam_step_cpp_multi(steps: Sequence[Mapping[str, Any]]) -> None:
 def prepare_many(steps: Sequence[Mapping[str, Any]]) -> list[_Pending | None]:
     """The first phase of :func:`microadam_step_cpp_multi`: every item checked and its C++ arguments
     built; nothing is written (a non-contiguous tensor's contiguous copy is made here)."""
-    return [_prepare(**item) for item in steps]
+    return prepare_each(_prepare, steps)
 
 
 def run_prepared(pending: list[_Pending | None]) -> None:

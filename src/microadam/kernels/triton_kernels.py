@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from microadam.functional import StepScalars, check_state, step_scalars
-from microadam.kernels import state_key, triton_layout_error
+from microadam.kernels import prepare_each, state_key, triton_layout_error
 from microadam.layout import Layout
 from microadam.ops.random import STREAM_ERROR, STREAM_MOVE, STREAM_PARAM, _mix32_cached, _mix32_int, _param_key
 
@@ -1261,7 +1261,7 @@ def prepare_many(steps: Sequence[Mapping[str, Any]]) -> list[_Work | None]:
     """The first phase of :func:`microadam_step_triton_multi`: every item checked and its table rows
     built; nothing is written or launched (a non-contiguous tensor's contiguous copy is made here)."""
     _check_available()
-    return [_prepare(**item) for item in steps]
+    return prepare_each(_prepare, steps)
 
 
 def run_prepared(works: list[_Work | None]) -> None:
