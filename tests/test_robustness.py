@@ -1096,3 +1096,21 @@ def test_a_state_that_no_longer_fits_names_its_parameter(impl):
     with pytest.raises(ValueError, match=r"^parameter 1: window_indices must be torch.int16 of shape .*reconfigure"):
         opt.step()
     assert opt.state[a]["step"] == 1 and opt.state[b]["step"] == 1
+
+
+def test_a_float64_parameter_under_impl_cpp_needs_no_compiler(monkeypatch):
+    """float64 takes the torch path under impl="cpp"; loading the C++ path before a first step (so that a
+    missing one is raised before anything is created) must not require it for float64 alone."""
+    real = optimizer_module.load_phases
+
+    def missing(name):
+        if name == "cpp":
+            raise RuntimeError("impl='cpp' is not available here (test)")
+        return real(name)
+
+    p = torch.nn.Parameter(torch.randn(50, dtype=torch.float64))
+    opt = MicroAdam([p], lr=1e-2, impl="cpp")
+    p.grad = torch.randn(50, dtype=torch.float64)
+    monkeypatch.setattr(optimizer_module, "load_phases", missing)
+    opt.step()
+    assert opt.state[p]["step"] == 1

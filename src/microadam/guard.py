@@ -466,7 +466,18 @@ def _set_numpy_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
-def unscaled_grad_scale(scaler: Any, optimizer: torch.optim.Optimizer) -> float | None:
+def _unscaled(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` ran since the scaler's last update (torch's own record of it,
+    which has no public reader; False where it cannot be read)."""
+    try:
+        from torch.amp.grad_scaler import OptState
+
+        return scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.UNSCALED
+    except (AttributeError, ImportError, KeyError, TypeError):
+        return False
+
+
+def unscaled_grad_scale(scaler: Any, optimizer: torch.optim.Optimizer, *, unscale: bool = True) -> float | None:
     """A framework's fp16 ``GradScaler``'s scale this step, once ``optimizer``'s gradients are unscaled
     (``None`` without an enabled scaler): for :meth:`Guard.before_step`'s ``grad_scale`` in loops that
     step through the scaler themselves (the Trainer and Lightning callbacks).
@@ -476,10 +487,15 @@ def unscaled_grad_scale(scaler: Any, optimizer: torch.optim.Optimizer) -> float 
     non-finite gradient. Frameworks have usually unscaled them already (to clip or to measure the
     norm); where they have not, this does, once. ``unscale_`` also records the inf check that
     ``scaler.step`` uses: on a step the guard skips by dropping the gradients, the scaler still sees
-    the overflow, skips the step too and lowers its scale.
+    the overflow, skips the step too and lowers its scale. ``unscale=False``, for a framework that may
+    not step the scaler this time (Lightning, after a ``training_step`` that returned None): the scale
+    only if the framework unscaled, else None (an unscale_ with no step and update after it would
+    leave the scaler mid-step, and the next batch's unscale_ would raise).
     """
     if scaler is None or not callable(getattr(scaler, "is_enabled", None)) or not scaler.is_enabled():
         return None
+    if not unscale:
+        return float(scaler.get_scale()) if _unscaled(scaler, optimizer) else None
     try:
         scaler.unscale_(optimizer)
     except RuntimeError as e:
@@ -1184,6 +1200,15 @@ class Guard:
                 else:
                     self.optimizer.step()
                 event = self.after_step() or event
+            elif (
+                wrapper_steps
+                and event is not None
+                and event.event == "overflow"
+                and hasattr(self.optimizer, "_is_overflow")
+            ):
+                # What the wrapper's step records when its scaler skips a step: accelerate's scheduler
+                # wrapper then holds the schedule, as it does without the guard.
+                self.optimizer._is_overflow = True
         finally:
             # Also when the guard raises: a caller that catches it and goes on must find the scaler
             # ready for the next step, not mid-step ("unscale_() has already been called").

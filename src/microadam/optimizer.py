@@ -155,6 +155,17 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(mask.as_strided(b.shape, b.stride(), b.storage_offset()).any())
 
 
+def _impl_for(group: dict[str, Any], p: torch.Tensor) -> str:
+    """The implementation that steps the local tensor ``p`` of ``group``."""
+    impl = resolve_impl(group["impl"], p)
+    if impl == "cpp" and p.dtype == torch.float64:
+        # The C++ call hands float64 to the torch path anyway; stepped here, each such tensor is
+        # counted as it is written (inside the C++ call's batch it was written before the call
+        # could still fail, uncounted), and it needs no compiler.
+        return "torch"
+    return impl
+
+
 def _check_param(index: int, p: torch.Tensor, state: dict[str, Any] | None) -> None:
     """Raise, before a step writes anything, for a parameter that cannot be stepped: one whose size
     changed since its state was built (``p.data = ...``), or one whose elements share memory."""
@@ -891,7 +902,7 @@ class MicroAdam(Optimizer):
                     if not group.get("dense", False):
                         # A new state's implementation is loaded now, so that one missing here (impl="triton"
                         # without CUDA, "cpp" without a compiler) is raised before any state is created.
-                        impl = resolve_impl(group["impl"], local_tensor(p))
+                        impl = _impl_for(group, local_tensor(p))
                         if impl != "torch" and impl not in phases_of:
                             phases_of[impl] = load_phases(impl)
                     later.append((index, group, p, g, None))
@@ -1050,12 +1061,7 @@ class MicroAdam(Optimizer):
         if shared is None:
             shared = group_kwargs[id(group)] = self._group_kwargs(group)
         p_local = local_tensor(p)
-        impl = resolve_impl(group["impl"], p_local)
-        if impl == "cpp" and p_local.dtype == torch.float64:
-            # The C++ call hands float64 to the torch path anyway; stepped here, each such tensor is
-            # counted as it is written (inside the C++ call's batch it was written before the call
-            # could still fail, uncounted).
-            impl = "torch"
+        impl = _impl_for(group, p_local)
         numel = p_local.numel()
         layout = layouts.get((id(group), numel))
         if layout is None:
@@ -1341,7 +1347,10 @@ class MicroAdam(Optimizer):
         copied: a dict kept and saved after further steps holds the later state,
         whole (a copy of each entry held its step count, a Python int, at the
         time of the call, while its tensors moved on: the resumed run went wrong
-        in silence). Copy it (``copy.deepcopy``) to keep this step's state. A
+        in silence). Its ``param_groups`` are copies, as in torch, so after a
+        :meth:`reconfigure` or :meth:`fallback_to_adamw` (the Guard's compression
+        actions) a kept dict no longer fits and its load is refused. Copy it
+        (``copy.deepcopy``) to keep this step's state. A
         sharded (DTensor) parameter's entry is
         in the global layout of :mod:`microadam.sharding`, as DTensors, so
         ``torch.distributed.checkpoint`` can reshard it; for a shard that does not

@@ -77,7 +77,7 @@ def test_under_gradient_accumulation_the_guard_judges_optimizer_steps_not_micro_
             loss = model(torch.randn(4, 8, generator=g)).square().mean()
             if i == 5:
                 loss = loss * float("nan")
-            losses.append(float(loss))
+            losses.append(loss.item())
             acc.backward(loss)
             guard.step(loss)
             prepared.zero_grad()
@@ -94,6 +94,7 @@ def test_under_fp16_the_guard_uses_the_scaler_the_prepared_optimizer_holds():
     optimizer had stepped on twice-unscaled gradients. Without scaler= an fp16 overflow counted as
     non-finite. fp16 AMP needs CUDA: here accelerate's real wrapper holds a CPU GradScaler."""
     from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.scheduler import AcceleratedScheduler
 
     accelerate.Accelerator(cpu=True)
     g = torch.Generator().manual_seed(0)
@@ -113,15 +114,19 @@ def test_under_fp16_the_guard_uses_the_scaler_the_prepared_optimizer_holds():
         model = _mlp()
         opt, scaler = MicroAdam(model.parameters(), **KW), torch.amp.GradScaler("cpu", init_scale=2.0**10)
         prepared = AcceleratedOptimizer(opt, device_placement=False, scaler=scaler)
-        guard = Guard(model, prepared, GuardPolicy(patience=1))
+        # accelerate's scheduler wrapper holds the schedule on a step the scaler skipped, as it must with
+        # the guard too (the guard skips the overflow without calling the wrapper's step).
+        sched = AcceleratedScheduler(torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0), prepared)
+        guard = Guard(model, prepared, GuardPolicy(patience=1), scheduler=sched)
         for i, x in enumerate(xs):
             loss = model(x).square().mean()
             scaler.scale(loss).backward()  # what accelerator.backward does under fp16
             if i == 2:
                 model[0].weight.grad[0, 0] = float("inf")
             guard.step(loss, scaler=scaler if pass_scaler else None)
+            sched.step()
             prepared.zero_grad()
         assert [(e.step, e.event) for e in guard.events] == [(3, "overflow")] and guard.rollbacks == 0
-        assert scaler.get_scale() == 2.0**9
+        assert scaler.get_scale() == 2.0**9 and sched.scheduler.last_epoch == 3
         # The same weights as torch's plain scaler loop: unscaled once, stepped once.
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))

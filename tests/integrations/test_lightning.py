@@ -91,6 +91,29 @@ class _Overflows(Regressor):
         return loss * 1e6 if self.calls == 3 else loss
 
 
+class _SkipsABatch(Regressor):
+    """Returns None at one step: Lightning's way to skip a batch (no backward, no scaler step)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if self.calls == 3 else loss
+
+
+def test_under_16_mixed_a_skipped_batch_leaves_the_scaler_ready(tmp_path):
+    """After a training_step that returned None the plugin neither unscales nor steps its scaler; the
+    callback unscaled it, leaving it mid-step, and the next batch raised "unscale_() has already been
+    called on this optimizer since the last update()"."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer = _trainer(
+        tmp_path, max_epochs=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        callbacks=[GuardCallback(GuardPolicy(patience=1))],
+    )  # fmt: skip
+    trainer.fit(_SkipsABatch(), _loader())
+    assert all(s["step"] == 7 for s in trainer.optimizers[0].state.values())  # 8 batches, one returned None
+
+
 def test_under_16_mixed_an_overflow_is_the_scalers_to_skip_not_a_nonfinite_step(tmp_path):
     """Under precision="16-mixed" the plugin's GradScaler skips an overflow step and lowers its scale.
     The callback did not know the scale, so the guard took the overflow for the model's own non-finite

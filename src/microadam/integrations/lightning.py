@@ -95,9 +95,11 @@ class GuardCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         assert self.guard is not None, "on_train_start creates the guard"
-        # Under precision="16-mixed", the precision plugin's GradScaler (it has unscaled the gradients).
+        # Under precision="16-mixed", the precision plugin's GradScaler, which has unscaled the gradients,
+        # except after a training_step that returned None: it then neither unscales nor steps the scaler.
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-        go, event = self.guard.before_step(None, grad_scale=unscaled_grad_scale(scaler, _unwrap(optimizer)))
+        scale = unscaled_grad_scale(scaler, _unwrap(optimizer), unscale=False)
+        go, event = self.guard.before_step(None, grad_scale=scale)
         self._went, self._stepped = go, True
         if not go:
             for group in _unwrap(optimizer).param_groups:
