@@ -1067,6 +1067,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note ({r['case']}): {note}")
     for r in failed_micro:
         print(f"\nMEASUREMENT FAILED: {r['size']} {r['dtype']} {r['optimizer']}: {r['error']}")
+    skipped_checks = [r["case"] for r in check_rows if r["ok"] is None]
+    if skipped_checks:
+        print(f"\nCHECKS NOT RUN (time ran out, --hard-s): {', '.join(skipped_checks)}")
     if check_rows:
         print("\n## Check: MicroAdam impl='triton' against impl='torch' on " + str(device) + "\n")
         print(check_table(check_rows))
@@ -1080,7 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
             print(targets_table(verdicts))
             for v in verdicts:  # the verdicts in the JSONL too: the printed tables are lost with the call's log
                 write({"phase": "target", **v})
-    return 1 if failed_checks or failed_micro else 0
+    # A check not run is no pass: the exit status says the kernels were not all checked.
+    return 1 if failed_checks or failed_micro or skipped_checks else 0
 
 
 if __name__ == "__main__":

@@ -986,6 +986,8 @@ def test_a_loss_that_is_not_one_number_is_refused_before_the_guard_counts_the_st
         ("step", 0, "Invalid step: 0; it must be >= 1"),
         ("seed", 2**32, r"Invalid seed: 4294967296; it must be in \[0, 2\*\*32\)"),
         ("seed", -1, "Invalid seed: -1"),
+        ("step", True, "Invalid step: True; it must be an int"),
+        ("seed", True, r"Invalid seed: True; it must be an int in \[0, 2\*\*32\)"),
     ],
 )
 def test_the_functional_step_refuses_what_microadam_refuses_on_every_path(impl, name, value, words):

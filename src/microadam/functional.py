@@ -535,6 +535,8 @@ def _check_counters(step: object, seed: object) -> None:
     (torch.optim's own states keep a float tensor step, which failed deep in the hashing with an
     unnamed error) and a ``seed`` in [0, 2**32) (a larger one aliased the low 32 bits' stream)."""
     try:
+        if isinstance(step, bool):  # an int to Python, but no step number
+            raise TypeError
         t = operator.index(step)  # type: ignore[arg-type]
     except TypeError:
         raise ValueError(
@@ -545,6 +547,8 @@ def _check_counters(step: object, seed: object) -> None:
             f"Invalid step: {t}; it must be >= 1 (this step's number, already incremented: 1 at the first)"
         )
     try:
+        if isinstance(seed, bool):  # as MicroAdam refuses it
+            raise TypeError
         sd = operator.index(seed)  # type: ignore[arg-type]
     except TypeError:
         raise ValueError(f"Invalid seed: {seed!r}; it must be an int in [0, 2**32)") from None
