@@ -971,26 +971,26 @@ def test_a_loss_that_is_not_one_number_is_refused_before_the_guard_counts_the_st
 
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 @pytest.mark.parametrize(
-    "name,value,words",
+    "name,value,error,words",
     [
-        ("error_rounding", "bogus", "Invalid error_rounding: 'bogus'"),
-        ("lr", float("nan"), "Invalid lr: nan; it must be a finite number"),
-        ("eps", float("inf"), "Invalid eps: inf"),
-        ("weight_decay", float("nan"), "Invalid weight_decay"),
-        ("beta1", 1.0, r"Invalid beta1: 1.0; it must be in \[0, 1\)"),
-        ("beta2", 1.5, "Invalid beta2: 1.5"),
-        ("release", 2.0, r"Invalid release: 2.0; it must be in \[0, 1\]"),
-        ("release_scale", -1.0, "Invalid release_scale: -1.0; it must be a finite number >= 0"),
-        ("step", torch.tensor(3.0), r"Invalid step: tensor\(3\.\); it must be an int >= 1"),
-        ("step", 1.5, "Invalid step: 1.5; it must be an int"),
-        ("step", 0, "Invalid step: 0; it must be >= 1"),
-        ("seed", 2**32, r"Invalid seed: 4294967296; it must be in \[0, 2\*\*32\)"),
-        ("seed", -1, "Invalid seed: -1"),
-        ("step", True, "Invalid step: True; it must be an int"),
-        ("seed", True, r"Invalid seed: True; it must be an int in \[0, 2\*\*32\)"),
+        ("error_rounding", "bogus", ValueError, "Invalid error_rounding: 'bogus'"),
+        ("lr", float("nan"), ValueError, "Invalid lr: nan; it must be a finite number"),
+        ("eps", float("inf"), ValueError, "Invalid eps: inf"),
+        ("weight_decay", float("nan"), ValueError, "Invalid weight_decay"),
+        ("beta1", 1.0, ValueError, r"Invalid beta1: 1.0; it must be in \[0, 1\)"),
+        ("beta2", 1.5, ValueError, "Invalid beta2: 1.5"),
+        ("release", 2.0, ValueError, r"Invalid release: 2.0; it must be in \[0, 1\]"),
+        ("release_scale", -1.0, ValueError, "Invalid release_scale: -1.0; it must be a finite number >= 0"),
+        ("step", torch.tensor(3.0), TypeError, r"Invalid step: tensor\(3\.\); it must be an int >= 1"),
+        ("step", 1.5, TypeError, "Invalid step: 1.5; it must be an int"),
+        ("step", 0, ValueError, "Invalid step: 0; it must be >= 1"),
+        ("seed", 2**32, ValueError, r"Invalid seed: 4294967296; it must be in \[0, 2\*\*32\)"),
+        ("seed", -1, ValueError, "Invalid seed: -1"),
+        ("step", True, TypeError, "Invalid step: True; it must be an int"),
+        ("seed", True, TypeError, r"Invalid seed: True \(bool\); it must be an int in \[0, 2\*\*32\)"),
     ],
 )
-def test_the_functional_step_refuses_what_microadam_refuses_on_every_path(impl, name, value, words):
+def test_the_functional_step_refuses_what_microadam_refuses_on_every_path(impl, name, value, error, words):
     """The torch path took an unknown error_rounding as 'nearest' (the C++ path refused it), and both
     took lr=nan (every parameter NaN) or beta1=1 (a division by zero). A float tensor step (torch.optim's
     own states keep one) failed with an unnamed error deep in the hashing, and a seed of 2**32 or more
@@ -1005,7 +1005,7 @@ def test_the_functional_step_refuses_what_microadam_refuses_on_every_path(impl, 
     kw = dict(layout=lay, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, error_rounding="nearest",
               stochastic_param_rounding=False, seed=0, param_index=0, impl=impl, release=0.5)  # fmt: skip
     kw[name] = value
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(error, match=words):
         microadam_step(param, torch.ones(300), **state, **kw)
     assert torch.equal(param, before[0]) and all(torch.equal(v, before[1][k]) for k, v in state.items())
 

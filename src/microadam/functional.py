@@ -530,30 +530,36 @@ def step_in_place(
             t.copy_(work)
 
 
+def check_seed(seed: object) -> int:
+    """``seed`` if it is an int in [0, 2**32), the range of the random streams' 32-bit words; else raise
+    naming it. Shared by ``MicroAdam``'s param groups and the functional step. A plain int only: a bool
+    is no seed, and a NumPy integer in a param group would not load with ``weights_only=True``."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"Invalid seed: {seed!r} ({type(seed).__name__}); it must be an int in [0, 2**32)")
+    if not 0 <= seed < 2**32:
+        # A larger seed would hash to a smaller one's bits: another seed's stream.
+        raise ValueError(f"Invalid seed: {seed}; it must be in [0, 2**32) (e.g. seed % 2**32)")
+    return seed
+
+
 def _check_counters(step: object, seed: object) -> None:
     """The functional API's ``step`` and ``seed``, which ``MicroAdam`` keeps itself: an int ``step`` >= 1
     (torch.optim's own states keep a float tensor step, which failed deep in the hashing with an
-    unnamed error) and a ``seed`` in [0, 2**32) (a larger one aliased the low 32 bits' stream)."""
+    unnamed error) and a ``seed`` as ``check_seed`` takes it. A wrong type raises TypeError, a value
+    out of range ValueError, as torch's own checks do."""
     try:
         if isinstance(step, bool):  # an int to Python, but no step number
             raise TypeError
         t = operator.index(step)  # type: ignore[arg-type]
     except TypeError:
-        raise ValueError(
+        raise TypeError(
             f"Invalid step: {step!r}; it must be an int >= 1, this step's number (1 at the first), e.g. int(step)"
         ) from None
     if t < 1:
         raise ValueError(
             f"Invalid step: {t}; it must be >= 1 (this step's number, already incremented: 1 at the first)"
         )
-    try:
-        if isinstance(seed, bool):  # as MicroAdam refuses it
-            raise TypeError
-        sd = operator.index(seed)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"Invalid seed: {seed!r}; it must be an int in [0, 2**32)") from None
-    if not 0 <= sd < 2**32:
-        raise ValueError(f"Invalid seed: {sd}; it must be in [0, 2**32) (e.g. seed % 2**32)")
+    check_seed(seed)
 
 
 @functools.wraps(step_in_place)

@@ -25,6 +25,7 @@ from microadam.functional import (
     DEFAULT_CHUNK,
     IMPLEMENTATIONS,
     STATE_DTYPES,
+    check_seed,
     check_state,
     never_compiled,
     state_shapes,
@@ -498,12 +499,7 @@ def _check_group(group: dict[str, Any], *, at_step: bool = False) -> None:
         raise TypeError(f"density must be a number, got {type(density).__name__} {density!r}")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"Invalid density: {density!r}; it must be in (0, 1], e.g. 0.01 keeps 1% per block")
-    seed = group["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int in [0, 2**32), got {type(seed).__name__} {seed!r}")
-    if not 0 <= seed < 2**32:
-        # The random streams hash 32-bit words: a larger seed would repeat a smaller one's bits.
-        raise ValueError(f"Invalid seed: {seed}; it must be in [0, 2**32) (e.g. seed % 2**32)")
+    check_seed(group["seed"])
     for name in ("window", "block_size", "quant_block_size", "chunk_size"):
         v = group[name]
         if isinstance(v, bool) or not isinstance(v, int):
@@ -896,7 +892,13 @@ class MicroAdam(Optimizer):
                 state = self.state.get(p)  # .get: a skipped step must not leave empty entries behind
                 _check_param(index, local_tensor(p), state)
                 if id(group) not in group_kwargs:  # checks the group's hyperparameters, dense ones too
-                    group_kwargs[id(group)] = self._named_group_check(group, self._group_kwargs)
+                    try:
+                        group_kwargs[id(group)] = self._group_kwargs(group)
+                    except (TypeError, ValueError) as e:
+                        # Named: a model has several groups (no decay for biases), and "Invalid lr: inf"
+                        # does not say which one a scheduler or an edit of param_groups broke.
+                        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+                        raise type(e)(f"param_groups[{index}]: {e}") from None
                     self._check_blocks(group)
                 if group.get("dense", False) or not state or "step" not in state:
                     if not group.get("dense", False):
@@ -1082,15 +1084,6 @@ class MicroAdam(Optimizer):
         if phases_of.get(impl) is not None:
             kwargs["param"], kwargs["grad"] = p_local, local_tensor(g)
         return impl, kwargs
-
-    def _named_group_check(self, group: dict[str, Any], check: Callable[[dict[str, Any]], Any]) -> Any:
-        """``check(group)``, its error naming the group: a model has several (no decay for biases), and
-        "Invalid lr: inf" does not say which one a scheduler or an edit of param_groups broke."""
-        try:
-            return check(group)
-        except (TypeError, ValueError) as e:
-            index = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
-            raise type(e)(f"param_groups[{index}]: {e}") from None
 
     @staticmethod
     def _group_kwargs(group: dict[str, Any]) -> dict[str, Any]:
