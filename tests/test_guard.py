@@ -1191,3 +1191,99 @@ def test_the_checkpoint_is_rewritten_before_the_event_is_logged(tmp_path, monkey
         guard._act("loss_spike", {}, ("rollback",))  # again: one further back (step 2's snapshot)
     saved = load_checkpoint(guard.checkpoint_path())["model"]
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # step 2's weights
+
+
+def _scaled_steps(guard, model, opt, x, y, steps, overflow=(), nan_loss=(), scaler=None):
+    """fp16-style steps through ``guard.step``: an Inf in the scaled gradient at the ``overflow`` steps,
+    a NaN loss at the ``nan_loss`` steps (numbered from 1)."""
+    s = scaler if scaler is not None else guard.scaler
+    for step in range(1, steps + 1):
+        loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+        s.scale(loss).backward()
+        if step in overflow:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        if step in nan_loss:
+            loss = loss * float("nan")
+        guard.step(loss, scaler=scaler)
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("given", ["constructor", "first-step"])
+def test_the_grad_scaler_state_is_checkpointed_and_a_resume_continues_from_it(tmp_path, given):
+    """The checkpoint had no GradScaler state: a resumed fp16 run started from the initial scale (65536
+    by default), and its first steps overflowed and were skipped, the growth tracker lost. It now holds
+    the scale and tracker as of the step's update, and a resume with the scaler continues exactly."""
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=100)
+    policy = GuardPolicy(snapshot_every=1, checkpoint_dir=str(tmp_path), patience=100)
+    if given == "constructor":
+        guard = Guard(model, opt, policy, scaler=scaler)
+        _scaled_steps(guard, model, opt, x, y, 7, overflow=(2, 4))
+    else:
+        guard = Guard(model, opt, policy)
+        _scaled_steps(guard, model, opt, x, y, 7, overflow=(2, 4), scaler=scaler)
+        assert guard.scaler is scaler
+    assert scaler.get_scale() == 2.0**8 and scaler.state_dict()["_growth_tracker"] == 3
+    assert load_checkpoint(guard.checkpoint_path())["scaler"] == scaler.state_dict()
+
+    model2, _, _ = _task()
+    opt2 = MicroAdam(model2.parameters(), **KW)
+    scaler2 = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=100)
+    guard2 = Guard(model2, opt2, policy, scaler=scaler2, resume=True)
+    assert scaler2.state_dict() == scaler.state_dict()
+    _scaled_steps(guard, model, opt, x, y, 3)
+    _scaled_steps(guard2, model2, opt2, x, y, 3)
+    assert scaler2.state_dict() == scaler.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_a_rollback_restores_the_snapshots_grad_scaler_state():
+    """A rollback put back weights, optimizer, schedule and RNG but left the scaler where the damaged
+    steps had moved it. It now holds the snapshot's state, not moved by the rolled-back step's update."""
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=100)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=100, patience=1), scaler=scaler)
+    at_snapshot = scaler.state_dict()
+    _scaled_steps(guard, model, opt, x, y, 5, overflow=(2, 3), nan_loss=(5,))
+    assert [(e.step, e.event) for e in guard.events] == [(2, "overflow"), (3, "overflow"), (5, "nonfinite")]
+    assert guard.rollbacks == 1 and scaler.state_dict() == at_snapshot
+    _scaled_steps(guard, model, opt, x, y, 2)  # it runs on from there
+    assert scaler.get_scale() == 2.0**10 and scaler.state_dict()["_growth_tracker"] == 2
+
+
+def test_grad_scaler_misuse_is_refused_and_a_resume_without_it_warns(tmp_path):
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    with pytest.raises(TypeError, match="Guard's scaler must be a torch.amp.GradScaler.*'fp16'"):
+        Guard(model, opt, scaler="fp16")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    guard = Guard(model, opt, GuardPolicy(snapshot_every=1, checkpoint_dir=str(tmp_path)), scaler=scaler)
+    _scaled_steps(guard, model, opt, x, y, 2, overflow=(2,))
+    loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+    scaler.scale(loss).backward()
+    other = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="not the GradScaler the guard was given"):
+        guard.step(loss, scaler=other)
+    assert guard.step_count == 2 and all(s["step"] == 1 for s in opt.state.values())
+    guard.step(loss)  # the guard's own scaler: the gradients are still scaled by it
+    assert all(s["step"] == 2 for s in opt.state.values())
+
+    model2, _, _ = _task()
+    opt2 = MicroAdam(model2.parameters(), **KW)
+    with pytest.warns(UserWarning, match=r"holds a GradScaler's state \(scale 512.0\).*scaler=scaler"):
+        Guard(model2, opt2, resume=guard.checkpoint_path())
+
+    # A checkpoint whose scale is NaN would make every later gradient NaN: refused, nothing changed.
+    ckpt = load_checkpoint(guard.checkpoint_path())
+    ckpt["scaler"]["scale"] = float("nan")
+    save_atomic(ckpt, tmp_path / "bad.pt")
+    model3, _, _ = _task(seed=5)
+    opt3 = MicroAdam(model3.parameters(), **KW)
+    scaler3 = torch.amp.GradScaler("cpu", init_scale=4.0)
+    before = [p.detach().clone() for p in model3.parameters()]
+    with pytest.raises(ValueError, match="GradScaler scale is nan; it must be a finite number > 0"):
+        Guard(model3, opt3, scaler=scaler3, resume=tmp_path / "bad.pt")
+    assert scaler3.get_scale() == 4.0 and not opt3.state
+    assert all(torch.equal(a, b) for a, b in zip(before, model3.parameters()))

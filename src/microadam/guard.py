@@ -527,6 +527,12 @@ class Guard:
             scales every lr it computes from (every ``torch.optim.lr_scheduler`` type,
             SequentialLR and ChainedScheduler through their children, and the LambdaLR-based
             Hugging Face schedules; for any other type only its ``base_lrs``, with a warning).
+        scaler: the loop's fp16 ``torch.amp.GradScaler``, if any: snapshots and the checkpoint hold its
+            state (scale, growth tracker), a rollback restores the scale that was healthy with the
+            restored weights, and ``resume`` continues from the saved scale instead of the initial one
+            (whose overflows would skip a resumed run's first steps). :meth:`step` uses it when called
+            without one; a scaler first passed to :meth:`step` is kept from then on. Under accelerate the
+            prepared optimizer's scaler is used without it.
         start_step: the number of steps already done when the guard starts (a resumed run: Trainer's
             ``global_step``), so that ``reference_curve`` is read at the right step. Default 0. Build
             the guard when the scheduler is where the next step needs it (after a restored checkpoint's
@@ -553,6 +559,7 @@ class Guard:
         policy: GuardPolicy | None = None,
         scheduler: Any = None,
         *,
+        scaler: Any = None,
         start_step: int | None = None,
         resume: bool | str | os.PathLike[str] = False,
     ) -> None:
@@ -570,7 +577,15 @@ class Guard:
                 f"Guard's policy must be a GuardPolicy or None (the defaults), got {type(policy).__name__} "
                 f"{policy!r}: pass GuardPolicy(**settings)"
             )
+        if scaler is not None and not all(
+            callable(getattr(scaler, name, None)) for name in ("state_dict", "load_state_dict", "unscale_", "update")
+        ):
+            raise TypeError(
+                f"Guard's scaler must be a torch.amp.GradScaler (or None), got {type(scaler).__name__} {scaler!r}: "
+                "Guard(model, optimizer, policy, scheduler, scaler=torch.amp.GradScaler(device))"
+            )
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.scaler = scaler
         self.policy = policy or GuardPolicy()
         if start_step is not None:
             if isinstance(start_step, bool) or not isinstance(start_step, int):
@@ -594,6 +609,8 @@ class Guard:
         self.reference_lag = 0
         self.events: list[GuardEvent] = []
         self._micro_losses: list[float] = []  # an accelerate accumulation window's losses so far (step)
+        self._in_step = False  # inside step(), where a rollback's scaler state waits for scaler.update()
+        self._scaler_to_restore: tuple[Any, dict[str, Any]] | None = None
         self._snapshots: deque[dict[str, Any]] = deque(maxlen=self.policy.keep_snapshots)
         self._rolled_back_since_snapshot = False
         self._healthy_since_snapshot = 0
@@ -658,9 +675,24 @@ class Guard:
                 "numpy": _numpy_rng_state(),
             },
             "scheduler": _to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
+            "scaler": self._scaler_state(),
             "guard": {**self.counters(), "scheduler_stepped": self._scheduler_stepped},
             "outside_params": {i: _to_cpu(local_tensor(p)) for i, p in self._outside_params()},
         }
+
+    def _snapshot_scaler(self) -> Any:
+        """The GradScaler whose state the snapshots hold: the one given (or first passed to :meth:`step`),
+        else the one accelerate's prepared optimizer holds under fp16; None without an enabled one."""
+        scaler = self.scaler
+        if scaler is None and hasattr(self.optimizer, "optimizer"):
+            scaler = getattr(self.optimizer, "scaler", None)
+        if scaler is None or not callable(getattr(scaler, "is_enabled", None)) or not scaler.is_enabled():
+            return None
+        return scaler
+
+    def _scaler_state(self) -> dict[str, Any] | None:
+        scaler = self._snapshot_scaler()
+        return None if scaler is None else dict(scaler.state_dict())
 
     def _outside_params(self) -> list[tuple[int, torch.Tensor]]:
         """The optimizer's parameters that are not the model's (a loss module's temperature, a head built
@@ -704,6 +736,10 @@ class Guard:
             for key in ("density", "window", "dense"):
                 if key in saved:
                     group[key] = saved[key]
+        saved_scale = (snap.get("scaler") or {}).get("scale", 1.0)
+        if not (isinstance(saved_scale, (int, float)) and math.isfinite(saved_scale) and saved_scale > 0):
+            # A NaN scale would make every later gradient NaN, each step skipped for it.
+            raise ValueError(f"the saved GradScaler scale is {saved_scale!r}; it must be a finite number > 0")
         outside = self._outside_params()
         saved_outside = snap.get("outside_params")  # absent from checkpoints written before it
         if saved_outside is not None:
@@ -735,6 +771,14 @@ class Guard:
         random.setstate((random.getstate()[0], tuple(rng["python"]), rng.get("python_gauss_next")))
         if rng.get("numpy") is not None and "numpy" in sys.modules:
             _set_numpy_rng_state(rng["numpy"])
+        saved_scaler, scaler = snap.get("scaler"), self._snapshot_scaler()  # absent from older checkpoints
+        if saved_scaler and scaler is not None:
+            if self._in_step:
+                # Inside step() the scaler is mid-step: its update() still has to run on this step's inf
+                # check, and would move the restored scale. step() loads it after that update.
+                self._scaler_to_restore = (scaler, saved_scaler)
+            else:
+                scaler.load_state_dict(saved_scaler)
 
     def _restore_or_put_back(self, snap: dict[str, Any]) -> None:
         """:meth:`_restore`, all or nothing: a snapshot or checkpoint that does not fit fails part-way (the
@@ -745,6 +789,7 @@ class Guard:
             self._restore(snap)
         except Exception:
             self._restore(before)
+            self._scaler_to_restore = None  # the scaler is as it was; its pending update() stays this step's
             raise
 
     def _resume(self, resume: bool | str | os.PathLike[str]) -> None:
@@ -770,6 +815,13 @@ class Guard:
                 "Guard with checkpoint_dir wrote, or resume=False to start a new run"
             )
         self._check_total_rollbacks(ckpt["guard"], str(path))
+        if ckpt.get("scaler") and self._snapshot_scaler() is None:
+            warnings.warn(
+                f"resume: {path} holds a GradScaler's state (scale {ckpt['scaler'].get('scale')}) but this guard "
+                "has no enabled scaler: the run's scaler starts from its initial scale, and its first steps may "
+                "overflow and be skipped. Pass it: Guard(..., scaler=scaler, resume=...)",
+                stacklevel=3,
+            )
         try:
             self._restore_or_put_back(ckpt)
         except Exception as e:
@@ -1156,9 +1208,10 @@ class Guard:
         """Check this step's loss and gradients, then step the optimizer or act. Returns the event, if any.
 
         With a ``torch.amp.GradScaler`` (after ``scaler.scale(loss).backward()``), pass it as
-        ``scaler``: the guard unscales the gradients (unless ``scaler.unscale_`` ran already this step,
-        say to clip them), checks them, steps through ``scaler.step(optimizer)`` and calls
-        ``scaler.update()``, on a skipped step too.
+        ``scaler`` (or give it to the constructor, which also puts its state in the checkpoint from the
+        first snapshot on): the guard unscales the gradients (unless ``scaler.unscale_`` ran already this
+        step, say to clip them), checks them, steps through ``scaler.step(optimizer)`` and calls
+        ``scaler.update()``, on a skipped step too. After a rollback the scaler holds the snapshot's state.
 
         With accelerate, give the guard the optimizer ``accelerator.prepare`` returned and call this
         where the loop would call ``optimizer.step()``: under ``fp16`` the guard uses the scaler that
@@ -1176,6 +1229,15 @@ class Guard:
         if self._micro_losses:
             window, self._micro_losses = [*self._micro_losses, _loss_value(loss)], []
             loss = math.fsum(window) / len(window)
+        if scaler is None:
+            scaler = self.scaler
+        elif self.scaler is None:
+            self.scaler = scaler  # from now on its state is in the snapshots
+        elif scaler is not self.scaler:
+            raise ValueError(
+                "guard.step: scaler is not the GradScaler the guard was given (Guard(..., scaler=...)); pass that "
+                "one, or none to use it"
+            )
         # accelerate's AcceleratedOptimizer under fp16 holds the GradScaler, and its step() runs
         # scaler.step and scaler.update itself: the guard unscales its inner optimizer's gradients
         # (the one scaler.step is keyed by) and, on a step it takes, leaves the rest to the wrapper.
@@ -1189,6 +1251,7 @@ class Guard:
         # "No inf checks were recorded prior to update" without it.
         scale = unscaled_grad_scale(scaler, inner)
         updated = False
+        self._in_step, self._scaler_to_restore = True, None
         try:
             go, event = self.before_step(loss, grad_scale=scale)
             if go:
@@ -1197,6 +1260,9 @@ class Guard:
                     updated = True
                 elif scaler is not None:
                     scaler.step(self.optimizer)
+                    # Before after_step: a snapshot it takes holds the scale the next step runs at.
+                    scaler.update()
+                    updated = True
                 else:
                     self.optimizer.step()
                 event = self.after_step() or event
@@ -1212,8 +1278,14 @@ class Guard:
         finally:
             # Also when the guard raises: a caller that catches it and goes on must find the scaler
             # ready for the next step, not mid-step ("unscale_() has already been called").
-            if scaler is not None and not updated:
-                scaler.update()
+            try:
+                if scaler is not None and not updated:
+                    scaler.update()
+            finally:
+                self._in_step = False
+                restore, self._scaler_to_restore = self._scaler_to_restore, None
+                if restore is not None:
+                    restore[0].load_state_dict(restore[1])  # a rollback's: the snapshot's scale, not this step's
         return event
 
     def before_step(

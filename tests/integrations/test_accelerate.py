@@ -8,7 +8,7 @@ import torch
 accelerate = pytest.importorskip("accelerate", reason="accelerate is in the 'integrations' extra")
 
 from microadam import MicroAdam  # noqa: E402
-from microadam.guard import Guard, GuardPolicy  # noqa: E402
+from microadam.guard import Guard, GuardPolicy, load_checkpoint  # noqa: E402
 
 
 def test_guard_reaches_microadam_through_the_prepared_optimizer():
@@ -87,7 +87,7 @@ def test_under_gradient_accumulation_the_guard_judges_optimizer_steps_not_micro_
     assert list(guard.losses) == pytest.approx([sum(losses[:4]) / 4, sum(losses[8:]) / 4])
 
 
-def test_under_fp16_the_guard_uses_the_scaler_the_prepared_optimizer_holds():
+def test_under_fp16_the_guard_uses_the_scaler_the_prepared_optimizer_holds(tmp_path):
     """Under fp16 accelerate's prepared optimizer holds a GradScaler, and its step() runs scaler.step and
     scaler.update. guard.step(loss, scaler=that scaler) unscaled the wrapper, stepped it (which
     unscaled again) and updated the scaler a second time: AssertionError at every step, after the
@@ -117,7 +117,8 @@ def test_under_fp16_the_guard_uses_the_scaler_the_prepared_optimizer_holds():
         # accelerate's scheduler wrapper holds the schedule on a step the scaler skipped, as it must with
         # the guard too (the guard skips the overflow without calling the wrapper's step).
         sched = AcceleratedScheduler(torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0), prepared)
-        guard = Guard(model, prepared, GuardPolicy(patience=1), scheduler=sched)
+        policy = GuardPolicy(patience=1, snapshot_every=1, checkpoint_dir=str(tmp_path / str(pass_scaler)))
+        guard = Guard(model, prepared, policy, scheduler=sched)
         for i, x in enumerate(xs):
             loss = model(x).square().mean()
             scaler.scale(loss).backward()  # what accelerator.backward does under fp16
@@ -128,5 +129,7 @@ def test_under_fp16_the_guard_uses_the_scaler_the_prepared_optimizer_holds():
             prepared.zero_grad()
         assert [(e.step, e.event) for e in guard.events] == [(3, "overflow")] and guard.rollbacks == 0
         assert scaler.get_scale() == 2.0**9 and sched.scheduler.last_epoch == 3
+        # The checkpoint holds the wrapper's scaler as the next step starts, as for a scaler given.
+        assert load_checkpoint(guard.checkpoint_path())["scaler"] == scaler.state_dict()
         # The same weights as torch's plain scaler loop: unscaled once, stepped once.
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
