@@ -14,7 +14,9 @@ One script for one call on a lent H200, under 5 minutes, ending with tables. Two
    may differ by an ulp; bfloat16 under release within 4 ulps, as the kernels round it twice at
    the window's positions). After the first step ``microadam.state_bytes`` must be exactly equal
    on the device (both paths), on CPU (the torch path, on copies) and by the layout formula.
-   A mismatch is printed, makes the exit status 1, and does not stop the timing.
+   A mismatch is printed, makes the exit status 1, and does not stop the timing. On a GPU the
+   phase runs in a child process (``--isolate-checks``): a kernel that faults there cannot leave
+   the timing phase a broken CUDA context, and a case the child did not report is a failed check.
 2. **time**: parameter sets shaped like a LLaMA stack (per layer q, k, v, o ``[h, h]``, gate
    and up ``[ff, h]``, down ``[h, ff]``, two RMSNorm weights ``[h]``; plus the embedding and
    the lm head ``[vocab, h]`` and the final norm): about 125M, 350M and 1.3B parameters, in
@@ -85,6 +87,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -557,6 +560,59 @@ def run_checks(
     return rows
 
 
+def run_checks_isolated(
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+    write: Callable[[dict[str, Any]], None],
+    deadline: float,
+) -> list[dict[str, Any]]:
+    """Phase 1 in a child process (``--check-only``), whose rows are read back from ``--out``.
+
+    A kernel that faults on the GPU (an illegal address) leaves its CUDA context unusable: in one
+    process every later measurement would fail too, and the one lent call would bring back no
+    timing. The child's context dies with it, and the timing phase runs in this process's. Triton's
+    on-disk cache keeps what the child compiled. A case the child did not report (it crashed, or
+    hung past ``deadline`` plus a grace) is a failed check naming the child's end.
+    """
+    names = ["range check", *(case.name for case in CHECK_CASES)]
+    offset = args.out.stat().st_size if args.out.exists() else 0
+    left = deadline - time.perf_counter()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--check-only", "--device", args.device]
+    cmd += ["--out", str(args.out), "--hard-s", f"{max(left, 0.0):.1f}", "--isolate-checks", "no"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
+    log(f"[check] in a child process: {shlex.join(cmd)}")
+    # The child starts no case after the deadline; the grace covers the last one started (its kernels
+    # compiling) and the child's own start (importing torch, a CUDA context).
+    grace = 120.0
+    try:
+        # Its output goes to stderr with the log: the tables are printed once, by this process.
+        proc = subprocess.run(cmd, env=env, stdout=sys.stderr, timeout=max(left, 0.0) + grace)
+        ended = f"the check process ended with exit status {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        ended = f"the check process was killed after {max(left, 0.0) + grace:.0f} s (a hang?)"
+    rows: dict[str, dict[str, Any]] = {}
+    if args.out.exists():
+        with args.out.open() as f:
+            f.seek(offset)
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill
+                    continue
+                if row.get("phase") == "check" and row.get("case") in names:
+                    rows[row["case"]] = row
+    out = []
+    for name in names:
+        if name not in rows:
+            rows[name] = {"phase": "check", "case": name, "ok": False, "notes": []}
+            rows[name]["failures"] = [f"not reported: {ended} before this case (its log is above)"]
+            write(rows[name])
+            log(f"[check] {name}: FAILED: {rows[name]['failures'][0]}")
+        out.append(rows[name])
+    return out
+
+
 # ---------------------------------------------------------------------- phase 2: time
 
 
@@ -983,6 +1039,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "lent device's call ends at 540-600 s; none on cpu). The check phase starts no case after "
         "--hard-s less --min-timing-s",
     )
+    parser.add_argument(
+        "--isolate-checks",
+        default="auto",
+        choices=("auto", "yes", "no"),
+        help="run the check phase in a child process, so that a kernel's GPU fault cannot spoil the timing "
+        "phase's CUDA context (auto: yes on cuda when timing follows)",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check-only", action="store_true", help="phase 1 only")
     mode.add_argument("--skip-check", action="store_true", help="phase 2 only")
@@ -1041,7 +1104,15 @@ def main(argv: list[str] | None = None) -> int:
     check_rows: list[dict[str, Any]] = []
     if not args.skip_check:
         hard_checks = start + args.hard_s - (0 if args.check_only else args.min_timing_s)
-        check_rows = run_checks(device, log, write, deadline=hard_checks)
+        isolate = args.isolate_checks == "yes" or (
+            args.isolate_checks == "auto" and device.type == "cuda" and not args.check_only
+        )
+        if isolate:
+            # A cpu run has no limit of its own: the child gets the budget's.
+            limit = hard_checks if math.isfinite(hard_checks) else start + args.budget_s
+            check_rows = run_checks_isolated(args, log, write, deadline=limit)
+        else:
+            check_rows = run_checks(device, log, write, deadline=hard_checks)
     time_rows: list[dict[str, Any]] = []
     if not args.check_only:
         # The targets' rows come first in the timing phase: a check phase slowed by compiling must not
