@@ -76,6 +76,7 @@ measurement raised; a missed target does not change it (it is a measurement, not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import faulthandler
 import gc
@@ -86,6 +87,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -580,29 +582,42 @@ def run_checks_isolated(
     cmd = [sys.executable, str(Path(__file__).resolve()), "--check-only", "--device", args.device]
     cmd += ["--out", str(args.out), "--hard-s", f"{max(left, 0.0):.1f}", "--isolate-checks", "no"]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
+    # The child checks the microadam this process times (an installed one, or the checkout's src/).
+    spec = importlib.util.find_spec("microadam")
+    where = str(Path(spec.origin).resolve().parent.parent) if spec and spec.origin else str(REPO / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (where, env.get("PYTHONPATH", "")) if p)
     log(f"[check] in a child process: {shlex.join(cmd)}")
     # The child starts no case after the deadline; the grace covers the last one started (its kernels
-    # compiling) and the child's own start (importing torch, a CUDA context).
-    grace = 120.0
+    # compiling). At most half of --min-timing-s: a hung child must leave the timing phase time.
+    grace = min(60.0, args.min_timing_s / 2)
+    # Its output goes to stderr with the log: the tables are printed once, by this process. Its own
+    # session: a kill on a hang takes the compilers it started too.
+    proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, start_new_session=True)
     try:
-        # Its output goes to stderr with the log: the tables are printed once, by this process.
-        proc = subprocess.run(cmd, env=env, stdout=sys.stderr, timeout=max(left, 0.0) + grace)
-        ended = f"the check process ended with exit status {proc.returncode}"
+        code = proc.wait(timeout=max(left, 0.0) + grace)
+        ended = f"the check process ended with exit status {code}"
     except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        code = None
         ended = f"the check process was killed after {max(left, 0.0) + grace:.0f} s (a hang?)"
     rows: dict[str, dict[str, Any]] = {}
     if args.out.exists():
-        with args.out.open() as f:
+        with args.out.open("rb+") as f:
             f.seek(offset)
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the kill
-                    continue
-                if row.get("phase") == "check" and row.get("case") in names:
-                    rows[row["case"]] = row
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.write(b"\n")  # a line cut short by a crash or the kill: this process's rows start anew
+        for line in data.decode(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the cut line
+                continue
+            if row.get("phase") == "check" and row.get("case") in names:
+                rows[row["case"]] = row
     out = []
+    missing = [name for name in names if name not in rows]
     for name in names:
         if name not in rows:
             rows[name] = {"phase": "check", "case": name, "ok": False, "notes": []}
@@ -610,6 +625,14 @@ def run_checks_isolated(
             write(rows[name])
             log(f"[check] {name}: FAILED: {rows[name]['failures'][0]}")
         out.append(rows[name])
+    expected = 0 if all(r["ok"] for r in out) else 1  # the child's own exit rule
+    if code is not None and code != expected and not missing:
+        # Every case reported, but the child did not end as its rows say (a fault at teardown).
+        row = {"phase": "check", "case": "check process", "ok": False, "notes": []}
+        row["failures"] = [f"{ended}, where its rows give {expected} (its log is above)"]
+        write(row)
+        log(f"[check] check process: FAILED: {row['failures'][0]}")
+        out.append(row)
     return out
 
 

@@ -1287,3 +1287,80 @@ def test_grad_scaler_misuse_is_refused_and_a_resume_without_it_warns(tmp_path):
         Guard(model3, opt3, scaler=scaler3, resume=tmp_path / "bad.pt")
     assert scaler3.get_scale() == 4.0 and not opt3.state
     assert all(torch.equal(a, b) for a, b in zip(before, model3.parameters()))
+
+
+def test_the_checkpoint_written_at_a_rollback_in_step_holds_the_snapshots_scaler_state(tmp_path):
+    """The rollback's scaler state waits for the step's update(); the checkpoint written at once held the
+    live scaler, the damaged steps' scale, which a resume would have started from."""
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=100)
+    policy = GuardPolicy(snapshot_every=100, patience=1, checkpoint_dir=str(tmp_path))
+    guard = Guard(model, opt, policy, scaler=scaler)
+    at_snapshot = scaler.state_dict()
+    _scaled_steps(guard, model, opt, x, y, 5, overflow=(2, 3), nan_loss=(5,))
+    assert guard.rollbacks == 1 and scaler.state_dict() == at_snapshot
+    assert load_checkpoint(guard.checkpoint_path())["scaler"] == at_snapshot
+
+
+def test_a_checkpoint_rewritten_without_a_rollback_leaves_the_steps_scaler_update_alone(tmp_path):
+    """lower_lr on a spike rewrites guard-last.pt from the last snapshot with the new settings, restoring
+    and putting back the run's state around it: inside step() that queued the pre-update scaler state,
+    so a checkpoint_dir changed how the scale moved."""
+    ends = []
+    for ckpt in (None, str(tmp_path)):
+        model, x, y = _task()
+        opt = MicroAdam(model.parameters(), **KW)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0, growth_interval=1)
+        policy = GuardPolicy(warmup=3, spike_window=3, spike_patience=1, on_spike=("lower_lr",), checkpoint_dir=ckpt)
+        guard = Guard(model, opt, policy, scaler=scaler)
+        for value in (1.0, 1.0, 1.0, 1.0, 100.0):
+            scaler.scale(torch.nn.functional.mse_loss(model(x[:64]), y[:64])).backward()
+            guard.step(value)
+            opt.zero_grad()
+        assert [e.event for e in guard.events] == ["loss_spike"] and guard.lr_scale == 0.5
+        ends.append(scaler.state_dict())
+    assert ends[0] == ends[1] and ends[0]["scale"] == 2.0**6
+
+
+def test_a_scaler_of_numpy_numbers_checkpoints_and_rolls_back():
+    np = pytest.importorskip("numpy")
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=np.float32(1024), growth_factor=np.float64(2.0))
+    guard = Guard(model, opt, GuardPolicy(patience=1), scaler=scaler)
+    _scaled_steps(guard, model, opt, x, y, 3, nan_loss=(3,))
+    assert guard.rollbacks == 1 and scaler.get_scale() == 1024.0
+    snap = guard._snapshots[-1]["scaler"]
+    assert all(type(v) in (int, float) for v in snap.values())
+
+
+def test_a_guard_given_the_scaler_refuses_before_step_outside_step():
+    """A loop that calls before_step itself updates the scaler after it: a rollback there could not put
+    the scaler back after that update. Such a loop keeps its scaler; the guard says so."""
+    model, x, y = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    guard = Guard(model, opt, scaler=scaler)
+    scaler.scale(torch.nn.functional.mse_loss(model(x[:64]), y[:64])).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(ValueError, match="let guard.step\\(loss\\) drive it.*without scaler="):
+        guard.before_step(1.0, grad_scale=scaler.get_scale())
+    assert guard.step_count == 0
+    guard.step(1.0)  # the unscaled gradients are taken as they are
+    assert guard.step_count == 1 and all(s["step"] == 1 for s in opt.state.values())
+
+
+def test_a_refused_scaler_under_accumulation_records_no_loss():
+    """The scaler was checked after an accelerate micro-batch's loss was recorded: a retry of the refused
+    call counted it twice in the window's mean."""
+    from types import SimpleNamespace
+
+    model, _, _ = _task()
+    opt = MicroAdam(model.parameters(), **KW)
+    guard = Guard(model, opt, scaler=torch.amp.GradScaler("cpu"))
+    opt.gradient_state = SimpleNamespace(sync_gradients=False)  # what accelerate's wrapper exposes
+    with pytest.raises(ValueError, match="not the GradScaler the guard was given"):
+        guard.step(5.0, scaler=torch.amp.GradScaler("cpu"))
+    guard.step(1.0)
+    assert guard._micro_losses == [1.0]

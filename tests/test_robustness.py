@@ -1010,6 +1010,24 @@ def test_the_functional_step_refuses_what_microadam_refuses_on_every_path(impl, 
     assert torch.equal(param, before[0]) and all(torch.equal(v, before[1][k]) for k, v in state.items())
 
 
+def test_the_functional_step_takes_any_integer_seed_as_before():
+    """check_seed, shared with MicroAdam's groups (which are saved, so a Python int only), at first refused
+    a NumPy or tensor integer seed here, which this call had taken: it keeps nothing."""
+    np = pytest.importorskip("numpy")
+    from microadam.functional import microadam_step, zero_state
+    from microadam.layout import layout_for
+
+    lay = layout_for(300, block_size=64, density=0.1, quant_block_size=32, window=4)
+    kw = dict(layout=lay, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+              error_rounding="stochastic", stochastic_param_rounding=True, param_index=0, impl="torch")  # fmt: skip
+    runs = []
+    for seed in (5, np.int64(5), torch.tensor(5)):
+        param, state = torch.ones(300), zero_state(lay, "cpu")
+        microadam_step(param, torch.linspace(-1, 1, 300), **state, seed=seed, **kw)
+        runs.append(param)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_the_functional_step_with_grad_enabled_steps_a_leaf_parameter_as_under_no_grad(impl):
     """Outside no_grad the torch path wrote the state, then failed at the in-place update of a leaf that

@@ -18,6 +18,7 @@ non-contiguous parameter or gradient is first copied whole into a contiguous one
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -545,8 +546,8 @@ def check_seed(seed: object) -> int:
 def _check_counters(step: object, seed: object) -> None:
     """The functional API's ``step`` and ``seed``, which ``MicroAdam`` keeps itself: an int ``step`` >= 1
     (torch.optim's own states keep a float tensor step, which failed deep in the hashing with an
-    unnamed error) and a ``seed`` as ``check_seed`` takes it. A wrong type raises TypeError, a value
-    out of range ValueError, as torch's own checks do."""
+    unnamed error) and a ``seed`` in [0, 2**32) (``check_seed``; here any integer type). A wrong type
+    raises TypeError, a value out of range ValueError, as torch's own checks do."""
     try:
         if isinstance(step, bool):  # an int to Python, but no step number
             raise TypeError
@@ -559,6 +560,10 @@ def _check_counters(step: object, seed: object) -> None:
         raise ValueError(
             f"Invalid step: {t}; it must be >= 1 (this step's number, already incremented: 1 at the first)"
         )
+    # Any integer here, as the step (a NumPy or tensor one: this call keeps nothing); MicroAdam's groups,
+    # which are saved, take a Python int only.
+    with contextlib.suppress(TypeError):
+        seed = seed if isinstance(seed, bool) else operator.index(seed)  # type: ignore[arg-type]
     check_seed(seed)
 
 

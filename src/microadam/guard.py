@@ -691,8 +691,13 @@ class Guard:
         return scaler
 
     def _scaler_state(self) -> dict[str, Any] | None:
+        if self._scaler_to_restore is not None:
+            # A rollback inside step() has yet to load it (after this step's update): it is the state the
+            # next step starts from, and what a checkpoint written now must hold.
+            return _to_cpu(self._scaler_to_restore[1])
         scaler = self._snapshot_scaler()
-        return None if scaler is None else dict(scaler.state_dict())
+        # _to_cpu: a scaler built with NumPy numbers (init_scale=np.float32(...)) must load with weights_only.
+        return None if scaler is None else _to_cpu(dict(scaler.state_dict()))
 
     def _outside_params(self) -> list[tuple[int, torch.Tensor]]:
         """The optimizer's parameters that are not the model's (a loss module's temperature, a head built
@@ -736,10 +741,12 @@ class Guard:
             for key in ("density", "window", "dense"):
                 if key in saved:
                     group[key] = saved[key]
-        saved_scale = (snap.get("scaler") or {}).get("scale", 1.0)
-        if not (isinstance(saved_scale, (int, float)) and math.isfinite(saved_scale) and saved_scale > 0):
-            # A NaN scale would make every later gradient NaN, each step skipped for it.
-            raise ValueError(f"the saved GradScaler scale is {saved_scale!r}; it must be a finite number > 0")
+        saved_scaler, scaler = snap.get("scaler"), self._snapshot_scaler()  # absent from older checkpoints
+        if saved_scaler and scaler is not None:
+            saved_scale = saved_scaler.get("scale")
+            if not (isinstance(saved_scale, (int, float)) and math.isfinite(saved_scale) and saved_scale > 0):
+                # A NaN scale would make every later gradient NaN, each step skipped for it.
+                raise ValueError(f"the saved GradScaler scale is {saved_scale!r}; it must be a finite number > 0")
         outside = self._outside_params()
         saved_outside = snap.get("outside_params")  # absent from checkpoints written before it
         if saved_outside is not None:
@@ -771,7 +778,6 @@ class Guard:
         random.setstate((random.getstate()[0], tuple(rng["python"]), rng.get("python_gauss_next")))
         if rng.get("numpy") is not None and "numpy" in sys.modules:
             _set_numpy_rng_state(rng["numpy"])
-        saved_scaler, scaler = snap.get("scaler"), self._snapshot_scaler()  # absent from older checkpoints
         if saved_scaler and scaler is not None:
             if self._in_step:
                 # Inside step() the scaler is mid-step: its update() still has to run on this step's inf
@@ -784,12 +790,12 @@ class Guard:
         """:meth:`_restore`, all or nothing: a snapshot or checkpoint that does not fit fails part-way (the
         optimizer loads, the model refuses a buffer registered since; or the other way round), so what
         was there is put back before the error is raised, and the caller's objects are unchanged."""
-        before = self._state()
+        before, pending = self._state(), self._scaler_to_restore
         try:
             self._restore(snap)
         except Exception:
             self._restore(before)
-            self._scaler_to_restore = None  # the scaler is as it was; its pending update() stays this step's
+            self._scaler_to_restore = pending  # as it was: none, or an earlier rollback's in this step
             raise
 
     def _resume(self, resume: bool | str | os.PathLike[str]) -> None:
@@ -1054,7 +1060,7 @@ class Guard:
         should start from after an event that changed the settings but kept damaged weights."""
         snap = self._snapshots[-1]
         settings = [{k: g[k] for k in ("density", "window", "dense") if k in g} for g in self.optimizer.param_groups]
-        here = self._state()
+        here, pending = self._state(), self._scaler_to_restore
         try:
             self._restore(snap)
             self._keep_lr_scale(snap)
@@ -1071,6 +1077,9 @@ class Guard:
             state = self._state()
         finally:
             self._restore(here)  # the run itself goes on from where it is, as its policy says
+            # Inside step() those restores only queued scaler states: the step's own update() must still
+            # move the live scaler (or an earlier rollback's state be loaded after it).
+            self._scaler_to_restore = pending
         state["guard"] |= {
             "losses": list(snap["guard"]["losses"]),
             "reference_lag": self._lag_of(snap),
@@ -1220,6 +1229,18 @@ class Guard:
         records its loss, and the step that syncs is judged on the mean of the window's losses, so
         ``patience``, ``snapshot_every`` and ``reference_curve`` count optimizer steps.
         """
+        # First, before anything is recorded: a refused call must change nothing (a retry would count an
+        # accumulation window's loss twice).
+        if scaler is None:
+            scaler = self.scaler
+        elif self.scaler is None:
+            if callable(getattr(scaler, "is_enabled", None)) and scaler.is_enabled():
+                self.scaler = scaler  # from now on its state is in the snapshots
+        elif scaler is not self.scaler:
+            raise ValueError(
+                "guard.step: scaler is not the GradScaler the guard was given (Guard(..., scaler=...)); pass that "
+                "one, or none to use it"
+            )
         # accelerate's gradient accumulation: its wrapper's step() does nothing until the window's last
         # micro-batch, whose gradients hold the whole window's (a NaN in one stays until then).
         state = getattr(self.optimizer, "gradient_state", None)
@@ -1229,15 +1250,6 @@ class Guard:
         if self._micro_losses:
             window, self._micro_losses = [*self._micro_losses, _loss_value(loss)], []
             loss = math.fsum(window) / len(window)
-        if scaler is None:
-            scaler = self.scaler
-        elif self.scaler is None:
-            self.scaler = scaler  # from now on its state is in the snapshots
-        elif scaler is not self.scaler:
-            raise ValueError(
-                "guard.step: scaler is not the GradScaler the guard was given (Guard(..., scaler=...)); pass that "
-                "one, or none to use it"
-            )
         # accelerate's AcceleratedOptimizer under fp16 holds the GradScaler, and its step() runs
         # scaler.step and scaler.update itself: the guard unscales its inner optimizer's gradients
         # (the one scaler.step is keyed by) and, on a step it takes, leaves the rest to the wrapper.
@@ -1308,6 +1320,15 @@ class Guard:
         does not count it towards ``patience``, so it never rolls back for it. The scale halves at
         each, so a model whose own gradients are non-finite is acted on once it is down to 1.
         """
+        if self.scaler is not None and not self._in_step:
+            # The loop steps and updates the scaler itself, after this: a rollback here could not restore the
+            # scaler's state after that update (which would move it), nor a snapshot in after_step hold it.
+            raise ValueError(
+                "guard.before_step: this guard was given a GradScaler (Guard(..., scaler=...) or guard.step(loss, "
+                "scaler=...)), so let guard.step(loss) drive it: it unscales (unless the loop did, to clip), steps "
+                "and updates in the order a rollback needs. A loop that calls before_step itself keeps its scaler: "
+                "build the guard without scaler= and save scaler.state_dict() in its own checkpoints"
+            )
         # The loss first: a loss that is not one number raises before anything is counted or changed.
         value = float("nan") if loss is None else _loss_value(loss)
         self.settle_schedule()
