@@ -1364,3 +1364,33 @@ def test_a_refused_scaler_under_accumulation_records_no_loss():
         guard.step(5.0, scaler=torch.amp.GradScaler("cpu"))
     guard.step(1.0)
     assert guard._micro_losses == [1.0]
+
+
+def test_the_documented_loop_that_writes_the_scaler_steps_out_runs_through_skips_and_a_rollback():
+    """docs/operations.md's loop (unscale, clip, before_step, scaler.step, update, after_step), with the
+    guard built without the scaler as it says: an overflow is skipped by both, a non-finite loss at
+    patience rolls back, and the scaler is never left mid-step."""
+    model, x, y = _task()
+    optimizer = MicroAdam(model.parameters(), **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=100)
+    guard = Guard(model, optimizer, GuardPolicy(patience=1, snapshot_every=2))
+    for step in range(1, 8):
+        loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+        scaler.scale(loss).backward()
+        if step == 3:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        if step == 6:
+            loss = loss * float("nan")
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        go, _ = guard.before_step(loss, grad_scale=scaler.get_scale())
+        if go:
+            scaler.step(optimizer)
+        scaler.update()
+        if go:
+            guard.after_step()
+        optimizer.zero_grad()
+    assert [(e.step, e.event) for e in guard.events] == [(3, "overflow"), (6, "nonfinite")]
+    assert guard.rollbacks == 1 and scaler.get_scale() == 2.0**9
+    # 4 steps taken to the step-5 snapshot (steps 1, 2, 4, 5; 3 skipped), 6 rolled back to it, 7 taken.
+    assert all(s["step"] == 5 for s in optimizer.state.values())

@@ -668,7 +668,9 @@ def test_a_new_tensor_the_kernels_refuse_raises_before_any_tensor_moves() -> Non
     assert torch.equal(a, kept) and opt.state[a]["step"] == 1
 
 
-@pytest.mark.parametrize("variant", ["paper", "release"])
+# The paper's variant in CI's slow pass (6 s): the default suite neared its 600 s on 2 cores (567 s on
+# 2026-12-02), and the kernel checks above cover that variant step by step.
+@pytest.mark.parametrize("variant", [pytest.param("paper", marks=pytest.mark.slow), "release"])
 def test_tiny_model_trains_the_same_with_triton_and_torch(variant: str) -> None:
     def model() -> torch.nn.Module:
         torch.manual_seed(0)
