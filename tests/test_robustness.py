@@ -1021,11 +1021,12 @@ def test_the_functional_step_takes_any_integer_seed_as_before():
     kw = dict(layout=lay, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
               error_rounding="stochastic", stochastic_param_rounding=True, param_index=0, impl="torch")  # fmt: skip
     runs = []
-    for seed in (5, np.int64(5), torch.tensor(5)):
+    for seed in (5, np.int64(5), torch.tensor(5), 6):
         param, state = torch.ones(300), zero_state(lay, "cpu")
         microadam_step(param, torch.linspace(-1, 1, 300), **state, seed=seed, **kw)
-        runs.append(param)
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
+        runs.append(torch.cat([param, state["error_codes"].float()]))
+    assert all(torch.equal(runs[0], r) for r in runs[1:3])
+    assert not torch.equal(runs[0], runs[3])  # the seed is used: another one rounds the error otherwise
 
 
 @pytest.mark.parametrize("impl", ["torch", "cpp"])

@@ -531,16 +531,15 @@ def step_in_place(
             t.copy_(work)
 
 
-def check_seed(seed: object) -> int:
-    """``seed`` if it is an int in [0, 2**32), the range of the random streams' 32-bit words; else raise
-    naming it. Shared by ``MicroAdam``'s param groups and the functional step. A plain int only: a bool
+def check_seed(seed: object) -> None:
+    """Raise, naming it, unless ``seed`` is an int in [0, 2**32), the range of the random streams' 32-bit
+    words. Shared by ``MicroAdam``'s param groups and the functional step. A plain int only: a bool
     is no seed, and a NumPy integer in a param group would not load with ``weights_only=True``."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"Invalid seed: {seed!r} ({type(seed).__name__}); it must be an int in [0, 2**32)")
     if not 0 <= seed < 2**32:
         # A larger seed would hash to a smaller one's bits: another seed's stream.
         raise ValueError(f"Invalid seed: {seed}; it must be in [0, 2**32) (e.g. seed % 2**32)")
-    return seed
 
 
 def _check_counters(step: object, seed: object) -> None:

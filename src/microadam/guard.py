@@ -477,6 +477,11 @@ def _unscaled(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
         return False
 
 
+def _enabled(scaler: Any) -> bool:
+    """Whether ``scaler`` is a GradScaler that scales (a disabled one, fp32 or bf16 runs, holds no state)."""
+    return scaler is not None and callable(getattr(scaler, "is_enabled", None)) and bool(scaler.is_enabled())
+
+
 def unscaled_grad_scale(scaler: Any, optimizer: torch.optim.Optimizer, *, unscale: bool = True) -> float | None:
     """A framework's fp16 ``GradScaler``'s scale this step, once ``optimizer``'s gradients are unscaled
     (``None`` without an enabled scaler): for :meth:`Guard.before_step`'s ``grad_scale`` in loops that
@@ -492,7 +497,7 @@ def unscaled_grad_scale(scaler: Any, optimizer: torch.optim.Optimizer, *, unscal
     only if the framework unscaled, else None (an unscale_ with no step and update after it would
     leave the scaler mid-step, and the next batch's unscale_ would raise).
     """
-    if scaler is None or not callable(getattr(scaler, "is_enabled", None)) or not scaler.is_enabled():
+    if not _enabled(scaler):
         return None
     if not unscale:
         return float(scaler.get_scale()) if _unscaled(scaler, optimizer) else None
@@ -686,9 +691,7 @@ class Guard:
         scaler = self.scaler
         if scaler is None and hasattr(self.optimizer, "optimizer"):
             scaler = getattr(self.optimizer, "scaler", None)
-        if scaler is None or not callable(getattr(scaler, "is_enabled", None)) or not scaler.is_enabled():
-            return None
-        return scaler
+        return scaler if _enabled(scaler) else None
 
     def _scaler_state(self) -> dict[str, Any] | None:
         if self._scaler_to_restore is not None:
@@ -1234,7 +1237,7 @@ class Guard:
         if scaler is None:
             scaler = self.scaler
         elif self.scaler is None:
-            if callable(getattr(scaler, "is_enabled", None)) and scaler.is_enabled():
+            if _enabled(scaler):
                 self.scaler = scaler  # from now on its state is in the snapshots
         elif scaler is not self.scaler:
             raise ValueError(
