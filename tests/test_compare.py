@@ -79,6 +79,13 @@ BAD_PLANS = [
         ["'task_options.when'", "2026", "in quotes"],
     ),  # fmt: skip
     (lambda p: p.update(task_options={"hidden": 0}), ["'task_options'", "hidden must be a positive integer"]),
+    # TOML's reading of [optimizers.microadam-lr1.5e-3] (and of [optimizers.adamw.lr1.0]): the dots nest
+    # tables. It was "unknown optimizer 'microadam-lr1'", or a keyword argument lr1 of AdamW.
+    (
+        lambda p: p.update(optimizers={"microadam-lr1": {"5e-3": {"optimizer": "microadam"}}}),
+        ["'optimizers.microadam-lr1.5e-3'", "quote", '[optimizers."microadam-lr1.5e-3"]', "microadam-lr1_5e-3"],
+    ),
+    (lambda p: p.update(optimizers={"adamw": {"lr1": {"0": {"lr": 1e-3}}}}), ["'optimizers.adamw.lr1.0'", "dots"]),
 ]
 
 
@@ -90,6 +97,17 @@ def test_bad_plan_errors_name_the_key(mutate, words):
         parse_plan(data)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+def test_a_dotted_optimizer_name_is_explained_and_its_quoted_form_loads(tmp_path):
+    head = 'task = "digits"\nbaseline = "adamw"\ncandidates = ["microadam-lr1.5e-3"]\n'
+    tail = '[[stages]]\nname = "s"\nsteps = 2\nbatch_size = 4\nseeds = [0, 1]\n'
+    plan = tmp_path / "plan.toml"
+    plan.write_text(head + '[optimizers.microadam-lr1.5e-3]\noptimizer = "microadam"\nlr = 1.5e-3\n' + tail)
+    with pytest.raises(PlanError, match=r"TOML reads the dots in 'microadam-lr1\.5e-3'"):
+        load_plan(plan)
+    plan.write_text(head + '[optimizers."microadam-lr1.5e-3"]\noptimizer = "microadam"\nlr = 1.5e-3\n' + tail)
+    assert load_plan(plan).candidates == ("microadam-lr1.5e-3",)
 
 
 def test_toml_plan_file_errors(tmp_path):
