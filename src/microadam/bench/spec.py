@@ -278,12 +278,11 @@ def _unknown(table: dict[str, Any], allowed: set[str], path: str) -> None:
         raise PlanError(f"{_where(path + extra[0])}: unknown key; expected one of {', '.join(sorted(allowed))}")
 
 
-def _dotted_name(name: str, table: dict[str, Any]) -> None:
+def _dotted_name(name: str, table: dict[str, Any], known: bool) -> None:
     """Raise if TOML read a dot in an optimizer's name as nesting: ``[optimizers.microadam-lr1.5e-3]``
     is the table ``5e-3`` inside the table ``microadam-lr1``, which would otherwise be reported as an
-    unknown optimizer named ``microadam-lr1`` (or passed on as a keyword argument ``lr1``)."""
-    from microadam.bench.optimizers import OPTIMIZERS
-
+    unknown optimizer named ``microadam-lr1`` (or passed on as a keyword argument ``lr1``). ``known``:
+    whether ``name`` is an optimizer or a variant (a table with ``optimizer = ...``)."""
     for key, inner in table.items():
         if not isinstance(inner, dict):
             continue
@@ -293,9 +292,8 @@ def _dotted_name(name: str, table: dict[str, Any]) -> None:
             full, inner = f"{full}.{key}", inner[key]
         # A dict-valued keyword argument of a known optimizer is left to it; the dot's nesting shows as
         # an unknown name, or as an inner table that names an optimizer or an lr.
-        if name in OPTIMIZERS or "optimizer" in table:
-            if not {"optimizer", "lr"} & set(inner):
-                continue
+        if known and not {"optimizer", "lr"} & set(inner):
+            continue
         raise PlanError(
             f"{_where('optimizers.' + full)}: TOML reads the dots in {full!r} as tables inside tables; quote "
             f'the name ([optimizers."{full}"]) or write it without dots (e.g. [optimizers.{full.replace(".", "_")}])'
@@ -322,7 +320,7 @@ def parse_plan(data: dict[str, Any]) -> Plan:
     optimizers = _expect(data.get("optimizers", {}), dict, "optimizers", "a table of per-optimizer tables")
     for name, table in optimizers.items():
         _expect(table, dict, f"optimizers.{name}", "a table of keyword arguments (lr = ..., ...)")
-        _dotted_name(name, table)
+        _dotted_name(name, table, known=name in OPTIMIZERS or "optimizer" in table)
         base = _expect(table.get("optimizer", name), str, f"optimizers.{name}.optimizer", "an optimizer name")
         if name not in OPTIMIZERS and "optimizer" not in table:
             raise PlanError(
